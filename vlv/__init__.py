@@ -1,0 +1,1 @@
+from vlv.version import __version__

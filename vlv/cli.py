@@ -1,0 +1,119 @@
+"""The ``vlv`` command line: thin argparse front ends over the library, one subcommand per job.
+
+User mistakes (bad arguments, missing folders) print one line and exit 2, never a traceback;
+set VLV_DEBUG=1 to see the traceback anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+
+
+def writable_dir(text: str) -> Path:
+    """argparse type: a directory we can create and write into."""
+    path = Path(text)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".vlv-write-probe"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write to {path}: {e.strerror or e}") from None
+    return path
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------- data
+def cmd_data_shapes(args: argparse.Namespace) -> None:
+    from vlv.data import write_shapes
+
+    t0 = time.perf_counter()
+    write_shapes(args.out, n=args.n, seed=args.seed, split=args.split, progress=not args.quiet)
+    print(f"wrote {args.n} {args.split} scenes to {args.out} in {time.perf_counter() - t0:.1f}s")
+
+
+def cmd_data_sheet(args: argparse.Namespace) -> None:
+    from vlv.report import save_contact_sheet
+
+    save_contact_sheet(args.data, args.out, n=args.n, cols=args.cols)
+    print(f"wrote {args.out}")
+
+
+# ------------------------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> None:
+    from vlv.demo import run_demo
+
+    run_demo(args.out, preset=args.preset, minutes=args.minutes)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump), exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vlv import __version__
+
+    parser = Parser(prog="vlv", description="Vision-Language-Vision auto-encoder.")
+    parser.add_argument("--version", action="version", version=f"vlv {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="make or inspect image-caption folders")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    p = data_sub.add_parser("shapes", help="render shapes-world scenes into an image-caption folder")
+    p.add_argument("--out", type=writable_dir, required=True, help="output folder")
+    p.add_argument("--n", type=positive_int, default=10_000, help="number of scenes (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--split", choices=["train", "val", "test"], default="train", help="disjoint scene split")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_shapes)
+    p = data_sub.add_parser("sheet", help="contact sheet of a folder's first images")
+    p.add_argument("data", type=Path, help="image-caption folder")
+    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    p.add_argument("--n", type=positive_int, default=64)
+    p.add_argument("--cols", type=positive_int, default=8)
+    p.set_defaults(func=cmd_data_sheet)
+
+    p = sub.add_parser("demo", help="the main job on the embedded shapes world")
+    p.add_argument("--out", type=writable_dir, default=Path("runs/demo"), help="run folder (default runs/demo)")
+    p.add_argument("--preset", choices=["default", "quick"], default="default")
+    p.add_argument("--minutes", type=float, default=None, help="time budget (default: the preset's)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        if os.environ.get("VLV_DEBUG"):
+            raise
+        print(f"vlv: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vlv: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

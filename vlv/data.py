@@ -1,0 +1,152 @@
+"""Image-caption folders: the one input format every training command reads.
+
+A folder holds images and a ``captions.jsonl`` with one row per image:
+``{"image": "000000.png", "caption": "...", "scene": {...}}`` (``scene`` only for shapes data).
+Real users point vlv at their own folder in the same format; the shapes world writes one with
+:func:`write_shapes`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from vlv.world import shapes
+
+CAPTIONS = "captions.jsonl"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp file then rename, so a kill never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_shapes(out: Path, n: int, seed: int = 0, split: shapes.SplitName = "train", progress: bool = True) -> Path:
+    """Render n scenes of a split into ``out`` (PNGs + captions.jsonl); deterministic from (seed, split, n)."""
+    if n <= 0:
+        raise ValueError(f"--n must be positive, got {n}")
+    if split not in shapes.SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {', '.join(shapes.SPLITS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    width = max(6, len(str(n - 1)))
+    rows = []
+    for i in tqdm(range(n), desc=f"shapes {split}", unit="img", disable=not progress):
+        scene = shapes.scene_at(seed, split, i)
+        name = f"{i:0{width}d}.png"
+        shapes.render(scene).save(out / name)
+        rows.append({"image": name, "caption": shapes.caption(scene), "scene": scene.to_json()})
+    atomic_write_text(out / CAPTIONS, "".join(json.dumps(r) + "\n" for r in rows))
+    meta = {"world": "shapes-v1", "n": n, "seed": seed, "split": split}
+    atomic_write_text(out / "dataset.json", json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+@dataclass
+class Record:
+    image: str
+    caption: str | None = None
+    scene: dict | None = None
+
+
+def read_records(folder: Path) -> list[Record]:
+    """Rows of ``captions.jsonl``; a folder of images without it yields records with no caption."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such data folder: {folder}")
+    index = folder / CAPTIONS
+    if not index.exists():
+        names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not names:
+            raise FileNotFoundError(f"{folder} has neither {CAPTIONS} nor images")
+        return [Record(image=n) for n in names]
+    records = []
+    with index.open() as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                records.append(Record(image=row["image"], caption=row.get("caption"), scene=row.get("scene")))
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index}:{line_no}: bad row ({e})") from None
+    return records
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """RGB uint8 array (size, size, 3): PIL resize (bicubic) of the centre square crop."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        if w != h:
+            s = min(w, h)
+            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1], the range SD's VAE expects."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """float (B, 3, H, W) in [-1, 1] -> PIL images."""
+    arr = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+class ImageCaptionFolder:
+    """An image-caption folder held in memory as uint8 (small data: the shapes world, test sets)."""
+
+    def __init__(self, folder: Path, size: int, limit: int | None = None, progress: bool = False):
+        self.folder = Path(folder)
+        self.records = read_records(self.folder)[:limit]
+        self.size = size
+        self.images = np.stack(
+            [
+                load_image(self.folder / r.image, size)
+                for r in tqdm(self.records, desc="loading images", disable=not progress, leave=False)
+            ]
+        )  # (N, H, W, 3) uint8
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def captions(self) -> list[str]:
+        if any(r.caption is None for r in self.records):
+            raise ValueError(f"{self.folder} has images without captions")
+        return [r.caption for r in self.records]  # type: ignore[misc]
+
+    def batches(self, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[np.ndarray]:
+        """Index batches over one epoch, shuffled when rng is given; the last batch may be short."""
+        order = rng.permutation(len(self)) if rng is not None else np.arange(len(self))
+        for start in range(0, len(order), batch_size):
+            yield order[start : start + batch_size]
+
+
+def list_images(paths: list[Path]) -> list[Path]:
+    """Expand files and folders into a sorted list of image files; errors name the bad path."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {p}")
+    if not found:
+        raise FileNotFoundError("no images found in " + ", ".join(map(str, paths)))
+    return found
