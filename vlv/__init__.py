@@ -1,1 +1,1 @@
-from vlv.version import __version__
+from vlv.version import __version__ as __version__

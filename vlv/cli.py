@@ -54,6 +54,37 @@ def cmd_data_sheet(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+# ---------------------------------------------------------------------------------------- teacher
+def cmd_teacher_train(args: argparse.Namespace) -> None:
+    from vlv.teacher import TINY, TeacherConfig, TeacherRecipe, train_teacher
+
+    cfg = TINY if args.tiny else TeacherConfig()
+    recipe = TeacherRecipe(seed=args.seed)
+    for name in ("vae_steps", "unet_steps", "vae_batch", "unet_batch", "unet_lr", "eval_every", "eval_n"):
+        if getattr(args, name) is not None:
+            setattr(recipe, name, getattr(args, name))
+    done = train_teacher(args.data, args.out, cfg, recipe, val=args.val, max_minutes=args.minutes)
+    print(f"teacher saved to {done}" if done else f"time budget reached; run the same command to resume ({args.out})")
+
+
+def cmd_teacher_sample(args: argparse.Namespace) -> None:
+    from vlv.presets import resolve_decoder
+    from vlv.teacher import load_pipeline, sample
+
+    prompts = [args.prompt] if args.prompt else [
+        line.strip() for line in Path(args.captions).read_text().splitlines() if line.strip()]
+    pipe = load_pipeline(resolve_decoder(args.teacher))
+    images = sample(pipe, prompts, guidance_scale=args.cfg, steps=args.steps, sampler=args.sampler, seed=args.seed)
+    if len(images) == 1 and args.out.suffix:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        images[0].save(args.out)
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(images):
+            im.save(args.out / f"{i:06d}.png")
+    print(f"wrote {len(images)} image(s) to {args.out}")
+
+
 # ------------------------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> None:
     from vlv.demo import run_demo
@@ -90,6 +121,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=positive_int, default=64)
     p.add_argument("--cols", type=positive_int, default=8)
     p.set_defaults(func=cmd_data_sheet)
+
+    teacher = sub.add_parser("teacher", help="train or sample the shapes text-to-image teacher")
+    t_sub = teacher.add_subparsers(dest="teacher_command", required=True, metavar="TEACHER_COMMAND")
+    p = t_sub.add_parser("train", help="train a teacher (resumes when OUT holds a checkpoint)")
+    p.add_argument("--data", type=Path, required=True, help="training image-caption folder")
+    p.add_argument("--out", type=writable_dir, required=True, help="teacher dir (Stable Diffusion layout)")
+    p.add_argument("--val", type=Path, default=None, help="held-out (val split) folder for periodic accuracy")
+    p.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this long")
+    p.add_argument("--vae-steps", type=positive_int, default=None)
+    p.add_argument("--unet-steps", type=positive_int, default=None)
+    p.add_argument("--vae-batch", type=positive_int, default=None)
+    p.add_argument("--unet-batch", type=positive_int, default=None)
+    p.add_argument("--unet-lr", type=float, default=None)
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--eval-n", type=positive_int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="tiny architecture (tests, plumbing)")
+    p.set_defaults(func=cmd_teacher_train)
+    p = t_sub.add_parser("sample", help="draw images from captions")
+    p.add_argument("teacher", help="teacher dir or preset name (shapes-teacher)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="one caption")
+    g.add_argument("--captions", type=Path, help="text file, one caption a line")
+    p.add_argument("--out", type=Path, required=True, help="PNG file (one prompt) or folder")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=positive_int, default=20)
+    p.add_argument("--sampler", choices=["fast", "paper"], default="fast")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_teacher_sample)
 
     p = sub.add_parser("demo", help="the main job on the embedded shapes world")
     p.add_argument("--out", type=writable_dir, default=Path("runs/demo"), help="run folder (default runs/demo)")

@@ -1,0 +1,108 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from vlv import presets
+from vlv.data import write_shapes
+from vlv.teacher import (
+    TINY,
+    TeacherRecipe,
+    TextToImage,
+    UNetTask,
+    build_scheduler,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    tokenize,
+    train_teacher,
+)
+from vlv.train import TrainConfig, train
+from vlv.world import shapes
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teacher")
+    data = write_shapes(root / "data", n=48, seed=0, progress=False)
+    recipe = TeacherRecipe(vae_steps=4, vae_batch=8, unet_steps=4, unet_batch=8, unet_warmup=0, eval_every=0)
+    out = train_teacher(data, root / "teacher", TINY, recipe, progress=False)
+    assert out is not None
+    return out
+
+
+def test_tokenizer_round_trips_captions(tiny_teacher):
+    saved = StableDiffusionPipeline.from_pretrained(tiny_teacher).tokenizer
+    for tok in (build_tokenizer(), saved):
+        for i in range(50):
+            text = shapes.caption(shapes.scene_at(0, "train", i))
+            ids = tok(text).input_ids
+            assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+            assert tok.decode(ids, skip_special_tokens=True) == text
+        assert tok.model_max_length == 77 and tok("a purple dragon").input_ids[1] == tok.unk_token_id
+
+
+def test_stock_pipeline_draws_from_a_teacher_dir(tiny_teacher):
+    for name in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (tiny_teacher / name).exists()
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_teacher)  # no vlv code in the loop
+    out = pipe(prompt=["a small red circle at the top left", ""], num_inference_steps=3, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (2, 64, 64, 3) and np.isfinite(out.images).all()
+
+
+def _unet_task(seed=0):
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    model = TextToImage(build_text_encoder(TINY, tok), build_unet(TINY))
+    captions = [shapes.caption(shapes.scene_at(0, "train", i)) for i in range(16)]
+    g = torch.Generator().manual_seed(1)
+    latents = {"mean": torch.randn(16, 4, 32, 32, generator=g), "std": torch.full((16, 4, 32, 32), 0.01)}
+    return UNetTask(model, build_scheduler(TINY), latents, tokenize(tok, captions), tokenize(tok, [""])[0], 1.0)
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    task = _unet_task()
+    opt = torch.optim.AdamW(task.model.parameters(), lr=3e-3)
+    batch = task.batch(0, 0, 16, torch.device("cpu"))
+    losses = []
+    for _ in range(40):
+        loss = task.loss(task.model, batch, torch.Generator().manual_seed(0))  # same noise, same t
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    cfg = dict(steps=8, batch_size=4, lr=1e-3, warmup_steps=2, ema_decay=0.9, progress=False)
+    full = _unet_task()
+    train(full, TrainConfig(**cfg), tmp_path / "full")
+    parts = _unet_task()
+    train(parts, TrainConfig(**cfg, stop_after=3), tmp_path / "parts")
+    resumed = _unet_task(seed=123)  # fresh random init: everything must come from the checkpoint
+    state = train(resumed, TrainConfig(**cfg), tmp_path / "parts")
+    assert state.step == 8
+    for (n, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    ckpt = tmp_path / "parts" / "checkpoint"
+    assert json.loads((ckpt / "trainer.json").read_text())["step"] == 8
+    assert set(load_file(ckpt / "model.safetensors")) == {n for n, p in full.model.named_parameters()}
+
+
+@pytest.mark.skipif(not (presets.SHIPPED["shapes-teacher"] / "model_index.json").exists(),
+                    reason="shapes-teacher weights not shipped in this checkout yet")
+def test_shipped_teacher_loads_strictly():
+    from vlv.teacher import TeacherConfig, build_unet, build_vae, load_pipeline
+
+    path = presets.resolve_decoder("shapes-teacher")
+    cfg = TeacherConfig(**json.loads((path / "teacher.json").read_text())["config"])
+    pipe = load_pipeline(path)
+    for built, loaded, sub in ((build_unet(cfg), pipe.unet, "unet"), (build_vae(cfg), pipe.vae, "vae")):
+        weights = load_file(path / sub / "diffusion_pytorch_model.safetensors")
+        built.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
+        assert set(built.state_dict()) == set(loaded.state_dict())

@@ -1,0 +1,436 @@
+"""The shapes teacher: a text-to-image latent diffusion model in Stable Diffusion's own format.
+
+VLV distils a frozen, pretrained T2I model; at full scale that is SD 2.1-base. The shapes world's
+stand-in is built from exactly the same classes (``AutoencoderKL``, ``CLIPTextModel``,
+``UNet2DConditionModel``, ``DDPMScheduler``) and saved by ``StableDiffusionPipeline.save_pretrained``,
+so a teacher dir and an SD 2.1 dir are interchangeable everywhere downstream.
+
+Recipe decisions (see ``shared/specs/teacher-notes.md`` for the probes behind them):
+- Tokenizer: one token per object phrase ("a large red circle at the top left"), plus the separators.
+  Binding attributes to a quadrant is then done by the tokenizer, not learned by a small causal CLIP
+  from the diffusion loss alone, which is what kept the probes' layouts wrong.
+- v-prediction on a cosine schedule (eps on cosine gave coloured noise), trailing timesteps so
+  sampling starts at t = 999, caption dropout for classifier-free guidance, EMA weights exported.
+- The VAE trains first, is frozen, and its latent posteriors are cached (mean and std).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from safetensors.torch import load_file, save_file
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+from vlv.data import ImageCaptionFolder, to_tensor
+from vlv.world import shapes
+
+SPECIAL = ["<unk>", "<bos>", "<pad>", "<eos>"]  # eos id 3: not CLIPTextModel's legacy value 2
+SEPARATORS = [", ", " and "]
+
+
+# ------------------------------------------------------------------------------------------- config
+@dataclass
+class TeacherConfig:
+    """Architecture of a shapes teacher. Serialised next to its weights (teacher.json)."""
+
+    image_size: int = 64
+    # VAE: len(vae_channels) - 1 downsamplings, so 64 px -> 16x16 latents with three blocks.
+    vae_channels: tuple[int, ...] = (16, 32, 64)
+    vae_layers_per_block: int = 1
+    vae_norm_groups: int = 16
+    latent_channels: int = 4
+    # Text encoder (CLIPTextModel).
+    text_hidden: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    max_length: int = 77  # SD's; stage 1's Nq can be anything up to it
+    # UNet.
+    unet_channels: tuple[int, ...] = (32, 64, 128)
+    unet_layers_per_block: int = 1
+    unet_cross_attention: tuple[bool, ...] = (False, True, True)  # per resolution, high to low
+    unet_heads: int = 4
+    # Diffusion.
+    prediction_type: str = "v_prediction"
+    beta_schedule: str = "squaredcos_cap_v2"
+
+    def __post_init__(self) -> None:
+        self.vae_channels, self.unet_channels = tuple(self.vae_channels), tuple(self.unet_channels)
+        self.unet_cross_attention = tuple(self.unet_cross_attention)
+        if len(self.unet_cross_attention) != len(self.unet_channels):
+            raise ValueError("unet_cross_attention needs one flag per UNet resolution")
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** (len(self.vae_channels) - 1)
+
+
+TINY = TeacherConfig(vae_channels=(8, 16), vae_norm_groups=4, text_hidden=32, text_layers=1, text_heads=2,
+                     unet_channels=(16, 32), unet_cross_attention=(False, True), unet_heads=2)
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+def build_tokenizer(max_length: int = 77) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer whose words are the world's object phrases and the two separators.
+
+    decode(encode(caption)) == caption exactly; text outside the grammar becomes <unk>.
+    """
+    phrases = [shapes.phrase(f) for f in itertools.product(shapes.POSITIONS, shapes.SHAPES, shapes.COLORS,
+                                                             shapes.SIZES)]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + SEPARATORS + sorted(phrases))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Strip()])
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(", | and "), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=max_length)
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's length, exactly as StableDiffusionPipeline tokenizes."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+# ------------------------------------------------------------------------------------------- models
+def build_vae(cfg: TeacherConfig) -> AutoencoderKL:
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_channels, layers_per_block=cfg.vae_layers_per_block,
+        norm_num_groups=cfg.vae_norm_groups, sample_size=cfg.image_size, mid_block_add_attention=False,
+    )
+
+
+def build_text_encoder(cfg: TeacherConfig, tokenizer) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads, max_position_embeddings=cfg.max_length,
+        hidden_act="gelu", bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, projection_dim=cfg.text_hidden,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet(cfg: TeacherConfig) -> UNet2DConditionModel:
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.unet_cross_attention)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.unet_cross_attention))
+    return UNet2DConditionModel(
+        sample_size=cfg.latent_size, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        down_block_types=down, up_block_types=up, block_out_channels=cfg.unet_channels,
+        layers_per_block=cfg.unet_layers_per_block, cross_attention_dim=cfg.text_hidden,
+        attention_head_dim=cfg.unet_heads, norm_num_groups=min(32, cfg.unet_channels[0]),
+        use_linear_projection=True,
+    )
+
+
+def build_scheduler(cfg: TeacherConfig) -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule=cfg.beta_schedule,
+                         prediction_type=cfg.prediction_type, clip_sample=False, timestep_spacing="trailing",
+                         steps_offset=1)
+
+
+def fast_scheduler(scheduler_config) -> DPMSolverMultistepScheduler:
+    """DPM-Solver++(2M) from any SD scheduler config; a cosine schedule needs lambda_min_clipped."""
+    extra = {"lambda_min_clipped": -5.1} if scheduler_config.get("beta_schedule") == "squaredcos_cap_v2" else {}
+    return DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type="dpmsolver++",
+                                                   solver_order=2, timestep_spacing="trailing", **extra)
+
+
+# ------------------------------------------------------------------------------------ training tasks
+class VAETask:
+    """Phase 1: AutoencoderKL on the images: L1 + MSE + a tiny KL (a near-deterministic autoencoder)."""
+
+    name = "teacher-vae"
+
+    def __init__(self, vae: AutoencoderKL, train: ImageCaptionFolder, test: ImageCaptionFolder | None,
+                 seed: int = 0, kl_weight: float = 1e-6):
+        self.vae, self.train_data, self.test_data, self.seed, self.kl_weight = vae, train, test, seed, kl_weight
+
+    def trainable(self) -> torch.nn.Module:
+        return self.vae
+
+    def batch(self, step: int, rank: int, batch_size: int, device: torch.device) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, step, rank])
+        idx = rng.integers(len(self.train_data), size=batch_size)
+        return to_tensor(self.train_data.images[idx]).to(device)
+
+    def loss(self, model, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        vae = getattr(model, "module", model)
+        posterior = vae.encode(images).latent_dist
+        recon = vae.decode(posterior.sample(generator)).sample
+        kl = posterior.kl().mean() / images[0].numel()
+        return F.l1_loss(recon, images) + F.mse_loss(recon, images) + self.kl_weight * kl
+
+    def evaluate(self, model) -> dict[str, float]:
+        if self.test_data is None:
+            return {}
+        return {"vae_scene_accuracy": vae_accuracy(model, self.test_data)}
+
+
+@torch.no_grad()
+def vae_accuracy(vae: AutoencoderKL, data: ImageCaptionFolder, batch_size: int = 256) -> float:
+    """Scene accuracy of the detector on VAE reconstructions (posterior mode) of a captioned folder."""
+    from vlv.data import to_pil
+
+    preds = []
+    for idx in data.batches(batch_size):
+        x = to_tensor(data.images[idx]).to(vae.device)
+        recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        preds += [shapes.detect(im) for im in to_pil(recon)]
+    truths = [shapes.parse_caption(c) for c in data.captions]
+    return shapes.score(preds, truths).scene_accuracy
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, data: ImageCaptionFolder, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Cache the frozen VAE's posterior (mean, std) for every image: the UNet phase never runs the VAE."""
+    means, stds = [], []
+    for idx in data.batches(batch_size):
+        dist = vae.encode(to_tensor(data.images[idx]).to(vae.device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
+    return {"mean": torch.cat(means), "std": torch.cat(stds)}
+
+
+class TextToImage(torch.nn.Module):
+    """The jointly trained pair (text encoder, UNet): one module, so one optimizer and one DDP wrap."""
+
+    def __init__(self, text_encoder: CLIPTextModel, unet: UNet2DConditionModel):
+        super().__init__()
+        self.text_encoder, self.unet = text_encoder, unet
+
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        cond = self.text_encoder(ids).last_hidden_state  # (B, L, d_T)
+        return self.unet(noisy, t, encoder_hidden_states=cond).sample  # (B, C, h, w)
+
+
+class UNetTask:
+    """Phase 2: text encoder + UNet on cached latents with the scheduler's own target and caption dropout."""
+
+    name = "teacher-unet"
+
+    def __init__(self, model: TextToImage, scheduler: DDPMScheduler, latents: dict[str, torch.Tensor],
+                 ids: torch.Tensor, empty_ids: torch.Tensor, scaling_factor: float, seed: int = 0,
+                 caption_dropout: float = 0.1, high_noise_fraction: float = 0.0,
+                 evaluator=None):
+        self.model, self.scheduler, self.latents, self.ids = model, scheduler, latents, ids
+        self.empty_ids, self.scaling_factor, self.seed = empty_ids, scaling_factor, seed
+        self.caption_dropout, self.high_noise_fraction = caption_dropout, high_noise_fraction
+        self.evaluator = evaluator
+
+    def trainable(self) -> torch.nn.Module:
+        return self.model
+
+    def batch(self, step: int, rank: int, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step, rank])
+        idx = torch.from_numpy(rng.integers(len(self.ids), size=batch_size))
+        ids = self.ids[idx].clone()
+        drop = torch.from_numpy(rng.random(batch_size) < self.caption_dropout)
+        ids[drop] = self.empty_ids
+        return {"mean": self.latents["mean"][idx].float().to(device),
+                "std": self.latents["std"][idx].float().to(device), "ids": ids.to(device)}
+
+    def loss(self, model, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        mean = batch["mean"]
+        b, device = mean.shape[0], mean.device
+        latents = (mean + batch["std"] * torch.randn(mean.shape, generator=generator, device=device))
+        latents = latents * self.scaling_factor
+        n_train = self.scheduler.config.num_train_timesteps
+        t = torch.randint(0, n_train, (b,), generator=generator, device=device)
+        if self.high_noise_fraction:  # layout is decided at high noise: sample it more often
+            high = torch.rand(b, generator=generator, device=device) < self.high_noise_fraction
+            t = torch.where(high, torch.randint(n_train // 2, n_train, (b,), generator=generator, device=device), t)
+        noise = torch.randn(latents.shape, generator=generator, device=device)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        target = diffusion_target(self.scheduler, latents, noise, t)
+        pred = model(noisy, t, batch["ids"])
+        return F.mse_loss(pred.float(), target.float())
+
+    def evaluate(self, model) -> dict[str, float]:
+        return self.evaluator(model) if self.evaluator is not None else {}
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet predicts, read from the scheduler's config (SD 2.1-base: epsilon; teacher: v)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+# -------------------------------------------------------------------------------------- save / load
+def make_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def save_teacher(pipe: StableDiffusionPipeline, out: Path, cfg: TeacherConfig, record: dict | None = None,
+                 dtype: torch.dtype = torch.float32) -> Path:
+    """Stable Diffusion layout (model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/).
+
+    ``dtype`` applies to the UNet and VAE, which diffusers loads back in fp32 by default. The text
+    encoder always stays fp32: transformers would load it in its stored dtype, and a half-precision
+    text encoder beside fp32 UNet breaks the stock ``from_pretrained(dir)(prompt=...)`` call on CPU.
+    """
+    import copy
+
+    out = Path(out)
+    vae, unet = pipe.vae, pipe.unet
+    if dtype != torch.float32:
+        vae, unet = copy.deepcopy(vae).to(dtype), copy.deepcopy(unet).to(dtype)
+    make_pipeline(vae, pipe.text_encoder.float(), pipe.tokenizer, unet, pipe.scheduler).save_pretrained(
+        out, safe_serialization=True)
+    (out / "teacher.json").write_text(json.dumps({"config": asdict(cfg), **({"training": record} if record else {})},
+                                                 indent=2) + "\n")
+    return out
+
+
+def load_pipeline(path: Path, device: str | torch.device = "cpu") -> StableDiffusionPipeline:
+    """Load any Stable-Diffusion-layout dir (a shapes teacher or SD 2.1-base) in fp32, frozen, for vlv."""
+    path = Path(path)
+    if not (path / "model_index.json").exists():
+        raise FileNotFoundError(f"{path} is not a Stable Diffusion dir (no model_index.json)")
+    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.vae, pipe.text_encoder, pipe.unet):
+        m.requires_grad_(False).eval()
+    return pipe.to(device)
+
+
+@torch.no_grad()
+def sample(pipe: StableDiffusionPipeline, captions: list[str], guidance_scale: float = 3.0, steps: int = 20,
+           sampler: str = "fast", seed: int = 0, batch_size: int = 256) -> list:
+    """Teacher samples for captions, batched; 'fast' = DPM-Solver++ (2M), 'paper' = DDPM (as saved)."""
+    from vlv.data import to_pil
+
+    scheduler = fast_scheduler(pipe.scheduler.config) if sampler == "fast" else DDPMScheduler.from_config(
+        pipe.scheduler.config)
+    pipe = make_pipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for start in range(0, len(captions), batch_size):
+        chunk = captions[start : start + batch_size]
+        gen = torch.Generator(pipe.device).manual_seed(seed + start)
+        out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gen,
+                   output_type="pt")
+        images += to_pil(out.images * 2 - 1)
+    return images
+
+
+def sample_accuracy(pipe, captions: list[str], **kwargs) -> shapes.Scores:
+    images = sample(pipe, captions, **kwargs)
+    return shapes.score([shapes.detect(im) for im in images], [shapes.parse_caption(c) for c in captions])
+
+
+# ----------------------------------------------------------------------------------------- the recipe
+@dataclass
+class TeacherRecipe:
+    """How a teacher is trained: both phases' loop settings. Recorded with the weights."""
+
+    vae_steps: int = 2000
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    unet_steps: int = 15000
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    unet_warmup: int = 200
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    high_noise_fraction: float = 0.25
+    eval_every: int = 1000
+    vae_eval_every: int = 250
+    eval_n: int = 200
+    eval_guidance: tuple[float, ...] = (2.0, 4.0)
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def train_teacher(data: Path, out: Path, cfg: TeacherConfig, recipe: TeacherRecipe, val: Path | None = None,
+                  max_minutes: float | None = None, progress: bool = True) -> Path | None:
+    """Train VAE, cache latents, train text encoder + UNet; export SD layout into ``out``.
+
+    Resumable: state lives in out/training/ (checkpoints, latent cache, logs). Returns ``out`` when
+    finished, None when the time budget ran out first (re-run to continue).
+    """
+    from vlv.train import TrainConfig, train
+
+    out, work = Path(out), Path(out) / "training"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "recipe.json").write_text(json.dumps({"config": asdict(cfg), "recipe": asdict(recipe)}, indent=2))
+    torch.manual_seed(recipe.seed)
+    train_data = ImageCaptionFolder(data, cfg.image_size, progress=progress)
+    test_data = ImageCaptionFolder(val, cfg.image_size, limit=recipe.eval_n) if val else None
+    t0 = time.perf_counter()
+
+    # Phase 1: the VAE.
+    vae = build_vae(cfg)
+    vae_cfg = TrainConfig(steps=recipe.vae_steps, batch_size=recipe.vae_batch, lr=recipe.vae_lr, warmup_steps=100,
+                          eval_every=recipe.vae_eval_every if test_data else 0, max_minutes=max_minutes,
+                          seed=recipe.seed, progress=progress, min_lr_ratio=0.1)
+    vae_state = train(VAETask(vae, train_data, test_data, seed=recipe.seed), vae_cfg, work / "vae")
+    if vae_state.step < recipe.vae_steps:
+        return None
+    vae.requires_grad_(False).eval()
+
+    # Latent cache and scaling factor (1 / std of the latents, as SD chose 0.18215).
+    cache = work / "latents.safetensors"
+    if not cache.exists():
+        latents = encode_latents(vae, train_data)
+        save_file({k: v.half().contiguous() for k, v in latents.items()}, work / "latents.tmp.safetensors")
+        (work / "latents.tmp.safetensors").rename(cache)
+    latents = load_file(cache)
+    scaling = float(1.0 / latents["mean"].float().std())
+    vae.register_to_config(scaling_factor=scaling)
+
+    # Phase 2: text encoder + UNet.
+    tokenizer = build_tokenizer(cfg.max_length)
+    model = TextToImage(build_text_encoder(cfg, tokenizer), build_unet(cfg))
+    scheduler = build_scheduler(cfg)
+    ids = tokenize(tokenizer, train_data.captions)
+    empty = tokenize(tokenizer, [""])[0]
+    evaluator = None
+    if test_data is not None:
+        def evaluator(m: TextToImage) -> dict[str, float]:
+            pipe = make_pipeline(vae, m.text_encoder, tokenizer, m.unet, scheduler)
+            return {f"scene_accuracy_cfg{g:g}": sample_accuracy(pipe, test_data.captions, guidance_scale=g)
+                    .scene_accuracy for g in recipe.eval_guidance}
+    task = UNetTask(model, scheduler, latents, ids, empty, scaling, seed=recipe.seed,
+                    caption_dropout=recipe.caption_dropout, high_noise_fraction=recipe.high_noise_fraction,
+                    evaluator=evaluator)
+    remaining = None if max_minutes is None else max(0.1, max_minutes - (time.perf_counter() - t0) / 60)
+    unet_cfg = TrainConfig(steps=recipe.unet_steps, batch_size=recipe.unet_batch, lr=recipe.unet_lr,
+                           warmup_steps=recipe.unet_warmup, ema_decay=recipe.ema_decay, eval_every=recipe.eval_every
+                           if test_data else 0, max_minutes=remaining, seed=recipe.seed, progress=progress,
+                           min_lr_ratio=0.05)
+    unet_state = train(task, unet_cfg, work / "unet")
+    if unet_state.step < recipe.unet_steps:
+        return None
+    # train() leaves the EMA weights in the model: export those.
+    pipe = make_pipeline(vae, model.text_encoder, tokenizer, model.unet, scheduler)
+    record = {"recipe": asdict(recipe), "vae_wall_s": round(vae_state.elapsed_s, 1),
+              "unet_wall_s": round(unet_state.elapsed_s, 1),
+              "history": {"vae": vae_state.history, "unet": unet_state.history}}
+    return save_teacher(pipe, out, cfg, record)

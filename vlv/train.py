@@ -1,0 +1,293 @@
+"""One accelerate training loop for every stage: teacher VAE, teacher UNet, stage 1, the LM, stage 2.
+
+A stage is a :class:`Task`: it names its trainable module and computes ``loss(model, batch)``.
+The loop owns everything else: AdamW, warmup + cosine schedule, gradient clipping, mixed precision,
+EMA, progress bar, time budget, and checkpoints that survive a kill.
+
+Determinism: the batch and the noise of step k on process r are pure functions of (seed, k, r),
+so a run resumed from a checkpoint takes exactly the steps an uninterrupted run would have taken;
+the checkpoint then needs only weights, optimizer moments and the step count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64  # per process
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    mixed_precision: Literal["no", "bf16"] = "no"
+    ema_decay: float | None = None  # None: no EMA
+    checkpoint_every: int = 500  # steps
+    checkpoint_minutes: float = 5.0  # also checkpoint at least this often
+    eval_every: int = 0  # steps; 0: never
+    log_every: int = 10
+    max_minutes: float | None = None  # stop (with a checkpoint) after this long in this invocation
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this invocation
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise ValueError("steps and batch_size must be positive")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"unknown schedule {self.schedule!r}")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+
+
+class Task(Protocol):
+    """What a stage supplies to the loop."""
+
+    name: str
+
+    def trainable(self) -> torch.nn.Module:
+        """The module whose parameters with requires_grad train; frozen parts live elsewhere."""
+
+    def batch(self, step: int, rank: int, batch_size: int, device: torch.device) -> Any:
+        """The batch of a step: a pure function of (step, rank), so resume is exact."""
+
+    def loss(self, model: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        """Scalar loss; ``model`` is the (possibly DDP-wrapped) trainable module."""
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Metrics on held-out data with the given weights (EMA when the loop keeps one)."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    elapsed_s: float = 0.0
+    history: list[dict] = field(default_factory=list)  # loss and eval rows, for curves
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio (or constant)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step) * 1009 + rank
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train, by name: what a checkpoint holds (frozen weights never)."""
+    return {n: p.detach().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Strict: the checkpoint's keys must be exactly the module's trainable parameters."""
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for n, p in params.items():
+            if p.shape != state[n].shape:
+                raise ValueError(f"{n}: checkpoint shape {tuple(state[n].shape)} != model {tuple(p.shape)}")
+            p.copy_(state[n])
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors = {f"{pid}.{k}": v.contiguous() for pid, st in sd["state"].items() for k, v in st.items()}
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMAModel | None,
+                    state: TrainState, cfg: TrainConfig, task_name: str) -> Path:
+    """Write run/checkpoint atomically: build checkpoint.tmp, then swap it in with renames."""
+    final, tmp, old = run / CHECKPOINT, run / (CHECKPOINT + ".tmp"), run / (CHECKPOINT + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), tmp / "model.safetensors")
+    opt_tensors, opt_meta = _optimizer_tensors(opt)
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    if ema is not None:
+        save_file({str(i): p.contiguous() for i, p in enumerate(ema.shadow_params)}, tmp / "ema.safetensors")
+    meta = {"task": task_name, "step": state.step, "elapsed_s": state.elapsed_s, "config": asdict(cfg),
+            "optimizer": opt_meta, "ema_step": ema.optimization_step if ema is not None else None,
+            "history": state.history}
+    (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None,
+                    ema: EMAModel | None) -> TrainState:
+    ckpt = run / CHECKPOINT
+    meta = json.loads((ckpt / "trainer.json").read_text())
+    load_trainable_state(model, load_file(ckpt / "model.safetensors"))
+    if opt is not None:
+        _optimizer_from_tensors(opt, load_file(ckpt / "optimizer.safetensors"), meta["optimizer"])
+    if ema is not None and (ckpt / "ema.safetensors").exists():
+        shadow = load_file(ckpt / "ema.safetensors")
+        ema.shadow_params = [shadow[str(i)] for i in range(len(shadow))]
+        ema.optimization_step = meta["ema_step"]
+    return TrainState(step=meta["step"], elapsed_s=meta["elapsed_s"], history=meta["history"])
+
+
+def has_checkpoint(run: Path) -> bool:
+    return (Path(run) / CHECKPOINT / "trainer.json").exists()
+
+
+# ------------------------------------------------------------------------------------------- loop
+class _StopFlag:
+    """SIGTERM / SIGINT set a flag; the loop checkpoints after the current step and returns."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.stop = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | None = None) -> TrainState:
+    """Train ``task`` into ``run`` (resuming from run/checkpoint when present); returns the final state.
+
+    On return the trainable module holds the final weights, or the EMA weights when cfg.ema_decay is set.
+    """
+    run = Path(run)
+    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    model = task.trainable()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{task.name}: nothing to train")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4) if cfg.ema_decay else None
+    state = load_checkpoint(run, model, opt, ema) if has_checkpoint(run) else TrainState()
+    run.mkdir(parents=True, exist_ok=True)
+    wrapped, opt = accelerator.prepare(model, opt)
+    if ema is not None:
+        ema.to(accelerator.device)
+    n_params = sum(p.numel() for p in params)
+    if accelerator.is_main_process:
+        print(f"[{task.name}] {n_params / 1e6:.2f} M trainable parameters; step {state.step}/{cfg.steps}")
+
+    rank, device = accelerator.process_index, accelerator.device
+    t_start, last_ckpt, last_ckpt_time = time.perf_counter(), state.step, time.perf_counter()
+    elapsed0, start_step = state.elapsed_s, state.step
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=task.name, unit="step",
+               disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
+    running = None
+    with _StopFlag() as flag:
+        while state.step < cfg.steps:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(state.step, cfg)
+            gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, state.step, rank))
+            batch = task.batch(state.step, rank, cfg.batch_size, device)
+            with accelerator.autocast():
+                loss = task.loss(wrapped, batch, gen)
+            accelerator.backward(loss)
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(params)
+            state.step += 1
+            state.elapsed_s = elapsed0 + time.perf_counter() - t_start
+            value = loss.detach().float().item()
+            running = value if running is None else 0.95 * running + 0.05 * value
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                state.history.append({"step": state.step, "loss": running, "elapsed_s": round(state.elapsed_s, 2)})
+            if cfg.eval_every and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
+                metrics = _evaluate(task, accelerator.unwrap_model(wrapped), ema)
+                metrics.update(step=state.step, elapsed_s=round(state.elapsed_s, 2))
+                state.history.append({"eval": metrics})
+                bar.write(f"[{task.name}] step {state.step}: " + json.dumps(metrics))
+            out_of_time = (cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes) or (
+                cfg.stop_after is not None and state.step - start_step >= cfg.stop_after)
+            due = (state.step - last_ckpt >= cfg.checkpoint_every
+                   or time.perf_counter() - last_ckpt_time > 60 * cfg.checkpoint_minutes)
+            if due or out_of_time or flag.stop or state.step == cfg.steps:
+                if accelerator.is_main_process:
+                    save_checkpoint(run, accelerator.unwrap_model(wrapped), opt, ema, state, cfg, task.name)
+                accelerator.wait_for_everyone()
+                last_ckpt, last_ckpt_time = state.step, time.perf_counter()
+            if out_of_time or flag.stop:
+                break
+    bar.close()
+    model = accelerator.unwrap_model(wrapped)
+    if ema is not None:
+        ema.copy_to([p for p in model.parameters() if p.requires_grad])
+    return state
+
+
+def _evaluate(task: Task, model: torch.nn.Module, ema: EMAModel | None) -> dict[str, float]:
+    """Evaluate with EMA weights when kept, then put the training weights back."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
+    try:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            metrics = task.evaluate(model)
+        model.train(was_training)
+    finally:
+        if ema is not None:
+            ema.restore(params)
+    return metrics
