@@ -1,0 +1,93 @@
+"""Benchmark a shapes teacher: samples from true test captions read back by the detector.
+
+    python benchmarks/teacher.py --teacher shapes-teacher --n 500
+    python benchmarks/teacher.py --teacher runs/teacher-v1 --n 500 --cfg 1 2 3 4 6
+
+Prints scene accuracy / object F1 per CFG scale (DPM-Solver++ 20 steps unless --steps), the VAE's own
+reconstruction accuracy, the training record (wall time, accuracy-vs-time curve), and writes a PNG grid
+(true render | sample) for the first test scenes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from vlv.data import ImageCaptionFolder, write_shapes
+from vlv.presets import resolve_decoder
+from vlv.report import contact_sheet
+from vlv.teacher import load_pipeline, sample, vae_accuracy
+from vlv.world import shapes
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="shapes-teacher", help="teacher dir or preset name")
+    p.add_argument("--n", type=int, default=500, help="test-split scenes")
+    p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0, 6.0])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", choices=["fast", "paper"], default="fast")
+    p.add_argument("--grid", type=Path, default=Path("runs/benchmarks/teacher_grid.png"))
+    p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+
+    path = resolve_decoder(args.teacher)
+    pipe = load_pipeline(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        test = ImageCaptionFolder(write_shapes(Path(tmp) / "test", n=args.n, split="test", progress=False), 64)
+    captions = test.captions
+    truths = [shapes.parse_caption(c) for c in captions]
+    result: dict = {"teacher": str(path), "n": args.n, "sampler": args.sampler, "steps": args.steps}
+
+    t0 = time.perf_counter()
+    result["vae_scene_accuracy"] = vae_accuracy(pipe.vae, test)
+    print(f"VAE reconstruction scene accuracy: {result['vae_scene_accuracy']:.4f} ({time.perf_counter() - t0:.1f}s)")
+
+    best, best_images = None, None
+    result["cfg"] = {}
+    print(f"{'cfg':>5} {'scene acc':>10} {'object F1':>10} {'attr acc':>9} {'s':>7}")
+    for g in args.cfg:
+        t0 = time.perf_counter()
+        images = sample(pipe, captions, guidance_scale=g, steps=args.steps, sampler=args.sampler)
+        s = shapes.score([shapes.detect(im) for im in images], truths)
+        dt = time.perf_counter() - t0
+        result["cfg"][str(g)] = {**s.as_dict(), "seconds": round(dt, 1)}
+        print(f"{g:5.1f} {s.scene_accuracy:10.4f} {s.object_f1:10.4f} {s.attribute_accuracy:9.4f} {dt:7.1f}")
+        if best is None or s.scene_accuracy > result["cfg"][str(best)]["scene_accuracy"]:
+            best, best_images = g, images
+    result["best_cfg"] = best
+    print(f"best: cfg {best}, scene accuracy {result['cfg'][str(best)]['scene_accuracy']:.4f}")
+
+    record_file = path / "teacher.json"
+    record = json.loads(record_file.read_text()).get("training", {}) if record_file.exists() else {}
+    if record:
+        result["training_wall_s"] = {"vae": record.get("vae_wall_s"), "unet": record.get("unet_wall_s")}
+        print(f"training wall time: VAE {record.get('vae_wall_s')} s, UNet {record.get('unet_wall_s')} s")
+        print("accuracy against training time (val split, during training):")
+        for phase in ("vae", "unet"):
+            for row in record.get("history", {}).get(phase, []):
+                if "eval" in row:
+                    e = row["eval"]
+                    accs = {k: v for k, v in e.items() if "accuracy" in k}
+                    print(f"  {phase:4s} step {e['step']:6d}  {e['elapsed_s'] / 60:7.1f} min  {json.dumps(accs)}")
+
+    truth_images = [Image.fromarray(a) for a in test.images[:32]]
+    pairs = [im for pair in zip(truth_images, best_images[:32], strict=True) for im in pair]
+    args.grid.parent.mkdir(parents=True, exist_ok=True)
+    contact_sheet(pairs, cols=16).save(args.grid)
+    print(f"grid (true | sample at cfg {best}): {args.grid}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
