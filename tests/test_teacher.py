@@ -106,3 +106,24 @@ def test_shipped_teacher_loads_strictly():
         weights = load_file(path / sub / "diffusion_pytorch_model.safetensors")
         built.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
         assert set(built.state_dict()) == set(loaded.state_dict())
+
+
+def test_cli_sample_writes_images(tiny_teacher, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    run = [sys.executable, "-m", "vlv.cli", "teacher", "sample", str(tiny_teacher), "--steps", "2"]
+    r = subprocess.run(run + ["--prompt", "a small red circle at the top left", "--out", str(tmp_path / "a.png")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "a.png").size == (64, 64)
+    (tmp_path / "caps.txt").write_text("a small red circle at the top left\na large blue square at the bottom right\n")
+    r = subprocess.run(run + ["--captions", str(tmp_path / "caps.txt"), "--out", str(tmp_path / "many")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["000000.png", "000001.png"]
+    r = subprocess.run([sys.executable, "-m", "vlv.cli", "teacher", "sample", str(tmp_path / "nowhere"), "--prompt",
+                        "x", "--out", str(tmp_path / "b.png")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

@@ -69,11 +69,15 @@ def cmd_teacher_train(args: argparse.Namespace) -> None:
 
 def cmd_teacher_sample(args: argparse.Namespace) -> None:
     from vlv.presets import resolve_decoder
-    from vlv.teacher import load_pipeline, sample
 
+    path = resolve_decoder(args.teacher)  # validate the inputs before the heavy imports
     prompts = [args.prompt] if args.prompt else [
         line.strip() for line in Path(args.captions).read_text().splitlines() if line.strip()]
-    pipe = load_pipeline(resolve_decoder(args.teacher))
+    if not prompts:
+        raise ValueError(f"no captions in {args.captions}")
+    from vlv.teacher import load_pipeline, sample
+
+    pipe = load_pipeline(path)
     images = sample(pipe, prompts, guidance_scale=args.cfg, steps=args.steps, sampler=args.sampler, seed=args.seed)
     if len(images) == 1 and args.out.suffix:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers warns on import that torchvision is absent; vlv never uses it (PIL + numpy instead).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
