@@ -103,17 +103,21 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1009 + rank
 
 
-def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train, by name: what a checkpoint holds (frozen weights never)."""
-    return {n: p.detach().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+def trainable_state(module: torch.nn.Module, trainable: bool = True) -> dict[str, torch.Tensor]:
+    """Parameters by name, split by requires_grad: a checkpoint holds the trainable ones (frozen never).
+
+    named_parameters deduplicates, so tied weights appear once.
+    """
+    return {n: p.detach().contiguous() for n, p in module.named_parameters() if p.requires_grad == trainable}
 
 
-def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Strict: the checkpoint's keys must be exactly the module's trainable parameters."""
-    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor], trainable: bool = True) -> None:
+    """Strict: the keys must be exactly the module's trainable (or frozen) parameters, shapes equal."""
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad == trainable}
     missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        kind = "trainable" if trainable else "frozen"
+        raise ValueError(f"{kind} weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     with torch.no_grad():
         for n, p in params.items():
             if p.shape != state[n].shape:

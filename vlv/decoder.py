@@ -1,0 +1,163 @@
+"""The frozen diffusion decoder: caption embeddings z -> T(z) -> UNet/VAE (stage-1 loss, reconstruction).
+
+Paper Sec. 3.1 and ``shared/specs/method.md`` "Stage 1" step 5, "Reconstruction" and "Composition":
+
+    c = T(inputs_embeds=z)   learned positions 0..Nq-1 added, causal CLIP encoder, final LayerNorm   (B, Nq, d_T)
+    L = || UNet(x_t, t, c) - target ||^2,  t ~ U{0..999}, noise ~ N(0, I) per sample, x_0 = VAE latents
+
+The wrapped pipeline is any Stable-Diffusion-layout dir (the shapes teacher or SD 2.1-base); every part of
+it is frozen, and gradients flow through T and the UNet into z. Reconstruction is the stock
+``StableDiffusionPipeline`` called with ``prompt_embeds`` / ``negative_prompt_embeds``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+from transformers.masking_utils import create_causal_mask
+
+from vlv.teacher import build_tokenizer, diffusion_target, fast_scheduler, load_pipeline, make_pipeline
+
+PRESETS = Path(__file__).parent / "presets"
+DEFAULT_STEPS = {"paper": 50, "fast": 20}  # paper: DDPM 50 steps (official default); fast: DPM-Solver++(2M)
+
+
+class DiffusionDecoder(nn.Module):
+    """A frozen T2I model used as a decoder of caption embeddings z (B, Nq, d_T)."""
+
+    def __init__(self, pipe: StableDiffusionPipeline):
+        super().__init__()
+        self.vae, self.text_encoder, self.unet = pipe.vae, pipe.text_encoder, pipe.unet
+        self.tokenizer = pipe.tokenizer
+        # Training noise and paper sampling use DDPM on the pipeline's own schedule (as the official code does).
+        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> DiffusionDecoder:
+        """Any Stable-Diffusion-layout dir (FileNotFoundError when it is not one)."""
+        return cls(load_pipeline(Path(path)))
+
+    def train(self, mode: bool = True) -> DiffusionDecoder:
+        """Always eval: the decoder is frozen, whatever mode the surrounding model is put in."""
+        return super().train(False)
+
+    @property
+    def text_dim(self) -> int:
+        """d_T: the width z must have (the text encoder's token-embedding width)."""
+        return self.text_encoder.config.hidden_size
+
+    # -------------------------------------------------------------------------------- T(z)
+    def encode_text_embeds(self, z: torch.Tensor) -> torch.Tensor:
+        """c = T(inputs_embeds=z), z (B, L, d_T) -> (B, L, d_T); L <= the text encoder's positions.
+
+        transformers 5's ``CLIPTextModel.forward`` takes only input_ids, so this repeats its body with the
+        model's own submodules and mask: equal to ``text_encoder(ids).last_hidden_state`` when
+        ``z = token_embedding(ids)``.
+        """
+        te = self.text_encoder
+        hidden = te.embeddings(inputs_embeds=z)  # (B, L, d_T): z + position_embedding(0..L-1)
+        mask = create_causal_mask(config=te.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None)
+        hidden = te.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state  # (B, L, d_T)
+        return te.final_layer_norm(hidden)  # (B, L, d_T)
+
+    def unconditional_embeds(self, length: int) -> torch.Tensor:
+        """T(tokenizer("")) padded to the tokenizer's length, first ``length`` positions: (1, length, d_T)."""
+        max_length = max(length, self.tokenizer.model_max_length)
+        ids = self.tokenizer([""], padding="max_length", max_length=max_length, truncation=True,
+                             return_tensors="pt").input_ids.to(self.text_encoder.device)  # (1, max_length)
+        return self.text_encoder(ids).last_hidden_state[:, :length]  # (1, length, d_T)
+
+    # -------------------------------------------------------------------------------- loss
+    def latents(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> VAE latents (B, C, h, w) sampled from the posterior, scaled."""
+        with torch.no_grad():
+            posterior = self.vae.encode(images).latent_dist
+        return posterior.sample(generator) * self.vae.config.scaling_factor  # (B, C, h, w)
+
+    def loss(self, latents_or_images: torch.Tensor, z: torch.Tensor,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """The stage-1 loss: MSE between the frozen UNet's prediction given T(z) and the scheduler's target.
+
+        ``latents_or_images`` is told apart by its channels: the VAE's in_channels (images in [-1, 1]) or its
+        latent_channels (latents already scaled by ``scaling_factor``, e.g. cached).
+        """
+        x = latents_or_images
+        latents = x if self._is_latents(x) else self.latents(x, generator)  # (B, C, h, w)
+        b, device = latents.shape[0], latents.device
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator, device=device)
+        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)  # (B, C, h, w)
+        noisy = self.scheduler.add_noise(latents, noise, t)  # (B, C, h, w)
+        target = diffusion_target(self.scheduler, latents, noise, t)  # (B, C, h, w)
+        pred = self.unet(noisy, t, encoder_hidden_states=self.encode_text_embeds(z)).sample  # (B, C, h, w)
+        return F.mse_loss(pred.float(), target.float())
+
+    def _is_latents(self, x: torch.Tensor) -> bool:
+        image_c, latent_c = self.vae.config.in_channels, self.vae.config.latent_channels
+        if image_c == latent_c:
+            raise ValueError("the VAE's image and latent channel counts are equal: pass latents via latents()")
+        if x.shape[1] not in (image_c, latent_c):
+            raise ValueError(f"expected {image_c} (images) or {latent_c} (latents) channels, got {x.shape[1]}")
+        return x.shape[1] == latent_c
+
+    # ------------------------------------------------------------------------------ sampling
+    def pipeline(self, sampler: Literal["paper", "fast"] = "paper") -> StableDiffusionPipeline:
+        """The stock pipeline over the frozen parts with the sampler's scheduler."""
+        if sampler == "paper":
+            scheduler = DDPMScheduler.from_config(self.scheduler.config)
+        elif sampler == "fast":
+            scheduler = fast_scheduler(self.scheduler.config)
+        else:
+            raise ValueError(f"sampler must be 'paper' or 'fast', got {sampler!r}")
+        pipe = make_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet, scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def reconstruct(self, z: torch.Tensor, guidance_scale: float = 2.0, steps: int | None = None,
+                    sampler: Literal["paper", "fast"] = "paper", generator: torch.Generator | None = None,
+                    output_type: str = "pt"):
+        """Caption-free generation from z (B, L, d_T) with CFG against T("") over the same L positions.
+
+        paper: DDPM, 50 steps, g = 2.0 (official defaults); fast: DPM-Solver++(2M), 20 steps.
+        Returns the pipeline's images (``output_type`` "pt": (B, 3, H, W) in [0, 1]).
+        """
+        pipe = self.pipeline(sampler)
+        cond = self.encode_text_embeds(z)  # (B, L, d_T)
+        uncond = self.unconditional_embeds(z.shape[1]).expand_as(cond)  # (B, L, d_T)
+        return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=guidance_scale,
+                    num_inference_steps=steps or DEFAULT_STEPS[sampler], generator=generator,
+                    output_type=output_type).images
+
+
+def compose(z_a: torch.Tensor, z_b: torch.Tensor, k: int) -> torch.Tensor:
+    """Paper Fig. 6: the first k embeddings of each image, concatenated: (B, Nq, d_T) x 2 -> (B, 2k, d_T)."""
+    if not 0 < k <= min(z_a.shape[1], z_b.shape[1]):
+        raise ValueError(f"k must be in 1..{min(z_a.shape[1], z_b.shape[1])}, got {k}")
+    return torch.cat([z_a[:, :k], z_b[:, :k]], dim=1)  # (B, 2k, d_T)
+
+
+def random_pipeline(preset: str = "sd21-base", tokenizer=None) -> StableDiffusionPipeline:
+    """A random-init pipeline from the shipped configs (``vlv/presets/<preset>-{unet,vae,text_encoder,scheduler}``).
+
+    For ``--random-init`` runs without weights. SD's CLIP BPE vocabulary is not shipped, so the tokenizer
+    defaults to the shapes word-level one (its ids fit any CLIP vocabulary).
+    """
+    files = {part: PRESETS / f"{preset}-{part}.json" for part in ("unet", "vae", "text_encoder", "scheduler")}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no decoder preset {preset!r}: missing {', '.join(missing)}")
+    cfg = {part: json.loads(f.read_text()) for part, f in files.items()}
+    # Drop SD's stored "float16": built in fp32, and saved in fp32 so a reload stays fp32.
+    text_config = CLIPTextConfig.from_dict({k: v for k, v in cfg["text_encoder"].items() if k != "torch_dtype"})
+    tokenizer = tokenizer or build_tokenizer(text_config.max_position_embeddings)
+    return make_pipeline(AutoencoderKL.from_config(cfg["vae"]), CLIPTextModel(text_config), tokenizer,
+                         UNet2DConditionModel.from_config(cfg["unet"]), PNDMScheduler.from_config(cfg["scheduler"]))

@@ -1,0 +1,266 @@
+"""The VLV image encoder (stage 1): image -> Florence-2 -> Nq learnable queries -> phi -> caption embeddings z.
+
+Paper Sec. 3.1 (arXiv 2507.07104), as ``shared/specs/method.md`` "Stage 1" steps 1-4 state it:
+
+    v' = projector(DaViT(image))                       (B, Nv, D)   visual tokens
+    h_E = BART_encoder([v'; prompt token embeddings])  (B, Nv+P, D)
+    h = BART_decoder(queries, cross-attn to h_E)       (B, Nq, D)   causal self-attention over the queries
+    z = phi(h) = Linear(D, D) - GELU - Linear(D, d_T)  (B, Nq, d_T) in T's input token-embedding space
+
+Everything is transformers' native ``Florence2ForConditionalGeneration`` (no remote code); vlv adds only the
+queries and phi. The Florence architecture is a preset JSON (``vlv/presets/florence2-*.json``), a
+``Florence2Config`` dict, or a local native checkpoint dir.
+
+Checkpoints (``save_pretrained``) hold the config, the resolved Florence-2 config, and the trainable weights.
+Frozen weights are saved too (``frozen.safetensors``) whenever they cannot be re-read from a pretrained
+Florence-2 dir, i.e. whenever the Florence source is a preset or a dict (random init): otherwise a reload
+would silently get different random frozen weights. The ``shapes`` preset trains ``all`` by default, as
+there is no pretrained tiny Florence to keep frozen; its DaViT is learnt from scratch together with the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Florence2Config, Florence2ForConditionalGeneration
+
+from vlv.train import load_trainable_state, trainable_state
+
+PRESETS = Path(__file__).parent / "presets"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # Florence-2's preprocessor_config.json
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Official stage 1: queries, phi and Florence's language model (shared embeddings, BART encoder + decoder) train.
+DEFAULT_TRAINABLE = ("queries", "phi", "florence.model.language_model")
+CONFIG_FILE, TRAINABLE_FILE, FROZEN_FILE = "encoder.json", "model.safetensors", "frozen.safetensors"
+
+
+# ------------------------------------------------------------------------------------------- config
+@dataclass
+class EncoderConfig:
+    """Everything that defines a VLV encoder; saved as JSON next to its weights."""
+
+    text_dim: int = field(metadata={"help": "d_T, the width of the T2I text encoder z feeds: read it from the "
+                                            "decoder (DiffusionDecoder.text_dim)"})
+    florence2: str | dict = field(default="florence2-large", metadata={
+        "help": "Florence-2 architecture: a preset stem in vlv/presets (florence2-large, florence2-shapes), a "
+                "Florence2Config dict (both random init), or a local native Florence-2 checkpoint dir."})
+    image_size: int = field(default=768, metadata={"help": "square input side; Florence-2's processor uses 768"})
+    num_queries: int = field(default=77, metadata={"help": "Nq learnable queries = caption-embedding length"})
+    trainable: list[str] | Literal["all"] = field(default_factory=lambda: list(DEFAULT_TRAINABLE), metadata={
+        "help": "parameter-name prefixes that train (the rest is frozen), or 'all'"})
+    prompt: str = field(default="Describe with a paragraph what is shown in the image.", metadata={
+        "help": "task prompt text (Florence's expansion of <MORE_DETAILED_CAPTION>); tokenised with the "
+                "checkpoint dir's tokenizer as <s>prompt</s> when prompt_ids is None"})
+    prompt_ids: list[int] | None = field(default=None, metadata={
+        "help": "prompt token ids; None: from the tokenizer of a checkpoint dir, or [bos, eos] (the empty "
+                "prompt) for a random-init Florence, which has no tokenizer"})
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.trainable != "all":
+            if isinstance(self.trainable, str) or not self.trainable:
+                raise ValueError(f"trainable must be 'all' or a non-empty list of prefixes, got {self.trainable!r}")
+            self.trainable = list(self.trainable)
+        if self.num_queries <= 0 or self.text_dim <= 0 or self.image_size <= 0:
+            raise ValueError("num_queries, text_dim and image_size must be positive")
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
+        if self.prompt_ids is not None:
+            self.prompt_ids = [int(i) for i in self.prompt_ids]
+
+    @classmethod
+    def preset(cls, name: str, text_dim: int, **overrides) -> EncoderConfig:
+        """A named encoder preset (see ``ENCODER_PRESETS``) for a decoder of width ``text_dim``, with overrides."""
+        if name not in ENCODER_PRESETS:
+            raise ValueError(f"unknown encoder preset {name!r}; choose from {', '.join(sorted(ENCODER_PRESETS))}")
+        return cls(text_dim=text_dim, **{**ENCODER_PRESETS[name], **overrides})
+
+
+ENCODER_PRESETS: dict[str, dict] = {
+    # Full scale: Florence-2-large at 768 px, the official trainable set.
+    "florence2-large": dict(florence2="florence2-large", image_size=768),
+    # Shapes world: a ~1.1 M-parameter Florence-2 whose DaViT (strides 4, 2) gives 8x8 tokens at 64 px.
+    # Random init (no pretrained tiny Florence exists), so everything trains; the empty prompt <s></s>.
+    "shapes": dict(florence2="florence2-shapes", image_size=64, trainable="all", prompt_ids=[0, 2]),
+}
+
+
+# -------------------------------------------------------------------------------------- florence-2
+def list_florence2_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("florence2-*.json"))
+
+
+def florence2_config(source: str | dict) -> Florence2Config:
+    """A Florence2Config from a preset stem or a dict (architecture only, no weights)."""
+    if isinstance(source, dict):
+        return Florence2Config.from_dict(source)
+    path = PRESETS / f"{source}.json"
+    if not path.exists():
+        raise ValueError(f"unknown Florence-2 preset {source!r}; choose from {', '.join(list_florence2_presets())}")
+    return Florence2Config.from_dict(json.loads(path.read_text()))
+
+
+def load_florence2(path: str | Path) -> Florence2ForConditionalGeneration:
+    """A native (transformers) Florence-2 checkpoint from a local dir, in fp32; never a download."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no Florence-2 checkpoint at {path} (expected a local dir with config.json and "
+                                f"weights in transformers' native Florence2 format); presets for random init: "
+                                f"{', '.join(list_florence2_presets())}")
+    return Florence2ForConditionalGeneration.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+
+
+def build_florence2(source: str | dict) -> Florence2ForConditionalGeneration:
+    """Random init from a preset or dict (``--random-init``), else load the local checkpoint dir ``source``."""
+    if isinstance(source, dict) or (PRESETS / f"{source}.json").exists():
+        return Florence2ForConditionalGeneration(florence2_config(source))
+    return load_florence2(source)
+
+
+def _is_checkpoint_dir(source: str | dict) -> bool:
+    return not isinstance(source, dict) and not (PRESETS / f"{source}.json").exists()
+
+
+def _prompt_ids(config: EncoderConfig, florence: Florence2ForConditionalGeneration) -> list[int]:
+    if config.prompt_ids is not None:
+        return config.prompt_ids
+    text = florence.config.text_config
+    if not _is_checkpoint_dir(config.florence2):
+        return [text.bos_token_id, text.eos_token_id]
+    from transformers import AutoTokenizer
+
+    # Checked by hand: transformers 5's AutoTokenizer builds an EMPTY tokenizer from config.json when a dir
+    # has no tokenizer files, instead of raising.
+    if not any((Path(config.florence2) / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        raise FileNotFoundError(f"no tokenizer in {config.florence2} to tokenise the prompt: set prompt_ids")
+    tok = AutoTokenizer.from_pretrained(config.florence2, local_files_only=True)
+    # As Florence2Processor builds its text: <s> + prompt + </s>, no other special tokens.
+    return tok(tok.bos_token + config.prompt + tok.eos_token, add_special_tokens=False).input_ids
+
+
+# ------------------------------------------------------------------------------------------ encoder
+class VLVEncoder(nn.Module):
+    """Image -> caption embeddings z (B, Nq, d_T); the one Florence -> queries -> phi path both stages call."""
+
+    def __init__(self, config: EncoderConfig, florence: Florence2ForConditionalGeneration | None = None):
+        super().__init__()
+        self.florence = florence if florence is not None else build_florence2(config.florence2)
+        text = self.florence.config.text_config
+        d = text.d_model  # D
+        if config.num_queries > text.max_position_embeddings:
+            raise ValueError(f"num_queries {config.num_queries} > the BART decoder's "
+                             f"{text.max_position_embeddings} positions")
+        if self.florence.config.vision_config.projection_dim != d:
+            raise ValueError("vision_config.projection_dim must equal text_config.d_model")
+        self.config = replace(config, prompt_ids=_prompt_ids(config, self.florence))  # resolved ids are saved
+        self.register_buffer("prompt_ids", torch.tensor(self.config.prompt_ids, dtype=torch.long), persistent=False)
+        self.queries = nn.Parameter(torch.randn(1, config.num_queries, d))  # q ~ N(0, 1), (1, Nq, D)
+        self.phi = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, config.text_dim))
+        self._freeze(config.trainable)
+
+    def _freeze(self, trainable: list[str] | Literal["all"]) -> None:
+        """Declarative freezing: a parameter trains iff its name starts with one of the prefixes."""
+        names = [n for n, _ in self.named_parameters()]
+        if trainable != "all":
+            for prefix in trainable:
+                if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+                    raise ValueError(f"trainable prefix {prefix!r} matches no parameter")
+        for n, p in self.named_parameters():
+            p.requires_grad_(trainable == "all" or any(n == x or n.startswith(x + ".") for x in trainable))
+
+    def train(self, mode: bool = True) -> VLVEncoder:
+        """Fully frozen Florence parts stay in eval mode, so their dropout / drop-path never perturb features."""
+        super().train(mode)
+        for part in self.florence.model.children():
+            if not any(p.requires_grad for p in part.parameters()):
+                part.eval()
+        return self
+
+    @property
+    def vision_frozen(self) -> bool:
+        model = self.florence.model
+        return not any(p.requires_grad for m in (model.vision_tower, model.multi_modal_projector)
+                       for p in m.parameters())
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, 3, S, S), normalised as ``preprocess`` does -> z (B, Nq, d_T)."""
+        model = self.florence.model
+        lm = model.language_model  # BartModel
+        # The frozen DaViT is the largest cost at full scale: no graph through it when nothing there trains.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_frozen):
+            v = model.get_image_features(pixel_values).pooler_output  # (B, Nv, D): pooled token + H*W tokens
+        b = v.shape[0]
+        prompt = model.get_input_embeddings()(self.prompt_ids)[None].expand(b, -1, -1)  # (B, P, D)
+        x = torch.cat([v, prompt.to(v.dtype)], dim=1)  # (B, Nv + P, D)
+        h_e = lm.encoder(inputs_embeds=x).last_hidden_state  # (B, Nv + P, D)
+        queries = self.queries.expand(b, -1, -1)  # (B, Nq, D)
+        h = lm.decoder(inputs_embeds=queries, encoder_hidden_states=h_e, use_cache=False).last_hidden_state
+        return self.phi(h)  # (B, Nq, d_T)
+
+    # ----------------------------------------------------------------------------------- images
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> pixel_values (B, 3, S, S): bicubic resize, /255, ImageNet normalise (Florence's processor)."""
+        size = self.config.image_size
+        arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+                  for im in images]
+        x = np.stack(arrays) / 255.0  # (B, S, S, 3) in [0, 1]
+        x = (x - np.array(self.config.image_mean, np.float32)) / np.array(self.config.image_std, np.float32)
+        return torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] (the VAE's range, ``vlv.data.to_tensor``) -> pixel_values (B, 3, S, S)."""
+        size = self.config.image_size
+        x = (images + 1) / 2  # (B, 3, H, W) in [0, 1]
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        mean = x.new_tensor(self.config.image_mean)[:, None, None]
+        std = x.new_tensor(self.config.image_std)[:, None, None]
+        return (x - mean) / std  # (B, 3, S, S)
+
+    # ---------------------------------------------------------------------------------- save/load
+    def save_pretrained(self, out: str | Path, include_frozen: bool | None = None) -> Path:
+        """encoder.json + trainable weights; frozen weights too unless they come from a Florence-2 checkpoint dir."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if include_frozen is None:
+            include_frozen = not _is_checkpoint_dir(self.config.florence2)
+        meta = {"config": asdict(self.config), "florence2": self.florence.config.to_dict()}
+        (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        save_file(trainable_state(self), out / TRAINABLE_FILE)
+        frozen = trainable_state(self, trainable=False)
+        (out / FROZEN_FILE).unlink(missing_ok=True)
+        if include_frozen and frozen:
+            save_file(frozen, out / FROZEN_FILE)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> VLVEncoder:
+        """Rebuild from ``save_pretrained`` output; keys must match exactly (trainable, and frozen when saved)."""
+        path = Path(path)
+        if not (path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"no VLV encoder at {path} (no {CONFIG_FILE})")
+        meta = json.loads((path / CONFIG_FILE).read_text())
+        config = EncoderConfig(**meta["config"])
+        has_frozen = (path / FROZEN_FILE).is_file()
+        if has_frozen or config.trainable == "all":
+            florence = Florence2ForConditionalGeneration(Florence2Config.from_dict(meta["florence2"]))
+        elif _is_checkpoint_dir(config.florence2):
+            florence = load_florence2(config.florence2)
+        else:
+            raise FileNotFoundError(f"{path} has no {FROZEN_FILE} and its Florence-2 source {config.florence2!r} "
+                                    f"is a random-init preset: the frozen weights cannot be rebuilt")
+        model = cls(config, florence)
+        load_trainable_state(model, load_file(path / TRAINABLE_FILE))
+        if has_frozen:
+            load_trainable_state(model, load_file(path / FROZEN_FILE), trainable=False)
+        return model
