@@ -1,4 +1,27 @@
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory):
+    from vlv.data import write_shapes
+
+    root = tmp_path_factory.mktemp("shapes")
+    return {split: write_shapes(root / split, n=n, seed=0, split=split, progress=False)
+            for split, n in (("train", 48), ("val", 6))}
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, shapes_data):
+    """A tiny shapes teacher trained for a few steps: real SD layout, seconds to build."""
+    from vlv.teacher import TINY, TeacherRecipe, train_teacher
+
+    recipe = TeacherRecipe(vae_steps=4, vae_batch=8, unet_steps=4, unet_batch=8, unet_warmup=0, eval_every=0)
+    out = train_teacher(shapes_data["train"], tmp_path_factory.mktemp("teacher") / "t", TINY, recipe, progress=False)
+    assert out is not None
+    return out

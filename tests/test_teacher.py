@@ -7,10 +7,8 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from vlv import presets
-from vlv.data import write_shapes
 from vlv.teacher import (
     TINY,
-    TeacherRecipe,
     TextToImage,
     UNetTask,
     build_scheduler,
@@ -18,20 +16,9 @@ from vlv.teacher import (
     build_tokenizer,
     build_unet,
     tokenize,
-    train_teacher,
 )
 from vlv.train import TrainConfig, train
 from vlv.world import shapes
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teacher")
-    data = write_shapes(root / "data", n=48, seed=0, progress=False)
-    recipe = TeacherRecipe(vae_steps=4, vae_batch=8, unet_steps=4, unet_batch=8, unet_warmup=0, eval_every=0)
-    out = train_teacher(data, root / "teacher", TINY, recipe, progress=False)
-    assert out is not None
-    return out
 
 
 def test_tokenizer_round_trips_captions(tiny_teacher):

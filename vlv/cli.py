@@ -89,6 +89,98 @@ def cmd_teacher_sample(args: argparse.Namespace) -> None:
     print(f"wrote {len(images)} image(s) to {args.out}")
 
 
+# ---------------------------------------------------------------------------------------- stage 1
+def cmd_train_stage1(args: argparse.Namespace) -> None:
+    from vlv.presets import resolve_decoder
+
+    resolve_decoder(args.decoder)  # fail fast, before the heavy imports
+    for folder in (args.data, args.val):
+        if folder is not None and not Path(folder).is_dir():
+            raise FileNotFoundError(f"no such data folder: {folder}")
+    from vlv.stage1 import Stage1Settings, train_stage1
+    from vlv.train import TrainConfig
+
+    settings = Stage1Settings(decoder=str(args.decoder), data=str(args.data), encoder=args.encoder,
+                              num_queries=args.nq, trainable=args.trainable, image_size=args.image_size,
+                              cache_latents=not args.no_cache_latents,
+                              gradient_checkpointing=args.gradient_checkpointing,
+                              val=str(args.val) if args.val else None, eval_n=args.eval_n)
+    lr = args.lr if args.lr is not None else (1e-3 if args.encoder == "shapes" else 5e-5)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, betas=(0.9, 0.99), weight_decay=0.01,
+                      grad_clip=1.0, warmup_steps=min(100, args.steps // 10), mixed_precision=args.precision,
+                      eval_every=args.eval_every, max_minutes=args.minutes, seed=args.seed)
+    done = train_stage1(settings, cfg, args.out)
+    print(f"encoder saved to {args.out}" if done else f"stopped early; run the same command to resume ({args.out})")
+
+
+def _load_encoder_decoder(args: argparse.Namespace):
+    from vlv.presets import resolve_decoder
+
+    decoder_path = resolve_decoder(args.decoder)
+    if not (Path(args.encoder) / "encoder.json").is_file():
+        raise FileNotFoundError(f"no VLV encoder at {args.encoder} (no encoder.json)")
+    from vlv.decoder import DiffusionDecoder
+    from vlv.encoder import VLVEncoder
+
+    return VLVEncoder.from_pretrained(args.encoder).eval(), DiffusionDecoder.from_pretrained(decoder_path)
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from vlv.data import list_images, load_image, to_pil, to_tensor
+    from vlv.stage1 import reconstruct_images
+
+    paths = list_images(args.images)
+    encoder, decoder = _load_encoder_decoder(args)
+    size = decoder.image_size
+    args.out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        for start in tqdm(range(0, len(paths), args.batch_size), desc="reconstruct", unit="batch"):
+            chunk = paths[start : start + args.batch_size]
+            x = to_tensor(np.stack([load_image(p, size) for p in chunk]))
+            recon = reconstruct_images(encoder, decoder, x, sampler=args.sampler, guidance_scale=args.cfg,
+                                       steps=args.steps, batch_size=args.batch_size, seed=args.seed + start)
+            for p, im in zip(chunk, to_pil(recon), strict=True):
+                im.save(args.out / (p.stem + ".png"))
+    print(f"wrote {len(paths)} reconstruction(s) to {args.out}")
+
+
+def cmd_compose(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    from vlv.data import load_image, to_pil, to_tensor
+    from vlv.decoder import compose
+
+    for p in (args.a, args.b):
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"no such image: {p}")
+    encoder, decoder = _load_encoder_decoder(args)
+    size = decoder.image_size
+    k = args.k or encoder.config.num_queries // 2
+    with torch.no_grad():
+        x = to_tensor(np.stack([load_image(p, size) for p in (args.a, args.b)]))
+        z = encoder(encoder.normalize(x))  # (2, Nq, d_T)
+        mixed = compose(z[:1], z[1:], k)  # (1, 2k, d_T)
+        gen = torch.Generator().manual_seed(args.seed)
+        image = decoder.reconstruct(mixed, guidance_scale=args.cfg, steps=args.steps, sampler=args.sampler,
+                                    generator=gen) * 2 - 1
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(image)[0].save(args.out)
+    print(f"wrote {args.out} (first {k} embeddings of each image)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler", choices=["fast", "paper"], default="fast",
+                   help="fast: DPM-Solver++ 20 steps; paper: DDPM 50 steps")
+    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (paper: 2.0)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the sampler's)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 # ------------------------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> None:
     from vlv.demo import run_demo
@@ -154,6 +246,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["fast", "paper"], default="fast")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_teacher_sample)
+
+    train = sub.add_parser("train", help="train a VLV stage")
+    train_sub = train.add_subparsers(dest="train_command", required=True, metavar="STAGE")
+    p = train_sub.add_parser("stage1", help="distil a frozen diffusion decoder into the VLV encoder (images only)")
+    p.add_argument("--decoder", required=True, help="Stable Diffusion dir or preset (shapes-teacher)")
+    p.add_argument("--data", type=Path, required=True, help="image(-caption) folder; captions are not used")
+    p.add_argument("--out", type=writable_dir, required=True, help="run dir (resumes when it holds a checkpoint)")
+    p.add_argument("--val", type=Path, default=None, help="shapes folder for periodic reconstruction accuracy")
+    p.add_argument("--encoder", default="shapes", help="encoder preset (shapes, florence2-large) or a local "
+                   "Florence-2 dir")
+    p.add_argument("--nq", type=positive_int, default=77, help="number of learnable queries Nq (default 77)")
+    p.add_argument("--trainable", choices=["preset", "default", "all"], default="preset",
+                   help="default: queries + phi + Florence's language model (official); all: everything")
+    p.add_argument("--image-size", type=positive_int, default=None, help="data resolution (default: decoder's)")
+    p.add_argument("--steps", type=positive_int, default=2000)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="per process")
+    p.add_argument("--lr", type=float, default=None, help="default 1e-3 for shapes, 5e-5 (paper) otherwise")
+    p.add_argument("--precision", choices=["no", "bf16"], default="no", help="fp32 (paper) or bf16 autocast")
+    p.add_argument("--no-cache-latents", action="store_true", help="encode images with the VAE every step")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between val evaluations (0: never)")
+    p.add_argument("--eval-n", type=positive_int, default=200)
+    p.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this long")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_stage1)
+
+    p = sub.add_parser("reconstruct", help="redraw images from their VLV embeddings through the decoder")
+    p.add_argument("images", nargs="+", type=Path, help="image files or folders")
+    p.add_argument("--encoder", type=Path, required=True, help="stage-1 run dir")
+    p.add_argument("--decoder", required=True, help="Stable Diffusion dir or preset (shapes-teacher)")
+    p.add_argument("--out", type=writable_dir, required=True, help="output folder (file names kept)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("compose", help="one image from the first k embeddings of two images (paper Fig. 6)")
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+    p.add_argument("--encoder", type=Path, required=True, help="stage-1 run dir")
+    p.add_argument("--decoder", required=True, help="Stable Diffusion dir or preset (shapes-teacher)")
+    p.add_argument("--k", type=positive_int, default=None, help="embeddings kept from each (default Nq/2)")
+    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_compose)
 
     p = sub.add_parser("demo", help="the main job on the embedded shapes world")
     p.add_argument("--out", type=writable_dir, default=Path("runs/demo"), help="run folder (default runs/demo)")

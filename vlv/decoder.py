@@ -55,6 +55,11 @@ class DiffusionDecoder(nn.Module):
         """d_T: the width z must have (the text encoder's token-embedding width)."""
         return self.text_encoder.config.hidden_size
 
+    @property
+    def image_size(self) -> int:
+        """The resolution the UNet was trained at: latent sample_size times the VAE's downsampling."""
+        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     # -------------------------------------------------------------------------------- T(z)
     def encode_text_embeds(self, z: torch.Tensor) -> torch.Tensor:
         """c = T(inputs_embeds=z), z (B, L, d_T) -> (B, L, d_T); L <= the text encoder's positions.

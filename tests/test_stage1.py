@@ -1,0 +1,94 @@
+import json
+import subprocess
+import sys
+
+import torch
+from PIL import Image
+
+from vlv.data import ImageCaptionFolder, read_records
+from vlv.decoder import DiffusionDecoder
+from vlv.encoder import VLVEncoder
+from vlv.stage1 import Stage1Settings, train_stage1
+from vlv.train import TrainConfig
+
+
+def _settings(teacher, data, **kw):
+    return Stage1Settings(decoder=str(teacher), data=str(data), num_queries=8, **kw)
+
+
+def test_train_stage1_run_dir_describes_itself(tiny_teacher, shapes_data, tmp_path):
+    run = tmp_path / "run"
+    enc = train_stage1(_settings(tiny_teacher, shapes_data["train"], val=str(shapes_data["val"]), eval_n=4),
+                       TrainConfig(steps=3, batch_size=4, lr=1e-3, eval_every=3, progress=False), run)
+    assert enc is not None
+    meta = json.loads((run / "stage1.json").read_text())
+    assert meta["settings"]["decoder"] == str(tiny_teacher) and (run / "latents.safetensors").exists()
+    evals = [r["eval"] for r in json.loads((run / "checkpoint" / "trainer.json").read_text())["history"] if "eval" in r]
+    assert evals and 0.0 <= evals[-1]["recon_scene_accuracy"] <= 1.0
+    loaded = VLVEncoder.from_pretrained(run).eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded(loaded.normalize(x)), enc.eval()(enc.normalize(x)))
+
+
+def test_cached_latents_match_the_vae(tiny_teacher, shapes_data, tmp_path):
+    decoder = DiffusionDecoder.from_pretrained(tiny_teacher)
+    data = ImageCaptionFolder(shapes_data["train"], 64)
+    from vlv.data import to_tensor
+    from vlv.stage1 import cache_latents
+
+    cache = cache_latents(decoder, data)
+    with torch.no_grad():  # the same batch as the cache's, so the same kernels
+        dist = decoder.vae.encode(to_tensor(data.images)).latent_dist
+    assert torch.allclose(cache["mean"], dist.mean, atol=1e-6) and torch.allclose(cache["std"], dist.std, atol=1e-6)
+
+
+def test_gradient_checkpointing_is_active_on_the_frozen_unet(tiny_teacher):
+    """With checkpointing the frozen UNet keeps far fewer activations for backward, and gradients agree."""
+    decoder = DiffusionDecoder.from_pretrained(tiny_teacher)
+    z0 = torch.randn(2, 8, decoder.text_dim)
+    latents = torch.randn(2, decoder.vae.config.latent_channels, 32, 32)
+    saved, grads = {}, {}
+    for enabled in (False, True):
+        if enabled:
+            decoder.unet.enable_gradient_checkpointing()
+        total = [0]
+
+        def pack(t, total=total):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        z = z0.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = decoder.loss(latents, z, torch.Generator().manual_seed(0))
+        loss.backward()
+        saved[enabled], grads[enabled] = total[0], z.grad
+    assert saved[True] < 0.5 * saved[False]
+    assert torch.allclose(grads[True], grads[False], atol=1e-6)
+    assert all(p.grad is None for p in decoder.parameters())
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "vlv.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_stage1_reconstruct_compose(tiny_teacher, shapes_data, tmp_path):
+    run = tmp_path / "s1"
+    r = _cli("train", "stage1", "--decoder", tiny_teacher, "--data", shapes_data["train"], "--out", run,
+             "--nq", 8, "--steps", 2, "--batch-size", 3)
+    assert r.returncode == 0, r.stderr
+    names = [rec.image for rec in read_records(shapes_data["val"])][:3]
+    imgs = [shapes_data["val"] / n for n in names]
+    r = _cli("reconstruct", *imgs, "--encoder", run, "--decoder", tiny_teacher, "--out", tmp_path / "rec",
+             "--steps", 2, "--batch-size", 2)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "rec").iterdir()) == sorted(names)
+    assert Image.open(tmp_path / "rec" / names[0]).size == (64, 64)
+    r = _cli("compose", imgs[0], imgs[1], "--encoder", run, "--decoder", tiny_teacher, "--k", 3, "--steps", 2,
+             "--out", tmp_path / "c.png")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "c.png").size == (64, 64)
+    r = _cli("reconstruct", tmp_path / "missing.png", "--encoder", run, "--decoder", tiny_teacher, "--out",
+             tmp_path / "x")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,176 @@
+"""Stage 1 as a training task: distil the frozen diffusion decoder into the VLV encoder, images only.
+
+The task supplies the loop (``vlv.train``) with the encoder as the trainable module and the paper's
+loss: z = E(x); L = ||UNet(noisy latents, t, T(z)) - target||^2. The frozen VAE's posteriors can be
+cached once (``cache_latents``), so a step never runs the VAE encoder.
+
+A run dir is self-describing: ``stage1.json`` (decoder, data, settings), the encoder
+(``encoder.json`` + safetensors, loadable by ``VLVEncoder.from_pretrained(run)``), ``checkpoint/`` while
+training, and ``latents.safetensors`` when latents were cached.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlv.data import ImageCaptionFolder, atomic_write_text, to_tensor
+from vlv.decoder import DiffusionDecoder
+from vlv.encoder import EncoderConfig, VLVEncoder
+from vlv.train import TrainConfig, train
+from vlv.world import shapes
+
+STAGE1_FILE, LATENTS_FILE = "stage1.json", "latents.safetensors"
+
+
+@torch.no_grad()
+def cache_latents(decoder: DiffusionDecoder, data: ImageCaptionFolder,
+                  batch_size: int = 128) -> dict[str, torch.Tensor]:
+    """The frozen VAE's posterior (mean, std) per image, unscaled: the one VAE pass stage 1 ever needs."""
+    means, stds = [], []
+    for idx in data.batches(batch_size):
+        dist = decoder.vae.encode(to_tensor(data.images[idx]).to(decoder.vae.device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
+    return {"mean": torch.cat(means), "std": torch.cat(stds)}  # (N, C, h, w) each
+
+
+class Stage1Task:
+    """Trainable: the encoder. Loss: the decoder's diffusion loss on the encoder's z (paper Eq. 2)."""
+
+    name = "stage1"
+
+    def __init__(self, encoder: VLVEncoder, decoder: DiffusionDecoder, data: ImageCaptionFolder,
+                 latents: dict[str, torch.Tensor] | None = None, seed: int = 0, evaluator=None):
+        self.encoder, self.decoder, self.data, self.latents = encoder, decoder, data, latents
+        self.seed, self.evaluator = seed, evaluator
+
+    def trainable(self) -> torch.nn.Module:
+        return self.encoder
+
+    def batch(self, step: int, rank: int, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+        idx = np.random.default_rng([self.seed, step, rank]).integers(len(self.data), size=batch_size)
+        batch = {"images": to_tensor(self.data.images[idx]).to(device)}  # (B, 3, H, W) in [-1, 1]
+        if self.latents is not None:
+            t = torch.from_numpy(idx)
+            batch["mean"] = self.latents["mean"][t].float().to(device)
+            batch["std"] = self.latents["std"][t].float().to(device)
+        return batch
+
+    def loss(self, model, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        images = batch["images"]
+        z = model(self.encoder.normalize(images))  # (B, Nq, d_T)
+        if "mean" in batch:
+            eps = torch.randn(batch["mean"].shape, generator=generator, device=images.device)
+            latents = (batch["mean"] + batch["std"] * eps) * self.decoder.vae.config.scaling_factor
+        else:
+            latents = self.decoder.latents(images, generator)  # (B, C, h, w)
+        return self.decoder.loss(latents, z, generator)
+
+    def evaluate(self, model) -> dict[str, float]:
+        return self.evaluator(model) if self.evaluator is not None else {}
+
+
+@torch.no_grad()
+def reconstruct_images(encoder: VLVEncoder, decoder: DiffusionDecoder, images: torch.Tensor,
+                       sampler: str = "fast", guidance_scale: float = 2.0, steps: int | None = None,
+                       batch_size: int = 128, seed: int = 0) -> torch.Tensor:
+    """Images (N, 3, H, W) in [-1, 1] -> reconstructions (N, 3, H', W') in [-1, 1], batched."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size].to(decoder.vae.device)
+        z = encoder(encoder.normalize(x))  # (B, Nq, d_T)
+        gen = torch.Generator(x.device).manual_seed(seed + start)
+        out.append(decoder.reconstruct(z, guidance_scale=guidance_scale, steps=steps, sampler=sampler,
+                                       generator=gen) * 2 - 1)
+    return torch.cat(out)
+
+
+def reconstruction_scores(encoder: VLVEncoder, decoder: DiffusionDecoder, data: ImageCaptionFolder,
+                          **kwargs: Any) -> shapes.Scores:
+    """Shapes data: detector on reconstructions vs the true captions."""
+    from vlv.data import to_pil
+
+    recon = reconstruct_images(encoder, decoder, to_tensor(data.images), **kwargs)
+    preds = [shapes.detect(im) for im in to_pil(recon)]
+    return shapes.score(preds, [shapes.parse_caption(c) for c in data.captions])
+
+
+@dataclass
+class Stage1Settings:
+    """What a stage-1 run was made from; saved as stage1.json so the run dir describes itself."""
+
+    decoder: str
+    data: str
+    encoder: str = "shapes"  # preset name or a local Florence-2 dir
+    num_queries: int = 77
+    trainable: str = "preset"  # preset | default | all
+    image_size: int | None = None  # data resolution; default: the decoder's
+    cache_latents: bool = True
+    gradient_checkpointing: bool = False
+    val: str | None = None
+    eval_n: int = 200
+    eval_sampler: str = "fast"
+
+
+def build_encoder(settings: Stage1Settings, text_dim: int, seed: int) -> VLVEncoder:
+    """Same seed, same frozen random weights: a resumed run rebuilds the encoder it checkpointed."""
+    overrides: dict[str, Any] = {"num_queries": settings.num_queries}
+    if settings.trainable == "all":
+        overrides["trainable"] = "all"
+    elif settings.trainable == "default":
+        overrides["trainable"] = list(EncoderConfig.__dataclass_fields__["trainable"].default_factory())
+    torch.manual_seed(seed)
+    if Path(settings.encoder).is_dir():
+        cfg = EncoderConfig(text_dim=text_dim, florence2=str(Path(settings.encoder).resolve()), **overrides)
+    else:
+        cfg = EncoderConfig.preset(settings.encoder, text_dim, **overrides)
+    return VLVEncoder(cfg)
+
+
+def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress: bool = True) -> VLVEncoder | None:
+    """Train (or resume) a stage-1 run; returns the trained encoder, or None if stopped early (re-run resumes)."""
+    from vlv.presets import resolve_decoder
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    decoder = DiffusionDecoder.from_pretrained(resolve_decoder(settings.decoder))
+    if settings.gradient_checkpointing:
+        decoder.unet.enable_gradient_checkpointing()
+    size = settings.image_size or decoder.image_size
+    data = ImageCaptionFolder(Path(settings.data), size, progress=progress)
+    encoder = build_encoder(settings, decoder.text_dim, cfg.seed)
+    meta = {"settings": asdict(settings), "train": asdict(cfg), "image_size": size}
+    atomic_write_text(out / STAGE1_FILE, json.dumps(meta, indent=2) + "\n")
+
+    latents = None
+    if settings.cache_latents:
+        cache = out / LATENTS_FILE
+        if not cache.exists():
+            tmp = out / (LATENTS_FILE + ".tmp")
+            save_file({k: v.half().contiguous() for k, v in cache_latents(decoder, data).items()}, tmp)
+            tmp.rename(cache)
+        latents = load_file(cache)
+        if len(latents["mean"]) != len(data):
+            raise ValueError(f"{cache} holds {len(latents['mean'])} latents for {len(data)} images: delete it")
+
+    evaluator = None
+    if settings.val:
+        val = ImageCaptionFolder(Path(settings.val), size, limit=settings.eval_n)
+
+        def evaluator(model: VLVEncoder) -> dict[str, float]:
+            s = reconstruction_scores(model, decoder, val, sampler=settings.eval_sampler)
+            return {"recon_scene_accuracy": s.scene_accuracy, "recon_object_f1": s.object_f1}
+
+    task = Stage1Task(encoder, decoder, data, latents, seed=cfg.seed, evaluator=evaluator)
+    state = train(task, cfg, out)
+    if state.step < cfg.steps:
+        return None
+    encoder.save_pretrained(out)
+    return encoder
