@@ -8,7 +8,7 @@ from PIL import Image
 from vlv.data import ImageCaptionFolder, read_records
 from vlv.decoder import DiffusionDecoder
 from vlv.encoder import VLVEncoder
-from vlv.stage1 import Stage1Settings, train_stage1
+from vlv.stage1 import Stage1Settings, build_encoder, train_stage1
 from vlv.train import TrainConfig
 
 
@@ -92,3 +92,23 @@ def test_cli_stage1_reconstruct_compose(tiny_teacher, shapes_data, tmp_path):
     r = _cli("reconstruct", tmp_path / "missing.png", "--encoder", run, "--decoder", tiny_teacher, "--out",
              tmp_path / "x")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_two_processes_agree(tiny_teacher, shapes_data, tmp_path):
+    """Under torchrun (2 CPU processes, gloo), DDP keeps both ranks' weights identical."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    worker = Path(__file__).with_name("ddp_worker.py")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29533", str(worker), str(tiny_teacher), str(shapes_data["train"]), str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "of 2 done" in r.stdout
+    a, b = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    from vlv.teacher import TINY
+
+    start = build_encoder(_settings(tiny_teacher, shapes_data["train"]), TINY.text_hidden, seed=0).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["queries"], start["queries"])  # it trained
