@@ -1,0 +1,177 @@
+"""Shapes stage-1 benchmarks.
+
+    python benchmarks/stage1.py speed [--teacher DIR]          # cached latents vs online VAE, one run, interleaved
+    python benchmarks/stage1.py accuracy --run RUN --teacher shapes-teacher --n 500
+    python benchmarks/stage1.py ablation --teacher shapes-teacher --minutes 10 --nq 16 32 77
+
+speed: median step time of the stage-1 task with cached latents vs encoding images with the VAE each
+step, alternating A/B steps in one process; the teacher's architecture matters, not its weights, so
+without --teacher a random-init default shapes teacher is used.
+accuracy: reconstruction scene accuracy / object F1 on test scenes, paper (DDPM 50) vs fast
+(DPM-Solver++ 20) sampler, next to the teacher's own accuracy from the true captions.
+ablation: trains one stage-1 run per Nq for the same wall time, then measures each (Table 4-left).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vlv.data import ImageCaptionFolder, write_shapes
+from vlv.decoder import DiffusionDecoder
+from vlv.encoder import VLVEncoder
+from vlv.presets import resolve_decoder
+from vlv.stage1 import Stage1Settings, Stage1Task, build_encoder, cache_latents, reconstruction_scores
+from vlv.teacher import (
+    TeacherConfig,
+    build_scheduler,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+    make_pipeline,
+    sample_accuracy,
+)
+
+
+def _decoder(teacher: str | None) -> DiffusionDecoder:
+    if teacher:
+        return DiffusionDecoder.from_pretrained(resolve_decoder(teacher))
+    cfg, tok = TeacherConfig(), build_tokenizer()
+    pipe = make_pipeline(build_vae(cfg), build_text_encoder(cfg, tok), tok, build_unet(cfg), build_scheduler(cfg))
+    return DiffusionDecoder(pipe)
+
+
+def speed(args: argparse.Namespace) -> dict:
+    decoder = _decoder(args.teacher)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = ImageCaptionFolder(write_shapes(Path(tmp), n=512, progress=False), decoder.image_size)
+    enc = build_encoder(Stage1Settings(decoder="", data="", num_queries=args.nq), decoder.text_dim, seed=0)
+    opt = torch.optim.AdamW(enc.parameters(), lr=1e-4)
+    tasks = {"cached": Stage1Task(enc, decoder, data, cache_latents(decoder, data)),
+             "online": Stage1Task(enc, decoder, data, None)}
+    times: dict[str, list[float]] = {k: [] for k in tasks}
+    for step in range(2 * args.steps + 2):
+        name = "cached" if step % 2 == 0 else "online"
+        task = tasks[name]
+        t = time.perf_counter()
+        loss = task.loss(enc, task.batch(step, 0, args.batch_size, torch.device("cpu")),
+                         torch.Generator().manual_seed(step))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step >= 2:  # one warm-up step each
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {"batch_size": args.batch_size, "nq": args.nq, "steps_each": args.steps,
+           "cached_s": round(med["cached"], 4), "online_s": round(med["online"], 4),
+           "speedup": round(med["online"] / med["cached"], 3)}
+    print(f"stage-1 step, batch {args.batch_size}, Nq {args.nq}, median of {args.steps} interleaved steps each:")
+    print(f"  online VAE encode: {med['online']:.3f} s   cached latents: {med['cached']:.3f} s   "
+          f"speed-up {out['speedup']:.2f}x")
+    return out
+
+
+def _test_set(n: int, size: int) -> ImageCaptionFolder:
+    with tempfile.TemporaryDirectory() as tmp:
+        return ImageCaptionFolder(write_shapes(Path(tmp), n=n, split="test", progress=False), size)
+
+
+def accuracy(args: argparse.Namespace) -> dict:
+    decoder = _decoder(args.teacher)
+    test = _test_set(args.n, decoder.image_size)
+    torch.set_grad_enabled(False)
+    out: dict = {"n": args.n}
+    t = sample_accuracy(decoder.pipeline("fast"), test.captions, guidance_scale=args.cfg)
+    out["teacher_true_captions"] = t.as_dict()
+    print(f"teacher from true captions (fast, cfg {args.cfg}): scene acc {t.scene_accuracy:.4f} F1 {t.object_f1:.4f}")
+    for run in args.run:
+        enc = VLVEncoder.from_pretrained(run).eval()
+        for sampler in args.samplers:
+            t0 = time.perf_counter()
+            s = reconstruction_scores(enc, decoder, test, sampler=sampler, guidance_scale=args.cfg)
+            out[f"{run}:{sampler}"] = {**s.as_dict(), "seconds": round(time.perf_counter() - t0, 1),
+                                       "ratio_to_teacher": s.scene_accuracy / max(t.scene_accuracy, 1e-9)}
+            print(f"{run} [{sampler}]: scene acc {s.scene_accuracy:.4f} F1 {s.object_f1:.4f} "
+                  f"({s.scene_accuracy / max(t.scene_accuracy, 1e-9):.1%} of the teacher) "
+                  f"{time.perf_counter() - t0:.0f}s")
+    return out
+
+
+def ablation(args: argparse.Namespace) -> dict:
+    from vlv.stage1 import train_stage1
+    from vlv.train import TrainConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_shapes(Path(tmp) / "train", n=args.train_n, progress=False)
+        results = {}
+        for nq in args.nq:
+            run = Path(args.out) / f"nq{nq}"
+            settings = Stage1Settings(decoder=args.teacher, data=str(data), num_queries=nq)
+            cfg = TrainConfig(steps=args.steps, batch_size=32, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01,
+                              warmup_steps=100, max_minutes=args.minutes)
+            t0 = time.perf_counter()
+            if train_stage1(settings, cfg, run) is None:  # stopped by the time budget: export the checkpoint
+                from safetensors.torch import load_file
+
+                from vlv.train import load_trainable_state
+
+                enc = build_encoder(settings, _decoder(args.teacher).text_dim, seed=cfg.seed)
+                load_trainable_state(enc, load_file(run / "checkpoint" / "model.safetensors"))
+                enc.save_pretrained(run)
+            results[nq] = {"train_s": round(time.perf_counter() - t0)}
+        decoder = _decoder(args.teacher)
+        test = _test_set(args.n, decoder.image_size)
+        torch.set_grad_enabled(False)
+        for nq in args.nq:
+            run = Path(args.out) / f"nq{nq}"
+            enc = VLVEncoder.from_pretrained(run).eval()
+            s = reconstruction_scores(enc, decoder, test, sampler="fast", guidance_scale=args.cfg)
+            results[nq].update(s.as_dict())
+            print(f"Nq {nq:3d}: scene acc {s.scene_accuracy:.4f} F1 {s.object_f1:.4f} ({results[nq]['train_s']} s)")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="mode", required=True)
+    s = sub.add_parser("speed")
+    s.add_argument("--teacher", default=None)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--nq", type=int, default=77)
+    s.add_argument("--steps", type=int, default=10)
+    s.set_defaults(func=speed)
+    a = sub.add_parser("accuracy")
+    a.add_argument("--run", nargs="+", required=True)
+    a.add_argument("--teacher", default="shapes-teacher")
+    a.add_argument("--n", type=int, default=500)
+    a.add_argument("--cfg", type=float, default=2.0)
+    a.add_argument("--samplers", nargs="+", default=["fast", "paper"])
+    a.set_defaults(func=accuracy)
+    b = sub.add_parser("ablation")
+    b.add_argument("--teacher", default="shapes-teacher")
+    b.add_argument("--nq", type=int, nargs="+", default=[16, 32, 77])
+    b.add_argument("--minutes", type=float, default=10.0)
+    b.add_argument("--steps", type=int, default=3000)
+    b.add_argument("--train-n", type=int, default=10000)
+    b.add_argument("--n", type=int, default=500)
+    b.add_argument("--cfg", type=float, default=2.0)
+    b.add_argument("--out", default="runs/benchmarks/nq-ablation")
+    b.set_defaults(func=ablation)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    result = args.func(args)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
