@@ -79,7 +79,7 @@ class TeacherConfig:
         return self.image_size // 2 ** (len(self.vae_channels) - 1)
 
 
-TINY = TeacherConfig(vae_channels=(8, 16), vae_norm_groups=4, text_hidden=32, text_layers=1, text_heads=2,
+TINY = TeacherConfig(vae_channels=(8, 16, 16), vae_norm_groups=4, text_hidden=32, text_layers=1, text_heads=2,
                      unet_channels=(16, 32), unet_cross_attention=(False, True), unet_heads=2)
 
 
