@@ -2,6 +2,9 @@ import os
 
 import pytest
 
+# Tiny models: one thread per process beats two (thread overhead dominates; 2-core CI machine). Set before
+# torch is imported so CLI and torchrun subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

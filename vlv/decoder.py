@@ -29,6 +29,20 @@ PRESETS = Path(__file__).parent / "presets"
 DEFAULT_STEPS = {"paper": 50, "fast": 20}  # paper: DDPM 50 steps (official default); fast: DPM-Solver++(2M)
 
 
+def clip_from_embeds(text_encoder: CLIPTextModel, z: torch.Tensor) -> torch.Tensor:
+    """c = T(inputs_embeds=z), z (B, L, d_T) -> (B, L, d_T); L <= the text encoder's positions.
+
+    transformers 5's ``CLIPTextModel.forward`` takes only input_ids, so this repeats its body with the
+    model's own submodules and mask: equal to ``text_encoder(ids).last_hidden_state`` when
+    ``z = token_embedding(ids)``. Stage 1 (the decoder) and stage 2 (the captioner) both call it.
+    """
+    te = text_encoder
+    hidden = te.embeddings(inputs_embeds=z)  # (B, L, d_T): z + position_embedding(0..L-1)
+    mask = create_causal_mask(config=te.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None)
+    hidden = te.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state  # (B, L, d_T)
+    return te.final_layer_norm(hidden)  # (B, L, d_T)
+
+
 class DiffusionDecoder(nn.Module):
     """A frozen T2I model used as a decoder of caption embeddings z (B, Nq, d_T)."""
 
@@ -62,17 +76,8 @@ class DiffusionDecoder(nn.Module):
 
     # -------------------------------------------------------------------------------- T(z)
     def encode_text_embeds(self, z: torch.Tensor) -> torch.Tensor:
-        """c = T(inputs_embeds=z), z (B, L, d_T) -> (B, L, d_T); L <= the text encoder's positions.
-
-        transformers 5's ``CLIPTextModel.forward`` takes only input_ids, so this repeats its body with the
-        model's own submodules and mask: equal to ``text_encoder(ids).last_hidden_state`` when
-        ``z = token_embedding(ids)``.
-        """
-        te = self.text_encoder
-        hidden = te.embeddings(inputs_embeds=z)  # (B, L, d_T): z + position_embedding(0..L-1)
-        mask = create_causal_mask(config=te.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None)
-        hidden = te.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state  # (B, L, d_T)
-        return te.final_layer_norm(hidden)  # (B, L, d_T)
+        """c = T(inputs_embeds=z), z (B, L, d_T) -> (B, L, d_T); see :func:`clip_from_embeds`."""
+        return clip_from_embeds(self.text_encoder, z)
 
     def unconditional_embeds(self, length: int) -> torch.Tensor:
         """T(tokenizer("")) padded to the tokenizer's length, first ``length`` positions: (1, length, d_T)."""

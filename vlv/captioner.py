@@ -1,0 +1,248 @@
+"""The VLV captioner (stage 2): caption embeddings z -> frozen T -> psi -> prefix of a causal LLM -> text.
+
+Paper Sec. 3.2 (arXiv 2507.07104), as ``shared/specs/method.md`` "Stage 2" states it:
+
+    c = T(inputs_embeds=z)                               (B, Nq, d_T)   frozen CLIP text encoder
+    e = psi(c) = Linear(d_T, d_LM) - GELU - Linear(d_LM, d_LM)   (B, Nq, d_LM)  the LLM's prefix
+    LLM input = [e ; embed(caption) ; embed(EOS)]        (B, Nq + L, d_LM)
+    L = next-token cross-entropy on the caption tokens and the EOS only
+
+Unlike the official code we append EOS and keep its label, and mask padding by the attention mask, never
+by token id (Qwen's pad is its eos), so the LLM learns to stop and ``generate`` stops on EOS by itself.
+
+Trainable levels (paper Table 4, right): ``mlp`` (psi), ``mlp+llm`` (psi and the LLM) and ``mlp+llm+encoder``
+(also the stage-1 encoder's trainable parts, the paper's best and the official stage 2). T is always frozen,
+and so are the encoder's queries and phi (the official code freezes ``query_embed`` and ``language_proj``).
+
+Checkpoints (``save_pretrained``) hold captioner.json (config and the resolved LM config) and the trained
+weights only. Frozen parts are passed back in by the caller (T from the decoder dir, the encoder from its
+stage-1 run), except a frozen random-init LM, whose weights could not be rebuilt otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import CLIPTextModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from vlv.decoder import clip_from_embeds
+from vlv.encoder import VLVEncoder
+from vlv.lm import IGNORE, build_lm, is_lm_dir, load_tokenizer, pad_id, right_pad
+from vlv.train import load_trainable_state, trainable_state
+
+TRAINABLE_LEVELS = ("mlp", "mlp+llm", "mlp+llm+encoder")
+FROZEN_ENCODER_PARTS = ("queries", "phi")  # frozen in stage 2 at every level
+CONFIG_FILE, TRAINABLE_FILE, FROZEN_LM_FILE = "captioner.json", "captioner.safetensors", "lm-frozen.safetensors"
+
+
+# ------------------------------------------------------------------------------------------- config
+@dataclass
+class CaptionerConfig:
+    """Everything that defines a captioner beyond its frozen inputs; saved as JSON next to its weights."""
+
+    text_dim: int = field(metadata={"help": "d_T, the width of T and of z: read it from the decoder's text encoder"})
+    lm: str | dict = field(default="qwen2.5-3b", metadata={
+        "help": "causal LM: a preset stem in vlv/presets (qwen2.5-3b, qwen2-shapes) or a config dict (both random "
+                "init, shapes tokenizer), or a local checkpoint dir with its tokenizer (e.g. vlv.lm.train_lm's)"})
+    trainable: str = field(default="mlp+llm+encoder", metadata={
+        "help": "mlp | mlp+llm | mlp+llm+encoder (paper Table 4 right; the last is the paper's best and official)"})
+    max_new_tokens: int = field(default=300, metadata={
+        "help": "generation length cap (official 300); training truncates caption + EOS to the same length"})
+    num_beams: int = field(default=4, metadata={"help": "default beam count of generate (official 4)"})
+
+    def __post_init__(self) -> None:
+        if "lora" in self.trainable:
+            raise NotImplementedError("LoRA on the LLM needs peft, which vlv does not depend on")
+        if self.trainable not in TRAINABLE_LEVELS:
+            raise ValueError(f"trainable must be one of {', '.join(TRAINABLE_LEVELS)}, got {self.trainable!r}")
+        if self.text_dim <= 0 or self.max_new_tokens <= 0 or self.num_beams <= 0:
+            raise ValueError("text_dim, max_new_tokens and num_beams must be positive")
+
+
+def encoder_stage2_prefixes(encoder: VLVEncoder) -> list[str]:
+    """The encoder parameters that train at level mlp+llm+encoder: its stage-1 set minus queries and phi."""
+    trainable = encoder.config.trainable
+    names = [n for n, _ in encoder.named_children()] if trainable == "all" else trainable
+    prefixes = [p for p in names if not any(p == x or p.startswith(x + ".") for x in FROZEN_ENCODER_PARTS)]
+    if not prefixes:
+        raise ValueError(f"the encoder trains only {trainable}: nothing is left to train in stage 2")
+    return prefixes
+
+
+# ----------------------------------------------------------------------------------------- captioner
+class Captioner(nn.Module):
+    """z (B, Nq, d_T), or images through the stage-1 encoder -> captions from a causal LM prefixed by psi(T(z)).
+
+    The modules passed in are frozen or unfrozen here, in place, to match ``config.trainable``.
+    """
+
+    def __init__(self, config: CaptionerConfig, text_encoder: CLIPTextModel, encoder: VLVEncoder | None = None,
+                 lm: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None):
+        super().__init__()
+        if text_encoder.config.hidden_size != config.text_dim:
+            raise ValueError(f"text encoder width {text_encoder.config.hidden_size} != text_dim {config.text_dim}")
+        if encoder is not None and encoder.config.text_dim != config.text_dim:
+            raise ValueError(f"encoder emits d_T = {encoder.config.text_dim}, the captioner expects {config.text_dim}")
+        if config.trainable == "mlp+llm+encoder" and encoder is None:
+            raise ValueError("level mlp+llm+encoder trains the stage-1 encoder: pass it")
+        self.config = config
+        self.text_encoder = text_encoder  # T
+        self.encoder = encoder
+        self.lm = lm if lm is not None else build_lm(config.lm)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.lm)
+        self.eos_token_id, self.pad_token_id = self.tokenizer.eos_token_id, pad_id(self.tokenizer)
+        vocab = self.lm.get_input_embeddings().num_embeddings
+        if len(self.tokenizer) > vocab:
+            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens, the LM's embedding only {vocab}")
+        d_lm = self.lm.get_input_embeddings().embedding_dim  # d_LM
+        self.psi = nn.Sequential(nn.Linear(config.text_dim, d_lm), nn.GELU(), nn.Linear(d_lm, d_lm))
+        self._freeze()
+
+    def trainable_prefixes(self) -> list[str]:
+        """Parameter-name prefixes that train at the configured level; everything else is frozen."""
+        prefixes = ["psi"]
+        if self.config.trainable in ("mlp+llm", "mlp+llm+encoder"):
+            prefixes.append("lm")
+        if self.config.trainable == "mlp+llm+encoder":
+            prefixes += [f"encoder.{p}" for p in encoder_stage2_prefixes(self.encoder)]
+        return prefixes
+
+    def _freeze(self) -> None:
+        """Declarative freezing: a parameter trains iff its name starts with a trainable prefix."""
+        prefixes = self.trainable_prefixes()
+        for n, p in self.named_parameters():
+            p.requires_grad_(any(n == x or n.startswith(x + ".") for x in prefixes))
+
+    @property
+    def encoder_trains(self) -> bool:
+        return self.encoder is not None and any(p.requires_grad for p in self.encoder.parameters())
+
+    def train(self, mode: bool = True) -> Captioner:
+        """Frozen parts stay in eval mode, so their dropout never perturbs z, c or the LLM's states."""
+        super().train(mode)
+        self.text_encoder.eval()
+        if self.encoder is not None and not self.encoder_trains:
+            self.encoder.eval()
+        if not any(p.requires_grad for p in self.lm.parameters()):
+            self.lm.eval()
+        return self
+
+    # ---------------------------------------------------------------------------------- z -> prefix
+    def encode_text_embeds(self, z: torch.Tensor) -> torch.Tensor:
+        """c = T(inputs_embeds=z) (B, L, d_T); stage 2 holds T only, not the UNet and VAE."""
+        return clip_from_embeds(self.text_encoder, z)
+
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, 3, S, S), as the encoder's ``normalize``/``preprocess`` give -> z (B, Nq, d_T)."""
+        if self.encoder is None:
+            raise ValueError("this captioner holds no encoder: pass z instead of pixel_values")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder_trains):
+            return self.encoder(pixel_values)  # (B, Nq, d_T)
+
+    def prefix(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, Nq, d_T) -> e = psi(T(z)) (B, Nq, d_LM); no graph through frozen T unless z needs gradients."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and z.requires_grad):
+            c = self.encode_text_embeds(z)  # (B, Nq, d_T)
+        return self.psi(c)  # (B, Nq, d_LM)
+
+    def _z(self, z: torch.Tensor | None, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        if (z is None) == (pixel_values is None):
+            raise ValueError("pass exactly one of z and pixel_values")
+        return z if z is not None else self.embed_images(pixel_values)
+
+    # ------------------------------------------------------------------------------------------ loss
+    def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Captions -> caption + EOS ids (B, L), right-padded, and their attention mask (B, L).
+
+        Truncated to ``max_new_tokens`` (what generate may emit); a caption cut there keeps no EOS.
+        """
+        n = self.config.max_new_tokens
+        rows = [(ids + [self.eos_token_id])[:n] for ids in self.tokenizer(list(captions),
+                                                                          add_special_tokens=False).input_ids]
+        ids, mask = right_pad(rows, self.pad_token_id)  # (B, L) each
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, z: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None) -> CausalLMOutputWithPast:
+        """The stage-2 loss of captions (``tokenize`` output) given z or images; ``.loss`` and ``.logits``.
+
+        Logits are kept from the last prefix position on, (B, 1 + L, V): the Nq - 1 earlier prefix positions
+        have no label, and at full scale their logits (Nq x 151936 per sample) would dominate memory.
+        """
+        e = self.prefix(self._z(z, pixel_values))  # (B, Nq, d_LM)
+        b, nq = e.shape[:2]
+        tokens = self.lm.get_input_embeddings()(input_ids)  # (B, L, d_LM)
+        embeds = torch.cat([e, tokens.to(e.dtype)], dim=1)  # (B, Nq + L, d_LM)
+        mask = torch.cat([attention_mask.new_ones(b, nq), attention_mask], dim=1)  # (B, Nq + L)
+        # Position Nq - 1 predicts the first caption token; padding is ignored by the mask, not by id.
+        labels = torch.cat([input_ids.new_full((b, 1), IGNORE), input_ids.masked_fill(attention_mask == 0, IGNORE)],
+                           dim=1)  # (B, 1 + L)
+        return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels, logits_to_keep=labels.shape[1])
+
+    # ------------------------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate_ids(self, z: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                     num_beams: int | None = None, max_new_tokens: int | None = None) -> torch.Tensor:
+        """Token ids (B, T) of the new tokens only, through EOS; stock ``generate(inputs_embeds=e)``.
+
+        Finished rows are filled after their EOS with pad_token_id by greedy search, with EOS by transformers 5's
+        beam search; ``skip_special_tokens`` drops both.
+
+        With only ``inputs_embeds`` given, transformers 5 starts ``input_ids`` empty, so the returned sequences
+        hold no prompt positions. Decoding is deterministic (``do_sample=False``), whatever the LM's own
+        generation config says. Beam search keeps transformers' default stopping rule, not the official
+        ``early_stopping=True``: that one stops once ``num_beams`` hypotheses have ended, and a model that does
+        emit EOS then returns a beam that skipped a word (it ended one step sooner) over the better one
+        still running.
+        """
+        e = self.prefix(self._z(z, pixel_values))  # (B, Nq, d_LM)
+        mask = torch.ones(e.shape[:2], dtype=torch.long, device=e.device)  # (B, Nq)
+        return self.lm.generate(inputs_embeds=e, attention_mask=mask, do_sample=False,
+                                num_beams=num_beams or self.config.num_beams,
+                                max_new_tokens=max_new_tokens or self.config.max_new_tokens,
+                                eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)  # (B, T)
+
+    def generate(self, z: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                 num_beams: int | None = None, max_new_tokens: int | None = None) -> list[str]:
+        """Captions of z (B, Nq, d_T) or of images (pixel_values); generation stops on EOS, nothing is trimmed."""
+        ids = self.generate_ids(z, pixel_values, num_beams=num_beams, max_new_tokens=max_new_tokens)  # (B, T)
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------------------------- save/load
+    def save_pretrained(self, out: str | Path) -> Path:
+        """captioner.json + the trained weights; a frozen random-init LM too (it cannot be rebuilt otherwise)."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"config": asdict(self.config), "lm": self.lm.config.to_dict()}
+        (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        save_file(trainable_state(self), out / TRAINABLE_FILE)
+        frozen_lm = trainable_state(self.lm, trainable=False)
+        (out / FROZEN_LM_FILE).unlink(missing_ok=True)
+        if frozen_lm and not is_lm_dir(self.config.lm):
+            save_file(frozen_lm, out / FROZEN_LM_FILE)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, text_encoder: CLIPTextModel,
+                        encoder: VLVEncoder | None = None) -> Captioner:
+        """Rebuild from ``save_pretrained`` output around the frozen T and stage-1 encoder; keys must match exactly."""
+        path = Path(path)
+        if not (path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"no VLV captioner at {path} (no {CONFIG_FILE})")
+        meta = json.loads((path / CONFIG_FILE).read_text())
+        config = CaptionerConfig(**meta["config"])
+        lm = None if is_lm_dir(config.lm) else build_lm(meta["lm"])  # the architecture it was saved with
+        model = cls(config, text_encoder, encoder, lm=lm, tokenizer=load_tokenizer(config.lm))
+        load_trainable_state(model, load_file(path / TRAINABLE_FILE))
+        if any(not p.requires_grad for p in model.lm.parameters()) and not is_lm_dir(config.lm):
+            if not (path / FROZEN_LM_FILE).is_file():
+                raise FileNotFoundError(f"{path} has no {FROZEN_LM_FILE} for its frozen random-init LM")
+            load_trainable_state(model.lm, load_file(path / FROZEN_LM_FILE), trainable=False)
+        return model
