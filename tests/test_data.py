@@ -53,6 +53,7 @@ def test_cli_bad_arguments_print_one_line(tmp_path):
 
 
 def test_cli_help():
-    for cmd in ([], ["data"], ["data", "shapes"], ["teacher", "train"], ["teacher", "sample"], ["demo"]):
+    for cmd in ([], ["data"], ["data", "shapes"], ["teacher", "train"], ["teacher", "sample"], ["demo"],
+                ["train", "stage1"], ["train", "lm"], ["train", "stage2"], ["reconstruct"], ["compose"], ["caption"]):
         r = _cli(*cmd, "--help")
         assert r.returncode == 0 and "usage" in r.stdout

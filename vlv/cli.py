@@ -173,6 +173,74 @@ def cmd_compose(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} (first {k} embeddings of each image)")
 
 
+# ---------------------------------------------------------------------------------------- stage 2
+def _require_dirs(*folders) -> None:
+    for folder in folders:
+        if folder is not None and not Path(folder).is_dir():
+            raise FileNotFoundError(f"no such folder: {folder}")
+
+
+def cmd_train_lm(args: argparse.Namespace) -> None:
+    _require_dirs(args.data, args.val)
+    from vlv.lm import LMSettings, train_lm
+    from vlv.train import TrainConfig
+
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=0.01,
+                      warmup_steps=min(100, args.steps // 10), eval_every=args.eval_every, max_minutes=args.minutes,
+                      seed=args.seed)
+    done = train_lm(LMSettings(data=str(args.data), lm=args.lm, val=str(args.val) if args.val else None), cfg,
+                    args.out)
+    print(f"language model saved to {args.out}" if done else f"stopped early; run again to resume ({args.out})")
+
+
+def cmd_train_stage2(args: argparse.Namespace) -> None:
+    from vlv.presets import resolve_decoder
+
+    resolve_decoder(args.decoder)
+    _require_dirs(args.data, args.val)
+    if not (Path(args.encoder) / "encoder.json").is_file():
+        raise FileNotFoundError(f"no stage-1 encoder at {args.encoder} (no encoder.json)")
+    from vlv.stage2 import Stage2Settings, train_stage2
+    from vlv.train import TrainConfig
+
+    settings = Stage2Settings(decoder=str(args.decoder), encoder=str(args.encoder), lm=str(args.lm),
+                              data=str(args.data), trainable=args.trainable,
+                              val=str(args.val) if args.val else None, eval_n=args.eval_n)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=0.01,
+                      warmup_steps=min(100, args.steps // 10), mixed_precision=args.precision,
+                      eval_every=args.eval_every, max_minutes=args.minutes, seed=args.seed)
+    done = train_stage2(settings, cfg, args.out)
+    print(f"captioner saved to {args.out}" if done else f"stopped early; run again to resume ({args.out})")
+
+
+def cmd_caption(args: argparse.Namespace) -> None:
+    import json
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from vlv.data import atomic_write_text, list_images, load_image, to_tensor
+
+    paths = list_images(args.images)
+    if not (Path(args.model) / "stage2.json").is_file():
+        raise FileNotFoundError(f"no stage-2 run at {args.model} (no stage2.json)")
+    from vlv.stage2 import caption_images, load_stage2
+
+    captioner = load_stage2(args.model).eval()
+    size = captioner.encoder.config.image_size
+    if args.max_new_tokens:
+        captioner.config.max_new_tokens = args.max_new_tokens
+    rows = []
+    for start in tqdm(range(0, len(paths), args.batch_size), desc="caption", unit="batch"):
+        chunk = paths[start : start + args.batch_size]
+        x = to_tensor(np.stack([load_image(p, size) for p in chunk]))
+        caps = caption_images(captioner, x, batch_size=args.batch_size, num_beams=args.num_beams)
+        rows += [{"image": p.name, "caption": c} for p, c in zip(chunk, caps, strict=True)]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
+    print(f"wrote {len(rows)} caption(s) to {args.out}")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=["fast", "paper"], default="fast",
                    help="fast: DPM-Solver++ 20 steps; paper: DDPM 50 steps")
@@ -271,6 +339,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this long")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_stage1)
+
+    p = train_sub.add_parser("lm", help="pre-train the small shapes language model on caption text")
+    p.add_argument("--data", type=Path, required=True, help="image-caption folder (captions only are read)")
+    p.add_argument("--out", type=writable_dir, required=True, help="LM dir (transformers layout)")
+    p.add_argument("--val", type=Path, default=None)
+    p.add_argument("--lm", default="qwen2-shapes", help="LM preset (random init) or a local LM dir")
+    p.add_argument("--steps", type=positive_int, default=1500)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_lm)
+    p = train_sub.add_parser("stage2", help="teach a causal LM to read stage-1 embeddings out as captions")
+    p.add_argument("--encoder", type=Path, required=True, help="stage-1 run dir (never modified)")
+    p.add_argument("--lm", required=True, help="LM dir (vlv train lm output, or a local Qwen2.5 dir) or preset")
+    p.add_argument("--decoder", default="shapes-teacher", help="Stable Diffusion dir or preset: its text encoder T")
+    p.add_argument("--data", type=Path, required=True, help="image-caption folder")
+    p.add_argument("--out", type=writable_dir, required=True, help="run dir (resumes when it holds a checkpoint)")
+    p.add_argument("--val", type=Path, default=None)
+    p.add_argument("--trainable", choices=["mlp", "mlp+llm", "mlp+llm+encoder"], default="mlp+llm+encoder")
+    p.add_argument("--steps", type=positive_int, default=2000)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--precision", choices=["no", "bf16"], default="no")
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--eval-n", type=positive_int, default=200)
+    p.add_argument("--minutes", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_stage2)
+
+    p = sub.add_parser("caption", help="caption images with a stage-2 run (one JSON line per image)")
+    p.add_argument("images", nargs="+", type=Path, help="image files or folders")
+    p.add_argument("--model", type=Path, required=True, help="stage-2 run dir")
+    p.add_argument("--out", type=Path, required=True, help="captions.jsonl to write")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--num-beams", type=positive_int, default=None, help="default: the run's (4)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None)
+    p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("reconstruct", help="redraw images from their VLV embeddings through the decoder")
     p.add_argument("images", nargs="+", type=Path, help="image files or folders")

@@ -1,0 +1,33 @@
+import json
+import subprocess
+import sys
+
+from vlv.data import read_records
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "vlv.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_lm_stage2_caption(tiny_teacher, shapes_data, tmp_path):
+    train, val = shapes_data["train"], shapes_data["val"]
+    r = _cli("train", "stage1", "--decoder", tiny_teacher, "--data", train, "--out", tmp_path / "s1", "--nq", 8,
+             "--steps", 2, "--batch-size", 3)
+    assert r.returncode == 0, r.stderr
+    r = _cli("train", "lm", "--data", train, "--out", tmp_path / "lm", "--steps", 3, "--batch-size", 4)
+    assert r.returncode == 0, r.stderr
+    r = _cli("train", "stage2", "--encoder", tmp_path / "s1", "--lm", tmp_path / "lm", "--decoder", tiny_teacher,
+             "--data", train, "--out", tmp_path / "s2", "--steps", 2, "--batch-size", 3)
+    assert r.returncode == 0, r.stderr
+    r = _cli("caption", val, "--model", tmp_path / "s2", "--out", tmp_path / "caps.jsonl", "--num-beams", 1,
+             "--max-new-tokens", 12, "--batch-size", 4)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "caps.jsonl").read_text().splitlines()]
+    assert [row["image"] for row in rows] == [rec.image for rec in read_records(val)]
+    assert all(isinstance(row["caption"], str) for row in rows)
+    r = _cli("caption", val, "--model", tmp_path / "nothing", "--out", tmp_path / "x.jsonl")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    r = _cli("train", "stage2", "--encoder", tmp_path / "nothing", "--lm", tmp_path / "lm", "--decoder",
+             tiny_teacher, "--data", train, "--out", tmp_path / "s3")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
