@@ -63,7 +63,8 @@ def cmd_teacher_train(args: argparse.Namespace) -> None:
     for name in ("vae_steps", "unet_steps", "vae_batch", "unet_batch", "unet_lr", "eval_every", "eval_n"):
         if getattr(args, name) is not None:
             setattr(recipe, name, getattr(args, name))
-    done = train_teacher(args.data, args.out, cfg, recipe, val=args.val, max_minutes=args.minutes)
+    done = train_teacher(args.data, args.out, cfg, recipe, val=args.val, max_minutes=args.minutes,
+                         command="vlv " + " ".join(sys.argv[1:]))
     print(f"teacher saved to {done}" if done else f"time budget reached; run the same command to resume ({args.out})")
 
 

@@ -369,7 +369,7 @@ class TeacherRecipe:
 
 
 def train_teacher(data: Path, out: Path, cfg: TeacherConfig, recipe: TeacherRecipe, val: Path | None = None,
-                  max_minutes: float | None = None, progress: bool = True) -> Path | None:
+                  max_minutes: float | None = None, progress: bool = True, command: str | None = None) -> Path | None:
     """Train VAE, cache latents, train text encoder + UNet; export SD layout into ``out``.
 
     Resumable: state lives in out/training/ (checkpoints, latent cache, logs). Returns ``out`` when
@@ -430,7 +430,7 @@ def train_teacher(data: Path, out: Path, cfg: TeacherConfig, recipe: TeacherReci
         return None
     # train() leaves the EMA weights in the model: export those.
     pipe = make_pipeline(vae, model.text_encoder, tokenizer, model.unet, scheduler)
-    record = {"recipe": asdict(recipe), "vae_wall_s": round(vae_state.elapsed_s, 1),
-              "unet_wall_s": round(unet_state.elapsed_s, 1),
+    record = {"command": command, "config": asdict(cfg), "recipe": asdict(recipe),
+              "vae_wall_s": round(vae_state.elapsed_s, 1), "unet_wall_s": round(unet_state.elapsed_s, 1),
               "history": {"vae": vae_state.history, "unet": unet_state.history}}
     return save_teacher(pipe, out, cfg, record)
