@@ -114,3 +114,16 @@ def test_cli_sample_writes_images(tiny_teacher, tmp_path):
     r = subprocess.run([sys.executable, "-m", "vlv.cli", "teacher", "sample", str(tmp_path / "nowhere"), "--prompt",
                         "x", "--out", str(tmp_path / "b.png")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_export_checkpoint_equals_the_final_export(tiny_teacher, tmp_path):
+    """The finished tiny run's EMA checkpoint, exported, is exactly the teacher training exported."""
+    from vlv.teacher import export_checkpoint
+
+    out = export_checkpoint(tiny_teacher, tmp_path / "exported", dtype=torch.float32)
+    a, b = StableDiffusionPipeline.from_pretrained(tiny_teacher), StableDiffusionPipeline.from_pretrained(out)
+    for part in ("unet", "vae", "text_encoder"):
+        sa, sb = getattr(a, part).state_dict(), getattr(b, part).state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), part
+    assert a.vae.config.scaling_factor == b.vae.config.scaling_factor
+    assert json.loads((out / "teacher.json").read_text())["training"]["unet_step"] == 4

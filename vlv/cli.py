@@ -68,6 +68,15 @@ def cmd_teacher_train(args: argparse.Namespace) -> None:
     print(f"teacher saved to {done}" if done else f"time budget reached; run the same command to resume ({args.out})")
 
 
+def cmd_teacher_export(args: argparse.Namespace) -> None:
+    import torch
+
+    from vlv.teacher import export_checkpoint
+
+    export_checkpoint(args.teacher, args.out, dtype=torch.float16 if args.fp16 else torch.float32)
+    print(f"exported to {args.out}")
+
+
 def cmd_teacher_sample(args: argparse.Namespace) -> None:
     from vlv.presets import resolve_decoder
 
@@ -304,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny architecture (tests, plumbing)")
     p.set_defaults(func=cmd_teacher_train)
+    p = t_sub.add_parser("export", help="export a teacher still training (latest EMA checkpoint) in SD layout")
+    p.add_argument("teacher", type=Path, help="teacher dir being trained (holds training/)")
+    p.add_argument("--out", type=writable_dir, required=True)
+    p.add_argument("--fp16", action="store_true", help="UNet and VAE in fp16 (the text encoder stays fp32)")
+    p.set_defaults(func=cmd_teacher_export)
     p = t_sub.add_parser("sample", help="draw images from captions")
     p.add_argument("teacher", help="teacher dir or preset name (shapes-teacher)")
     g = p.add_mutually_exclusive_group(required=True)

@@ -434,3 +434,37 @@ def train_teacher(data: Path, out: Path, cfg: TeacherConfig, recipe: TeacherReci
               "vae_wall_s": round(vae_state.elapsed_s, 1), "unet_wall_s": round(unet_state.elapsed_s, 1),
               "history": {"vae": vae_state.history, "unet": unet_state.history}}
     return save_teacher(pipe, out, cfg, record)
+
+
+def export_checkpoint(teacher_dir: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Export a teacher still in training (its latest UNet checkpoint, EMA weights) in SD layout.
+
+    For shipping or benchmarking a teacher mid-schedule; the record says which step it is.
+    """
+    from vlv.train import has_checkpoint, load_trainable_state
+
+    work = Path(teacher_dir) / "training"
+    if not has_checkpoint(work / "vae") or not has_checkpoint(work / "unet"):
+        raise FileNotFoundError(f"{teacher_dir} has no VAE and UNet checkpoints under training/")
+    spec = json.loads((work / "recipe.json").read_text())
+    cfg = TeacherConfig(**spec["config"])
+    vae = build_vae(cfg)
+    load_trainable_state(vae, load_file(work / "vae" / "checkpoint" / "model.safetensors"))
+    latents = load_file(work / "latents.safetensors")
+    vae.register_to_config(scaling_factor=float(1.0 / latents["mean"].float().std()))
+    tokenizer = build_tokenizer(cfg.max_length)
+    model = TextToImage(build_text_encoder(cfg, tokenizer), build_unet(cfg))
+    ema = load_file(work / "unet" / "checkpoint" / "ema.safetensors")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if len(ema) != len(params):
+        raise ValueError(f"EMA holds {len(ema)} tensors for {len(params)} parameters")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(ema[str(i)])
+    meta = {k: json.loads((work / k / "checkpoint" / "trainer.json").read_text()) for k in ("vae", "unet")}
+    record = {"exported_from": str(teacher_dir), "recipe": spec["recipe"], "unet_step": meta["unet"]["step"],
+              "unet_steps_planned": meta["unet"]["config"]["steps"], "vae_step": meta["vae"]["step"],
+              "vae_wall_s": round(meta["vae"]["elapsed_s"], 1), "unet_wall_s": round(meta["unet"]["elapsed_s"], 1),
+              "history": {k: m["history"] for k, m in meta.items()}}
+    pipe = make_pipeline(vae, model.text_encoder, tokenizer, model.unet, build_scheduler(cfg))
+    return save_teacher(pipe, out, cfg, record, dtype=dtype)
