@@ -38,6 +38,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
 # ------------------------------------------------------------------------------------------- data
 def cmd_data_shapes(args: argparse.Namespace) -> None:
     from vlv.data import write_shapes
@@ -114,7 +124,8 @@ def cmd_train_stage1(args: argparse.Namespace) -> None:
                               num_queries=args.nq, trainable=args.trainable, image_size=args.image_size,
                               cache_latents=not args.no_cache_latents,
                               gradient_checkpointing=args.gradient_checkpointing,
-                              val=str(args.val) if args.val else None, eval_n=args.eval_n)
+                              val=str(args.val) if args.val else None, eval_n=args.eval_n,
+                              high_noise_fraction=args.high_noise_fraction)
     lr = args.lr if args.lr is not None else (1e-3 if args.encoder == "shapes" else 5e-5)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, betas=(0.9, 0.99), weight_decay=0.01,
                       grad_clip=1.0, warmup_steps=min(100, args.steps // 10), mixed_precision=args.precision,
@@ -266,6 +277,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, preset=args.preset, minutes=args.minutes)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    if not (args.run / "teacher" / "model_index.json").is_file():
+        raise FileNotFoundError(f"{args.run} is not a VLV run dir (no teacher/model_index.json)")
+    from vlv.evaluate import EvalSettings, evaluate_run
+    from vlv.report import build_report
+
+    settings = EvalSettings(split=args.split, n=args.n, guidance_scale=args.cfg, num_beams=args.num_beams)
+    evaluate_run(args.run, settings)
+    print(f"wrote {args.run / 'metrics.json'} and {build_report(args.run)}")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage dump), exit status 2."""
 
@@ -349,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["no", "bf16"], default="no", help="fp32 (paper) or bf16 autocast")
     p.add_argument("--no-cache-latents", action="store_true", help="encode images with the VAE every step")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations")
+    p.add_argument("--high-noise-fraction", type=fraction, default=0.0,
+                   help="share of timesteps drawn from the upper (layout) half; 0 = the paper's uniform t")
     p.add_argument("--eval-every", type=int, default=0, help="steps between val evaluations (0: never)")
     p.add_argument("--eval-n", type=positive_int, default=200)
     p.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this long")
@@ -416,8 +440,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on the embedded shapes world")
     p.add_argument("--out", type=writable_dir, default=Path("runs/demo"), help="run folder (default runs/demo)")
     p.add_argument("--preset", choices=["default", "quick"], default="default")
-    p.add_argument("--minutes", type=float, default=None, help="time budget (default: the preset's)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="whole-run time target; training fills what data and evaluation leave (default 15)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("evaluate", help="re-measure a demo run dir: metrics.json and report.html")
+    p.add_argument("--run", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--n", type=positive_int, default=500, help="scenes to measure (default 500)")
+    p.add_argument("--cfg", type=float, default=2.0, help="guidance scale for teacher and reconstruction")
+    p.add_argument("--num-beams", type=positive_int, default=1, help="caption beams (default 1: greedy)")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

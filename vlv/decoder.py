@@ -23,7 +23,14 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.masking_utils import create_causal_mask
 
-from vlv.teacher import build_tokenizer, diffusion_target, fast_scheduler, load_pipeline, make_pipeline
+from vlv.teacher import (
+    build_tokenizer,
+    diffusion_target,
+    fast_scheduler,
+    load_pipeline,
+    make_pipeline,
+    sample_timesteps,
+)
 
 PRESETS = Path(__file__).parent / "presets"
 DEFAULT_STEPS = {"paper": 50, "fast": 20}  # paper: DDPM 50 steps (official default); fast: DPM-Solver++(2M)
@@ -94,16 +101,17 @@ class DiffusionDecoder(nn.Module):
         return posterior.sample(generator) * self.vae.config.scaling_factor  # (B, C, h, w)
 
     def loss(self, latents_or_images: torch.Tensor, z: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, high_noise_fraction: float = 0.0) -> torch.Tensor:
         """The stage-1 loss: MSE between the frozen UNet's prediction given T(z) and the scheduler's target.
 
         ``latents_or_images`` is told apart by its channels: the VAE's in_channels (images in [-1, 1]) or its
-        latent_channels (latents already scaled by ``scaling_factor``, e.g. cached).
+        latent_channels (latents already scaled by ``scaling_factor``, e.g. cached). ``high_noise_fraction``
+        > 0 over-samples t in the upper half (see :func:`vlv.teacher.sample_timesteps`); 0 is the paper.
         """
         x = latents_or_images
         latents = x if self._is_latents(x) else self.latents(x, generator)  # (B, C, h, w)
         b, device = latents.shape[0], latents.device
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator, device=device)
+        t = sample_timesteps(b, self.scheduler.config.num_train_timesteps, high_noise_fraction, generator, device)
         noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)  # (B, C, h, w)
         noisy = self.scheduler.add_noise(latents, noise, t)  # (B, C, h, w)
         target = diffusion_target(self.scheduler, latents, noise, t)  # (B, C, h, w)

@@ -235,7 +235,7 @@ def train_lm(settings: LMSettings, cfg: TrainConfig, out: Path) -> PreTrainedMod
     lm, tokenizer = build_lm(settings.lm), load_tokenizer(settings.lm)
     atomic_write_text(out / LM_FILE, json.dumps({"settings": asdict(settings), "train": asdict(cfg)}, indent=2) + "\n")
     state = train(LMTask(lm, tokenizer, captions, val, seed=cfg.seed), cfg, out)
-    if state.step < cfg.steps:
+    if not state.done:
         return None
     lm.save_pretrained(out)
     tokenizer.save_pretrained(out)

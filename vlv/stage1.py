@@ -47,9 +47,10 @@ class Stage1Task:
     name = "stage1"
 
     def __init__(self, encoder: VLVEncoder, decoder: DiffusionDecoder, data: ImageCaptionFolder,
-                 latents: dict[str, torch.Tensor] | None = None, seed: int = 0, evaluator=None):
+                 latents: dict[str, torch.Tensor] | None = None, seed: int = 0, evaluator=None,
+                 high_noise_fraction: float = 0.0):
         self.encoder, self.decoder, self.data, self.latents = encoder, decoder, data, latents
-        self.seed, self.evaluator = seed, evaluator
+        self.seed, self.evaluator, self.high_noise_fraction = seed, evaluator, high_noise_fraction
 
     def trainable(self) -> torch.nn.Module:
         return self.encoder
@@ -71,7 +72,7 @@ class Stage1Task:
             latents = (batch["mean"] + batch["std"] * eps) * self.decoder.vae.config.scaling_factor
         else:
             latents = self.decoder.latents(images, generator)  # (B, C, h, w)
-        return self.decoder.loss(latents, z, generator)
+        return self.decoder.loss(latents, z, generator, high_noise_fraction=self.high_noise_fraction)
 
     def evaluate(self, model) -> dict[str, float]:
         return self.evaluator(model) if self.evaluator is not None else {}
@@ -117,6 +118,7 @@ class Stage1Settings:
     val: str | None = None
     eval_n: int = 200
     eval_sampler: str = "fast"
+    high_noise_fraction: float = 0.0  # 0: the paper's uniform t; > 0 over-samples the layout-deciding upper half
 
 
 def build_encoder(settings: Stage1Settings, text_dim: int, seed: int) -> VLVEncoder:
@@ -168,9 +170,10 @@ def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress
             s = reconstruction_scores(model, decoder, val, sampler=settings.eval_sampler)
             return {"recon_scene_accuracy": s.scene_accuracy, "recon_object_f1": s.object_f1}
 
-    task = Stage1Task(encoder, decoder, data, latents, seed=cfg.seed, evaluator=evaluator)
+    task = Stage1Task(encoder, decoder, data, latents, seed=cfg.seed, evaluator=evaluator,
+                      high_noise_fraction=settings.high_noise_fraction)
     state = train(task, cfg, out)
-    if state.step < cfg.steps:
+    if not state.done:
         return None
     encoder.save_pretrained(out)
     return encoder

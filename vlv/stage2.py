@@ -141,7 +141,7 @@ def train_stage2(settings: Stage2Settings, cfg: TrainConfig, out: Path, progress
             return caption_scores(model, val, num_beams=settings.eval_num_beams)
 
     state = train(Stage2Task(captioner, data, seed=cfg.seed, evaluator=evaluator), cfg, out)
-    if state.step < cfg.steps:
+    if not state.done:
         return None
     captioner.save_pretrained(out)
     return captioner

@@ -254,11 +254,8 @@ class UNetTask:
         b, device = mean.shape[0], mean.device
         latents = (mean + batch["std"] * torch.randn(mean.shape, generator=generator, device=device))
         latents = latents * self.scaling_factor
-        n_train = self.scheduler.config.num_train_timesteps
-        t = torch.randint(0, n_train, (b,), generator=generator, device=device)
-        if self.high_noise_fraction:  # layout is decided at high noise: sample it more often
-            high = torch.rand(b, generator=generator, device=device) < self.high_noise_fraction
-            t = torch.where(high, torch.randint(n_train // 2, n_train, (b,), generator=generator, device=device), t)
+        t = sample_timesteps(b, self.scheduler.config.num_train_timesteps, self.high_noise_fraction, generator,
+                             device)  # (B,)
         noise = torch.randn(latents.shape, generator=generator, device=device)
         noisy = self.scheduler.add_noise(latents, noise, t)
         target = diffusion_target(self.scheduler, latents, noise, t)
@@ -267,6 +264,21 @@ class UNetTask:
 
     def evaluate(self, model) -> dict[str, float]:
         return self.evaluator(model) if self.evaluator is not None else {}
+
+
+def sample_timesteps(b: int, num_train: int, high_noise_fraction: float = 0.0,
+                     generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """t ~ U{0..num_train-1}; with probability ``high_noise_fraction`` drawn from the upper half instead.
+
+    Layout (how many shapes, which quadrant) is decided at high noise, where the conditioning matters most;
+    sampling it more often is what made the shapes teacher learn layout within CPU-minutes. 0 = the paper's
+    uniform sampling, the same random draws in the same order.
+    """
+    t = torch.randint(0, num_train, (b,), generator=generator, device=device)
+    if high_noise_fraction:
+        high = torch.rand(b, generator=generator, device=device) < high_noise_fraction
+        t = torch.where(high, torch.randint(num_train // 2, num_train, (b,), generator=generator, device=device), t)
+    return t
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

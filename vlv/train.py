@@ -16,7 +16,7 @@ import math
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -47,6 +47,7 @@ class TrainConfig:
     eval_every: int = 0  # steps; 0: never
     log_every: int = 10
     max_minutes: float | None = None  # stop (with a checkpoint) after this long in this invocation
+    budget_minutes: float | None = None  # plan ``steps`` to fill this wall time (see :func:`plan_steps`)
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this invocation
     seed: int = 0
     progress: bool = True
@@ -58,6 +59,8 @@ class TrainConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}")
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if self.budget_minutes is not None and self.budget_minutes <= 0:
+            raise ValueError(f"budget_minutes must be positive, got {self.budget_minutes}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -86,6 +89,21 @@ class TrainState:
     step: int = 0
     elapsed_s: float = 0.0
     history: list[dict] = field(default_factory=list)  # loss and eval rows, for curves
+    planned_steps: int | None = None  # the step count a budgeted run fixed for itself
+    done: bool = False  # reached its last step (not stopped by a signal or a time limit)
+
+
+PLAN_AFTER = 4  # a budgeted run times steps 2..PLAN_AFTER (step 1 pays one-off costs), then fixes its length
+
+
+def plan_steps(budget_minutes: float, elapsed_s: float, seconds_per_step: float, min_steps: int) -> int:
+    """How many steps fill the budget at the measured pace: faster hardware simply trains further.
+
+    The count is fixed once (saved with the checkpoint), so the cosine schedule, a resume, and a re-run all
+    agree on it; it never drops below the steps already taken.
+    """
+    remaining = max(0.0, 60 * budget_minutes - elapsed_s)
+    return max(min_steps, min_steps + int(remaining / max(seconds_per_step, 1e-6)))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -153,7 +171,7 @@ def save_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimize
         save_file({str(i): p.contiguous() for i, p in enumerate(ema.shadow_params)}, tmp / "ema.safetensors")
     meta = {"task": task_name, "step": state.step, "elapsed_s": state.elapsed_s, "config": asdict(cfg),
             "optimizer": opt_meta, "ema_step": ema.optimization_step if ema is not None else None,
-            "history": state.history}
+            "history": state.history, "planned_steps": state.planned_steps}
     (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -174,7 +192,8 @@ def load_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimize
         shadow = load_file(ckpt / "ema.safetensors")
         ema.shadow_params = [shadow[str(i)] for i in range(len(shadow))]
         ema.optimization_step = meta["ema_step"]
-    return TrainState(step=meta["step"], elapsed_s=meta["elapsed_s"], history=meta["history"])
+    return TrainState(step=meta["step"], elapsed_s=meta["elapsed_s"], history=meta["history"],
+                      planned_steps=meta.get("planned_steps"))
 
 
 def has_checkpoint(run: Path) -> bool:
@@ -219,6 +238,8 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4) if cfg.ema_decay else None
     state = load_checkpoint(run, model, opt, ema) if has_checkpoint(run) else TrainState()
+    if state.planned_steps is not None:
+        cfg = replace(cfg, steps=state.planned_steps)
     run.mkdir(parents=True, exist_ok=True)
     wrapped, opt = accelerator.prepare(model, opt)
     if ema is not None:
@@ -232,9 +253,11 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
     elapsed0, start_step = state.elapsed_s, state.step
     bar = tqdm(total=cfg.steps, initial=state.step, desc=task.name, unit="step",
                disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
-    running = None
+    running, pace_t0 = None, None
     with _StopFlag() as flag:
         while state.step < cfg.steps:
+            if cfg.budget_minutes and state.planned_steps is None and state.step - start_step == 1:
+                pace_t0 = time.perf_counter()  # after the first step's one-off costs
             for group in opt.param_groups:
                 group["lr"] = lr_at(state.step, cfg)
             gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, state.step, rank))
@@ -250,6 +273,11 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
                 ema.step(params)
             state.step += 1
             state.elapsed_s = elapsed0 + time.perf_counter() - t_start
+            if pace_t0 is not None and state.planned_steps is None and state.step - start_step == PLAN_AFTER:
+                pace = (time.perf_counter() - pace_t0) / (PLAN_AFTER - 1)
+                state.planned_steps = plan_steps(cfg.budget_minutes, state.elapsed_s, pace, state.step)
+                cfg = replace(cfg, steps=state.planned_steps)
+                bar.total = cfg.steps
             value = loss.detach().float().item()
             running = value if running is None else 0.95 * running + 0.05 * value
             bar.update(1)
@@ -273,6 +301,7 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
             if out_of_time or flag.stop:
                 break
     bar.close()
+    state.done = state.step >= cfg.steps
     model = accelerator.unwrap_model(wrapped)
     if ema is not None:
         ema.copy_to([p for p in model.parameters() if p.requires_grad])

@@ -1,0 +1,47 @@
+import json
+
+import torch
+
+from vlv.train import PLAN_AFTER, TrainConfig, plan_steps, train
+
+
+class Regression:
+    """A toy task: fit y = 3x with one weight; cheap enough to time and resume."""
+
+    name = "toy"
+
+    def __init__(self):
+        self.model = torch.nn.Linear(1, 1, bias=False)
+
+    def trainable(self):
+        return self.model
+
+    def batch(self, step, rank, batch_size, device):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(batch_size, 1, generator=g)
+        return x, 3 * x
+
+    def loss(self, model, batch, generator):
+        x, y = batch
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    def evaluate(self, model):
+        return {}
+
+
+def test_plan_steps_fills_the_budget_and_never_goes_back():
+    assert plan_steps(1.0, elapsed_s=0.0, seconds_per_step=0.5, min_steps=4) == 4 + 120
+    assert plan_steps(1.0, elapsed_s=60.0, seconds_per_step=0.5, min_steps=7) == 7  # budget spent: stop here
+
+
+def test_a_budgeted_run_fixes_its_length_once_and_resumes_to_it(tmp_path):
+    cfg = TrainConfig(steps=10**9, batch_size=4, lr=1e-2, budget_minutes=0.01, warmup_steps=PLAN_AFTER,
+                      progress=False)
+    task = Regression()
+    state = train(task, cfg, tmp_path / "run")
+    assert state.done and state.planned_steps is not None and state.step == state.planned_steps >= PLAN_AFTER
+    meta = json.loads((tmp_path / "run" / "checkpoint" / "trainer.json").read_text())
+    assert meta["planned_steps"] == state.planned_steps
+    # A re-run finds the plan in the checkpoint: nothing left to do, same length, no re-planning.
+    again = train(Regression(), cfg, tmp_path / "run")
+    assert again.done and again.step == state.planned_steps == again.planned_steps
