@@ -1,10 +1,23 @@
-"""Pictures and pages made from saved results: contact sheets now, the demo report later."""
+"""Pictures and pages made from saved results: contact sheets, and a run's report page.
+
+The report is generated from ``metrics.json`` and the PNGs beside it (``vlv.evaluate`` writes both), never
+from numbers typed in: one self-contained HTML file with the images embedded as data URIs.
+"""
 
 from __future__ import annotations
 
+import base64
+import html
+import json
+import re
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
+
+from vlv.data import atomic_write_text
+
+REPORT_FILE = "report.html"
 
 
 def contact_sheet(images: list[Image.Image], cols: int = 8, pad: int = 2, scale: int = 2) -> Image.Image:
@@ -28,4 +41,137 @@ def save_contact_sheet(folder: Path, out: Path, n: int = 64, cols: int = 8) -> P
     records = read_records(folder)[:n]
     images = [Image.open(Path(folder) / r.image) for r in records]
     contact_sheet(images, cols=cols).save(out)
+    return out
+
+
+# -------------------------------------------------------------------------------------- the page
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{margin-bottom:4px} h2{margin-top:32px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f4f4f4} td.l,th.l{text-align:left}
+img.px{image-rendering:pixelated;width:128px;height:128px;border:1px solid #ccc}
+.ex{display:inline-block;margin:6px;vertical-align:top;width:400px;font-size:12px}
+.bad{background:#fdd;color:#a00} .miss{color:#a00;font-style:italic} .ok{color:#060}
+svg{background:#fafafa;border:1px solid #ddd;margin:4px}
+"""
+
+# Sets data attributes the headless-browser test reads: how many images decoded, how many tables.
+_SCRIPT = """
+window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  document.body.dataset.images = imgs.length;
+  document.body.dataset.imagesLoaded = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.tables = document.querySelectorAll('table').length;
+});
+"""
+
+
+def _img(path: Path, title: str = "") -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    t = html.escape(title)
+    return f'<img class="px" src="data:image/png;base64,{data}" title="{t}" alt="{t}">'
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _phrases(caption: str) -> list[str]:
+    return [p for p in re.split(r", | and ", caption) if p]
+
+
+def _caption_diff(true: str, pred: str) -> str:
+    """The predicted caption with each object phrase absent from the truth marked, then the missed ones."""
+    truth = set(_phrases(true))
+    parts = [f'<span class="{"ok" if p in truth else "bad"}">{html.escape(p)}</span>' for p in _phrases(pred)]
+    missed = [html.escape(p) for p in _phrases(true) if p not in set(_phrases(pred))]
+    tail = f' <span class="miss">missed: {"; ".join(missed)}</span>' if missed else ""
+    return ", ".join(parts) + tail
+
+
+def _svg_curve(points: list[list[float]], title: str, w: int = 360, h: int = 200) -> str:
+    if len(points) < 2:
+        return f"<p>{html.escape(title)}: too few points to plot</p>"
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = lambda x: 40 + (w - 50) * (x - x0) / max(x1 - x0, 1e-9)  # noqa: E731
+    sy = lambda y: h - 25 - (h - 45) * (y - y0) / max(y1 - y0, 1e-9)  # noqa: E731
+    line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(xs, ys, strict=True))
+    return (f'<svg width="{w}" height="{h}" role="img"><title>{html.escape(title)}</title>'
+            f'<text x="{w / 2}" y="14" text-anchor="middle" font-size="12">{html.escape(title)}</text>'
+            f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{line}"/>'
+            f'<text x="4" y="{sy(y1) + 4:.0f}" font-size="10">{y1:.3g}</text>'
+            f'<text x="4" y="{sy(y0):.0f}" font-size="10">{y0:.3g}</text>'
+            f'<text x="40" y="{h - 8}" font-size="10">step {x0:g}</text>'
+            f'<text x="{w - 10}" y="{h - 8}" font-size="10" text-anchor="end">{x1:g}</text></svg>')
+
+
+_ROWS = [("teacher", "teacher from the true captions"), ("reconstruction", "reconstruction: image → z → teacher"),
+         ("captions", "captions: image → z → LLM"), ("caption_to_image", "caption → teacher (Table 1 analogue)")]
+_SHIPPED_KEYS = {"teacher": ("shapes-teacher", "teacher"), "reconstruction": ("shapes-stage1", "reconstruction"),
+                 "captions": ("shapes-stage2", "captions"), "caption_to_image": ("shapes-stage2", "caption_to_image")}
+
+
+def _metrics_table(m: dict[str, Any]) -> str:
+    rows = []
+    for key, label in _ROWS:
+        ours = m.get(key)
+        name, field = _SHIPPED_KEYS[key]
+        shipped = m.get("shipped", {}).get(name, {}).get(field)
+        if ours is None and shipped is None:
+            continue
+        keys = ("scene_accuracy", "object_f1", "attribute_accuracy")
+        cells = [_pct(ours.get(k)) if ours else "not run" for k in keys]
+        cells.append(_pct(shipped.get("scene_accuracy")) if shipped else "–")
+        rows.append(f'<tr><td class="l">{label}</td>' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    head = ('<tr><th class="l">measure (detector / grammar read-back)</th><th>scene acc.</th><th>object F1</th>'
+            '<th>attribute acc.</th><th>shipped weights: scene acc.</th></tr>')
+    return f'<table id="metrics">{head}{"".join(rows)}</table>'
+
+
+def _timings_table(m: dict[str, Any]) -> str:
+    timings = m.get("timings", {})
+    if not timings:
+        return "<p>no timings recorded</p>"
+    rows = "".join(f'<tr><td class="l">{html.escape(k)}</td><td>{v:.1f}</td></tr>' for k, v in timings.items())
+    return f'<table id="timings"><tr><th class="l">stage</th><th>wall s</th></tr>{rows}</table>'
+
+
+def build_report(run: Path) -> Path:
+    """run/metrics.json + run/report/*.png -> run/report.html (self-contained)."""
+    run = Path(run)
+    m = json.loads((run / "metrics.json").read_text())
+    assets = run / "report"
+    s = m["settings"]
+    parts = [f"<h1>VLV run: {html.escape(run.name)}</h1>",
+             f"<p>{m['n']} held-out <b>{html.escape(s['split'])}</b> scenes; sampler {s['sampler']}, "
+             f"CFG {s['guidance_scale']}; captions with {s['num_beams']} beam(s). "
+             "Images are read back by the shapes detector, captions by the caption grammar.</p>",
+             "<h2>Metrics</h2>", _metrics_table(m), "<h2>Wall time</h2>", _timings_table(m),
+             "<h2>Held-out examples</h2><p>input · teacher from the true caption · reconstruction from the "
+             "VLV embeddings; true caption, then the predicted one (wrong phrases in red).</p>"]
+    for ex in m.get("examples", []):
+        i = ex["index"]
+        pics = [_img(assets / f"{kind}_{i}.png", kind) for kind in ("input", "teacher", "recon")
+                if (assets / f"{kind}_{i}.png").is_file()]
+        pred = ex.get("predicted")
+        text = f"<div><b>true:</b> {html.escape(ex['caption'])}</div>"
+        if pred is not None:
+            text += f"<div><b>predicted:</b> {_caption_diff(ex['caption'], pred)}</div>"
+        parts.append(f'<div class="ex">{"".join(pics)}{text}</div>')
+    if m.get("compositions"):
+        parts.append("<h2>Composition (paper Fig. 6)</h2><p>image a · image b · the first k embeddings of each, "
+                     "decoded together.</p>")
+        for c in m["compositions"]:
+            j = c["index"]
+            pics = "".join(_img(assets / f"compose_{j}_{t}.png", t) for t in ("a", "b", "mix"))
+            parts.append(f'<div class="ex">{pics}<div>k = {c["k"]} of each</div></div>')
+    if m.get("curves"):
+        parts.append("<h2>Training loss</h2>")
+        parts += [_svg_curve(points, f"{stage} loss") for stage, points in m["curves"].items()]
+    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>VLV report: {html.escape(run.name)}'
+            f'</title><style>{_CSS}</style><script>{_SCRIPT}</script></head><body>{"".join(parts)}</body></html>\n')
+    out = run / REPORT_FILE
+    atomic_write_text(out, page)
     return out

@@ -1,0 +1,153 @@
+"""Shapes stage-2 benchmarks.
+
+    python benchmarks/stage2.py accuracy --run RUN2 --n 500            # captions, and caption -> teacher (Table 1)
+    python benchmarks/stage2.py levels --stage1 RUN1 --lm LM --minutes 5  # Table 4-right analogue
+    python benchmarks/stage2.py table7 --stage1 RUN1 --lm LM --minutes 5  # stage-1 encoder vs an untrained one
+    python benchmarks/stage2.py speed --run RUN2 --n 64                 # batched vs batch-1 captioning
+
+accuracy: caption scene accuracy / object F1 / attribute accuracy (grammar read-back) on test scenes,
+greedy and beam search, then the predicted captions drawn by the teacher and read back by the detector.
+levels / table7: one stage-2 run per variant for the same wall time on the same data, each measured on
+the same test scenes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlv.data import ImageCaptionFolder, to_tensor, write_shapes
+from vlv.presets import resolve_decoder
+from vlv.stage2 import Stage2Settings, caption_images, caption_scores, load_stage2, train_stage2
+from vlv.train import TrainConfig
+from vlv.world import shapes
+
+
+def _test(n: int, size: int) -> ImageCaptionFolder:
+    folder = Path(tempfile.mkdtemp()) / "test"
+    return ImageCaptionFolder(write_shapes(folder, n=n, seed=0, split="test", progress=False), size)
+
+
+def accuracy(args: argparse.Namespace) -> dict:
+    from vlv.teacher import load_pipeline, sample
+
+    captioner = load_stage2(args.run).eval()
+    data = _test(args.n, captioner.encoder.config.image_size)
+    out: dict = {"n": args.n}
+    for beams in args.beams:
+        t = time.perf_counter()
+        preds = caption_images(captioner, to_tensor(data.images), num_beams=beams)
+        dt = time.perf_counter() - t
+        truths = [shapes.parse_caption(c) for c in data.captions]
+        s = shapes.score([shapes.parse_caption(p) for p in preds], truths).as_dict()
+        s["exact"] = float(np.mean([p == c for p, c in zip(preds, data.captions, strict=True)]))
+        s["seconds"] = round(dt, 1)
+        pipe = load_pipeline(resolve_decoder(args.teacher))
+        drawn = sample(pipe, preds, guidance_scale=args.cfg, steps=20)
+        s["caption_to_image"] = shapes.score([shapes.detect(im) for im in drawn], truths).as_dict()
+        out[f"beams{beams}"] = s
+        print(f"beams {beams}: caption scene acc {s['scene_accuracy']:.4f}, object F1 {s['object_f1']:.4f}, attribute "
+              f"acc {s['attribute_accuracy']:.4f}, exact {s['exact']:.4f} ({dt:.1f}s); caption -> teacher -> "
+              f"detector: scene acc {s['caption_to_image']['scene_accuracy']:.4f}", flush=True)
+    return out
+
+
+def _train_variant(tag: str, args: argparse.Namespace, encoder: str, trainable: str, work: Path) -> dict:
+    settings = Stage2Settings(decoder=args.teacher, encoder=encoder, lm=args.lm, data=str(args.data),
+                              trainable=trainable)
+    cfg = TrainConfig(steps=10**9, batch_size=args.batch_size, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01,
+                      warmup_steps=20, budget_minutes=args.minutes, seed=args.seed)
+    t = time.perf_counter()
+    captioner = train_stage2(settings, cfg, work / tag)
+    wall = time.perf_counter() - t
+    meta = json.loads((work / tag / "checkpoint" / "trainer.json").read_text())
+    data = _test(args.n, captioner.encoder.config.image_size)
+    s = caption_scores(captioner.eval(), data, num_beams=1)
+    s.update(steps=meta["step"], train_s=round(wall, 1))
+    print(f"{tag:>28}: scene acc {s['scene_accuracy']:.4f}, object F1 {s['object_f1']:.4f}, exact "
+          f"{s['caption_exact']:.4f} after {s['steps']} steps / {wall:.0f}s", flush=True)
+    return s
+
+
+def levels(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        return {lvl: _train_variant(lvl, args, str(args.stage1), lvl, Path(tmp))
+                for lvl in ("mlp", "mlp+llm", "mlp+llm+encoder")}
+
+
+def table7(args: argparse.Namespace) -> dict:
+    from vlv.encoder import VLVEncoder
+    from vlv.stage1 import Stage1Settings, build_encoder
+
+    stage1 = VLVEncoder.from_pretrained(args.stage1)
+    with tempfile.TemporaryDirectory() as tmp:
+        untrained = Path(tmp) / "untrained-encoder"
+        settings = Stage1Settings(decoder="", data="", num_queries=stage1.config.num_queries)
+        build_encoder(settings, stage1.config.text_dim, seed=args.seed).save_pretrained(untrained)
+        return {"stage1-encoder": _train_variant("stage-1 encoder", args, str(args.stage1), args.level, Path(tmp)),
+                "untrained-encoder": _train_variant("untrained encoder", args, str(untrained), args.level,
+                                                    Path(tmp))}
+
+
+def speed(args: argparse.Namespace) -> dict:
+    captioner = load_stage2(args.run).eval()
+    data = _test(args.n, captioner.encoder.config.image_size)
+    x = to_tensor(data.images)
+    caption_images(captioner, x[:2], num_beams=1)  # warm-up
+    t = time.perf_counter()
+    batched = caption_images(captioner, x, batch_size=args.n, num_beams=1)
+    t_batched = time.perf_counter() - t
+    t = time.perf_counter()
+    single = [caption_images(captioner, x[i : i + 1], batch_size=1, num_beams=1)[0] for i in range(args.n)]
+    t_single = time.perf_counter() - t
+    same = float(np.mean([a == b for a, b in zip(batched, single, strict=True)]))
+    out = {"n": args.n, "batched_caps_per_s": round(args.n / t_batched, 2),
+           "batch1_caps_per_s": round(args.n / t_single, 2), "speedup": round(t_single / t_batched, 2),
+           "same_captions": same}
+    print(f"greedy captioning of {args.n} images: batched {out['batched_caps_per_s']} captions/s, batch-1 loop "
+          f"{out['batch1_caps_per_s']} captions/s: {out['speedup']}x; identical captions {same:.0%}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("accuracy")
+    a.add_argument("--run", type=Path, required=True)
+    a.add_argument("--teacher", default="shapes-teacher")
+    a.add_argument("--n", type=int, default=500)
+    a.add_argument("--beams", type=int, nargs="+", default=[1, 4])
+    a.add_argument("--cfg", type=float, default=2.0)
+    for name in ("levels", "table7"):
+        t = sub.add_parser(name)
+        t.add_argument("--stage1", type=Path, required=True)
+        t.add_argument("--lm", required=True)
+        t.add_argument("--data", type=Path, required=True)
+        t.add_argument("--teacher", default="shapes-teacher")
+        t.add_argument("--minutes", type=float, default=5.0)
+        t.add_argument("--batch-size", type=int, default=32)
+        t.add_argument("--lr", type=float, default=5e-4)
+        t.add_argument("--level", default="mlp+llm+encoder")
+        t.add_argument("--n", type=int, default=500)
+        t.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("speed")
+    s.add_argument("--run", type=Path, required=True)
+    s.add_argument("--n", type=int, default=64)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    result = {"accuracy": accuracy, "levels": levels, "table7": table7, "speed": speed}[args.cmd](args)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Full-scale stage 2 with random weights: SD 2.1-base's CLIP text encoder T -> psi -> Qwen2.5-3B, exact configs.
+
+    python benchmarks/stage2_full.py --device cpu --levels mlp --batch-sizes 1
+    python benchmarks/stage2_full.py --device cuda --levels mlp mlp+llm --batch-sizes 8 32 --precision bf16
+
+One optimizer step of the captioner's loss on z-shaped inputs (B, 77, 1024) and captions of --caption-tokens
+tokens: per level, batch size and precision it prints seconds per step, captions/s and peak memory. The
+stage-1 encoder is not in the loop (levels mlp and mlp+llm read z; the encoder level adds stage 1's
+encoder cost, measured by stage1_full.py). AdamW over the trainable set, fp32 master weights: at level
+mlp+llm that is ~16 bytes x 3.1 B parameters (~49 GB) before activations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+import torch
+
+from vlv.captioner import Captioner, CaptionerConfig
+from vlv.decoder import random_pipeline
+
+
+def peak_memory_gib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB on Linux)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--levels", nargs="+", default=["mlp"], choices=["mlp", "mlp+llm"])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    p.add_argument("--caption-tokens", type=int, default=32, help="caption length in LM tokens (+ EOS)")
+    p.add_argument("--nq", type=int, default=77)
+    p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    args = p.parse_args(argv)
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    text_encoder = random_pipeline("sd21-base").text_encoder.requires_grad_(False).eval().to(dev)
+    d_t = text_encoder.config.hidden_size
+    print(f"{'level':>8} {'precision':>9} {'batch':>5} {'s/step':>8} {'capt/s':>8} {'peak GiB':>9} {'trainable':>10}")
+    for level in args.levels:
+        t0 = time.perf_counter()
+        captioner = Captioner(CaptionerConfig(text_dim=d_t, lm="qwen2.5-3b", trainable=level), text_encoder).to(dev)
+        if args.gradient_checkpointing:
+            captioner.lm.gradient_checkpointing_enable()
+        params = [q for q in captioner.parameters() if q.requires_grad]
+        n_train = sum(q.numel() for q in params)
+        n_lm = sum(q.numel() for q in captioner.lm.parameters())
+        print(f"# level {level}: built in {time.perf_counter() - t0:.0f}s; LM {n_lm / 1e9:.2f} B parameters",
+              flush=True)
+        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
+        vocab = captioner.lm.config.vocab_size
+        for precision in args.precision:
+            for b in args.batch_sizes:
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                z = torch.randn(b, args.nq, d_t, device=dev)
+                ids = torch.randint(10, vocab - 10, (b, args.caption_tokens), device=dev)
+                mask = torch.ones_like(ids)
+                times = []
+                for step in range(args.steps + 1):
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                        loss = captioner(input_ids=ids, attention_mask=mask, z=z).loss
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                    if step:
+                        times.append(time.perf_counter() - t)
+                s = sum(times) / len(times)
+                print(f"{level:>8} {precision:>9} {b:>5} {s:>8.3f} {b / s:>8.2f} {peak_memory_gib(args.device):>9.1f}"
+                      f" {n_train / 1e6:>9.1f}M", flush=True)
+        del captioner, opt
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Held-out measures of a VLV run dir (``vlv demo``'s layout): what the report page shows, from saved files.
+
+A run dir holds ``data/``, ``teacher/`` (Stable Diffusion layout), ``lm/``, ``stage1/``, ``stage2/``.
+:func:`evaluate_run` measures every stage that has finished, on one split of shapes scenes:
+
+- teacher:        the teacher's samples from the true captions, read back by the detector (the ceiling);
+- reconstruction: image -> z = E(x) -> teacher -> detector (stage 1, paper Sec. 3.1);
+- captions:       image -> captioner -> caption grammar (stage 2);
+- caption_to_image: the predicted captions -> teacher -> detector (paper Table 1 analogue);
+
+and writes ``metrics.json`` plus the pictures the page shows (``report/*.png``). Numbers in the page come
+from this file only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlv.data import ImageCaptionFolder, atomic_write_text, to_pil, to_tensor, write_shapes
+from vlv.world import shapes
+
+METRICS_FILE, ASSETS = "metrics.json", "report"
+STAGES = ("lm", "stage1", "stage2")
+FINISHED = {"lm": "config.json", "stage1": "encoder.json", "stage2": "captioner.json"}  # written last
+
+
+@dataclass
+class EvalSettings:
+    """How a run is measured; the defaults are the report's."""
+
+    split: str = "test"
+    n: int = 500
+    sampler: str = "fast"  # DPM-Solver++ 20 steps (reconstruction and teacher alike)
+    guidance_scale: float = 2.0  # the paper's reconstruction CFG, used for the teacher too: same footing
+    num_beams: int = 1  # greedy captions
+    examples: int = 16  # test images shown in the page
+    compositions: int = 4
+    seed: int = 0
+
+
+def finished(run: Path, stage: str) -> bool:
+    """A stage is finished when its final artefact exists (written only after its last step)."""
+    return (Path(run) / stage / FINISHED[stage]).is_file()
+
+
+def split_data(run: Path, split: str, n: int, size: int) -> ImageCaptionFolder:
+    """run/data/<split>, made on first use (the demo makes test; another split is rendered on demand)."""
+    folder = Path(run) / "data" / split
+    if not (folder / "captions.jsonl").is_file():
+        write_shapes(folder, n=n, seed=0, split=split, progress=False)
+    data = ImageCaptionFolder(folder, size, limit=n)
+    return data
+
+
+def _scores(images: list[Image.Image], truths: list[set]) -> dict[str, float]:
+    return shapes.score([shapes.detect(im) for im in images], truths).as_dict()
+
+
+def loss_curves(run: Path) -> dict[str, list[list[float]]]:
+    """(step, smoothed loss) per trained stage, from each checkpoint's trainer.json history."""
+    curves = {}
+    for stage in STAGES:
+        meta = Path(run) / stage / "checkpoint" / "trainer.json"
+        if meta.is_file():
+            history = json.loads(meta.read_text())["history"]
+            curves[stage] = [[row["step"], round(row["loss"], 5)] for row in history if "loss" in row]
+    return curves
+
+
+def shipped_metrics() -> dict[str, Any]:
+    """The benchmark numbers recorded beside each shipped weight set (``metrics.json`` in its dir)."""
+    from vlv.presets import SHIPPED
+
+    out = {}
+    for name, path in SHIPPED.items():
+        if (path / "metrics.json").is_file():
+            out[name] = json.loads((path / "metrics.json").read_text())
+    return out
+
+
+@torch.no_grad()
+def evaluate_run(run: Path, settings: EvalSettings | None = None, progress: bool = True) -> dict[str, Any]:
+    """Measure every finished stage of ``run``; write run/metrics.json (keeping its timings) and run/report/."""
+    from tqdm.auto import tqdm
+
+    from vlv.decoder import DiffusionDecoder, compose
+    from vlv.encoder import VLVEncoder
+    from vlv.stage1 import reconstruct_images
+    from vlv.stage2 import caption_images, load_stage2
+    from vlv.teacher import make_pipeline, sample
+
+    settings, run = settings or EvalSettings(), Path(run)
+    assets = run / ASSETS
+    assets.mkdir(parents=True, exist_ok=True)
+    decoder = DiffusionDecoder.from_pretrained(run / "teacher")
+    pipe = make_pipeline(decoder.vae, decoder.text_encoder, decoder.tokenizer, decoder.unet, decoder.scheduler)
+    data = split_data(run, settings.split, settings.n, decoder.image_size)
+    truths = [shapes.parse_caption(c) for c in data.captions]
+    images = to_tensor(data.images)  # (N, 3, H, W) in [-1, 1]
+    kw = {"guidance_scale": settings.guidance_scale, "sampler": settings.sampler, "seed": settings.seed}
+    steps = [s for s in ("teacher", "stage1", "stage2") if s == "teacher" or finished(run, s)]
+    bar = tqdm(total=len(steps) + finished(run, "stage2"), desc="evaluate", unit="part", disable=not progress)
+    metrics: dict[str, Any] = {"settings": asdict(settings), "n": len(data)}
+    shown = list(range(min(settings.examples, len(data))))
+    examples = [{"index": i, "caption": data.captions[i]} for i in shown]
+    for i in shown:
+        to_pil(images[i : i + 1])[0].save(assets / f"input_{i}.png")
+
+    teacher_images = sample(pipe, data.captions, **kw)
+    metrics["teacher"] = _scores(teacher_images, truths)
+    for i in shown:
+        teacher_images[i].save(assets / f"teacher_{i}.png")
+    bar.update()
+
+    if finished(run, "stage1"):
+        encoder = VLVEncoder.from_pretrained(run / "stage1").eval()
+        recon = to_pil(reconstruct_images(encoder, decoder, images, sampler=settings.sampler,
+                                          guidance_scale=settings.guidance_scale, seed=settings.seed))
+        metrics["reconstruction"] = _scores(recon, truths)
+        metrics["reconstruction"]["of_teacher"] = _ratio(metrics["reconstruction"], metrics["teacher"])
+        for i in shown:
+            recon[i].save(assets / f"recon_{i}.png")
+        metrics["compositions"] = _compositions(encoder, decoder, images, settings, assets, compose)
+        bar.update()
+
+    if finished(run, "stage2"):
+        captioner = load_stage2(run / "stage2").eval()
+        preds = caption_images(captioner, images, num_beams=settings.num_beams)
+        read = [shapes.parse_caption(p) for p in preds]
+        metrics["captions"] = {**shapes.score(read, truths).as_dict(),
+                               "exact": float(np.mean([p == t for p, t in zip(preds, data.captions, strict=True)])),
+                               "well_formed": float(np.mean([shapes.is_well_formed(p) for p in preds]))}
+        for row in examples:
+            row["predicted"] = preds[row["index"]]
+        bar.update()
+        metrics["caption_to_image"] = _scores(sample(pipe, preds, **kw), truths)  # Table 1 analogue
+        bar.update()
+    bar.close()
+    metrics["examples"] = examples
+    metrics["curves"] = loss_curves(run)
+    metrics["shipped"] = shipped_metrics()
+    old = json.loads((run / METRICS_FILE).read_text()) if (run / METRICS_FILE).is_file() else {}
+    metrics = {**{k: old[k] for k in ("timings", "preset") if k in old}, **metrics}
+    atomic_write_text(run / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _ratio(a: dict[str, float], b: dict[str, float]) -> float | None:
+    return round(a["scene_accuracy"] / b["scene_accuracy"], 4) if b["scene_accuracy"] else None
+
+
+def _compositions(encoder, decoder, images: torch.Tensor, settings: EvalSettings, assets: Path,
+                  compose) -> list[dict[str, Any]]:
+    """Paper Fig. 6: the first k = Nq/2 embeddings of image a and of image b, decoded together."""
+    n = min(settings.compositions, len(images) // 2)
+    if n == 0:
+        return []
+    a, b = images[:n], images[n : 2 * n]
+    z_a, z_b = encoder(encoder.normalize(a)), encoder(encoder.normalize(b))  # (n, Nq, d_T) each
+    k = encoder.config.num_queries // 2
+    gen = torch.Generator().manual_seed(settings.seed)
+    mixed = decoder.reconstruct(compose(z_a, z_b, k), guidance_scale=settings.guidance_scale, sampler=settings.sampler,
+                                generator=gen) * 2 - 1  # (n, 3, H, W)
+    rows = []
+    for j, (im_a, im_b, im_m) in enumerate(zip(to_pil(a), to_pil(b), to_pil(mixed), strict=True)):
+        for tag, im in (("a", im_a), ("b", im_b), ("mix", im_m)):
+            im.save(assets / f"compose_{j}_{tag}.png")
+        rows.append({"index": j, "k": k})
+    return rows
