@@ -1,7 +1,7 @@
 """Benchmark a shapes teacher: samples from true test captions read back by the detector.
 
     python benchmarks/teacher.py --teacher shapes-teacher --n 500
-    python benchmarks/teacher.py --teacher runs/teacher-v1 --n 500 --cfg 1 2 3 4 6
+    python benchmarks/teacher.py --teacher runs/teacher-v1 --n 500 --cfg 1 1.5 2 3 4 --json metrics.json
 
 Prints scene accuracy / object F1 per CFG scale (DPM-Solver++ 20 steps unless --steps), the VAE's own
 reconstruction accuracy, the training record (wall time, accuracy-vs-time curve), and writes a PNG grid
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="shapes-teacher", help="teacher dir or preset name")
     p.add_argument("--n", type=int, default=500, help="test-split scenes")
-    p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0, 6.0])
+    p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", choices=["fast", "paper"], default="fast")
     p.add_argument("--grid", type=Path, default=Path("runs/benchmarks/teacher_grid.png"))
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         if best is None or s.scene_accuracy > result["cfg"][str(best)]["scene_accuracy"]:
             best, best_images = g, images
     result["best_cfg"] = best
+    if "2.0" in result["cfg"]:  # the footing every report measures on (the paper's reconstruction CFG)
+        result["teacher"] = result["cfg"]["2.0"]
     print(f"best: cfg {best}, scene accuracy {result['cfg'][str(best)]['scene_accuracy']:.4f}")
 
     record_file = path / "teacher.json"
