@@ -135,15 +135,13 @@ def cmd_train_stage1(args: argparse.Namespace) -> None:
 
 
 def _load_encoder_decoder(args: argparse.Namespace):
-    from vlv.presets import resolve_decoder
+    from vlv.presets import resolve_decoder, resolve_encoder
 
-    decoder_path = resolve_decoder(args.decoder)
-    if not (Path(args.encoder) / "encoder.json").is_file():
-        raise FileNotFoundError(f"no VLV encoder at {args.encoder} (no encoder.json)")
+    decoder_path, encoder_path = resolve_decoder(args.decoder), resolve_encoder(args.encoder)
     from vlv.decoder import DiffusionDecoder
     from vlv.encoder import VLVEncoder
 
-    return VLVEncoder.from_pretrained(args.encoder).eval(), DiffusionDecoder.from_pretrained(decoder_path)
+    return VLVEncoder.from_pretrained(encoder_path).eval(), DiffusionDecoder.from_pretrained(decoder_path)
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
@@ -215,12 +213,11 @@ def cmd_train_lm(args: argparse.Namespace) -> None:
 
 
 def cmd_train_stage2(args: argparse.Namespace) -> None:
-    from vlv.presets import resolve_decoder
+    from vlv.presets import resolve_decoder, resolve_encoder
 
     resolve_decoder(args.decoder)
     _require_dirs(args.data, args.val)
-    if not (Path(args.encoder) / "encoder.json").is_file():
-        raise FileNotFoundError(f"no stage-1 encoder at {args.encoder} (no encoder.json)")
+    resolve_encoder(args.encoder)
     from vlv.stage2 import Stage2Settings, train_stage2
     from vlv.train import TrainConfig
 
@@ -392,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_lm)
     p = train_sub.add_parser("stage2", help="teach a causal LM to read stage-1 embeddings out as captions")
-    p.add_argument("--encoder", type=Path, required=True, help="stage-1 run dir (never modified)")
+    p.add_argument("--encoder", required=True, help="stage-1 run dir (never modified) or shipped name (shapes-stage1)")
     p.add_argument("--lm", required=True, help="LM dir (vlv train lm output, or a local Qwen2.5 dir) or preset")
     p.add_argument("--decoder", default="shapes-teacher", help="Stable Diffusion dir or preset: its text encoder T")
     p.add_argument("--data", type=Path, required=True, help="image-caption folder")
@@ -420,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reconstruct", help="redraw images from their VLV embeddings through the decoder")
     p.add_argument("images", nargs="+", type=Path, help="image files or folders")
-    p.add_argument("--encoder", type=Path, required=True, help="stage-1 run dir")
+    p.add_argument("--encoder", required=True, help="stage-1 run dir or shipped name (shapes-stage1)")
     p.add_argument("--decoder", required=True, help="Stable Diffusion dir or preset (shapes-teacher)")
     p.add_argument("--out", type=writable_dir, required=True, help="output folder (file names kept)")
     p.add_argument("--batch-size", type=positive_int, default=64)
@@ -430,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compose", help="one image from the first k embeddings of two images (paper Fig. 6)")
     p.add_argument("a", type=Path)
     p.add_argument("b", type=Path)
-    p.add_argument("--encoder", type=Path, required=True, help="stage-1 run dir")
+    p.add_argument("--encoder", required=True, help="stage-1 run dir or shipped name (shapes-stage1)")
     p.add_argument("--decoder", required=True, help="Stable Diffusion dir or preset (shapes-teacher)")
     p.add_argument("--k", type=positive_int, default=None, help="embeddings kept from each (default Nq/2)")
     p.add_argument("--out", type=Path, required=True, help="PNG to write")

@@ -125,7 +125,9 @@ def train_stage2(settings: Stage2Settings, cfg: TrainConfig, out: Path, progress
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # Absolute paths, so the run dir can be loaded from anywhere.
-    settings = replace(settings, encoder=str(Path(settings.encoder).resolve()),
+    from vlv.presets import resolve_encoder
+
+    settings = replace(settings, encoder=str(resolve_encoder(settings.encoder).resolve()),
                        lm=str(Path(settings.lm).resolve()) if is_lm_dir(settings.lm) else settings.lm)
     captioner = build_captioner(settings, cfg.seed)
     size = captioner.encoder.config.image_size
