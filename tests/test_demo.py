@@ -11,7 +11,7 @@ import pytest
 
 from vlv.presets import SHIPPED
 
-pytestmark = pytest.mark.skipif(not (SHIPPED["shapes-teacher"] / "model_index.json").is_file(),
+pytestmark = pytest.mark.skipif(not (SHIPPED["shapes-teacher"][0] / "model_index.json").is_file(),
                                 reason="the shipped shapes teacher is not in this checkout")
 ARTIFACTS = Path(os.environ.get("VLV_TEST_ARTIFACTS", Path(__file__).parent.parent / "runs" / "test-artifacts"))
 

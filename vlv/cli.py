@@ -240,8 +240,9 @@ def cmd_caption(args: argparse.Namespace) -> None:
     from vlv.data import atomic_write_text, list_images, load_image, to_tensor
 
     paths = list_images(args.images)
-    if not (Path(args.model) / "stage2.json").is_file():
-        raise FileNotFoundError(f"no stage-2 run at {args.model} (no stage2.json)")
+    from vlv.presets import resolve_stage2
+
+    resolve_stage2(args.model)  # fail fast, before the heavy imports
     from vlv.stage2 import caption_images, load_stage2
 
     captioner = load_stage2(args.model).eval()
@@ -390,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_lm)
     p = train_sub.add_parser("stage2", help="teach a causal LM to read stage-1 embeddings out as captions")
     p.add_argument("--encoder", required=True, help="stage-1 run dir (never modified) or shipped name (shapes-stage1)")
-    p.add_argument("--lm", required=True, help="LM dir (vlv train lm output, or a local Qwen2.5 dir) or preset")
+    p.add_argument("--lm", required=True, help="LM dir (vlv train lm output, or a local Qwen2.5 dir), an LM preset "
+                   "(random init) or the shipped shapes-lm")
     p.add_argument("--decoder", default="shapes-teacher", help="Stable Diffusion dir or preset: its text encoder T")
     p.add_argument("--data", type=Path, required=True, help="image-caption folder")
     p.add_argument("--out", type=writable_dir, required=True, help="run dir (resumes when it holds a checkpoint)")
@@ -408,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("caption", help="caption images with a stage-2 run (one JSON line per image)")
     p.add_argument("images", nargs="+", type=Path, help="image files or folders")
-    p.add_argument("--model", type=Path, required=True, help="stage-2 run dir")
+    p.add_argument("--model", default="shapes-stage2", help="stage-2 run dir or shipped name (default shapes-stage2)")
     p.add_argument("--out", type=Path, required=True, help="captions.jsonl to write")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--num-beams", type=positive_int, default=None, help="default: the run's (4)")

@@ -83,17 +83,23 @@ def read_records(folder: Path) -> list[Record]:
     return records
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
-    """RGB uint8 array (size, size, 3): PIL resize (bicubic) of the centre square crop."""
+def load_image(path: Path | Image.Image, size: int) -> np.ndarray:
+    """A file or PIL image -> RGB uint8 array (size, size, 3): PIL resize (bicubic) of the centre square crop."""
+    if isinstance(path, Image.Image):
+        return _square(path, size)
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        if w != h:
-            s = min(w, h)
-            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BICUBIC)
-        return np.asarray(im, dtype=np.uint8)
+        return _square(im, size)
+
+
+def _square(im: Image.Image, size: int) -> np.ndarray:
+    im = im.convert("RGB")
+    w, h = im.size
+    if w != h:
+        s = min(w, h)
+        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BICUBIC)
+    return np.asarray(im, dtype=np.uint8)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -79,7 +79,7 @@ def shipped_metrics() -> dict[str, Any]:
     from vlv.presets import SHIPPED
 
     out = {}
-    for name, path in SHIPPED.items():
+    for name, (path, _) in SHIPPED.items():
         if (path / "metrics.json").is_file():
             out[name] = json.loads((path / "metrics.json").read_text())
     return out

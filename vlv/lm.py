@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from vlv.data import atomic_write_text, read_records
+from vlv.presets import resolve_lm_name
 from vlv.train import TrainConfig, train
 from vlv.world import shapes
 
@@ -85,7 +86,8 @@ def list_lm_presets() -> list[str]:
 
 
 def is_lm_dir(source: str | dict) -> bool:
-    """True when the source is a checkpoint dir (pretrained weights), not a preset or a dict (random init)."""
+    """True when the source is a checkpoint dir (pretrained weights; the shipped ``shapes-lm`` is one), not a
+    preset or a dict (random init)."""
     return not isinstance(source, dict) and source not in list_lm_presets()
 
 
@@ -110,7 +112,7 @@ def build_lm(source: str | dict) -> PreTrainedModel:
     """
     if not is_lm_dir(source):
         return AutoModelForCausalLM.from_config(lm_config(source), dtype=torch.float32)
-    path = Path(source)
+    path = Path(resolve_lm_name(source))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no causal LM at {path} (expected a local dir with config.json and weights); "
                                 f"presets for random init: {', '.join(list_lm_presets())}")
@@ -121,6 +123,7 @@ def load_tokenizer(source: str | dict) -> PreTrainedTokenizerBase:
     """The checkpoint dir's own tokenizer; the shapes tokenizer for random-init sources."""
     if not is_lm_dir(source):
         return build_shapes_tokenizer()
+    source = resolve_lm_name(source)
     # transformers 5's AutoTokenizer builds an EMPTY tokenizer from config.json when a dir has no tokenizer
     # files, instead of raising (vlv/encoder.py notes the same).
     if not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):

@@ -1,7 +1,9 @@
 """Named weights shipped inside the package, resolved separately from architectures.
 
 ``shapes-teacher`` is a Stable-Diffusion-layout dir; ``shapes-stage1`` a stage-1 run (``encoder.json`` +
-safetensors), so ``--decoder`` / ``--encoder`` take a name wherever they take a dir.
+safetensors); ``shapes-lm`` the pre-trained shapes LM (transformers layout); ``shapes-stage2`` a stage-2 run
+whose ``stage2.json`` names the other three by these names. Wherever a command takes one of these dirs it
+also takes the name, so the shipped chain works from any install location.
 """
 
 from __future__ import annotations
@@ -9,37 +11,53 @@ from __future__ import annotations
 from pathlib import Path
 
 WEIGHTS = Path(__file__).parent / "weights"
-SHIPPED = {"shapes-teacher": WEIGHTS / "shapes-teacher", "shapes-stage1": WEIGHTS / "shapes-stage1"}
-MARKER = {"shapes-teacher": "model_index.json", "shapes-stage1": "encoder.json"}
+# name -> (dir, the file that marks a complete dir)
+SHIPPED = {"shapes-teacher": (WEIGHTS / "shapes-teacher", "model_index.json"),
+           "shapes-stage1": (WEIGHTS / "shapes-stage1", "encoder.json"),
+           "shapes-lm": (WEIGHTS / "shapes-lm", "config.json"),
+           "shapes-stage2": (WEIGHTS / "shapes-stage2", "stage2.json")}
 
 
 def list_presets() -> list[str]:
     return sorted(SHIPPED)
 
 
-def _shipped(name: str) -> Path:
-    path = SHIPPED[name]
-    if not (path / MARKER[name]).exists():
+def shipped_dir(name: str) -> Path:
+    """The dir of shipped weights ``name``; FileNotFoundError when this install lacks them."""
+    path, marker = SHIPPED[name]
+    if not (path / marker).exists():
         raise FileNotFoundError(f"the shipped weights {name!r} are not in this install ({path})")
+    return path
+
+
+def _resolve(name_or_path: str | Path, name: str, what: str) -> Path:
+    if str(name_or_path) == name:
+        return shipped_dir(name)
+    path = Path(name_or_path)
+    if not (path / SHIPPED[name][1]).exists():
+        raise FileNotFoundError(f"{path} is not {what} (no {SHIPPED[name][1]}) nor the shipped {name!r}")
     return path
 
 
 def resolve_decoder(name_or_path: str | Path) -> Path:
     """A shipped name (``shapes-teacher``) or a Stable-Diffusion-layout dir -> its path."""
-    if str(name_or_path) == "shapes-teacher":
-        return _shipped("shapes-teacher")
-    path = Path(name_or_path)
-    if not (path / "model_index.json").exists():
-        raise FileNotFoundError(f"{path} is not a Stable Diffusion dir (no model_index.json) nor the shipped "
-                                f"'shapes-teacher'")
-    return path
+    return _resolve(name_or_path, "shapes-teacher", "a Stable Diffusion dir")
 
 
 def resolve_encoder(name_or_path: str | Path) -> Path:
     """A shipped name (``shapes-stage1``) or a stage-1 run dir (with encoder.json) -> its path."""
-    if str(name_or_path) == "shapes-stage1":
-        return _shipped("shapes-stage1")
-    path = Path(name_or_path)
-    if not (path / "encoder.json").exists():
-        raise FileNotFoundError(f"no VLV encoder at {path} (no encoder.json) nor the shipped 'shapes-stage1'")
-    return path
+    return _resolve(name_or_path, "shapes-stage1", "a VLV encoder")
+
+
+def resolve_stage2(name_or_path: str | Path) -> Path:
+    """A shipped name (``shapes-stage2``) or a stage-2 run dir (with stage2.json) -> its path."""
+    return _resolve(name_or_path, "shapes-stage2", "a stage-2 run")
+
+
+def resolve_lm_name(source: str | dict) -> str | dict:
+    """``shapes-lm`` -> its shipped dir (as a string); any other LM source (dir, preset, dict) unchanged."""
+    return str(shipped_dir("shapes-lm")) if source == "shapes-lm" else source
+
+
+def is_shipped(name_or_path: str | Path) -> bool:
+    return str(name_or_path) in SHIPPED

@@ -24,6 +24,7 @@ from vlv.captioner import Captioner, CaptionerConfig
 from vlv.data import ImageCaptionFolder, atomic_write_text, to_tensor
 from vlv.encoder import VLVEncoder
 from vlv.lm import is_lm_dir
+from vlv.presets import is_shipped, resolve_decoder, resolve_encoder, resolve_stage2
 from vlv.train import TrainConfig, train
 from vlv.world import shapes
 
@@ -32,8 +33,6 @@ STAGE2_FILE = "stage2.json"
 
 def load_text_encoder(decoder: str | Path) -> CLIPTextModel:
     """T alone from a shipped decoder name or a Stable-Diffusion-layout dir, fp32, frozen: stage 2 needs no UNet/VAE."""
-    from vlv.presets import resolve_decoder
-
     path = resolve_decoder(decoder) / "text_encoder"
     te = CLIPTextModel.from_pretrained(path, dtype=torch.float32, local_files_only=True)
     return te.requires_grad_(False).eval()
@@ -110,7 +109,7 @@ class Stage2Settings:
 def build_captioner(settings: Stage2Settings, seed: int) -> Captioner:
     """Same seed, same psi (and same random-init LM): a resumed run rebuilds the captioner it checkpointed."""
     text_encoder = load_text_encoder(settings.decoder)
-    encoder = VLVEncoder.from_pretrained(settings.encoder)
+    encoder = VLVEncoder.from_pretrained(resolve_encoder(settings.encoder))
     config = CaptionerConfig(text_dim=text_encoder.config.hidden_size, lm=settings.lm, trainable=settings.trainable,
                              max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams)
     torch.manual_seed(seed)
@@ -124,11 +123,9 @@ def train_stage2(settings: Stage2Settings, cfg: TrainConfig, out: Path, progress
     """Train (or resume) a stage-2 run; returns the trained captioner, or None if stopped early (re-run resumes)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    # Absolute paths, so the run dir can be loaded from anywhere.
-    from vlv.presets import resolve_encoder
-
-    settings = replace(settings, encoder=str(resolve_encoder(settings.encoder).resolve()),
-                       lm=str(Path(settings.lm).resolve()) if is_lm_dir(settings.lm) else settings.lm)
+    # Shipped names stay names and dirs become absolute paths, so the run dir loads from anywhere.
+    settings = replace(settings, encoder=_portable(settings.encoder, resolve_encoder),
+                       lm=_portable(settings.lm, lambda s: Path(s)) if is_lm_dir(settings.lm) else settings.lm)
     captioner = build_captioner(settings, cfg.seed)
     size = captioner.encoder.config.image_size
     data = ImageCaptionFolder(Path(settings.data), size, progress=progress)
@@ -149,11 +146,14 @@ def train_stage2(settings: Stage2Settings, cfg: TrainConfig, out: Path, progress
     return captioner
 
 
+def _portable(source: str, resolve) -> str:
+    return source if is_shipped(source) else str(resolve(source).resolve())
+
+
 def load_stage2(run: str | Path) -> Captioner:
-    """A finished stage-2 run dir -> its captioner, with T from the decoder and the encoder from the stage-1 run."""
-    run = Path(run)
-    if not (run / STAGE2_FILE).is_file():
-        raise FileNotFoundError(f"no stage-2 run at {run} (no {STAGE2_FILE})")
+    """A finished stage-2 run dir (or the shipped ``shapes-stage2``) -> its captioner, with T from the decoder
+    and the encoder from the stage-1 run."""
+    run = resolve_stage2(run)
     settings = Stage2Settings(**json.loads((run / STAGE2_FILE).read_text())["settings"])
-    encoder = VLVEncoder.from_pretrained(settings.encoder)
+    encoder = VLVEncoder.from_pretrained(resolve_encoder(settings.encoder))
     return Captioner.from_pretrained(run, load_text_encoder(settings.decoder), encoder)
