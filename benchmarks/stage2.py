@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from vlv.data import ImageCaptionFolder, to_tensor, write_shapes
-from vlv.presets import resolve_decoder
+from vlv.presets import resolve_decoder, resolve_encoder
 from vlv.stage2 import Stage2Settings, caption_images, caption_scores, load_stage2, train_stage2
 from vlv.train import TrainConfig
 from vlv.world import shapes
@@ -86,7 +86,7 @@ def table7(args: argparse.Namespace) -> dict:
     from vlv.encoder import VLVEncoder
     from vlv.stage1 import Stage1Settings, build_encoder
 
-    stage1 = VLVEncoder.from_pretrained(args.stage1)
+    stage1 = VLVEncoder.from_pretrained(resolve_encoder(args.stage1))
     with tempfile.TemporaryDirectory() as tmp:
         untrained = Path(tmp) / "untrained-encoder"
         settings = Stage1Settings(decoder="", data="", num_queries=stage1.config.num_queries)

@@ -1,0 +1,108 @@
+"""Maintainer tool: copy a finished shapes run into the package as shipped weights (``vlv/weights/<name>``).
+
+    python scripts/ship.py stage1 runs/ship/stage1 --command "vlv train stage1 ..." [--metrics bench.json]
+    python scripts/ship.py lm runs/ship/lm --command "vlv train lm ..."
+    python scripts/ship.py stage2 runs/ship/stage2 --command "vlv train stage2 ..." [--metrics bench.json]
+    python scripts/ship.py metrics stage1 bench.json      # (re)attach benchmark numbers to shipped weights
+
+What ships: the run's config files and its trained weights as fp16 safetensors (the loaders cast to fp32), and
+``training.json``: the command, settings, steps, wall time and the loss/eval curve from the run's checkpoint.
+Stage 2 must have been trained from the shipped names (``--encoder shapes-stage1 --lm shapes-lm``) so that its
+``stage2.json`` points at the shipped parts. ``metrics.json`` holds the benchmark numbers the report page puts
+beside a demo's own: keys ``reconstruction`` (stage 1) and ``captions`` / ``caption_to_image`` (stage 2).
+The weights dir is written to a temporary dir and swapped in whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlv.presets import SHIPPED
+
+KINDS = ("stage1", "lm", "stage2")
+SKIP = {"latents.safetensors"}  # stage 1's cached VAE latents: a training cache, not weights
+
+
+def _fp16(src: Path, dst: Path) -> None:
+    tensors = load_file(src)
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, dst,
+              metadata={"format": "pt"})
+
+
+def _metrics(kind: str, bench: dict) -> dict:
+    """Benchmark JSON (benchmarks/stage1.py or stage2.py accuracy) -> the keys the report reads."""
+    if kind == "stage1":
+        fast = next(v for k, v in bench.items() if k.endswith(":fast"))
+        paper = next((v for k, v in bench.items() if k.endswith(":paper")), None)
+        return {"reconstruction": fast, "reconstruction_paper_sampler": paper,
+                "teacher_true_captions": bench.get("teacher_true_captions"), "n": bench.get("n"), "benchmark": bench}
+    if kind == "stage2":
+        beams = sorted((k for k in bench if k.startswith("beams")), key=lambda k: int(k[5:]))
+        greedy = bench[beams[0]]
+        return {"captions": {k: v for k, v in greedy.items() if k != "caption_to_image"},
+                "caption_to_image": greedy["caption_to_image"], "n": bench.get("n"), "benchmark": bench}
+    raise ValueError(f"no benchmark numbers for {kind}")
+
+
+def ship(kind: str, run: Path, command: str, metrics: Path | None) -> Path:
+    name = f"shapes-{kind}"
+    dest = SHIPPED[name][0]
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in sorted(run.iterdir()):  # configs, tokenizer files, weights; never checkpoint/ (optimizer state)
+        if not f.is_file() or f.name in SKIP:
+            continue
+        if f.suffix == ".safetensors":
+            _fp16(f, tmp / f.name)
+        else:
+            shutil.copy2(f, tmp / f.name)
+    if kind == "stage2":
+        settings = json.loads((run / "stage2.json").read_text())["settings"]
+        if (settings["encoder"], settings["lm"]) != ("shapes-stage1", "shapes-lm"):
+            raise SystemExit(f"{run} was not trained from the shipped names: {settings['encoder']}, {settings['lm']}")
+    trainer = json.loads((run / "checkpoint" / "trainer.json").read_text())
+    record = {"command": command, "steps": trainer["step"], "wall_s": round(trainer["elapsed_s"], 1),
+              "train": trainer["config"], "history": trainer["history"],
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    (tmp / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    if metrics is not None:
+        (tmp / "metrics.json").write_text(json.dumps(_metrics(kind, json.loads(metrics.read_text())), indent=2) + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    size = sum(p.stat().st_size for p in dest.iterdir())
+    print(f"shipped {run} as {name}: {dest} ({size / 2**20:.1f} MiB)")
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="kind", required=True)
+    for kind in KINDS:
+        s = sub.add_parser(kind)
+        s.add_argument("run", type=Path)
+        s.add_argument("--command", required=True, help="the command that trained the run (recorded)")
+        s.add_argument("--metrics", type=Path, default=None, help="benchmark JSON to record beside the weights")
+    m = sub.add_parser("metrics")
+    m.add_argument("which", choices=["stage1", "stage2"])
+    m.add_argument("bench", type=Path)
+    args = p.parse_args(argv)
+    if args.kind == "metrics":
+        dest = SHIPPED[f"shapes-{args.which}"][0]
+        (dest / "metrics.json").write_text(json.dumps(_metrics(args.which, json.loads(args.bench.read_text())),
+                                                      indent=2) + "\n")
+        print(f"wrote {dest / 'metrics.json'}")
+    else:
+        ship(args.kind, args.run, args.command, args.metrics)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The weights shipped inside the package load by name, strictly, and carry their training record.
+
+Each test skips where a checkout does not hold that weight set yet (they are shipped one by one).
+"""
+
+import json
+
+import pytest
+import torch
+
+from vlv import presets
+
+
+def _shipped(name: str):
+    path, marker = presets.SHIPPED[name]
+    return pytest.mark.skipif(not (path / marker).is_file(), reason=f"{name} not shipped in this checkout")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@_shipped("shapes-lm")
+def test_shipped_lm_loads_strictly_and_speaks_the_grammar():
+    from transformers import AutoModelForCausalLM
+
+    from vlv.lm import build_lm, load_tokenizer
+    from vlv.world import shapes
+
+    path = presets.shipped_dir("shapes-lm")
+    lm, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    lm, tok = build_lm("shapes-lm").eval(), load_tokenizer("shapes-lm")
+    caption = "a large red circle at the top left and a small cyan square at the bottom right"
+    assert tok.decode(tok(caption).input_ids) == caption
+    out = lm.generate(torch.tensor([[tok.bos_token_id]]), max_new_tokens=40, do_sample=False,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert out[0, -1] == tok.eos_token_id and shapes.is_well_formed(tok.decode(out[0], skip_special_tokens=True))
+    assert json.loads((path / "training.json").read_text())["steps"] > 0
+
+
+@_shipped("shapes-stage1")
+def test_shipped_encoder_loads_strictly_by_name():
+    from safetensors.torch import load_file
+
+    from vlv.encoder import VLVEncoder
+
+    path = presets.resolve_encoder("shapes-stage1")
+    enc = VLVEncoder.from_pretrained(path).eval()
+    assert set(load_file(path / "model.safetensors")) == {n for n, p in enc.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        z = enc(enc.normalize(torch.zeros(2, 3, enc.config.image_size, enc.config.image_size)))
+    assert z.shape == (2, enc.config.num_queries, enc.config.text_dim) and torch.isfinite(z).all()
+    record = json.loads((path / "training.json").read_text())
+    assert record["steps"] > 0 and "reconstruction" in json.loads((path / "metrics.json").read_text())
+
+
+@_shipped("shapes-stage2")
+def test_shipped_captioner_names_its_shipped_parts():
+    from vlv.stage2 import load_stage2
+
+    path = presets.resolve_stage2("shapes-stage2")
+    settings = json.loads((path / "stage2.json").read_text())["settings"]
+    assert (settings["decoder"], settings["encoder"], settings["lm"]) == ("shapes-teacher", "shapes-stage1",
+                                                                          "shapes-lm")
+    captioner = load_stage2("shapes-stage2")
+    assert captioner.config.lm == "shapes-lm"
+    assert {"captions", "caption_to_image"} <= set(json.loads((path / "metrics.json").read_text()))
