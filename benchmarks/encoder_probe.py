@@ -10,6 +10,7 @@ over 100 steps, and prints held-out quadrant and scene accuracy every 100 steps.
 
 - ``flat``: DaViT + projector, a linear head on all visual tokens (what the vision features hold);
 - ``pool``: the same head on their mean (position survives only through the features);
+- ``encoder``: DaViT + projector + the BART encoder, the linear head on all its output tokens;
 - ``bart``: the whole encoder path to the queries (BART encoder over [visual tokens; prompt], BART decoder
   over the Nq queries with cross-attention), the head on the mean of the first 4 query outputs.
 ``--init-std`` overrides BART's ``init_std`` (0.02 in the preset); the start prints how much the query outputs
@@ -50,7 +51,7 @@ def labels(folder: Path) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["flat", "pool", "bart"])
+    p.add_argument("mode", choices=["flat", "pool", "encoder", "bart"])
     p.add_argument("--train", type=Path, required=True)
     p.add_argument("--val", type=Path, required=True)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -65,10 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     enc = VLVEncoder(EncoderConfig.preset("shapes", text_dim=128, florence2=florence))
     model, lm = enc.florence.model, enc.florence.model.language_model
 
-    def query_outputs(x: torch.Tensor) -> torch.Tensor:
+    def encoder_states(x: torch.Tensor) -> torch.Tensor:
         v = model.get_image_features(enc.normalize(x)).pooler_output  # (B, 1+HW, D)
         prompt = model.get_input_embeddings()(enc.prompt_ids)[None].expand(len(x), -1, -1)
-        h_e = lm.encoder(inputs_embeds=torch.cat([v, prompt], 1)).last_hidden_state
+        return lm.encoder(inputs_embeds=torch.cat([v, prompt], 1)).last_hidden_state  # (B, 1+HW+P, D)
+
+    def query_outputs(x: torch.Tensor) -> torch.Tensor:
+        h_e = encoder_states(x)
         return lm.decoder(inputs_embeds=enc.queries.expand(len(x), -1, -1), encoder_hidden_states=h_e,
                           use_cache=False).last_hidden_state  # (B, Nq, D)
 
@@ -78,15 +82,20 @@ def main(argv: list[str] | None = None) -> int:
           f"{((h[0] - h[1]).norm() / h.norm()).item():.4f} of their norm", flush=True)
 
     d = model.config.text_config.d_model
-    n_tokens = model.get_image_features(enc.normalize(torch.zeros(1, 3, 64, 64))).pooler_output.shape[1]
-    head = torch.nn.Linear(d * n_tokens if args.mode == "flat" else d, 4 * NCLS)
+    with torch.no_grad():
+        probe = torch.zeros(1, 3, 64, 64)
+        n_tokens = (encoder_states(probe) if args.mode == "encoder" else
+                    model.get_image_features(enc.normalize(probe)).pooler_output).shape[1]
+    head = torch.nn.Linear(d * n_tokens if args.mode in ("flat", "encoder") else d, 4 * NCLS)
     params = [*model.vision_tower.parameters(), *model.multi_modal_projector.parameters(), *head.parameters()]
-    if args.mode == "bart":
+    if args.mode in ("bart", "encoder"):
         params = [*enc.parameters(), *head.parameters()]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if args.mode == "bart":
             return head(query_outputs(x)[:, :4].mean(1))
+        if args.mode == "encoder":
+            return head(encoder_states(x).flatten(1))
         v = model.get_image_features(enc.normalize(x)).pooler_output
         return head(v.flatten(1) if args.mode == "flat" else v.mean(1))
 
