@@ -66,6 +66,9 @@ class EncoderConfig:
                 "prompt) for a random-init Florence, which has no tokenizer"})
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
+    query_attention_init_std: float | None = field(default=None, metadata={
+        "help": "random-init Florence only: re-draw the BART decoder's cross-attention weights with this std "
+                "(BART's own init_std is 0.02), so the queries read the image from the first step"})
 
     def __post_init__(self) -> None:
         if self.trainable != "all":
@@ -91,7 +94,8 @@ ENCODER_PRESETS: dict[str, dict] = {
     "florence2-large": dict(florence2="florence2-large", image_size=768),
     # Shapes world: a ~1.1 M-parameter Florence-2 whose DaViT (strides 4, 2) gives 8x8 tokens at 64 px.
     # Random init (no pretrained tiny Florence exists), so everything trains; the empty prompt <s></s>.
-    "shapes": dict(florence2="florence2-shapes", image_size=64, trainable="all", prompt_ids=[0, 2]),
+    "shapes": dict(florence2="florence2-shapes", image_size=64, trainable="all", prompt_ids=[0, 2],
+                   query_attention_init_std=0.15),
 }
 
 
@@ -148,6 +152,19 @@ def _prompt_ids(config: EncoderConfig, florence: Florence2ForConditionalGenerati
     return tok(tok.bos_token + config.prompt + tok.eos_token, add_special_tokens=False).input_ids
 
 
+@torch.no_grad()
+def _init_query_attention(florence: Florence2ForConditionalGeneration, std: float) -> None:
+    """Why: in a random-init tiny BART (init_std 0.02) the queries' cross-attention is uniform and ~20x damped,
+    so the query outputs of two different images differ by 0.3% of their norm and no training signal reaches
+    the image path: a supervised per-quadrant probe through the queries stayed at the prior for 600 steps,
+    while a linear probe on the BART encoder's outputs reached 97.7% scene accuracy
+    (``benchmarks/encoder_probe.py``). With std 0.15 the outputs differ by ~10% and the probe learns."""
+    for layer in florence.model.language_model.decoder.layers:
+        attn = layer.encoder_attn
+        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
+            linear.weight.normal_(0.0, std)
+
+
 # ------------------------------------------------------------------------------------------ encoder
 class VLVEncoder(nn.Module):
     """Image -> caption embeddings z (B, Nq, d_T); the one Florence -> queries -> phi path both stages call."""
@@ -155,6 +172,9 @@ class VLVEncoder(nn.Module):
     def __init__(self, config: EncoderConfig, florence: Florence2ForConditionalGeneration | None = None):
         super().__init__()
         self.florence = florence if florence is not None else build_florence2(config.florence2)
+        if config.query_attention_init_std is not None and florence is None and not _is_checkpoint_dir(
+                config.florence2):
+            _init_query_attention(self.florence, config.query_attention_init_std)
         text = self.florence.config.text_config
         d = text.d_model  # D
         if config.num_queries > text.max_position_embeddings:
