@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from vlv import presets
@@ -17,13 +16,7 @@ from vlv.stage1 import Stage1Settings, build_encoder, reconstruct_images
 from vlv.stage2 import Stage2Settings, caption_images, load_stage2, train_stage2
 from vlv.train import TrainConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

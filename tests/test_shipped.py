@@ -16,12 +16,7 @@ def _shipped(name: str):
     return pytest.mark.skipif(not (path / marker).is_file(), reason=f"{name} not shipped in this checkout")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @_shipped("shapes-lm")
