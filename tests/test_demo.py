@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from vlv.presets import SHIPPED
+from vlv.presets import installed
 
-pytestmark = pytest.mark.skipif(not (SHIPPED["shapes-teacher"][0] / "model_index.json").is_file(),
+pytestmark = pytest.mark.skipif(not installed("shapes-teacher"),
                                 reason="the shipped shapes teacher is not in this checkout")
 ARTIFACTS = Path(os.environ.get("VLV_TEST_ARTIFACTS", Path(__file__).parent.parent / "runs" / "test-artifacts"))
 

@@ -12,8 +12,7 @@ from vlv import presets
 
 
 def _shipped(name: str):
-    path, marker = presets.SHIPPED[name]
-    return pytest.mark.skipif(not (path / marker).is_file(), reason=f"{name} not shipped in this checkout")
+    return pytest.mark.skipif(not presets.installed(name), reason=f"{name} not shipped in this checkout")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

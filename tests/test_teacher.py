@@ -81,7 +81,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     assert set(load_file(ckpt / "model.safetensors")) == {n for n, p in full.model.named_parameters()}
 
 
-@pytest.mark.skipif(not (presets.SHIPPED["shapes-teacher"][0] / "model_index.json").exists(),
+@pytest.mark.skipif(not presets.installed("shapes-teacher"),
                     reason="shapes-teacher weights not shipped in this checkout yet")
 def test_shipped_teacher_loads_strictly():
     from vlv.teacher import TeacherConfig, build_unet, build_vae, load_pipeline

@@ -22,12 +22,17 @@ def list_presets() -> list[str]:
     return sorted(SHIPPED)
 
 
+def installed(name: str) -> bool:
+    """Whether this install holds the shipped weights ``name`` (they are shipped one by one)."""
+    path, marker = SHIPPED[name]
+    return (path / marker).exists()
+
+
 def shipped_dir(name: str) -> Path:
     """The dir of shipped weights ``name``; FileNotFoundError when this install lacks them."""
-    path, marker = SHIPPED[name]
-    if not (path / marker).exists():
-        raise FileNotFoundError(f"the shipped weights {name!r} are not in this install ({path})")
-    return path
+    if not installed(name):
+        raise FileNotFoundError(f"the shipped weights {name!r} are not in this install ({SHIPPED[name][0]})")
+    return SHIPPED[name][0]
 
 
 def _resolve(name_or_path: str | Path, name: str, what: str) -> Path:

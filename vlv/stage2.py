@@ -125,7 +125,7 @@ def train_stage2(settings: Stage2Settings, cfg: TrainConfig, out: Path, progress
     out.mkdir(parents=True, exist_ok=True)
     # Shipped names stay names and dirs become absolute paths, so the run dir loads from anywhere.
     settings = replace(settings, encoder=_portable(settings.encoder, resolve_encoder),
-                       lm=_portable(settings.lm, lambda s: Path(s)) if is_lm_dir(settings.lm) else settings.lm)
+                       lm=_portable(settings.lm, Path) if is_lm_dir(settings.lm) else settings.lm)
     captioner = build_captioner(settings, cfg.seed)
     size = captioner.encoder.config.image_size
     data = ImageCaptionFolder(Path(settings.data), size, progress=progress)
