@@ -30,6 +30,27 @@ def peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB on Linux)
 
 
+def time_steps(encoder: VLVEncoder, decoder: DiffusionDecoder, opt: torch.optim.Optimizer, pixels: torch.Tensor,
+               latents: torch.Tensor, precision: str, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` optimizer steps after one warm-up step."""
+    dev, times = pixels.device, []
+    for i in range(steps + 1):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = decoder.loss(latents, encoder(pixels), torch.Generator(dev).manual_seed(i))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t)
+    return times
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -63,21 +84,16 @@ def main(argv: list[str] | None = None) -> int:
             latents = torch.randn(b, 4, latent, latent, device=dev)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            times = []
-            for i in range(args.steps + 1):
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    loss = decoder.loss(latents, encoder(pixels), torch.Generator(dev).manual_seed(i))
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
-                opt.step()
+            try:
+                times = time_steps(encoder, decoder, opt, pixels, latents, precision, args.steps)
+            except torch.OutOfMemoryError:
+                times = None
+            if times is None:  # outside the except block, so the failed step's activations can be freed
                 opt.zero_grad(set_to_none=True)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                if i:
-                    times.append(time.perf_counter() - t)
+                del pixels, latents
+                torch.cuda.empty_cache()
+                print(f"{precision:>9} {b:5d} out of memory", flush=True)
+                continue
             s = sorted(times)[len(times) // 2]
             mfu = ""
             if dev.type == "cuda":

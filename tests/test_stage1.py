@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
 
@@ -112,3 +113,23 @@ def test_two_processes_agree(tiny_teacher, shapes_data, tmp_path):
     start = build_encoder(_settings(tiny_teacher, shapes_data["train"]), TINY.text_hidden, seed=0).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["queries"], start["queries"])  # it trained
+
+
+def test_init_warm_starts_from_a_trained_encoder_and_checks_its_architecture(tiny_teacher, shapes_data, tmp_path):
+    """--init copies every weight of a finished run (then trains on); a different architecture is refused."""
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, progress=False)
+    first = train_stage1(_settings(tiny_teacher, shapes_data["train"]), cfg, tmp_path / "a")
+    decoder = DiffusionDecoder.from_pretrained(tiny_teacher)
+    settings = _settings(tiny_teacher, shapes_data["train"], init=str(tmp_path / "a"))
+    fresh = build_encoder(settings, decoder.text_dim, seed=1)
+    assert not torch.equal(fresh.queries, first.queries)
+    from vlv.stage1 import init_from
+
+    init_from(fresh, settings.init)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), first.state_dict().values(),
+                                                 strict=True))
+    other = build_encoder(Stage1Settings(decoder=str(tiny_teacher), data="x", num_queries=4), decoder.text_dim, 0)
+    with pytest.raises(ValueError, match="num_queries"):
+        init_from(other, settings.init)
+    second = train_stage1(settings, cfg, tmp_path / "b")  # and the run itself trains on from there
+    assert second is not None and not torch.equal(second.queries, first.queries)

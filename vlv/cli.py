@@ -38,6 +38,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
 def fraction(text: str) -> float:
     try:
         value = float(text)
@@ -111,9 +121,11 @@ def cmd_teacher_sample(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------- stage 1
 def cmd_train_stage1(args: argparse.Namespace) -> None:
-    from vlv.presets import resolve_decoder
+    from vlv.presets import resolve_decoder, resolve_encoder
 
     resolve_decoder(args.decoder)  # fail fast, before the heavy imports
+    if args.init:
+        resolve_encoder(args.init)
     for folder in (args.data, args.val):
         if folder is not None and not Path(folder).is_dir():
             raise FileNotFoundError(f"no such data folder: {folder}")
@@ -125,11 +137,14 @@ def cmd_train_stage1(args: argparse.Namespace) -> None:
                               cache_latents=not args.no_cache_latents,
                               gradient_checkpointing=args.gradient_checkpointing,
                               val=str(args.val) if args.val else None, eval_n=args.eval_n,
-                              high_noise_fraction=args.high_noise_fraction)
+                              high_noise_fraction=args.high_noise_fraction,
+                              init=str(args.init) if args.init else None)
     lr = args.lr if args.lr is not None else (1e-3 if args.encoder == "shapes" else 5e-5)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, betas=(0.9, 0.99), weight_decay=0.01,
-                      grad_clip=1.0, warmup_steps=min(100, args.steps // 10), mixed_precision=args.precision,
-                      eval_every=args.eval_every, max_minutes=args.minutes, seed=args.seed)
+    steps = 10**9 if args.budget_minutes else args.steps  # a budgeted run plans its own count after a few steps
+    cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=lr, betas=(0.9, 0.99), weight_decay=0.01,
+                      grad_clip=1.0, warmup_steps=min(100, steps // 10), mixed_precision=args.precision,
+                      eval_every=args.eval_every, max_minutes=args.minutes, budget_minutes=args.budget_minutes,
+                      seed=args.seed)
     done = train_stage1(settings, cfg, args.out)
     print(f"encoder saved to {args.out}" if done else f"stopped early; run the same command to resume ({args.out})")
 
@@ -371,9 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations")
     p.add_argument("--high-noise-fraction", type=fraction, default=0.0,
                    help="share of timesteps drawn from the upper (layout) half; 0 = the paper's uniform t")
+    p.add_argument("--init", default=None, help="start from this stage-1 run's (or shipped name's) encoder weights "
+                   "with a fresh optimizer and schedule (same encoder architecture)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between val evaluations (0: never)")
     p.add_argument("--eval-n", type=positive_int, default=200)
     p.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this long")
+    p.add_argument("--budget-minutes", type=positive_float, default=None,
+                   help="plan the step count (and the cosine schedule) to fill this wall time; overrides --steps")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_stage1)
 

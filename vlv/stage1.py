@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from vlv.data import ImageCaptionFolder, atomic_write_text, to_tensor
@@ -119,6 +120,7 @@ class Stage1Settings:
     eval_n: int = 200
     eval_sampler: str = "fast"
     high_noise_fraction: float = 0.0  # 0: the paper's uniform t; > 0 over-samples the layout-deciding upper half
+    init: str | None = None  # a stage-1 run (or shipped name) whose encoder weights this run starts from
 
 
 def build_encoder(settings: Stage1Settings, text_dim: int, seed: int) -> VLVEncoder:
@@ -136,18 +138,38 @@ def build_encoder(settings: Stage1Settings, text_dim: int, seed: int) -> VLVEnco
     return VLVEncoder(cfg)
 
 
+def init_from(encoder: VLVEncoder, init: str) -> None:
+    """Warm start: copy every weight of a trained stage-1 encoder into ``encoder``, strictly.
+
+    Why: a run trained elsewhere (say, minutes on a GPU) continues here with a new schedule and optimizer;
+    the architecture must be the same, so the two configs are compared first.
+    """
+    from vlv.presets import resolve_encoder
+
+    source = VLVEncoder.from_pretrained(resolve_encoder(init))
+    keys = ("florence2", "image_size", "num_queries", "text_dim", "prompt_ids")
+    diff = [k for k in keys if getattr(source.config, k) != getattr(encoder.config, k)]
+    if diff:
+        raise ValueError(f"--init {init}: its encoder differs from this run's in {', '.join(diff)}")
+    encoder.load_state_dict(source.state_dict(), strict=True)
+
+
 def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress: bool = True) -> VLVEncoder | None:
     """Train (or resume) a stage-1 run; returns the trained encoder, or None if stopped early (re-run resumes)."""
     from vlv.presets import resolve_decoder
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    decoder = DiffusionDecoder.from_pretrained(resolve_decoder(settings.decoder))
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    # The frozen decoder never goes through ``prepare`` (nothing of it trains), so it is placed here.
+    decoder = DiffusionDecoder.from_pretrained(resolve_decoder(settings.decoder)).to(accelerator.device)
     if settings.gradient_checkpointing:
         decoder.unet.enable_gradient_checkpointing()
     size = settings.image_size or decoder.image_size
     data = ImageCaptionFolder(Path(settings.data), size, progress=progress)
     encoder = build_encoder(settings, decoder.text_dim, cfg.seed)
+    if settings.init:  # a resumed run's checkpoint then overwrites these weights with its own
+        init_from(encoder, settings.init)
     meta = {"settings": asdict(settings), "train": asdict(cfg), "image_size": size}
     atomic_write_text(out / STAGE1_FILE, json.dumps(meta, indent=2) + "\n")
 
@@ -172,7 +194,7 @@ def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress
 
     task = Stage1Task(encoder, decoder, data, latents, seed=cfg.seed, evaluator=evaluator,
                       high_noise_fraction=settings.high_noise_fraction)
-    state = train(task, cfg, out)
+    state = train(task, cfg, out, accelerator)
     if not state.done:
         return None
     encoder.save_pretrained(out)
