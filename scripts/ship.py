@@ -1,6 +1,7 @@
 """Maintainer tool: copy a finished shapes run into the package as shipped weights (``vlv/weights/<name>``).
 
     python scripts/ship.py stage1 runs/ship/stage1 --command "vlv train stage1 ..." [--metrics bench.json]
+        [--init-command "..." --init-note "..."]   # a run warm-started with --init: its first phase is recorded too
     python scripts/ship.py lm runs/ship/lm --command "vlv train lm ..."
     python scripts/ship.py stage2 runs/ship/stage2 --command "vlv train stage2 ..." [--metrics bench.json]
     python scripts/ship.py metrics stage1 bench.json      # (re)attach benchmark numbers to shipped weights
@@ -51,7 +52,20 @@ def _metrics(kind: str, bench: dict) -> dict:
     raise ValueError(f"no benchmark numbers for {kind}")
 
 
-def ship(kind: str, run: Path, command: str, metrics: Path | None) -> Path:
+def _init_record(init: Path, command: str | None, note: str | None) -> dict:
+    """The training record of the run a warm start began from (its trainer.json, in checkpoint/ or beside)."""
+    path = next((p for p in (init / "checkpoint" / "trainer.json", init / "trainer.json") if p.is_file()), None)
+    if path is None:
+        raise SystemExit(f"{init}: no trainer.json to record the warm start's first phase; ship from a full run dir")
+    trainer = json.loads(path.read_text())
+    settings = json.loads((init / "stage1.json").read_text())["settings"] if (init / "stage1.json").is_file() else None
+    return {"run": str(init), "command": command, "note": note, "steps": trainer["step"],
+            "wall_s": round(trainer["elapsed_s"], 1), "settings": settings, "train": trainer["config"],
+            "history": trainer["history"]}
+
+
+def ship(kind: str, run: Path, command: str, metrics: Path | None, init_command: str | None = None,
+         init_note: str | None = None) -> Path:
     name = f"shapes-{kind}"
     dest = SHIPPED[name][0]
     tmp = dest.with_name(dest.name + ".tmp")
@@ -72,6 +86,9 @@ def ship(kind: str, run: Path, command: str, metrics: Path | None) -> Path:
     record = {"command": command, "steps": trainer["step"], "wall_s": round(trainer["elapsed_s"], 1),
               "train": trainer["config"], "history": trainer["history"],
               "torch": torch.__version__, "threads": torch.get_num_threads()}
+    init = json.loads((run / "stage1.json").read_text())["settings"].get("init") if kind == "stage1" else None
+    if init:  # a warm-started run: record the run it started from as well
+        record["init"] = _init_record(Path(init), init_command, init_note)
     (tmp / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     if metrics is not None:
         (tmp / "metrics.json").write_text(json.dumps(_metrics(kind, json.loads(metrics.read_text())), indent=2) + "\n")
@@ -90,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("run", type=Path)
         s.add_argument("--command", required=True, help="the command that trained the run (recorded)")
         s.add_argument("--metrics", type=Path, default=None, help="benchmark JSON to record beside the weights")
+        s.add_argument("--init-command", default=None, help="stage 1 --init runs: the first phase's command")
+        s.add_argument("--init-note", default=None, help="stage 1 --init runs: where the first phase ran (device)")
     m = sub.add_parser("metrics")
     m.add_argument("which", choices=["stage1", "stage2"])
     m.add_argument("bench", type=Path)
@@ -100,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       indent=2) + "\n")
         print(f"wrote {dest / 'metrics.json'}")
     else:
-        ship(args.kind, args.run, args.command, args.metrics)
+        ship(args.kind, args.run, args.command, args.metrics, args.init_command, args.init_note)
     return 0
 
 
