@@ -11,11 +11,12 @@ memory; on a GPU also the MFU against the counted ~3.2 TFLOP per image (shared/s
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
+from functools import partial
 
 import torch
+from fullscale import peak_memory_gib, time_steps  # benchmarks/, first on sys.path when run as a script
 
 from vlv.decoder import DiffusionDecoder, random_pipeline
 from vlv.encoder import EncoderConfig, VLVEncoder
@@ -24,31 +25,16 @@ FLOPS_PER_IMAGE = 3.2e12  # counted, cached latents, no checkpointing (performan
 PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 
 
-def peak_memory_gib(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB on Linux)
-
-
-def time_steps(encoder: VLVEncoder, decoder: DiffusionDecoder, opt: torch.optim.Optimizer, pixels: torch.Tensor,
-               latents: torch.Tensor, precision: str, steps: int) -> list[float]:
-    """Seconds of each of ``steps`` optimizer steps after one warm-up step."""
-    dev, times = pixels.device, []
-    for i in range(steps + 1):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = decoder.loss(latents, encoder(pixels), torch.Generator(dev).manual_seed(i))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - t)
-    return times
+def train_step(encoder: VLVEncoder, decoder: DiffusionDecoder, opt: torch.optim.Optimizer, pixels: torch.Tensor,
+               latents: torch.Tensor, precision: str, seed: int) -> None:
+    """One optimizer step of the stage-1 loss over the encoder's trainable set."""
+    dev = pixels.device
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = decoder.loss(latents, encoder(pixels), torch.Generator(dev).manual_seed(seed))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             try:
-                times = time_steps(encoder, decoder, opt, pixels, latents, precision, args.steps)
+                times = time_steps(partial(train_step, encoder, decoder, opt, pixels, latents, precision),
+                                   args.steps, dev)
             except torch.OutOfMemoryError:
                 times = None
             if times is None:  # outside the except block, so the failed step's activations can be freed

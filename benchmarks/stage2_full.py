@@ -13,20 +13,25 @@ mlp+llm that is ~16 bytes x 3.1 B parameters (~49 GB) before activations.
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
+from functools import partial
 
 import torch
+from fullscale import peak_memory_gib, time_steps  # benchmarks/, first on sys.path when run as a script
 
 from vlv.captioner import Captioner, CaptionerConfig
 from vlv.decoder import random_pipeline
 
 
-def peak_memory_gib(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB on Linux)
+def train_step(captioner: Captioner, opt: torch.optim.Optimizer, ids: torch.Tensor, mask: torch.Tensor,
+               z: torch.Tensor, precision: str, _step: int) -> None:
+    """One optimizer step of the captioner's loss over its trainable set."""
+    with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = captioner(input_ids=ids, attention_mask=mask, z=z).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,20 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 z = torch.randn(b, args.nq, d_t, device=dev)
                 ids = torch.randint(10, vocab - 10, (b, args.caption_tokens), device=dev)
                 mask = torch.ones_like(ids)
-                times = []
-                for step in range(args.steps + 1):
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize()
-                    t = time.perf_counter()
-                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                        loss = captioner(input_ids=ids, attention_mask=mask, z=z).loss
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize()
-                    if step:
-                        times.append(time.perf_counter() - t)
+                times = time_steps(partial(train_step, captioner, opt, ids, mask, z, precision), args.steps, dev)
                 s = sum(times) / len(times)
                 print(f"{level:>8} {precision:>9} {b:>5} {s:>8.3f} {b / s:>8.2f} {peak_memory_gib(args.device):>9.1f}"
                       f" {n_train / 1e6:>9.1f}M", flush=True)
