@@ -59,8 +59,12 @@ def _init_record(init: Path, command: str | None, note: str | None) -> dict:
         raise SystemExit(f"{init}: no trainer.json to record the warm start's first phase; ship from a full run dir")
     trainer = json.loads(path.read_text())
     settings = json.loads((init / "stage1.json").read_text())["settings"] if (init / "stage1.json").is_file() else None
-    return {"run": str(init), "command": command, "note": note, "steps": trainer["step"],
-            "wall_s": round(trainer["elapsed_s"], 1), "settings": settings, "train": trainer["config"],
+    return {"run": str(init), "command": command, "note": note, **_summary(trainer), "settings": settings}
+
+
+def _summary(trainer: dict) -> dict:
+    """A run's trainer.json as the training record keeps it."""
+    return {"steps": trainer["step"], "wall_s": round(trainer["elapsed_s"], 1), "train": trainer["config"],
             "history": trainer["history"]}
 
 
@@ -83,9 +87,7 @@ def ship(kind: str, run: Path, command: str, metrics: Path | None, init_command:
         if (settings["encoder"], settings["lm"]) != ("shapes-stage1", "shapes-lm"):
             raise SystemExit(f"{run} was not trained from the shipped names: {settings['encoder']}, {settings['lm']}")
     trainer = json.loads((run / "checkpoint" / "trainer.json").read_text())
-    record = {"command": command, "steps": trainer["step"], "wall_s": round(trainer["elapsed_s"], 1),
-              "train": trainer["config"], "history": trainer["history"],
-              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    record = {"command": command, **_summary(trainer), "torch": torch.__version__, "threads": torch.get_num_threads()}
     init = json.loads((run / "stage1.json").read_text())["settings"].get("init") if kind == "stage1" else None
     if init:  # a warm-started run: record the run it started from as well
         record["init"] = _init_record(Path(init), init_command, init_note)
