@@ -1,6 +1,6 @@
 """Shapes stage-1 benchmarks.
 
-    python benchmarks/stage1.py speed [--teacher DIR]          # cached latents vs online VAE, one run, interleaved
+    python benchmarks/stage1.py speed [--teacher DIR] [--bf16] # cached latents vs online VAE (vs bf16), interleaved
     python benchmarks/stage1.py accuracy --run RUN --teacher shapes-teacher --n 500
     python benchmarks/stage1.py ablation --teacher shapes-teacher --minutes 10 --nq 16 32 77
 
@@ -50,32 +50,43 @@ def _decoder(teacher: str | None) -> DiffusionDecoder:
 
 
 def speed(args: argparse.Namespace) -> dict:
+    """Interleaved A/B/(C) steps in one process: cached latents, online VAE, and with --bf16 cached + bf16 autocast."""
     decoder = _decoder(args.teacher)
     with tempfile.TemporaryDirectory() as tmp:
         data = ImageCaptionFolder(write_shapes(Path(tmp), n=512, progress=False), decoder.image_size)
     enc = build_encoder(Stage1Settings(decoder="", data="", num_queries=args.nq), decoder.text_dim, seed=0)
     opt = torch.optim.AdamW(enc.parameters(), lr=1e-4)
-    tasks = {"cached": Stage1Task(enc, decoder, data, cache_latents(decoder, data)),
-             "online": Stage1Task(enc, decoder, data, None)}
-    times: dict[str, list[float]] = {k: [] for k in tasks}
-    for step in range(2 * args.steps + 2):
-        name = "cached" if step % 2 == 0 else "online"
-        task = tasks[name]
+    cached = Stage1Task(enc, decoder, data, cache_latents(decoder, data))
+    variants = {"cached": (cached, False), "online": (Stage1Task(enc, decoder, data, None), False)}
+    if args.bf16:
+        variants["cached+bf16"] = (cached, True)
+    names = list(variants)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for step in range(len(names) * (args.steps + 1)):
+        name = names[step % len(names)]
+        task, bf16 = variants[name]
         t = time.perf_counter()
-        loss = task.loss(enc, task.batch(step, 0, args.batch_size, torch.device("cpu")),
-                         torch.Generator().manual_seed(step))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = task.loss(enc, task.batch(step, 0, args.batch_size, torch.device("cpu")),
+                             torch.Generator().manual_seed(step))
         loss.backward()
         opt.step()
         opt.zero_grad()
-        if step >= 2:  # one warm-up step each
+        if step >= len(names):  # one warm-up step each
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    out = {"batch_size": args.batch_size, "nq": args.nq, "steps_each": args.steps,
-           "cached_s": round(med["cached"], 4), "online_s": round(med["online"], 4),
+    out = {"batch_size": args.batch_size, "nq": args.nq, "steps_each": args.steps, "threads": torch.get_num_threads(),
+           **{f"{k}_s": round(v, 4) for k, v in med.items()},
            "speedup": round(med["online"] / med["cached"], 3)}
-    print(f"stage-1 step, batch {args.batch_size}, Nq {args.nq}, median of {args.steps} interleaved steps each:")
+    if args.bf16:
+        out["bf16_speedup"] = round(med["cached"] / med["cached+bf16"], 3)
+    print(f"stage-1 step, batch {args.batch_size}, Nq {args.nq}, {torch.get_num_threads()} threads, median of "
+          f"{args.steps} interleaved steps each:")
     print(f"  online VAE encode: {med['online']:.3f} s   cached latents: {med['cached']:.3f} s   "
           f"speed-up {out['speedup']:.2f}x")
+    if args.bf16:
+        print(f"  cached latents + bf16 autocast: {med['cached+bf16']:.3f} s   speed-up over fp32 "
+              f"{out['bf16_speedup']:.2f}x")
     return out
 
 
@@ -147,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--nq", type=int, default=77)
     s.add_argument("--steps", type=int, default=10)
+    s.add_argument("--bf16", action="store_true", help="also time cached-latent steps under bf16 autocast")
     s.set_defaults(func=speed)
     a = sub.add_parser("accuracy")
     a.add_argument("--run", nargs="+", required=True)

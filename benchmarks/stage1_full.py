@@ -2,10 +2,13 @@
 
     python benchmarks/stage1_full.py --device cpu --batch-sizes 1 --image-size 384
     python benchmarks/stage1_full.py --device cuda --batch-sizes 8 16 32 --precision bf16 fp32
+    python benchmarks/stage1_full.py --device cpu --batch-sizes 1 --online-vae   # cached latents vs online VAE
 
 One optimizer step (AdamW over the official trainable set: queries, phi, Florence's language model) on
 cached-latent-shaped inputs: per batch size and precision it prints seconds per step, images/s and peak
 memory; on a GPU also the MFU against the counted ~3.2 TFLOP per image (shared/specs/performance.md).
+With --online-vae each setting is also timed with the frozen VAE encoding the 384-px images inside the
+step (what training without cached latents does), and the ratio online / cached is printed.
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 
 
 def train_step(encoder: VLVEncoder, decoder: DiffusionDecoder, opt: torch.optim.Optimizer, pixels: torch.Tensor,
-               latents: torch.Tensor, precision: str, seed: int) -> None:
-    """One optimizer step of the stage-1 loss over the encoder's trainable set."""
+               latents_or_images: torch.Tensor, precision: str, seed: int) -> None:
+    """One optimizer step of the stage-1 loss over the encoder's trainable set (images: the VAE encodes them)."""
     dev = pixels.device
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        loss = decoder.loss(latents, encoder(pixels), torch.Generator(dev).manual_seed(seed))
+        loss = decoder.loss(latents_or_images, encoder(pixels), torch.Generator(dev).manual_seed(seed))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
     opt.step()
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder-size", type=int, default=768, help="Florence-2 input side")
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--online-vae", action="store_true", help="also time steps that VAE-encode the images")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
     torch.manual_seed(0)
@@ -63,33 +67,47 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.AdamW([q for q in encoder.parameters() if q.requires_grad], lr=5e-5, betas=(0.9, 0.99),
                             weight_decay=0.01)
     latent = args.image_size // 8
-    print(f"{'precision':>9} {'batch':>5} {'s/step':>8} {'img/s':>8} {'peak GiB':>9} {'MFU':>6}")
+    print(f"{'precision':>9} {'batch':>5} {'input':>7} {'s/step':>8} {'img/s':>8} {'peak GiB':>9} {'MFU':>6}")
+    inputs = ("latents", "images") if args.online_vae else ("latents",)
     for precision in args.precision:
         for b in args.batch_sizes:
             pixels = torch.randn(b, 3, args.encoder_size, args.encoder_size, device=dev)
-            latents = torch.randn(b, 4, latent, latent, device=dev)
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            try:
-                times = time_steps(partial(train_step, encoder, decoder, opt, pixels, latents, precision),
-                                   args.steps, dev)
-            except torch.OutOfMemoryError:
-                times = None
-            if times is None:  # outside the except block, so the failed step's activations can be freed
-                opt.zero_grad(set_to_none=True)
-                del pixels, latents
-                torch.cuda.empty_cache()
-                print(f"{precision:>9} {b:5d} out of memory", flush=True)
-                continue
-            s = sorted(times)[len(times) // 2]
-            mfu = ""
-            if dev.type == "cuda":
-                name = torch.cuda.get_device_name()
-                peak = next((v for k, v in PEAK.items() if k in name), None)
-                mfu = f"{b / s * FLOPS_PER_IMAGE / peak:.1%}" if peak else "?"
-            print(f"{precision:>9} {b:5d} {s:8.2f} {b / s:8.2f} {peak_memory_gib(args.device):9.1f} {mfu:>6}",
-                  flush=True)
+            x = {"latents": torch.randn(b, 4, latent, latent, device=dev),
+                 "images": torch.rand(b, 3, args.image_size, args.image_size, device=dev) * 2 - 1}
+            medians = {}
+            for kind in inputs:
+                medians[kind] = _measure(encoder, decoder, opt, pixels, x[kind], precision, args, kind)
+            if len(medians) == 2 and None not in medians.values():
+                ratio = medians["images"] / medians["latents"]
+                print(f"{precision:>9} {b:5d}  step time, online VAE / cached latents: {ratio:.2f}x", flush=True)
+            del pixels, x
     return 0
+
+
+def _measure(encoder: VLVEncoder, decoder: DiffusionDecoder, opt: torch.optim.Optimizer, pixels: torch.Tensor,
+             x: torch.Tensor, precision: str, args: argparse.Namespace, kind: str) -> float | None:
+    """Print one row (median step time, img/s, peak memory, MFU); None on out-of-memory."""
+    dev, b = pixels.device, pixels.shape[0]
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        times = time_steps(partial(train_step, encoder, decoder, opt, pixels, x, precision), args.steps, dev)
+    except torch.OutOfMemoryError:
+        times = None
+    if times is None:  # outside the except block, so the failed step's activations can be freed
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        print(f"{precision:>9} {b:5d} {kind:>7} out of memory", flush=True)
+        return None
+    s = sorted(times)[len(times) // 2]
+    mfu = ""
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK.items() if k in name), None)
+        mfu = f"{b / s * FLOPS_PER_IMAGE / peak:.1%}" if peak and kind == "latents" else "?"
+    print(f"{precision:>9} {b:5d} {kind:>7} {s:8.2f} {b / s:8.2f} {peak_memory_gib(args.device):9.1f} {mfu:>6}",
+          flush=True)
+    return s
 
 
 if __name__ == "__main__":

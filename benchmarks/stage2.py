@@ -2,6 +2,7 @@
 
     python benchmarks/stage2.py accuracy --run RUN2 --n 500            # captions, and caption -> teacher (Table 1)
     python benchmarks/stage2.py levels --stage1 RUN1 --lm LM --minutes 5  # Table 4-right analogue
+    python benchmarks/stage2.py levels ... --lora-rank 16                 # + the llm levels with LoRA (peft)
     python benchmarks/stage2.py table7 --stage1 RUN1 --lm LM --minutes 5  # stage-1 encoder vs an untrained one
     python benchmarks/stage2.py speed --run RUN2 --n 64                 # batched vs batch-1 captioning
 
@@ -59,9 +60,10 @@ def accuracy(args: argparse.Namespace) -> dict:
     return out
 
 
-def _train_variant(tag: str, args: argparse.Namespace, encoder: str, trainable: str, work: Path) -> dict:
+def _train_variant(tag: str, args: argparse.Namespace, encoder: str, trainable: str, work: Path,
+                   lora_rank: int = 0) -> dict:
     settings = Stage2Settings(decoder=args.teacher, encoder=encoder, lm=args.lm, data=str(args.data),
-                              trainable=trainable)
+                              trainable=trainable, lora_rank=lora_rank)
     cfg = TrainConfig(steps=10**9, batch_size=args.batch_size, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01,
                       warmup_steps=20, budget_minutes=args.minutes, seed=args.seed)
     t = time.perf_counter()
@@ -77,9 +79,14 @@ def _train_variant(tag: str, args: argparse.Namespace, encoder: str, trainable: 
 
 
 def levels(args: argparse.Namespace) -> dict:
+    """The three trainable levels; with --lora-rank r also the two llm levels with LoRA adapters in the LLM."""
+    variants = [(lvl, lvl, 0) for lvl in args.levels]
+    if args.lora_rank:
+        variants += [(lvl.replace("llm", f"lora{args.lora_rank}"), lvl, args.lora_rank)
+                     for lvl in args.levels if "llm" in lvl]
     with tempfile.TemporaryDirectory() as tmp:
-        return {lvl: _train_variant(lvl, args, str(args.stage1), lvl, Path(tmp))
-                for lvl in ("mlp", "mlp+llm", "mlp+llm+encoder")}
+        return {tag: _train_variant(tag, args, str(args.stage1), lvl, Path(tmp), lora_rank=r)
+                for tag, lvl, r in variants}
 
 
 def table7(args: argparse.Namespace) -> dict:
@@ -137,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         t.add_argument("--level", default="mlp+llm+encoder")
         t.add_argument("--n", type=int, default=500)
         t.add_argument("--seed", type=int, default=0)
+        if name == "levels":
+            t.add_argument("--levels", nargs="+", default=["mlp", "mlp+llm", "mlp+llm+encoder"],
+                           choices=["mlp", "mlp+llm", "mlp+llm+encoder"])
+            t.add_argument("--lora-rank", type=int, default=0, help="also run the llm levels with LoRA of this rank")
     s = sub.add_parser("speed")
     s.add_argument("--run", type=Path, required=True)
     s.add_argument("--n", type=int, default=64)

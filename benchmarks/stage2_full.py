@@ -2,12 +2,15 @@
 
     python benchmarks/stage2_full.py --device cpu --levels mlp --batch-sizes 1
     python benchmarks/stage2_full.py --device cuda --levels mlp mlp+llm --batch-sizes 8 32 --precision bf16
+    python benchmarks/stage2_full.py --device cpu --levels mlp+lora --lora-rank 16   # LoRA adapters in the LLM
 
 One optimizer step of the captioner's loss on z-shaped inputs (B, 77, 1024) and captions of --caption-tokens
 tokens: per level, batch size and precision it prints seconds per step, captions/s and peak memory. The
 stage-1 encoder is not in the loop (levels mlp and mlp+llm read z; the encoder level adds stage 1's
 encoder cost, measured by stage1_full.py). AdamW over the trainable set, fp32 master weights: at level
-mlp+llm that is ~16 bytes x 3.1 B parameters (~49 GB) before activations.
+mlp+llm that is ~16 bytes x 3.1 B parameters (~49 GB) before activations; level mlp+lora (mlp+llm with
+peft LoRA adapters of --lora-rank in every projection) keeps the 3.1 B base weights frozen (~12 GB in fp32).
+Peak memory on the CPU is the process's peak RSS: run one level per process to compare levels.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ def train_step(captioner: Captioner, opt: torch.optim.Optimizer, ids: torch.Tens
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--levels", nargs="+", default=["mlp"], choices=["mlp", "mlp+llm"])
+    p.add_argument("--levels", nargs="+", default=["mlp"], choices=["mlp", "mlp+llm", "mlp+lora"])
+    p.add_argument("--lora-rank", type=int, default=16, help="adapter rank of level mlp+lora")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     p.add_argument("--caption-tokens", type=int, default=32, help="caption length in LM tokens (+ EOS)")
@@ -52,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'level':>8} {'precision':>9} {'batch':>5} {'s/step':>8} {'capt/s':>8} {'peak GiB':>9} {'trainable':>10}")
     for level in args.levels:
         t0 = time.perf_counter()
-        captioner = Captioner(CaptionerConfig(text_dim=d_t, lm="qwen2.5-3b", trainable=level), text_encoder).to(dev)
+        lora = args.lora_rank if level == "mlp+lora" else 0
+        config = CaptionerConfig(text_dim=d_t, lm="qwen2.5-3b", trainable="mlp+llm" if lora else level, lora_rank=lora)
+        captioner = Captioner(config, text_encoder).to(dev)
         if args.gradient_checkpointing:
             captioner.lm.gradient_checkpointing_enable()
         params = [q for q in captioner.parameters() if q.requires_grad]

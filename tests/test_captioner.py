@@ -87,8 +87,8 @@ def test_full_scale_preset_is_qwen25_3b():
 
 
 def test_config_is_validated(text_encoder):
-    with pytest.raises(NotImplementedError, match="peft"):
-        CaptionerConfig(text_dim=32, trainable="mlp+lora")
+    with pytest.raises(ValueError, match="LoRA"):
+        CaptionerConfig(text_dim=32, trainable="mlp", lora_rank=4)
     with pytest.raises(ValueError, match="trainable"):
         CaptionerConfig(text_dim=32, trainable="llm")
     with pytest.raises(ValueError, match="encoder"):
@@ -196,6 +196,31 @@ def test_frozen_parts_do_not_move_in_a_training_step(level, text_encoder, stage1
     moved_groups = {g for g, prefix in groups.items() if any(k.startswith(prefix) for k in moved)}
     expected = {"mlp": {"psi"}, "mlp+llm": {"psi", "lm"}, "mlp+llm+encoder": {"psi", "lm", "florence"}}[level]
     assert moved_groups == expected
+
+
+def test_lora_trains_adapters_only_and_round_trips(text_encoder, stage1_dir, shapes_data, tmp_path):
+    """With lora_rank the LLM's own weights stay bit-identical; its peft adapters, psi and Florence train."""
+    encoder = VLVEncoder.from_pretrained(stage1_dir)
+    cap = _captioner(text_encoder, trainable="mlp+llm+encoder", encoder=encoder, lora_rank=4)
+    lora = {k for k in cap.state_dict() if ".lora_" in k}
+    assert lora and all(k.startswith("lm.") for k in lora)
+    assert {n for n, p in cap.named_parameters() if p.requires_grad and n.startswith("lm.")} == lora
+    before = {k: v.clone() for k, v in cap.state_dict().items()}
+    data = ImageCaptionFolder(shapes_data["train"], encoder.config.image_size, limit=8)
+    train(Stage2Task(cap, data), TrainConfig(steps=2, batch_size=2, lr=1e-2, progress=False), tmp_path / "run")
+    moved = {k for k, v in cap.state_dict().items() if not torch.equal(before[k], v)}
+    assert {k for k in moved if k.startswith("lm.")} == lora  # every adapter moved, no base weight did
+    assert any(k.startswith("psi.") for k in moved) and any(k.startswith("encoder.florence.") for k in moved)
+    out = cap.save_pretrained(tmp_path / "lora")
+    assert (out / "lm-frozen.safetensors").exists()  # the frozen random-init base LLM
+    torch.manual_seed(123)
+    loaded = Captioner.from_pretrained(out, text_encoder, VLVEncoder.from_pretrained(stage1_dir))
+    batch = cap.tokenize(CAPTIONS)
+    z = _z(text_encoder=text_encoder)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(z=z, **batch).logits, cap.eval()(z=z, **batch).logits)
+        px = torch.rand(2, 3, 64, 64) * 2 - 1  # the fine-tuned encoder came back too
+        assert torch.equal(loaded.embed_images(encoder.normalize(px)), cap.embed_images(encoder.normalize(px)))
 
 
 # ----------------------------------------------------------------------------------------- save/load

@@ -18,8 +18,9 @@ def test_cli_lm_stage2_caption(tiny_teacher, shapes_data, tmp_path):
     r = _cli("train", "lm", "--data", train, "--out", tmp_path / "lm", "--steps", 3, "--batch-size", 4)
     assert r.returncode == 0, r.stderr
     r = _cli("train", "stage2", "--encoder", tmp_path / "s1", "--lm", tmp_path / "lm", "--decoder", tiny_teacher,
-             "--data", train, "--out", tmp_path / "s2", "--steps", 2, "--batch-size", 3)
+             "--data", train, "--out", tmp_path / "s2", "--steps", 2, "--batch-size", 3, "--lora-rank", 4)
     assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "s2" / "captioner.json").read_text())["config"]["lora_rank"] == 4
     r = _cli("caption", val, "--model", tmp_path / "s2", "--out", tmp_path / "caps.jsonl", "--num-beams", 1,
              "--max-new-tokens", 12, "--batch-size", 4)
     assert r.returncode == 0, r.stderr
@@ -31,3 +32,6 @@ def test_cli_lm_stage2_caption(tiny_teacher, shapes_data, tmp_path):
     r = _cli("train", "stage2", "--encoder", tmp_path / "nothing", "--lm", tmp_path / "lm", "--decoder",
              tiny_teacher, "--data", train, "--out", tmp_path / "s3")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    r = _cli("train", "stage2", "--encoder", tmp_path / "s1", "--lm", tmp_path / "lm", "--decoder", tiny_teacher,
+             "--data", train, "--out", tmp_path / "s4", "--trainable", "mlp", "--lora-rank", 4)
+    assert r.returncode == 2 and "LoRA" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -13,6 +13,8 @@ by token id (Qwen's pad is its eos), so the LLM learns to stop and ``generate`` 
 Trainable levels (paper Table 4, right): ``mlp`` (psi), ``mlp+llm`` (psi and the LLM) and ``mlp+llm+encoder``
 (also the stage-1 encoder's trainable parts, the paper's best and the official stage 2). T is always frozen,
 and so are the encoder's queries and phi (the official code freezes ``query_embed`` and ``language_proj``).
+With ``lora_rank`` > 0 the LLM levels train peft LoRA adapters on the LLM's projections instead of all of
+its weights (the base LLM stays frozen): the way to fit stage 2 of a multi-billion-parameter LLM in less memory.
 
 Checkpoints (``save_pretrained``) hold captioner.json (config and the resolved LM config) and the trained
 weights only. Frozen parts are passed back in by the caller (T from the decoder dir, the encoder from its
@@ -27,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextModel, PreTrainedModel, PreTrainedTokenizerBase
@@ -38,6 +41,7 @@ from vlv.lm import IGNORE, build_lm, is_lm_dir, load_tokenizer, pad_id, right_pa
 from vlv.train import load_trainable_state, trainable_state
 
 TRAINABLE_LEVELS = ("mlp", "mlp+llm", "mlp+llm+encoder")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Qwen2's projections
 FROZEN_ENCODER_PARTS = ("queries", "phi")  # frozen in stage 2 at every level
 CONFIG_FILE, TRAINABLE_FILE, FROZEN_LM_FILE = "captioner.json", "captioner.safetensors", "lm-frozen.safetensors"
 
@@ -56,14 +60,30 @@ class CaptionerConfig:
     max_new_tokens: int = field(default=300, metadata={
         "help": "generation length cap (official 300); training truncates caption + EOS to the same length"})
     num_beams: int = field(default=4, metadata={"help": "default beam count of generate (official 4)"})
+    lora_rank: int = field(default=0, metadata={
+        "help": "0: the llm levels train every LLM weight; r > 0: they train rank-r LoRA adapters (peft) instead"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale numerator: updates are scaled by alpha / r"})
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={
+        "help": "names of the LLM's linear layers that get adapters"})
 
     def __post_init__(self) -> None:
-        if "lora" in self.trainable:
-            raise NotImplementedError("LoRA on the LLM needs peft, which vlv does not depend on")
         if self.trainable not in TRAINABLE_LEVELS:
             raise ValueError(f"trainable must be one of {', '.join(TRAINABLE_LEVELS)}, got {self.trainable!r}")
         if self.text_dim <= 0 or self.max_new_tokens <= 0 or self.num_beams <= 0:
             raise ValueError("text_dim, max_new_tokens and num_beams must be positive")
+        check_lora(self.trainable, self.lora_rank)
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_rank > 0
+
+
+def check_lora(trainable: str, lora_rank: int) -> None:
+    """LoRA replaces full LLM training, so it needs a level that trains the LLM."""
+    if lora_rank < 0:
+        raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
+    if lora_rank and "llm" not in trainable:
+        raise ValueError(f"LoRA adapts the LLM: use it with level mlp+llm or mlp+llm+encoder, not {trainable}")
 
 
 def encoder_stage2_prefixes(encoder: VLVEncoder) -> list[str]:
@@ -96,6 +116,9 @@ class Captioner(nn.Module):
         self.text_encoder = text_encoder  # T
         self.encoder = encoder
         self.lm = lm if lm is not None else build_lm(config.lm)
+        if config.lora:  # in place: the LLM stays a transformers model (generate, configs) with LoRA layers inside
+            self.lm = inject_adapter_in_model(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                                                         target_modules=list(config.lora_targets)), self.lm)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.lm)
         self.eos_token_id, self.pad_token_id = self.tokenizer.eos_token_id, pad_id(self.tokenizer)
         vocab = self.lm.get_input_embeddings().num_embeddings
@@ -106,19 +129,24 @@ class Captioner(nn.Module):
         self._freeze()
 
     def trainable_prefixes(self) -> list[str]:
-        """Parameter-name prefixes that train at the configured level; everything else is frozen."""
+        """Parameter-name prefixes that train at the configured level (with LoRA, the LLM's adapters only)."""
         prefixes = ["psi"]
-        if self.config.trainable in ("mlp+llm", "mlp+llm+encoder"):
+        if self.config.trainable in ("mlp+llm", "mlp+llm+encoder") and not self.config.lora:
             prefixes.append("lm")
         if self.config.trainable == "mlp+llm+encoder":
             prefixes += [f"encoder.{p}" for p in encoder_stage2_prefixes(self.encoder)]
         return prefixes
 
+    def _trains(self, name: str, prefixes: list[str]) -> bool:
+        if self.config.lora and name.startswith("lm.") and ".lora_" in name:
+            return True
+        return any(name == x or name.startswith(x + ".") for x in prefixes)
+
     def _freeze(self) -> None:
-        """Declarative freezing: a parameter trains iff its name starts with a trainable prefix."""
+        """Declarative freezing: a parameter trains iff its name starts with a trainable prefix (or is LoRA's)."""
         prefixes = self.trainable_prefixes()
         for n, p in self.named_parameters():
-            p.requires_grad_(any(n == x or n.startswith(x + ".") for x in prefixes))
+            p.requires_grad_(self._trains(n, prefixes))
 
     @property
     def encoder_trains(self) -> bool:

@@ -240,7 +240,7 @@ def cmd_train_stage2(args: argparse.Namespace) -> None:
     from vlv.train import TrainConfig
 
     settings = Stage2Settings(decoder=str(args.decoder), encoder=str(args.encoder), lm=str(args.lm),
-                              data=str(args.data), trainable=args.trainable,
+                              data=str(args.data), trainable=args.trainable, lora_rank=args.lora_rank,
                               val=str(args.val) if args.val else None, eval_n=args.eval_n)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=0.01,
                       warmup_steps=min(100, args.steps // 10), mixed_precision=args.precision,
@@ -421,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=writable_dir, required=True, help="run dir (resumes when it holds a checkpoint)")
     p.add_argument("--val", type=Path, default=None)
     p.add_argument("--trainable", choices=["mlp", "mlp+llm", "mlp+llm+encoder"], default="mlp+llm+encoder")
+    p.add_argument("--lora-rank", type=int, default=0, help="0: the LLM trains in full at the llm levels; r > 0: "
+                   "rank-r LoRA adapters (peft) train instead and the base LLM stays frozen")
     p.add_argument("--steps", type=positive_int, default=2000)
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import CLIPTextModel
 
-from vlv.captioner import Captioner, CaptionerConfig
+from vlv.captioner import Captioner, CaptionerConfig, check_lora
 from vlv.data import ImageCaptionFolder, atomic_write_text, to_tensor
 from vlv.encoder import VLVEncoder
 from vlv.lm import is_lm_dir
@@ -98,6 +98,7 @@ class Stage2Settings:
     lm: str  # causal LM dir (e.g. vlv.lm.train_lm's output) or an LM preset (random init)
     data: str  # image-caption folder
     trainable: str = "mlp+llm+encoder"  # mlp | mlp+llm | mlp+llm+encoder
+    lora_rank: int = 0  # > 0: the llm levels train LoRA adapters of this rank instead of the whole LLM
     max_new_tokens: int = 300
     num_beams: int = 4  # the captioner's default for generate
     gradient_checkpointing: bool = False  # recompute the LLM's activations
@@ -105,13 +106,17 @@ class Stage2Settings:
     eval_n: int = 200
     eval_num_beams: int = 1  # greedy during training evaluations: cheaper
 
+    def __post_init__(self) -> None:
+        check_lora(self.trainable, self.lora_rank)  # before anything loads: a bad flag fails at once
+
 
 def build_captioner(settings: Stage2Settings, seed: int) -> Captioner:
     """Same seed, same psi (and same random-init LM): a resumed run rebuilds the captioner it checkpointed."""
     text_encoder = load_text_encoder(settings.decoder)
     encoder = VLVEncoder.from_pretrained(resolve_encoder(settings.encoder))
     config = CaptionerConfig(text_dim=text_encoder.config.hidden_size, lm=settings.lm, trainable=settings.trainable,
-                             max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams)
+                             max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams,
+                             lora_rank=settings.lora_rank)
     torch.manual_seed(seed)
     captioner = Captioner(config, text_encoder, encoder)
     if settings.gradient_checkpointing:
