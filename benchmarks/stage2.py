@@ -2,7 +2,7 @@
 
     python benchmarks/stage2.py accuracy --run RUN2 --n 500            # captions, and caption -> teacher (Table 1)
     python benchmarks/stage2.py levels --stage1 RUN1 --lm LM --minutes 5  # Table 4-right analogue
-    python benchmarks/stage2.py levels ... --lora-rank 16                 # + the llm levels with LoRA (peft)
+    python benchmarks/stage2.py levels ... --levels mlp+llm mlp+lora16     # LoRA (peft) adapters of rank 16
     python benchmarks/stage2.py table7 --stage1 RUN1 --lm LM --minutes 5  # stage-1 encoder vs an untrained one
     python benchmarks/stage2.py speed --run RUN2 --n 64                 # batched vs batch-1 captioning
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -60,8 +61,8 @@ def accuracy(args: argparse.Namespace) -> dict:
     return out
 
 
-def _train_variant(tag: str, args: argparse.Namespace, encoder: str, trainable: str, work: Path,
-                   lora_rank: int = 0) -> dict:
+def _train_variant(tag: str, args: argparse.Namespace, encoder: str, trainable: str, lora_rank: int,
+                   work: Path) -> dict:
     settings = Stage2Settings(decoder=args.teacher, encoder=encoder, lm=args.lm, data=str(args.data),
                               trainable=trainable, lora_rank=lora_rank)
     cfg = TrainConfig(steps=10**9, batch_size=args.batch_size, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01,
@@ -78,15 +79,23 @@ def _train_variant(tag: str, args: argparse.Namespace, encoder: str, trainable: 
     return s
 
 
+def _level(tag: str) -> tuple[str, int]:
+    """A levels variant: mlp | mlp+llm | mlp+llm+encoder, or mlp+loraR[+encoder] (mlp+llm with rank-R LoRA)."""
+    m = re.fullmatch(r"mlp(?:\+(llm|lora(\d+)))?(\+encoder)?", tag)
+    if m is None or (m.group(3) and not m.group(1)):
+        raise argparse.ArgumentTypeError(f"{tag!r}: expected mlp, mlp+llm, mlp+llm+encoder or mlp+loraR[+encoder]")
+    return ("mlp" if not m.group(1) else "mlp+llm" + (m.group(3) or "")), int(m.group(2) or 0)
+
+
+def _level_tag(tag: str) -> str:
+    _level(tag)  # fails at parse time, before any training
+    return tag
+
+
 def levels(args: argparse.Namespace) -> dict:
-    """The three trainable levels; with --lora-rank r also the two llm levels with LoRA adapters in the LLM."""
-    variants = [(lvl, lvl, 0) for lvl in args.levels]
-    if args.lora_rank:
-        variants += [(lvl.replace("llm", f"lora{args.lora_rank}"), lvl, args.lora_rank)
-                     for lvl in args.levels if "llm" in lvl]
+    """One run per trainable level (mlp+loraR: the llm levels with rank-R LoRA adapters in the LLM)."""
     with tempfile.TemporaryDirectory() as tmp:
-        return {tag: _train_variant(tag, args, str(args.stage1), lvl, Path(tmp), lora_rank=r)
-                for tag, lvl, r in variants}
+        return {tag: _train_variant(tag, args, str(args.stage1), *_level(tag), Path(tmp)) for tag in args.levels}
 
 
 def table7(args: argparse.Namespace) -> dict:
@@ -98,8 +107,8 @@ def table7(args: argparse.Namespace) -> dict:
         untrained = Path(tmp) / "untrained-encoder"
         settings = Stage1Settings(decoder="", data="", num_queries=stage1.config.num_queries)
         build_encoder(settings, stage1.config.text_dim, seed=args.seed).save_pretrained(untrained)
-        return {"stage1-encoder": _train_variant("stage-1 encoder", args, str(args.stage1), args.level, Path(tmp)),
-                "untrained-encoder": _train_variant("untrained encoder", args, str(untrained), args.level,
+        return {"stage1-encoder": _train_variant("stage-1 encoder", args, str(args.stage1), args.level, 0, Path(tmp)),
+                "untrained-encoder": _train_variant("untrained encoder", args, str(untrained), args.level, 0,
                                                     Path(tmp))}
 
 
@@ -145,9 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         t.add_argument("--n", type=int, default=500)
         t.add_argument("--seed", type=int, default=0)
         if name == "levels":
-            t.add_argument("--levels", nargs="+", default=["mlp", "mlp+llm", "mlp+llm+encoder"],
-                           choices=["mlp", "mlp+llm", "mlp+llm+encoder"])
-            t.add_argument("--lora-rank", type=int, default=0, help="also run the llm levels with LoRA of this rank")
+            t.add_argument("--levels", nargs="+", type=_level_tag, default=["mlp", "mlp+llm", "mlp+llm+encoder"],
+                           help="variants: mlp, mlp+llm, mlp+llm+encoder, mlp+loraR, mlp+loraR+encoder")
     s = sub.add_parser("speed")
     s.add_argument("--run", type=Path, required=True)
     s.add_argument("--n", type=int, default=64)

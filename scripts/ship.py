@@ -5,12 +5,15 @@
     python scripts/ship.py lm runs/ship/lm --command "vlv train lm ..."
     python scripts/ship.py stage2 runs/ship/stage2 --command "vlv train stage2 ..." [--metrics bench.json]
     python scripts/ship.py metrics stage1 bench.json      # (re)attach benchmark numbers to shipped weights
+    python scripts/ship.py ablation stage2 levels levels.json --note "4 min each, ..."  # Table 4/7 analogues
 
 What ships: the run's config files and its trained weights as fp16 safetensors (the loaders cast to fp32), and
 ``training.json``: the command, settings, steps, wall time and the loss/eval curve from the run's checkpoint.
 Stage 2 must have been trained from the shipped names (``--encoder shapes-stage1 --lm shapes-lm``) so that its
 ``stage2.json`` points at the shipped parts. ``metrics.json`` holds the benchmark numbers the report page puts
-beside a demo's own: keys ``reconstruction`` (stage 1) and ``captions`` / ``caption_to_image`` (stage 2).
+beside a demo's own: keys ``reconstruction`` (stage 1) and ``captions`` / ``caption_to_image`` (stage 2), and
+``ablations`` (benchmarks/stage2.py levels / table7 or stage1.py ablation output, with a note of how they ran),
+which the page shows as tables.
 The weights dir is written to a temporary dir and swapped in whole.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -50,6 +54,19 @@ def _metrics(kind: str, bench: dict) -> dict:
         return {"captions": {k: v for k, v in greedy.items() if k != "caption_to_image"},
                 "caption_to_image": greedy["caption_to_image"], "n": bench.get("n"), "benchmark": bench}
     raise ValueError(f"no benchmark numbers for {kind}")
+
+
+def add_ablation(dest: Path, name: str, results: dict, note: str) -> None:
+    """Record a benchmark's variants under metrics.json's ``ablations``; the other keys are kept."""
+    if not re.fullmatch(r"[a-z0-9-]+", name):
+        raise SystemExit(f"ablation name {name!r}: lower-case letters, digits and '-' only (it becomes an HTML id)")
+    path = dest / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    metrics.setdefault("ablations", {})[name] = {"note": note, "results": results}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"wrote {name} into {path}")
 
 
 def _init_record(init: Path, command: str | None, note: str | None) -> dict:
@@ -114,8 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("metrics")
     m.add_argument("which", choices=["stage1", "stage2"])
     m.add_argument("bench", type=Path)
+    a = sub.add_parser("ablation")
+    a.add_argument("which", choices=["stage1", "stage2"])
+    a.add_argument("name", help="levels | table7 | lora-lr | nq: the key (and HTML id) the page shows it under")
+    a.add_argument("bench", type=Path, help="the benchmark's --json output: {variant: {scene_accuracy, ...}}")
+    a.add_argument("--note", required=True, help="how it was measured (budget, threads, lr, test scenes)")
     args = p.parse_args(argv)
-    if args.kind == "metrics":
+    if args.kind == "ablation":
+        add_ablation(SHIPPED[f"shapes-{args.which}"][0], args.name, json.loads(args.bench.read_text()), args.note)
+    elif args.kind == "metrics":
         dest = SHIPPED[f"shapes-{args.which}"][0]
         (dest / "metrics.json").write_text(json.dumps(_metrics(args.which, json.loads(args.bench.read_text())),
                                                       indent=2) + "\n")

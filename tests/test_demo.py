@@ -35,6 +35,9 @@ def test_quick_demo_leaves_a_self_describing_run_dir(demo_run):
     assert set(m["timings"]) >= {"data", "teacher", "lm", "stage1", "stage2", "evaluate"}
     assert set(m["curves"]) == {"lm", "stage1", "stage2"}
     assert len(m["examples"]) == 4 and all("predicted" in ex for ex in m["examples"])
+    if installed("shapes-stage2"):  # the shipped weights redraw and caption the same examples beside the run's
+        assert all(ex["shipped_predicted"] for ex in m["examples"])
+        assert all((demo_run / "report" / f"shipped_recon_{ex['index']}.png").is_file() for ex in m["examples"])
 
 
 def test_every_command_accepts_the_stage_folders(demo_run, tmp_path):
@@ -81,6 +84,9 @@ def test_report_page_loads_every_image_in_headless_chromium(demo_run, tmp_path):
     attrs = dict(re.findall(r'data-([a-z-]+)="(\d+)"', body.group(1)))
     assert int(attrs["images"]) >= 4 * 3 and attrs["images-loaded"] == attrs["images"], attrs
     assert int(attrs["tables"]) >= 2 and 'id="metrics"' in dom
+    shipped = json.loads((demo_run / "metrics.json").read_text())["shipped"]
+    for name in (n for record in shipped.values() for n in record.get("ablations", {})):
+        assert f'id="ablation-{name}"' in dom  # the Table 4/7 analogues recorded beside the shipped weights
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "report.png"
     subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1280,2400", page], capture_output=True,

@@ -9,7 +9,8 @@ A run dir holds ``data/``, ``teacher/`` (Stable Diffusion layout), ``lm/``, ``st
 - caption_to_image: the predicted captions -> teacher -> detector (paper Table 1 analogue);
 
 and writes ``metrics.json`` plus the pictures the page shows (``report/*.png``). Numbers in the page come
-from this file only.
+from this file only. The shown examples are also redrawn and captioned by the shipped, fully trained weights
+(when installed), so the page shows what the method reaches beside what this run's budget reached.
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ def evaluate_run(run: Path, settings: EvalSettings | None = None, progress: bool
         metrics["caption_to_image"] = _scores(sample(pipe, preds, **kw), truths)  # Table 1 analogue
         bar.update()
     bar.close()
+    _shipped_examples(images[shown], examples, settings, assets)
     metrics["examples"] = examples
     metrics["curves"] = loss_curves(run)
     metrics["shipped"] = shipped_metrics()
@@ -150,6 +152,31 @@ def evaluate_run(run: Path, settings: EvalSettings | None = None, progress: bool
     metrics = {**{k: old[k] for k in ("timings", "preset") if k in old}, **metrics}
     atomic_write_text(run / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _shipped_examples(images: torch.Tensor, examples: list[dict[str, Any]], settings: EvalSettings,
+                      assets: Path) -> None:
+    """The shown images through the shipped stage 1 (-> shipped teacher) and stage 2: ``shipped_recon_<i>.png``
+    and each example's ``shipped_predicted``. Skipped for parts this install does not ship."""
+    from vlv.decoder import DiffusionDecoder
+    from vlv.encoder import VLVEncoder
+    from vlv.presets import installed, shipped_dir
+    from vlv.stage1 import reconstruct_images
+    from vlv.stage2 import caption_images, load_stage2
+
+    if not len(images):
+        return
+    if installed("shapes-stage1") and installed("shapes-teacher"):
+        encoder = VLVEncoder.from_pretrained(shipped_dir("shapes-stage1")).eval()
+        decoder = DiffusionDecoder.from_pretrained(shipped_dir("shapes-teacher"))
+        recon = to_pil(reconstruct_images(encoder, decoder, images, sampler=settings.sampler,
+                                          guidance_scale=settings.guidance_scale, seed=settings.seed))
+        for row, im in zip(examples, recon, strict=True):
+            im.save(assets / f"shipped_recon_{row['index']}.png")
+    if all(installed(n) for n in ("shapes-stage1", "shapes-teacher", "shapes-stage2", "shapes-lm")):
+        preds = caption_images(load_stage2("shapes-stage2").eval(), images, num_beams=settings.num_beams)
+        for row, pred in zip(examples, preds, strict=True):
+            row["shipped_predicted"] = pred
 
 
 def _ratio(a: dict[str, float], b: dict[str, float]) -> float | None:

@@ -51,7 +51,7 @@ h1{margin-bottom:4px} h2{margin-top:32px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f4f4f4} td.l,th.l{text-align:left}
 img.px{image-rendering:pixelated;width:128px;height:128px;border:1px solid #ccc}
-.ex{display:inline-block;margin:6px;vertical-align:top;width:400px;font-size:12px}
+.ex{display:inline-block;margin:6px;vertical-align:top;width:540px;font-size:12px}
 .bad{background:#fdd;color:#a00} .miss{color:#a00;font-style:italic} .ok{color:#060}
 svg{background:#fafafa;border:1px solid #ddd;margin:4px}
 """
@@ -130,6 +130,29 @@ def _metrics_table(m: dict[str, Any]) -> str:
     return f'<table id="metrics">{head}{"".join(rows)}</table>'
 
 
+_ABLATION_TITLES = {"levels": "Trainable levels of stage 2 (paper Table 4, right)",
+                    "table7": "Stage 2 on the stage-1 encoder vs an untrained one (paper Table 7)",
+                    "lora-lr": "LoRA adapters in the LLM at a higher learning rate",
+                    "nq": "Number of queries Nq (paper Table 4, left)"}
+
+
+def _ablation_tables(m: dict[str, Any]) -> list[str]:
+    """The benchmarks recorded beside the shipped weights (``scripts/ship.py ablation``), one table each."""
+    parts = []
+    for weights, record in m.get("shipped", {}).items():
+        for name, ab in record.get("ablations", {}).items():
+            rows = "".join(
+                f'<tr><td class="l">{html.escape(variant)}</td><td>{_pct(r.get("scene_accuracy"))}</td>'
+                f'<td>{_pct(r.get("object_f1"))}</td><td>{r.get("steps", "–")}</td>'
+                f'<td>{r.get("train_s", "–")}</td></tr>'
+                for variant, r in ab["results"].items())
+            parts.append(f"<h3>{html.escape(_ABLATION_TITLES.get(name, name))}</h3>"
+                         f"<p>{html.escape(weights)}: {html.escape(ab['note'])}</p>"
+                         f'<table id="ablation-{html.escape(name)}"><tr><th class="l">variant</th><th>scene acc.</th>'
+                         f"<th>object F1</th><th>steps</th><th>train s</th></tr>{rows}</table>")
+    return ["<h2>Ablations (benchmarks of the shipped weights)</h2>", *parts] if parts else []
+
+
 def _timings_table(m: dict[str, Any]) -> str:
     timings = m.get("timings", {})
     if not timings:
@@ -148,17 +171,18 @@ def build_report(run: Path) -> Path:
              f"<p>{m['n']} held-out <b>{html.escape(s['split'])}</b> scenes; sampler {s['sampler']}, "
              f"CFG {s['guidance_scale']}; captions with {s['num_beams']} beam(s). "
              "Images are read back by the shapes detector, captions by the caption grammar.</p>",
-             "<h2>Metrics</h2>", _metrics_table(m), "<h2>Wall time</h2>", _timings_table(m),
-             "<h2>Held-out examples</h2><p>input · teacher from the true caption · reconstruction from the "
-             "VLV embeddings; true caption, then the predicted one (wrong phrases in red).</p>"]
+             "<h2>Metrics</h2>", _metrics_table(m), *_ablation_tables(m), "<h2>Wall time</h2>", _timings_table(m),
+             "<h2>Held-out examples</h2><p>input · teacher from the true caption · reconstruction from this "
+             "run's VLV embeddings · reconstruction by the shipped, fully trained encoder; the true caption, "
+             "this run's caption and the shipped captioner's (wrong phrases in red).</p>"]
     for ex in m.get("examples", []):
         i = ex["index"]
-        pics = [_img(assets / f"{kind}_{i}.png", kind) for kind in ("input", "teacher", "recon")
-                if (assets / f"{kind}_{i}.png").is_file()]
-        pred = ex.get("predicted")
+        pics = [_img(assets / f"{kind}_{i}.png", kind.replace("_", " ")) for kind in
+                ("input", "teacher", "recon", "shipped_recon") if (assets / f"{kind}_{i}.png").is_file()]
         text = f"<div><b>true:</b> {html.escape(ex['caption'])}</div>"
-        if pred is not None:
-            text += f"<div><b>predicted:</b> {_caption_diff(ex['caption'], pred)}</div>"
+        for key, label in (("predicted", "this run"), ("shipped_predicted", "shipped")):
+            if ex.get(key) is not None:
+                text += f"<div><b>{label}:</b> {_caption_diff(ex['caption'], ex[key])}</div>"
         parts.append(f'<div class="ex">{"".join(pics)}{text}</div>')
     if m.get("compositions"):
         parts.append("<h2>Composition (paper Fig. 6)</h2><p>image a · image b · the first k embeddings of each, "
