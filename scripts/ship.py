@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlv.data import atomic_write_text
 from vlv.presets import SHIPPED
 
 KINDS = ("stage1", "lm", "stage2")
@@ -63,9 +64,7 @@ def add_ablation(dest: Path, name: str, results: dict, note: str) -> None:
     path = dest / "metrics.json"
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     metrics.setdefault("ablations", {})[name] = {"note": note, "results": results}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
     print(f"wrote {name} into {path}")
 
 
