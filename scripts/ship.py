@@ -138,11 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.kind == "ablation":
         add_ablation(SHIPPED[f"shapes-{args.which}"][0], args.name, json.loads(args.bench.read_text()), args.note)
-    elif args.kind == "metrics":
-        dest = SHIPPED[f"shapes-{args.which}"][0]
-        (dest / "metrics.json").write_text(json.dumps(_metrics(args.which, json.loads(args.bench.read_text())),
-                                                      indent=2) + "\n")
-        print(f"wrote {dest / 'metrics.json'}")
+    elif args.kind == "metrics":  # same weights, new numbers: the ablations recorded beside them stay
+        path = SHIPPED[f"shapes-{args.which}"][0] / "metrics.json"
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        metrics = _metrics(args.which, json.loads(args.bench.read_text()))
+        metrics.update({k: old[k] for k in ("ablations",) if k in old})
+        atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
+        print(f"wrote {path}")
     else:
         ship(args.kind, args.run, args.command, args.metrics, args.init_command, args.init_note)
     return 0
