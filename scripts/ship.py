@@ -2,6 +2,7 @@
 
     python scripts/ship.py stage1 runs/ship/stage1 --command "vlv train stage1 ..." [--metrics bench.json]
         [--init-command "..." --init-note "..."]   # a run warm-started with --init: its first phase is recorded too
+        [--keep-ablations "measured on the previous weights"]  # carry the replaced weights' ablations over
     python scripts/ship.py lm runs/ship/lm --command "vlv train lm ..."
     python scripts/ship.py stage2 runs/ship/stage2 --command "vlv train stage2 ..." [--metrics bench.json]
     python scripts/ship.py metrics stage1 bench.json      # (re)attach benchmark numbers to shipped weights
@@ -69,7 +70,14 @@ def add_ablation(dest: Path, name: str, results: dict, note: str) -> None:
 
 
 def _init_record(init: Path, command: str | None, note: str | None) -> dict:
-    """The training record of the run a warm start began from (its trainer.json, in checkpoint/ or beside)."""
+    """The training record of the run a warm start began from (its trainer.json, in checkpoint/ or beside).
+
+    A run warm-started from the shipped weights themselves (``--init shapes-stage1``) records their whole
+    training.json, its own first phase included, so the chain of phases stays readable after the swap.
+    """
+    if str(init) in SHIPPED:
+        shipped = SHIPPED[str(init)][0] / "training.json"
+        return {"run": f"{init} (the weights shipped before this)", "note": note, **json.loads(shipped.read_text())}
     path = next((p for p in (init / "checkpoint" / "trainer.json", init / "trainer.json") if p.is_file()), None)
     if path is None:
         raise SystemExit(f"{init}: no trainer.json to record the warm start's first phase; ship from a full run dir")
@@ -84,10 +92,18 @@ def _summary(trainer: dict) -> dict:
             "history": trainer["history"]}
 
 
+def _kept_ablations(dest: Path, why: str) -> dict:
+    """The ablations recorded beside the weights being replaced, each note saying what they were measured on."""
+    path = dest / "metrics.json"
+    old = json.loads(path.read_text()).get("ablations", {}) if path.is_file() else {}
+    return {k: {**v, "note": f"{v['note']} [{why}]"} for k, v in old.items()}
+
+
 def ship(kind: str, run: Path, command: str, metrics: Path | None, init_command: str | None = None,
-         init_note: str | None = None) -> Path:
+         init_note: str | None = None, keep_ablations: str | None = None) -> Path:
     name = f"shapes-{kind}"
     dest = SHIPPED[name][0]
+    kept = _kept_ablations(dest, keep_ablations) if keep_ablations else {}
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -108,8 +124,10 @@ def ship(kind: str, run: Path, command: str, metrics: Path | None, init_command:
     if init:  # a warm-started run: record the run it started from as well
         record["init"] = _init_record(Path(init), init_command, init_note)
     (tmp / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-    if metrics is not None:
-        (tmp / "metrics.json").write_text(json.dumps(_metrics(kind, json.loads(metrics.read_text())), indent=2) + "\n")
+    if metrics is not None or kept:
+        numbers = _metrics(kind, json.loads(metrics.read_text())) if metrics is not None else {}
+        numbers.update({"ablations": kept} if kept else {})
+        (tmp / "metrics.json").write_text(json.dumps(numbers, indent=2) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     size = sum(p.stat().st_size for p in dest.iterdir())
@@ -127,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--metrics", type=Path, default=None, help="benchmark JSON to record beside the weights")
         s.add_argument("--init-command", default=None, help="stage 1 --init runs: the first phase's command")
         s.add_argument("--init-note", default=None, help="stage 1 --init runs: where the first phase ran (device)")
+        s.add_argument("--keep-ablations", default=None, metavar="WHY",
+                       help="carry the replaced weights' ablations over, WHY appended to each note "
+                            "(e.g. 'measured on the previous stage-1 weights')")
     m = sub.add_parser("metrics")
     m.add_argument("which", choices=["stage1", "stage2"])
     m.add_argument("bench", type=Path)
@@ -146,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
         print(f"wrote {path}")
     else:
-        ship(args.kind, args.run, args.command, args.metrics, args.init_command, args.init_note)
+        ship(args.kind, args.run, args.command, args.metrics, args.init_command, args.init_note, args.keep_ablations)
     return 0
 
 
