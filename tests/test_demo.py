@@ -87,6 +87,8 @@ def test_report_page_loads_every_image_in_headless_chromium(demo_run, tmp_path):
     shipped = json.loads((demo_run / "metrics.json").read_text())["shipped"]
     for name in (n for record in shipped.values() for n in record.get("ablations", {})):
         assert f'id="ablation-{name}"' in dom  # the Table 4/7 analogues recorded beside the shipped weights
+    if len(shipped.get("shapes-stage1", {}).get("accuracy_curve", {}).get("points", [])) >= 2:
+        assert 'id="shipped-stage1-curve"' in dom  # the issue's accuracy-against-training-time curve
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "report.png"
     subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1280,2400", page], capture_output=True,

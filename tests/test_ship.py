@@ -47,3 +47,18 @@ def test_reship_from_shipped_init_keeps_record_and_ablations(tmp_path, monkeypat
     assert metrics["ablations"]["nq"] == {"note": "3 runs [measured on the previous weights]", "results": {"16": {}}}
     assert load_file(shipped / "model.safetensors")["q"].dtype == torch.float16
     assert not (shipped / "latents.safetensors").exists() and not (shipped / "checkpoint").exists()
+
+
+def test_accuracy_curve_lays_warm_started_phases_end_to_end():
+    from vlv.evaluate import accuracy_curve
+
+    first = {"command": "a", "steps": 100, "wall_s": 120.0,
+             "history": [{"step": 50, "loss": 1.0, "elapsed_s": 60.0},
+                         {"eval": {"recon_scene_accuracy": 0.1, "elapsed_s": 120.0}}]}
+    second = {"command": "b", "steps": 10, "wall_s": 60.0, "note": "cpu", "init": first,
+              "history": [{"eval": {"recon_scene_accuracy": 0.4, "elapsed_s": 30.0}}]}
+    last = {"command": "c", "steps": 5, "wall_s": 30.0, "init": second,
+            "history": [{"eval": {"recon_scene_accuracy": 0.5, "elapsed_s": 30.0}}]}
+    curve = accuracy_curve(last)
+    assert curve["points"] == [[2.0, 0.1], [2.5, 0.4], [3.5, 0.5]]  # minutes since the first phase began
+    assert [p["command"] for p in curve["phases"]] == ["a", "b", "c"] and curve["phases"][1]["note"] == "cpu"

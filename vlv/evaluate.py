@@ -75,14 +75,41 @@ def loss_curves(run: Path) -> dict[str, list[list[float]]]:
     return curves
 
 
+def accuracy_curve(record: dict[str, Any]) -> dict[str, Any]:
+    """Validation reconstruction accuracy against cumulative training minutes, over every phase of a record.
+
+    A shipped ``training.json`` nests the run it was warm-started from under ``init`` (and so on): the phases
+    are laid end to end, oldest first, each one's evaluations offset by the wall time of those before it, so
+    the curve reads as "accuracy after this many minutes of training in all". Each phase keeps its command
+    and note (which say where it ran: the minutes of a GPU phase are not CPU minutes).
+    """
+    chain = []
+    while record:
+        chain.append(record)
+        record = record.get("init")
+    points, phases, offset = [], [], 0.0
+    for phase in reversed(chain):
+        for row in phase.get("history", []):
+            if "eval" in row and "recon_scene_accuracy" in row["eval"]:
+                ev = row["eval"]
+                points.append([round((offset + ev["elapsed_s"]) / 60, 2), ev["recon_scene_accuracy"]])
+        phases.append({"steps": phase.get("steps"), "minutes": round(phase.get("wall_s", 0.0) / 60, 1),
+                       "command": phase.get("command"), "note": phase.get("note")})
+        offset += phase.get("wall_s", 0.0)
+    return {"points": points, "phases": phases}
+
+
 def shipped_metrics() -> dict[str, Any]:
-    """The benchmark numbers recorded beside each shipped weight set (``metrics.json`` in its dir)."""
+    """The benchmark numbers recorded beside each shipped weight set (``metrics.json`` in its dir); stage 1's
+    also carry its :func:`accuracy_curve`, from the ``training.json`` beside them."""
     from vlv.presets import SHIPPED
 
     out = {}
     for name, (path, _) in SHIPPED.items():
         if (path / "metrics.json").is_file():
             out[name] = json.loads((path / "metrics.json").read_text())
+            if name == "shapes-stage1" and (path / "training.json").is_file():
+                out[name]["accuracy_curve"] = accuracy_curve(json.loads((path / "training.json").read_text()))
     return out
 
 

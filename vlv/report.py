@@ -90,7 +90,8 @@ def _caption_diff(true: str, pred: str) -> str:
     return ", ".join(parts) + tail
 
 
-def _svg_curve(points: list[list[float]], title: str, w: int = 360, h: int = 200) -> str:
+def _svg_curve(points: list[list[float]], title: str, w: int = 360, h: int = 200, x_label: str = "step",
+               svg_id: str | None = None) -> str:
     if len(points) < 2:
         return f"<p>{html.escape(title)}: too few points to plot</p>"
     xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -98,12 +99,13 @@ def _svg_curve(points: list[list[float]], title: str, w: int = 360, h: int = 200
     sx = lambda x: 40 + (w - 50) * (x - x0) / max(x1 - x0, 1e-9)  # noqa: E731
     sy = lambda y: h - 25 - (h - 45) * (y - y0) / max(y1 - y0, 1e-9)  # noqa: E731
     line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(xs, ys, strict=True))
-    return (f'<svg width="{w}" height="{h}" role="img"><title>{html.escape(title)}</title>'
+    ident = f' id="{svg_id}"' if svg_id else ""
+    return (f'<svg{ident} width="{w}" height="{h}" role="img"><title>{html.escape(title)}</title>'
             f'<text x="{w / 2}" y="14" text-anchor="middle" font-size="12">{html.escape(title)}</text>'
             f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{line}"/>'
             f'<text x="4" y="{sy(y1) + 4:.0f}" font-size="10">{y1:.3g}</text>'
             f'<text x="4" y="{sy(y0):.0f}" font-size="10">{y0:.3g}</text>'
-            f'<text x="40" y="{h - 8}" font-size="10">step {x0:g}</text>'
+            f'<text x="40" y="{h - 8}" font-size="10">{html.escape(x_label)} {x0:g}</text>'
             f'<text x="{w - 10}" y="{h - 8}" font-size="10" text-anchor="end">{x1:g}</text></svg>')
 
 
@@ -153,6 +155,19 @@ def _ablation_tables(m: dict[str, Any]) -> list[str]:
     return ["<h2>Ablations (benchmarks of the shipped weights)</h2>", *parts] if parts else []
 
 
+def _shipped_stage1_curve(m: dict[str, Any]) -> list[str]:
+    """The shipped encoder's validation reconstruction accuracy against its cumulative training minutes."""
+    curve = m.get("shipped", {}).get("shapes-stage1", {}).get("accuracy_curve")
+    if not curve or len(curve["points"]) < 2:
+        return []
+    phases = "".join(f"<li>{p['steps']} steps, {p['minutes']} min: <code>{html.escape(p['command'] or '')}</code>"
+                     + (f" ({html.escape(p['note'])})" if p.get("note") else "") + "</li>" for p in curve["phases"])
+    return ["<h2>Shipped stage 1: reconstruction accuracy against training time</h2>",
+            _svg_curve(curve["points"], "val scene accuracy vs minutes", w=480, x_label="min",
+                       svg_id="shipped-stage1-curve"),
+            f"<p>Phases, each warm-started from the one before:</p><ol>{phases}</ol>"]
+
+
 def _timings_table(m: dict[str, Any]) -> str:
     timings = m.get("timings", {})
     if not timings:
@@ -194,6 +209,7 @@ def build_report(run: Path) -> Path:
     if m.get("curves"):
         parts.append("<h2>Training loss</h2>")
         parts += [_svg_curve(points, f"{stage} loss") for stage, points in m["curves"].items()]
+    parts += _shipped_stage1_curve(m)
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>VLV report: {html.escape(run.name)}'
             f'</title><style>{_CSS}</style><script>{_SCRIPT}</script></head><body>{"".join(parts)}</body></html>\n')
     out = run / REPORT_FILE
