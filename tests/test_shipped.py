@@ -57,7 +57,7 @@ def test_shipped_encoder_loads_strictly_by_name():
 def test_shipped_encoder_reconstructs_held_out_scenes(tmp_path):
     """Through the shipped teacher, the shipped encoder's embeddings redraw most held-out scenes exactly.
 
-    metrics.json records 73% on 500 test scenes; the floor here (half of 32) catches broken weights, say a
+    metrics.json records 90% on 500 test scenes; the floor here (half of 32) catches broken weights, say a
     bad fp16 cast or a changed architecture, not a point of accuracy."""
     from vlv.data import ImageCaptionFolder, write_shapes
     from vlv.decoder import DiffusionDecoder
@@ -87,7 +87,7 @@ def test_shipped_captioner_names_its_shipped_parts():
 
 @_shipped("shapes-stage2")
 def test_shipped_captioner_captions_held_out_scenes(tmp_path):
-    """The shipped captioner writes the exact caption of most held-out scenes (metrics.json: 97.6% of 500);
+    """The shipped captioner writes the exact caption of most held-out scenes (metrics.json: 99.4% of 500);
     the floor (3/4 of 32) catches broken weights or a changed pipeline, not a point of accuracy."""
     from vlv.data import ImageCaptionFolder, write_shapes
     from vlv.stage2 import caption_scores, load_stage2
