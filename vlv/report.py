@@ -165,7 +165,8 @@ def _shipped_stage1_curve(m: dict[str, Any]) -> list[str]:
     return ["<h2>Shipped stage 1: reconstruction accuracy against training time</h2>",
             _svg_curve(curve["points"], "val scene accuracy vs minutes", w=480, x_label="min",
                        svg_id="shipped-stage1-curve"),
-            f"<p>Phases, each warm-started from the one before:</p><ol>{phases}</ol>"]
+            "<p>Phases, oldest first, each after the first warm-started from the one before (minutes are wall "
+            f"time on the device each names):</p><ol>{phases}</ol>"]
 
 
 def _timings_table(m: dict[str, Any]) -> str:
