@@ -58,12 +58,18 @@ def _metrics(kind: str, bench: dict) -> dict:
     raise ValueError(f"no benchmark numbers for {kind}")
 
 
+def _read_metrics(dest: Path) -> dict:
+    """The metrics.json beside shipped weights, or {} where none was recorded yet."""
+    path = dest / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def add_ablation(dest: Path, name: str, results: dict, note: str) -> None:
     """Record a benchmark's variants under metrics.json's ``ablations``; the other keys are kept."""
     if not re.fullmatch(r"[a-z0-9-]+", name):
         raise SystemExit(f"ablation name {name!r}: lower-case letters, digits and '-' only (it becomes an HTML id)")
     path = dest / "metrics.json"
-    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    metrics = _read_metrics(dest)
     metrics.setdefault("ablations", {})[name] = {"note": note, "results": results}
     atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
     print(f"wrote {name} into {path}")
@@ -94,8 +100,7 @@ def _summary(trainer: dict) -> dict:
 
 def _kept_ablations(dest: Path, why: str) -> dict:
     """The ablations recorded beside the weights being replaced, each note saying what they were measured on."""
-    path = dest / "metrics.json"
-    old = json.loads(path.read_text()).get("ablations", {}) if path.is_file() else {}
+    old = _read_metrics(dest).get("ablations", {})
     return {k: {**v, "note": f"{v['note']} [{why}]"} for k, v in old.items()}
 
 
@@ -126,7 +131,8 @@ def ship(kind: str, run: Path, command: str, metrics: Path | None, init_command:
     (tmp / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     if metrics is not None or kept:
         numbers = _metrics(kind, json.loads(metrics.read_text())) if metrics is not None else {}
-        numbers.update({"ablations": kept} if kept else {})
+        if kept:
+            numbers["ablations"] = kept
         (tmp / "metrics.json").write_text(json.dumps(numbers, indent=2) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
@@ -160,10 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "ablation":
         add_ablation(SHIPPED[f"shapes-{args.which}"][0], args.name, json.loads(args.bench.read_text()), args.note)
     elif args.kind == "metrics":  # same weights, new numbers: the ablations recorded beside them stay
-        path = SHIPPED[f"shapes-{args.which}"][0] / "metrics.json"
-        old = json.loads(path.read_text()) if path.is_file() else {}
+        dest = SHIPPED[f"shapes-{args.which}"][0]
+        path, old = dest / "metrics.json", _read_metrics(dest)
         metrics = _metrics(args.which, json.loads(args.bench.read_text()))
-        metrics.update({k: old[k] for k in ("ablations",) if k in old})
+        if "ablations" in old:
+            metrics["ablations"] = old["ablations"]
         atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
         print(f"wrote {path}")
     else:
