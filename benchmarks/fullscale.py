@@ -29,3 +29,36 @@ def time_steps(step: Callable[[int], None], steps: int, device: str | torch.devi
         if i:
             times.append(time.perf_counter() - t)
     return times
+
+
+def interleaved_times(steps: dict[str, Callable[[int], None]], n: int, device: str | torch.device
+                      ) -> dict[str, tuple[list[float], float] | None]:
+    """A/B/... timing: round i runs one step of every variant in turn, so drift on a shared machine hits all
+    alike (performance.md: ratios in one run, interleaved). Per variant: (seconds of its ``n`` steps after
+    one warm-up, peak memory in GiB), or None once it ran out of memory (the others go on)."""
+    cuda = torch.device(device).type == "cuda"
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    peaks: dict[str, float] = dict.fromkeys(steps, 0.0)
+    failed: set[str] = set()
+    for i in range(n + 1):
+        for name, step in steps.items():
+            if name in failed:
+                continue
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            try:
+                step(i)
+                if cuda:
+                    torch.cuda.synchronize()
+            except torch.OutOfMemoryError:
+                failed.add(name)
+            if name in failed:  # outside the except block, so the failed step's activations can be freed
+                if cuda:
+                    torch.cuda.empty_cache()
+                continue
+            if i:
+                times[name].append(time.perf_counter() - t)
+            peaks[name] = max(peaks[name], peak_memory_gib(device))
+    return {k: None if k in failed else (times[k], peaks[k]) for k in steps}

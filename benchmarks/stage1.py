@@ -2,14 +2,15 @@
 
     python benchmarks/stage1.py speed [--teacher DIR] [--bf16] # cached latents vs online VAE (vs bf16), interleaved
     python benchmarks/stage1.py accuracy --run RUN --teacher shapes-teacher --n 500
-    python benchmarks/stage1.py ablation --teacher shapes-teacher --minutes 10 --nq 16 32 77
+    python benchmarks/stage1.py ablation --nq 16 32 77 --steps 3000 [--init shapes-stage1 --lr 2e-4]
 
 speed: median step time of the stage-1 task with cached latents vs encoding images with the VAE each
 step, alternating A/B steps in one process; the teacher's architecture matters, not its weights, so
 without --teacher a random-init default shapes teacher is used.
 accuracy: reconstruction scene accuracy / object F1 on test scenes, paper (DDPM 50) vs fast
 (DPM-Solver++ 20) sampler, next to the teacher's own accuracy from the true captions.
-ablation: trains one stage-1 run per Nq for the same wall time, then measures each (Table 4-left).
+ablation: trains one stage-1 run per Nq for the same number of steps, then measures each (Table 4-left);
+with --init each starts from a trained encoder's first Nq queries (measured untrained as well).
 """
 
 from __future__ import annotations
@@ -117,36 +118,47 @@ def accuracy(args: argparse.Namespace) -> dict:
 
 
 def ablation(args: argparse.Namespace) -> dict:
+    """One stage-1 run per Nq, equal steps: from scratch (the paper's Table 4-left), or with --init from a trained
+    encoder's first Nq queries, whose z is exactly the first Nq positions of the trained z (the query decoder is
+    causal); that truncation is then measured untrained too, as the runs' common starting point."""
     from vlv.stage1 import train_stage1
     from vlv.train import TrainConfig
 
+    decoder = _decoder(args.teacher)
+    test = _test_set(args.n, decoder.image_size)
+    results: dict[str, dict] = {}
+
+    def measure(name: str, enc: VLVEncoder, extra: dict) -> None:
+        with torch.no_grad():
+            s = reconstruction_scores(enc.eval(), decoder, test, sampler="fast", guidance_scale=args.cfg)
+        results[name] = {**s.as_dict(), **extra}
+        print(f"{name}: scene acc {s.scene_accuracy:.4f} F1 {s.object_f1:.4f} {extra}", flush=True)
+
+    if args.init:
+        from vlv.stage1 import init_from
+
+        for nq in args.nq:
+            enc = build_encoder(Stage1Settings(decoder="", data="", num_queries=nq), decoder.text_dim, seed=0)
+            init_from(enc, args.init)
+            measure(f"Nq {nq}, untrained from {args.init}", enc, {"steps": 0})
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_shapes(Path(tmp) / "train", n=args.train_n, progress=False)
-        results = {}
+        data = args.data or write_shapes(Path(tmp) / "train", n=args.train_n, progress=False)
         for nq in args.nq:
             run = Path(args.out) / f"nq{nq}"
-            settings = Stage1Settings(decoder=args.teacher, data=str(data), num_queries=nq)
-            cfg = TrainConfig(steps=args.steps, batch_size=32, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01,
-                              warmup_steps=100, max_minutes=args.minutes)
-            t0 = time.perf_counter()
-            if train_stage1(settings, cfg, run) is None:  # stopped by the time budget: export the checkpoint
+            settings = Stage1Settings(decoder=args.teacher, data=str(data), num_queries=nq, init=args.init,
+                                      high_noise_fraction=args.high_noise_fraction)
+            cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, betas=(0.9, 0.99),
+                              weight_decay=0.01, warmup_steps=args.warmup, max_minutes=args.minutes)
+            enc = train_stage1(settings, cfg, run)
+            if enc is None:  # stopped by the time cap: measure the checkpoint
                 from safetensors.torch import load_file
 
                 from vlv.train import load_trainable_state
 
-                enc = build_encoder(settings, _decoder(args.teacher).text_dim, seed=cfg.seed)
+                enc = build_encoder(settings, decoder.text_dim, seed=cfg.seed)
                 load_trainable_state(enc, load_file(run / "checkpoint" / "model.safetensors"))
-                enc.save_pretrained(run)
-            results[nq] = {"train_s": round(time.perf_counter() - t0)}
-        decoder = _decoder(args.teacher)
-        test = _test_set(args.n, decoder.image_size)
-        torch.set_grad_enabled(False)
-        for nq in args.nq:
-            run = Path(args.out) / f"nq{nq}"
-            enc = VLVEncoder.from_pretrained(run).eval()
-            s = reconstruction_scores(enc, decoder, test, sampler="fast", guidance_scale=args.cfg)
-            results[nq].update(s.as_dict())
-            print(f"Nq {nq:3d}: scene acc {s.scene_accuracy:.4f} F1 {s.object_f1:.4f} ({results[nq]['train_s']} s)")
+            done = json.loads((run / "checkpoint" / "trainer.json").read_text())  # resumed runs count in full
+            measure(f"Nq {nq}", enc, {"steps": done["step"], "train_s": round(done["elapsed_s"])})
     return results
 
 
@@ -170,9 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("ablation")
     b.add_argument("--teacher", default="shapes-teacher")
     b.add_argument("--nq", type=int, nargs="+", default=[16, 32, 77])
-    b.add_argument("--minutes", type=float, default=10.0)
-    b.add_argument("--steps", type=int, default=3000)
+    b.add_argument("--init", default=None, help="start each run from this trained encoder's first Nq queries")
+    b.add_argument("--data", default=None, help="training image-caption dir (default: --train-n fresh scenes)")
     b.add_argument("--train-n", type=int, default=10000)
+    b.add_argument("--steps", type=int, default=3000, help="steps per run, equal for every Nq")
+    b.add_argument("--minutes", type=float, default=None, help="also stop a run after this long")
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--lr", type=float, default=1e-3)
+    b.add_argument("--warmup", type=int, default=100)
+    b.add_argument("--high-noise-fraction", type=float, default=0.25)
     b.add_argument("--n", type=int, default=500)
     b.add_argument("--cfg", type=float, default=2.0)
     b.add_argument("--out", default="runs/benchmarks/nq-ablation")

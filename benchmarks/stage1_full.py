@@ -3,12 +3,15 @@
     python benchmarks/stage1_full.py --device cpu --batch-sizes 1 --image-size 384
     python benchmarks/stage1_full.py --device cuda --batch-sizes 8 16 32 --precision bf16 fp32
     python benchmarks/stage1_full.py --device cpu --batch-sizes 1 --online-vae   # cached latents vs online VAE
+    python benchmarks/stage1_full.py --device cpu --batch-sizes 1 --cached-vision  # DaViT features cached too
 
 One optimizer step (AdamW over the official trainable set: queries, phi, Florence's language model) on
 cached-latent-shaped inputs: per batch size and precision it prints seconds per step, images/s and peak
 memory; on a GPU also the MFU against the counted ~3.2 TFLOP per image (shared/specs/performance.md).
 With --online-vae each setting is also timed with the frozen VAE encoding the 384-px images inside the
-step (what training without cached latents does), and the ratio online / cached is printed.
+step (what training without cached latents does), and the ratio online / cached is printed. With
+--cached-vision each setting is also timed with the frozen DaViT's features cached (``vlv train stage1
+--cache-vision``: the encoder reads (B, 577, 1024) features instead of running the vision tower), ratio printed.
 """
 
 from __future__ import annotations
@@ -19,21 +22,25 @@ import time
 from functools import partial
 
 import torch
-from fullscale import peak_memory_gib, time_steps  # benchmarks/, first on sys.path when run as a script
+from fullscale import interleaved_times  # benchmarks/, first on sys.path when run as a script
 
 from vlv.decoder import DiffusionDecoder, random_pipeline
 from vlv.encoder import EncoderConfig, VLVEncoder
 
-FLOPS_PER_IMAGE = 3.2e12  # counted, cached latents, no checkpointing (performance.md)
+# counted, no checkpointing (performance.md): cached latents; minus the frozen DaViT's 1.49 T when its features
+# are cached too
+FLOPS_PER_IMAGE = {"latents": 3.2e12, "lat+vis": 3.2e12 - 1.49e12}
 PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 
 
-def train_step(encoder: VLVEncoder, decoder: DiffusionDecoder, opt: torch.optim.Optimizer, pixels: torch.Tensor,
-               latents_or_images: torch.Tensor, precision: str, seed: int) -> None:
-    """One optimizer step of the stage-1 loss over the encoder's trainable set (images: the VAE encodes them)."""
-    dev = pixels.device
+def train_step(encoder: VLVEncoder, decoder: DiffusionDecoder, opt: torch.optim.Optimizer,
+               encoder_input: dict[str, torch.Tensor], latents_or_images: torch.Tensor, precision: str,
+               seed: int) -> None:
+    """One optimizer step of the stage-1 loss over the encoder's trainable set (images: the VAE encodes them;
+    ``encoder_input``: pixel_values, or the cached image_features)."""
+    dev = latents_or_images.device
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        loss = decoder.loss(latents_or_images, encoder(pixels), torch.Generator(dev).manual_seed(seed))
+        loss = decoder.loss(latents_or_images, encoder(**encoder_input), torch.Generator(dev).manual_seed(seed))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
     opt.step()
@@ -50,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--online-vae", action="store_true", help="also time steps that VAE-encode the images")
+    p.add_argument("--cached-vision", action="store_true", help="also time steps on cached DaViT features")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
     torch.manual_seed(0)
@@ -68,46 +76,52 @@ def main(argv: list[str] | None = None) -> int:
                             weight_decay=0.01)
     latent = args.image_size // 8
     print(f"{'precision':>9} {'batch':>5} {'input':>7} {'s/step':>8} {'img/s':>8} {'peak GiB':>9} {'MFU':>6}")
-    inputs = ("latents", "images") if args.online_vae else ("latents",)
+    kinds = ["latents"] + ["images"] * args.online_vae + ["lat+vis"] * args.cached_vision
+    with torch.no_grad():  # the shape of the cached features: (1, Nv, D)
+        nv_d = encoder.image_features(torch.zeros(1, 3, args.encoder_size, args.encoder_size, device=dev)).shape[1:]
     for precision in args.precision:
         for b in args.batch_sizes:
-            pixels = torch.randn(b, 3, args.encoder_size, args.encoder_size, device=dev)
-            x = {"latents": torch.randn(b, 4, latent, latent, device=dev),
-                 "images": torch.rand(b, 3, args.image_size, args.image_size, device=dev) * 2 - 1}
-            medians = {}
-            for kind in inputs:
-                medians[kind] = _measure(encoder, decoder, opt, pixels, x[kind], precision, args, kind)
-            if len(medians) == 2 and None not in medians.values():
-                ratio = medians["images"] / medians["latents"]
-                print(f"{precision:>9} {b:5d}  step time, online VAE / cached latents: {ratio:.2f}x", flush=True)
-            del pixels, x
+            pixels = {"pixel_values": torch.randn(b, 3, args.encoder_size, args.encoder_size, device=dev)}
+            latents = torch.randn(b, 4, latent, latent, device=dev)
+            inputs = {"latents": (pixels, latents),
+                      "images": (pixels, torch.rand(b, 3, args.image_size, args.image_size, device=dev) * 2 - 1),
+                      "lat+vis": ({"image_features": torch.randn(b, *nv_d, device=dev)}, latents)}
+            medians = _measure(encoder, decoder, opt, {k: inputs[k] for k in kinds}, precision, args)
+            if medians["latents"] is not None:
+                for kind, what in (("images", "online VAE / cached latents"),
+                                   ("lat+vis", "running the DaViT / cached vision features")):
+                    if medians.get(kind) is not None:
+                        ratio = (medians[kind] / medians["latents"] if kind == "images"
+                                 else medians["latents"] / medians[kind])
+                        print(f"{precision:>9} {b:5d}  step time, {what}: {ratio:.2f}x", flush=True)
+            del pixels, latents, inputs
     return 0
 
 
-def _measure(encoder: VLVEncoder, decoder: DiffusionDecoder, opt: torch.optim.Optimizer, pixels: torch.Tensor,
-             x: torch.Tensor, precision: str, args: argparse.Namespace, kind: str) -> float | None:
-    """Print one row (median step time, img/s, peak memory, MFU); None on out-of-memory."""
-    dev, b = pixels.device, pixels.shape[0]
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        times = time_steps(partial(train_step, encoder, decoder, opt, pixels, x, precision), args.steps, dev)
-    except torch.OutOfMemoryError:
-        times = None
-    if times is None:  # outside the except block, so the failed step's activations can be freed
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-        print(f"{precision:>9} {b:5d} {kind:>7} out of memory", flush=True)
-        return None
-    s = sorted(times)[len(times) // 2]
-    mfu = ""
-    if dev.type == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK.items() if k in name), None)
-        mfu = f"{b / s * FLOPS_PER_IMAGE / peak:.1%}" if peak and kind == "latents" else "?"
-    print(f"{precision:>9} {b:5d} {kind:>7} {s:8.2f} {b / s:8.2f} {peak_memory_gib(args.device):9.1f} {mfu:>6}",
-          flush=True)
-    return s
+def _measure(encoder: VLVEncoder, decoder: DiffusionDecoder, opt: torch.optim.Optimizer,
+             inputs: dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]], precision: str,
+             args: argparse.Namespace) -> dict[str, float | None]:
+    """Time the variants interleaved; print a row each (median s/step, img/s, peak memory, MFU); None: OOM."""
+    dev = torch.device(args.device)
+    steps = {kind: partial(train_step, encoder, decoder, opt, enc_in, x, precision)
+             for kind, (enc_in, x) in inputs.items()}
+    results, medians = interleaved_times(steps, args.steps, dev), {}
+    opt.zero_grad(set_to_none=True)
+    for kind, (_, x) in inputs.items():
+        b = x.shape[0]
+        if results[kind] is None:
+            print(f"{precision:>9} {b:5d} {kind:>7} out of memory", flush=True)
+            medians[kind] = None
+            continue
+        times, peak_gib = results[kind]
+        s = medians[kind] = sorted(times)[len(times) // 2]
+        mfu = ""
+        if dev.type == "cuda":
+            name = torch.cuda.get_device_name()
+            peak = next((v for k, v in PEAK.items() if k in name), None)
+            mfu = f"{b / s * FLOPS_PER_IMAGE[kind] / peak:.1%}" if peak and kind in FLOPS_PER_IMAGE else "?"
+        print(f"{precision:>9} {b:5d} {kind:>7} {s:8.2f} {b / s:8.2f} {peak_gib:9.1f} {mfu:>6}", flush=True)
+    return medians
 
 
 if __name__ == "__main__":

@@ -70,6 +70,27 @@ def test_freezing_is_declarative():
         EncoderConfig(text_dim=32, trainable=[])
 
 
+def test_cached_image_features_stand_in_for_a_frozen_vision_tower():
+    """z from v' = image_features(x) equals z from x; with a training tower, features cannot replace it."""
+    enc = _shapes(trainable=list(DEFAULT_TRAINABLE)).train()
+    x = torch.randn(3, 3, 64, 64)
+    v = enc.image_features(x)
+    assert not v.requires_grad  # frozen: no graph through the DaViT
+    torch.manual_seed(1)
+    a = enc(x)
+    torch.manual_seed(1)  # same dropout draws in the trained BART
+    b = enc(image_features=v)
+    assert torch.equal(a, b) and b.requires_grad
+    with pytest.raises(ValueError, match="exactly one"):
+        enc(x, image_features=v)
+    trains_vision = _shapes()
+    with pytest.raises(ValueError, match="trains"):
+        trains_vision(image_features=trains_vision.image_features(x))
+    with torch.no_grad():  # inference may still use features
+        trains_vision.eval()
+        assert torch.equal(trains_vision(image_features=trains_vision.image_features(x)), trains_vision(x))
+
+
 def test_preprocess_matches_tensor_normalisation():
     enc = _shapes()
     rng = np.random.default_rng(0)

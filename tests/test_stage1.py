@@ -128,8 +128,35 @@ def test_init_warm_starts_from_a_trained_encoder_and_checks_its_architecture(tin
     init_from(fresh, settings.init)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), first.state_dict().values(),
                                                  strict=True))
-    other = build_encoder(Stage1Settings(decoder=str(tiny_teacher), data="x", num_queries=4), decoder.text_dim, 0)
+    more = build_encoder(Stage1Settings(decoder=str(tiny_teacher), data="x", num_queries=16), decoder.text_dim, 0)
     with pytest.raises(ValueError, match="num_queries"):
-        init_from(other, settings.init)
+        init_from(more, settings.init)
+    fewer = build_encoder(Stage1Settings(decoder=str(tiny_teacher), data="x", num_queries=4), decoder.text_dim, 0)
+    init_from(fewer, settings.init)  # fewer queries: the first 4, so z is the first 4 positions of the source's
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z, z4 = first.eval()(first.normalize(x)), fewer.eval()(fewer.normalize(x))
+    assert z4.shape[1] == 4 and torch.allclose(z4, z[:, :4], atol=1e-6)
     second = train_stage1(settings, cfg, tmp_path / "b")  # and the run itself trains on from there
     assert second is not None and not torch.equal(second.queries, first.queries)
+
+
+def test_cached_vision_features_train_as_the_pixels_do(tiny_teacher, shapes_data, tmp_path):
+    """With a frozen vision tower its features are cached once (fp16): the first step's loss matches the pixel
+    path, the run trains, and a vision tower that trains refuses the cache with a clear error."""
+    from safetensors.torch import load_file
+
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, log_every=1, progress=False)
+    losses = {}
+    for cached in (False, True):
+        run = tmp_path / f"cached{cached}"
+        enc = train_stage1(_settings(tiny_teacher, shapes_data["train"], trainable="default", cache_vision=cached),
+                           cfg, run)
+        assert enc is not None
+        history = json.loads((run / "checkpoint" / "trainer.json").read_text())["history"]
+        losses[cached] = history[0]["loss"]
+    feats = load_file(tmp_path / "cachedTrue" / "vision.safetensors")["features"]
+    assert feats.dtype == torch.float16 and feats.shape == (len(read_records(shapes_data["train"])), 65, 128)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+    with pytest.raises(ValueError, match="vision tower"):
+        train_stage1(_settings(tiny_teacher, shapes_data["train"], cache_vision=True), cfg, tmp_path / "all")

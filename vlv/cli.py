@@ -137,7 +137,7 @@ def cmd_train_stage1(args: argparse.Namespace) -> None:
         high_noise = 0.25 if args.encoder == "shapes" else 0.0
     settings = Stage1Settings(decoder=str(args.decoder), data=str(args.data), encoder=args.encoder,
                               num_queries=args.nq, trainable=args.trainable, image_size=args.image_size,
-                              cache_latents=not args.no_cache_latents,
+                              cache_latents=not args.no_cache_latents, cache_vision=args.cache_vision,
                               gradient_checkpointing=args.gradient_checkpointing,
                               val=str(args.val) if args.val else None, eval_n=args.eval_n,
                               high_noise_fraction=high_noise,
@@ -386,12 +386,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="default 1e-3 for shapes, 5e-5 (paper) otherwise")
     p.add_argument("--precision", choices=["no", "bf16"], default="no", help="fp32 (paper) or bf16 autocast")
     p.add_argument("--no-cache-latents", action="store_true", help="encode images with the VAE every step")
+    p.add_argument("--cache-vision", action="store_true",
+                   help="cache the frozen vision tower's features once (no DaViT in any step; "
+                        "~1.2 MB of disk per image at full scale); needs a frozen vision tower")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations")
     p.add_argument("--high-noise-fraction", type=fraction, default=None,
                    help="share of timesteps drawn from the upper (layout) half; 0 = the paper's uniform t "
                         "(default 0.25 for the shapes encoder, which learnt nothing in 2750 steps at 0; else 0)")
     p.add_argument("--init", default=None, help="start from this stage-1 run's (or shipped name's) encoder weights "
-                   "with a fresh optimizer and schedule (same encoder architecture)")
+                   "with a fresh optimizer and schedule (same encoder architecture; a smaller --nq takes its "
+                   "first Nq queries)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between val evaluations (0: never)")
     p.add_argument("--eval-n", type=positive_int, default=200)
     p.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this long")

@@ -212,13 +212,26 @@ class VLVEncoder(nn.Module):
         return not any(p.requires_grad for m in (model.vision_tower, model.multi_modal_projector)
                        for p in m.parameters())
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (B, 3, S, S), normalised as ``preprocess`` does -> z (B, Nq, d_T)."""
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """v' = projector(DaViT(pixel_values)): (B, 3, S, S) -> (B, Nv, D), the pooled token + H*W tokens.
+
+        The frozen DaViT is the largest cost at full scale (performance.md): no graph through it when nothing
+        there trains, and stage 1 can cache its output per image (``vlv.stage1.cache_vision``).
+        """
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_frozen):
+            return self.florence.model.get_image_features(pixel_values).pooler_output  # (B, Nv, D)
+
+    def forward(self, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """pixel_values (B, 3, S, S), normalised as ``preprocess`` does, or their cached ``image_features``
+        (B, Nv, D) -> z (B, Nq, d_T)."""
+        if (pixel_values is None) == (image_features is None):
+            raise ValueError("pass exactly one of pixel_values and image_features")
+        if image_features is not None and torch.is_grad_enabled() and not self.vision_frozen:
+            raise ValueError("image_features skip the vision tower, which trains in this encoder: pass pixel_values")
         model = self.florence.model
         lm = model.language_model  # BartModel
-        # The frozen DaViT is the largest cost at full scale: no graph through it when nothing there trains.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_frozen):
-            v = model.get_image_features(pixel_values).pooler_output  # (B, Nv, D): pooled token + H*W tokens
+        v = self.image_features(pixel_values) if image_features is None else image_features  # (B, Nv, D)
         b = v.shape[0]
         prompt = model.get_input_embeddings()(self.prompt_ids)[None].expand(b, -1, -1)  # (B, P, D)
         x = torch.cat([v, prompt.to(v.dtype)], dim=1)  # (B, Nv + P, D)

@@ -1,12 +1,13 @@
 """Stage 1 as a training task: distil the frozen diffusion decoder into the VLV encoder, images only.
 
 The task supplies the loop (``vlv.train``) with the encoder as the trainable module and the paper's
-loss: z = E(x); L = ||UNet(noisy latents, t, T(z)) - target||^2. The frozen VAE's posteriors can be
-cached once (``cache_latents``), so a step never runs the VAE encoder.
+loss: z = E(x); L = ||UNet(noisy latents, t, T(z)) - target||^2. What is frozen is cached once: the VAE's
+posteriors (``cache_latents``), so a step never runs the VAE encoder, and, when the vision tower is
+frozen (the official trainable set), its features (``cache_vision``), so a step never runs the DaViT.
 
 A run dir is self-describing: ``stage1.json`` (decoder, data, settings), the encoder
 (``encoder.json`` + safetensors, loadable by ``VLVEncoder.from_pretrained(run)``), ``checkpoint/`` while
-training, and ``latents.safetensors`` when latents were cached.
+training, and ``latents.safetensors`` / ``vision.safetensors`` when latents / vision features were cached.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vlv.data import ImageCaptionFolder, atomic_write_text, to_tensor
@@ -27,7 +29,7 @@ from vlv.encoder import EncoderConfig, VLVEncoder
 from vlv.train import TrainConfig, train
 from vlv.world import shapes
 
-STAGE1_FILE, LATENTS_FILE = "stage1.json", "latents.safetensors"
+STAGE1_FILE, LATENTS_FILE, VISION_FILE = "stage1.json", "latents.safetensors", "vision.safetensors"
 
 
 @torch.no_grad()
@@ -42,6 +44,48 @@ def cache_latents(decoder: DiffusionDecoder, data: ImageCaptionFolder,
     return {"mean": torch.cat(means), "std": torch.cat(stds)}  # (N, C, h, w) each
 
 
+@torch.no_grad()
+def cache_vision(encoder: VLVEncoder, data: ImageCaptionFolder, path: Path, batch_size: int = 32,
+                 progress: bool = True) -> None:
+    """The frozen vision tower's features v' (N, Nv, D) per image, fp16, written atomically to ``path``.
+
+    Why: at full scale the frozen DaViT at 768 px is about half of a step's FLOPs (1.49 of ~3.1 TFLOP per
+    image, performance.md), and without augmentation its output is a fixed function of the image. The cost
+    is disk: N x 577 x 1024 x 2 bytes, ~1.2 MB per image for Florence-2-large; steps read it memory-mapped.
+    """
+    from tqdm.auto import tqdm
+
+    if not encoder.vision_frozen:
+        raise ValueError("cache_vision: this encoder's vision tower trains, so its features change every step")
+    device, was_training = next(encoder.parameters()).device, encoder.training
+    encoder.eval()  # as in training, where the frozen tower is kept in eval mode (no drop-path)
+    feats = []
+    for idx in tqdm(list(data.batches(batch_size)), desc="caching vision features", disable=not progress):
+        v = encoder.image_features(encoder.normalize(to_tensor(data.images[idx]).to(device)))  # (B, Nv, D)
+        if not torch.isfinite(v).all() or v.abs().max() > torch.finfo(torch.float16).max:
+            raise ValueError("vision features do not fit fp16: cache_vision cannot store them")
+        feats.append(v.half().cpu())
+    encoder.train(was_training)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"features": torch.cat(feats).contiguous()}, tmp)
+    tmp.rename(path)
+
+
+class VisionCache:
+    """The cached features, memory-mapped: a batch reads only its own rows (the file may exceed RAM)."""
+
+    def __init__(self, path: Path):
+        self._file = safe_open(str(path), framework="pt")
+        self._rows = self._file.get_slice("features")
+        self.shape = tuple(self._rows.get_shape())
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx: np.ndarray) -> torch.Tensor:
+        return torch.cat([self._rows[int(i) : int(i) + 1] for i in idx])  # (B, Nv, D) fp16
+
+
 class Stage1Task:
     """Trainable: the encoder. Loss: the decoder's diffusion loss on the encoder's z (paper Eq. 2)."""
 
@@ -49,30 +93,38 @@ class Stage1Task:
 
     def __init__(self, encoder: VLVEncoder, decoder: DiffusionDecoder, data: ImageCaptionFolder,
                  latents: dict[str, torch.Tensor] | None = None, seed: int = 0, evaluator=None,
-                 high_noise_fraction: float = 0.0):
+                 high_noise_fraction: float = 0.0, vision: VisionCache | None = None):
         self.encoder, self.decoder, self.data, self.latents = encoder, decoder, data, latents
         self.seed, self.evaluator, self.high_noise_fraction = seed, evaluator, high_noise_fraction
+        self.vision = vision
 
     def trainable(self) -> torch.nn.Module:
         return self.encoder
 
     def batch(self, step: int, rank: int, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """The sampled images, or what is cached of them: the step then never touches the pixels."""
         idx = np.random.default_rng([self.seed, step, rank]).integers(len(self.data), size=batch_size)
-        batch = {"images": to_tensor(self.data.images[idx]).to(device)}  # (B, 3, H, W) in [-1, 1]
+        batch = {}
+        if self.latents is None or self.vision is None:
+            batch["images"] = to_tensor(self.data.images[idx]).to(device)  # (B, 3, H, W) in [-1, 1]
         if self.latents is not None:
             t = torch.from_numpy(idx)
             batch["mean"] = self.latents["mean"][t].float().to(device)
             batch["std"] = self.latents["std"][t].float().to(device)
+        if self.vision is not None:
+            batch["vision"] = self.vision[idx].float().to(device)  # (B, Nv, D)
         return batch
 
     def loss(self, model, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        images = batch["images"]
-        z = model(self.encoder.normalize(images))  # (B, Nq, d_T)
+        if "vision" in batch:
+            z = model(image_features=batch["vision"])  # (B, Nq, d_T)
+        else:
+            z = model(self.encoder.normalize(batch["images"]))  # (B, Nq, d_T)
         if "mean" in batch:
-            eps = torch.randn(batch["mean"].shape, generator=generator, device=images.device)
+            eps = torch.randn(batch["mean"].shape, generator=generator, device=z.device)
             latents = (batch["mean"] + batch["std"] * eps) * self.decoder.vae.config.scaling_factor
         else:
-            latents = self.decoder.latents(images, generator)  # (B, C, h, w)
+            latents = self.decoder.latents(batch["images"], generator)  # (B, C, h, w)
         return self.decoder.loss(latents, z, generator, high_noise_fraction=self.high_noise_fraction)
 
     def evaluate(self, model) -> dict[str, float]:
@@ -115,6 +167,7 @@ class Stage1Settings:
     trainable: str = "preset"  # preset | default | all
     image_size: int | None = None  # data resolution; default: the decoder's
     cache_latents: bool = True
+    cache_vision: bool = False  # frozen vision tower only; ~1.2 MB of disk per image at full scale
     gradient_checkpointing: bool = False
     val: str | None = None
     eval_n: int = 200
@@ -142,16 +195,23 @@ def init_from(encoder: VLVEncoder, init: str) -> None:
     """Warm start: copy every weight of a trained stage-1 encoder into ``encoder``, strictly.
 
     Why: a run trained elsewhere (say, minutes on a GPU) continues here with a new schedule and optimizer;
-    the architecture must be the same, so the two configs are compared first.
+    the architecture must be the same, so the two configs are compared first. One difference is allowed:
+    fewer queries, which take the source's first Nq. The query decoder's self-attention is causal, so the new
+    encoder's z is then exactly the first Nq positions of the source's z (the Nq ablation starts from there).
     """
     from vlv.presets import resolve_encoder
 
     source = VLVEncoder.from_pretrained(resolve_encoder(init))
-    keys = ("florence2", "image_size", "num_queries", "text_dim", "prompt_ids")
+    keys = ("florence2", "image_size", "text_dim", "prompt_ids")
     diff = [k for k in keys if getattr(source.config, k) != getattr(encoder.config, k)]
+    nq, source_nq = encoder.config.num_queries, source.config.num_queries
+    if nq > source_nq:
+        diff.append(f"num_queries ({nq} > its {source_nq})")
     if diff:
         raise ValueError(f"--init {init}: its encoder differs from this run's in {', '.join(diff)}")
-    encoder.load_state_dict(source.state_dict(), strict=True)
+    state = source.state_dict()
+    state["queries"] = state["queries"][:, :nq]  # (1, Nq, D): the source's first Nq queries
+    encoder.load_state_dict(state, strict=True)
 
 
 def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress: bool = True) -> VLVEncoder | None:
@@ -176,13 +236,27 @@ def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress
     latents = None
     if settings.cache_latents:
         cache = out / LATENTS_FILE
-        if not cache.exists():
-            tmp = out / (LATENTS_FILE + ".tmp")
-            save_file({k: v.half().contiguous() for k, v in cache_latents(decoder, data).items()}, tmp)
-            tmp.rename(cache)
+        with accelerator.main_process_first():  # one process writes the cache, the others then read it
+            if not cache.exists():
+                tmp = out / (LATENTS_FILE + ".tmp")
+                save_file({k: v.half().contiguous() for k, v in cache_latents(decoder, data).items()}, tmp)
+                tmp.rename(cache)
         latents = load_file(cache)
         if len(latents["mean"]) != len(data):
             raise ValueError(f"{cache} holds {len(latents['mean'])} latents for {len(data)} images: delete it")
+
+    vision = None
+    if settings.cache_vision:
+        if not encoder.vision_frozen:
+            raise ValueError(f"cache_vision: the vision tower of this encoder trains (trainable "
+                             f"{settings.trainable!r}), so its features cannot be cached")
+        cache = out / VISION_FILE
+        with accelerator.main_process_first():
+            if not cache.exists():
+                cache_vision(encoder.to(accelerator.device), data, cache, progress=progress)
+        vision = VisionCache(cache)
+        if len(vision) != len(data):
+            raise ValueError(f"{cache} holds {len(vision)} feature rows for {len(data)} images: delete it")
 
     evaluator = None
     if settings.val:
@@ -193,7 +267,7 @@ def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress
             return {"recon_scene_accuracy": s.scene_accuracy, "recon_object_f1": s.object_f1}
 
     task = Stage1Task(encoder, decoder, data, latents, seed=cfg.seed, evaluator=evaluator,
-                      high_noise_fraction=settings.high_noise_fraction)
+                      high_noise_fraction=settings.high_noise_fraction, vision=vision)
     state = train(task, cfg, out, accelerator)
     if not state.done:
         return None
