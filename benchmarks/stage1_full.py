@@ -76,25 +76,26 @@ def main(argv: list[str] | None = None) -> int:
                             weight_decay=0.01)
     latent = args.image_size // 8
     print(f"{'precision':>9} {'batch':>5} {'input':>7} {'s/step':>8} {'img/s':>8} {'peak GiB':>9} {'MFU':>6}")
-    kinds = ["latents"] + ["images"] * args.online_vae + ["lat+vis"] * args.cached_vision
+    kinds = (["latents"] + ["images"] * args.online_vae + ["lat+vis"] * args.cached_vision
+             + ["img+vis"] * (args.online_vae and args.cached_vision))
     with torch.no_grad():  # the shape of the cached features: (1, Nv, D)
         nv_d = encoder.image_features(torch.zeros(1, 3, args.encoder_size, args.encoder_size, device=dev)).shape[1:]
     for precision in args.precision:
         for b in args.batch_sizes:
             pixels = {"pixel_values": torch.randn(b, 3, args.encoder_size, args.encoder_size, device=dev)}
             latents = torch.randn(b, 4, latent, latent, device=dev)
-            inputs = {"latents": (pixels, latents),
-                      "images": (pixels, torch.rand(b, 3, args.image_size, args.image_size, device=dev) * 2 - 1),
-                      "lat+vis": ({"image_features": torch.randn(b, *nv_d, device=dev)}, latents)}
+            images = torch.rand(b, 3, args.image_size, args.image_size, device=dev) * 2 - 1
+            features = {"image_features": torch.randn(b, *nv_d, device=dev)}
+            inputs = {"latents": (pixels, latents), "images": (pixels, images),
+                      "lat+vis": (features, latents), "img+vis": (features, images)}
             medians = _measure(encoder, decoder, opt, {k: inputs[k] for k in kinds}, precision, args)
-            if medians["latents"] is not None:
-                for kind, what in (("images", "online VAE / cached latents"),
-                                   ("lat+vis", "running the DaViT / cached vision features")):
-                    if medians.get(kind) is not None:
-                        ratio = (medians[kind] / medians["latents"] if kind == "images"
-                                 else medians["latents"] / medians[kind])
-                        print(f"{precision:>9} {b:5d}  step time, {what}: {ratio:.2f}x", flush=True)
-            del pixels, latents, inputs
+            for slow, fast, what in (("images", "latents", "online VAE / cached latents"),
+                                     ("img+vis", "lat+vis", "online VAE / cached latents, vision features cached"),
+                                     ("latents", "lat+vis", "running the DaViT / cached vision features")):
+                if medians.get(slow) is not None and medians.get(fast) is not None:
+                    print(f"{precision:>9} {b:5d}  step time, {what}: {medians[slow] / medians[fast]:.2f}x",
+                          flush=True)
+            del pixels, latents, images, features, inputs
     return 0
 
 

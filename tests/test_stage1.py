@@ -93,6 +93,9 @@ def test_cli_stage1_reconstruct_compose(tiny_teacher, shapes_data, tmp_path):
     r = _cli("reconstruct", tmp_path / "missing.png", "--encoder", run, "--decoder", tiny_teacher, "--out",
              tmp_path / "x")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    r = _cli("train", "stage1", "--decoder", tiny_teacher, "--data", shapes_data["train"], "--out", tmp_path / "v",
+             "--cache-vision")  # the shapes preset trains its vision tower
+    assert r.returncode == 2 and "vision tower" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_two_processes_agree(tiny_teacher, shapes_data, tmp_path):

@@ -129,7 +129,7 @@ def cmd_train_stage1(args: argparse.Namespace) -> None:
     for folder in (args.data, args.val):
         if folder is not None and not Path(folder).is_dir():
             raise FileNotFoundError(f"no such data folder: {folder}")
-    from vlv.stage1 import Stage1Settings, train_stage1
+    from vlv.stage1 import Stage1Settings, check_settings, train_stage1
     from vlv.train import TrainConfig
 
     high_noise = args.high_noise_fraction
@@ -142,6 +142,7 @@ def cmd_train_stage1(args: argparse.Namespace) -> None:
                               val=str(args.val) if args.val else None, eval_n=args.eval_n,
                               high_noise_fraction=high_noise,
                               init=str(args.init) if args.init else None)
+    check_settings(settings)
     lr = args.lr if args.lr is not None else (1e-3 if args.encoder == "shapes" else 5e-5)
     steps = 10**9 if args.budget_minutes else args.steps  # a budgeted run plans its own count after a few steps
     cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=lr, betas=(0.9, 0.99), weight_decay=0.01,

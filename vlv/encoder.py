@@ -41,6 +41,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # Florence-2's preprocessor_config.json
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Official stage 1: queries, phi and Florence's language model (shared embeddings, BART encoder + decoder) train.
 DEFAULT_TRAINABLE = ("queries", "phi", "florence.model.language_model")
+VISION_MODULES = ("florence.model.vision_tower", "florence.model.multi_modal_projector")  # DaViT, projector
 CONFIG_FILE, TRAINABLE_FILE, FROZEN_FILE = "encoder.json", "model.safetensors", "frozen.safetensors"
 
 
@@ -80,6 +81,14 @@ class EncoderConfig:
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
         if self.prompt_ids is not None:
             self.prompt_ids = [int(i) for i in self.prompt_ids]
+
+    @property
+    def trains_vision(self) -> bool:
+        """Whether a trainable prefix reaches the DaViT or its projector; known before the model is built."""
+        if self.trainable == "all":
+            return True
+        return any(m == p or m.startswith(p + ".") or p.startswith(m + ".")
+                   for p in self.trainable for m in VISION_MODULES)
 
     @classmethod
     def preset(cls, name: str, text_dim: int, **overrides) -> EncoderConfig:
@@ -208,9 +217,7 @@ class VLVEncoder(nn.Module):
 
     @property
     def vision_frozen(self) -> bool:
-        model = self.florence.model
-        return not any(p.requires_grad for m in (model.vision_tower, model.multi_modal_projector)
-                       for p in m.parameters())
+        return not self.config.trains_vision
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """v' = projector(DaViT(pixel_values)): (B, 3, S, S) -> (B, Nv, D), the pooled token + H*W tokens.

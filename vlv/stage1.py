@@ -176,19 +176,29 @@ class Stage1Settings:
     init: str | None = None  # a stage-1 run (or shipped name) whose encoder weights this run starts from
 
 
-def build_encoder(settings: Stage1Settings, text_dim: int, seed: int) -> VLVEncoder:
-    """Same seed, same frozen random weights: a resumed run rebuilds the encoder it checkpointed."""
+def encoder_config(settings: Stage1Settings, text_dim: int) -> EncoderConfig:
+    """The encoder a run trains, as a config: cheap, so settings can be checked before anything loads."""
     overrides: dict[str, Any] = {"num_queries": settings.num_queries}
     if settings.trainable == "all":
         overrides["trainable"] = "all"
     elif settings.trainable == "default":
         overrides["trainable"] = list(EncoderConfig.__dataclass_fields__["trainable"].default_factory())
-    torch.manual_seed(seed)
     if Path(settings.encoder).is_dir():
-        cfg = EncoderConfig(text_dim=text_dim, florence2=str(Path(settings.encoder).resolve()), **overrides)
-    else:
-        cfg = EncoderConfig.preset(settings.encoder, text_dim, **overrides)
-    return VLVEncoder(cfg)
+        return EncoderConfig(text_dim=text_dim, florence2=str(Path(settings.encoder).resolve()), **overrides)
+    return EncoderConfig.preset(settings.encoder, text_dim, **overrides)
+
+
+def check_settings(settings: Stage1Settings) -> None:
+    """Refuse settings that cannot work, before minutes of loading and caching."""
+    if settings.cache_vision and encoder_config(settings, text_dim=1).trains_vision:
+        raise ValueError(f"--cache-vision: the vision tower of this encoder trains (trainable {settings.trainable!r}"
+                         f" for {settings.encoder!r}), so its features cannot be cached")
+
+
+def build_encoder(settings: Stage1Settings, text_dim: int, seed: int) -> VLVEncoder:
+    """Same seed, same frozen random weights: a resumed run rebuilds the encoder it checkpointed."""
+    torch.manual_seed(seed)
+    return VLVEncoder(encoder_config(settings, text_dim))
 
 
 def init_from(encoder: VLVEncoder, init: str) -> None:
@@ -218,6 +228,7 @@ def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress
     """Train (or resume) a stage-1 run; returns the trained encoder, or None if stopped early (re-run resumes)."""
     from vlv.presets import resolve_decoder
 
+    check_settings(settings)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
@@ -247,13 +258,11 @@ def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress
 
     vision = None
     if settings.cache_vision:
-        if not encoder.vision_frozen:
-            raise ValueError(f"cache_vision: the vision tower of this encoder trains (trainable "
-                             f"{settings.trainable!r}), so its features cannot be cached")
         cache = out / VISION_FILE
         with accelerator.main_process_first():
-            if not cache.exists():
-                cache_vision(encoder.to(accelerator.device), data, cache, progress=progress)
+            if not cache.exists():  # under the run's precision, as the step would compute them
+                with accelerator.autocast():
+                    cache_vision(encoder.to(accelerator.device), data, cache, progress=progress)
         vision = VisionCache(cache)
         if len(vision) != len(data):
             raise ValueError(f"{cache} holds {len(vision)} feature rows for {len(data)} images: delete it")
