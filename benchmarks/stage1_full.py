@@ -4,6 +4,7 @@
     python benchmarks/stage1_full.py --device cuda --batch-sizes 8 16 32 --precision bf16 fp32
     python benchmarks/stage1_full.py --device cpu --batch-sizes 1 --online-vae   # cached latents vs online VAE
     python benchmarks/stage1_full.py --device cpu --batch-sizes 1 --cached-vision  # DaViT features cached too
+    python benchmarks/stage1_full.py --device cpu --count-flops --batch-sizes       # FLOPs counted, no timing
 
 One optimizer step (AdamW over the official trainable set: queries, phi, Florence's language model) on
 cached-latent-shaped inputs: per batch size and precision it prints seconds per step, images/s and peak
@@ -27,10 +28,43 @@ from fullscale import interleaved_times  # benchmarks/, first on sys.path when r
 from vlv.decoder import DiffusionDecoder, random_pipeline
 from vlv.encoder import EncoderConfig, VLVEncoder
 
-# counted, no checkpointing (performance.md): cached latents; minus the frozen DaViT's 1.49 T when its features
-# are cached too
+# performance.md's counts, no checkpointing: cached latents; minus the frozen DaViT's 1.49 T when its features
+# are cached too (--count-flops replaces them with torch's FlopCounterMode counts of these very models)
 FLOPS_PER_IMAGE = {"latents": 3.2e12, "lat+vis": 3.2e12 - 1.49e12}
 PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
+
+
+def count_flops(encoder: VLVEncoder, decoder: DiffusionDecoder, encoder_size: int, image_size: int
+                ) -> dict[str, float]:
+    """FLOPs per image of each timed variant (batch 1, forward + backward), counted by torch.utils.flop_counter;
+    prints them with the bounds they set on the step-time ratios (a ratio measured above a bound is noise)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(fn) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return float(counter.get_total_flops())
+
+    dev = next(decoder.parameters()).device
+    pixels = torch.randn(1, 3, encoder_size, encoder_size, device=dev)
+    images = torch.rand(1, 3, image_size, image_size, device=dev) * 2 - 1
+    latents = decoder.latents(images)  # (1, 4, h, w)
+    with torch.no_grad():
+        features = encoder.image_features(pixels)  # (1, Nv, D)
+        davit = count(lambda: encoder.image_features(pixels))
+    vae = count(lambda: decoder.latents(images))
+
+    def step(**encoder_input) -> None:
+        decoder.loss(latents, encoder(**encoder_input)).backward()
+        encoder.zero_grad(set_to_none=True)
+
+    full, cached = count(lambda: step(pixel_values=pixels)), count(lambda: step(image_features=features))
+    print(f"counted TFLOP per image: DaViT + projector {davit / 1e12:.3f}, VAE encode {vae / 1e12:.3f}, "
+          f"step on cached latents {full / 1e12:.3f}, on cached latents + vision features {cached / 1e12:.3f}")
+    print(f"FLOP bounds: online VAE / cached latents {(full + vae) / full:.3f}x, with vision features cached "
+          f"{(cached + vae) / cached:.3f}x; running the DaViT / cached vision features {full / cached:.3f}x",
+          flush=True)
+    return {"latents": full, "images": full + vae, "lat+vis": cached, "img+vis": cached + vae}
 
 
 def train_step(encoder: VLVEncoder, decoder: DiffusionDecoder, opt: torch.optim.Optimizer,
@@ -50,7 +84,7 @@ def train_step(encoder: VLVEncoder, decoder: DiffusionDecoder, opt: torch.optim.
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    p.add_argument("--batch-sizes", type=int, nargs="*", default=[1], help="none: no timing")
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     p.add_argument("--image-size", type=int, default=384, help="decoder resolution (official code: 384)")
     p.add_argument("--encoder-size", type=int, default=768, help="Florence-2 input side")
@@ -58,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--online-vae", action="store_true", help="also time steps that VAE-encode the images")
     p.add_argument("--cached-vision", action="store_true", help="also time steps on cached DaViT features")
+    p.add_argument("--count-flops", action="store_true",
+                   help="count each variant's FLOPs per image first (MFU then uses them)")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
     torch.manual_seed(0)
@@ -74,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
           f" device {dev}" + (f" ({torch.cuda.get_device_name()})" if dev.type == "cuda" else ""))
     opt = torch.optim.AdamW([q for q in encoder.parameters() if q.requires_grad], lr=5e-5, betas=(0.9, 0.99),
                             weight_decay=0.01)
+    if args.count_flops:
+        FLOPS_PER_IMAGE.update(count_flops(encoder, decoder, args.encoder_size, args.image_size))
     latent = args.image_size // 8
     print(f"{'precision':>9} {'batch':>5} {'input':>7} {'s/step':>8} {'img/s':>8} {'peak GiB':>9} {'MFU':>6}")
     kinds = (["latents"] + ["images"] * args.online_vae + ["lat+vis"] * args.cached_vision
