@@ -1,4 +1,4 @@
-"""What the full-scale benchmarks (stage1_full.py, stage2_full.py) share: step timing and peak memory."""
+"""What the benchmarks share: step timing, peak memory, counted FLOPs."""
 
 from __future__ import annotations
 
@@ -62,3 +62,12 @@ def interleaved_times(steps: dict[str, Callable[[int], None]], n: int, device: s
                 times[name].append(time.perf_counter() - t)
             peaks[name] = max(peaks[name], peak_memory_gib(device))
     return {k: None if k in failed else (times[k], peaks[k]) for k in steps}
+
+
+def flops(fn: Callable[[], object]) -> float:
+    """FLOPs of one call of ``fn``, counted by torch.utils.flop_counter (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())

@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 import torch
+from fullscale import flops  # benchmarks/, first on sys.path when run as a script
 
-from vlv.data import ImageCaptionFolder, write_shapes
+from vlv.data import ImageCaptionFolder, to_tensor, write_shapes
 from vlv.decoder import DiffusionDecoder
 from vlv.encoder import VLVEncoder
 from vlv.presets import resolve_decoder
@@ -76,7 +77,19 @@ def speed(args: argparse.Namespace) -> dict:
         if step >= len(names):  # one warm-up step each
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
+    # The FLOP bound on the ratio: what the VAE encode adds to a cached step, counted on the first batch.
+    batch = cached.batch(0, 0, args.batch_size, torch.device("cpu"))
+
+    def cached_step() -> None:
+        cached.loss(enc, batch, torch.Generator().manual_seed(0)).backward()
+        opt.zero_grad()
+
+    step_flops = flops(cached_step)
+    vae_flops = flops(lambda: decoder.latents(to_tensor(data.images[: args.batch_size])))
+    bound = (step_flops + vae_flops) / step_flops
     out = {"batch_size": args.batch_size, "nq": args.nq, "steps_each": args.steps, "threads": torch.get_num_threads(),
+           "flops_per_image": {"cached_step": step_flops / args.batch_size, "vae_encode": vae_flops / args.batch_size},
+           "flop_bound_speedup": round(bound, 3),
            **{f"{k}_s": round(v, 4) for k, v in med.items()},
            "speedup": round(med["online"] / med["cached"], 3)}
     if args.bf16:
@@ -84,7 +97,9 @@ def speed(args: argparse.Namespace) -> dict:
     print(f"stage-1 step, batch {args.batch_size}, Nq {args.nq}, {torch.get_num_threads()} threads, median of "
           f"{args.steps} interleaved steps each:")
     print(f"  online VAE encode: {med['online']:.3f} s   cached latents: {med['cached']:.3f} s   "
-          f"speed-up {out['speedup']:.2f}x")
+          f"speed-up {out['speedup']:.2f}x (FLOP bound {bound:.3f}x: the VAE encode adds "
+          f"{vae_flops / args.batch_size / 1e9:.2f} GFLOP per image to a {step_flops / args.batch_size / 1e9:.2f} "
+          f"GFLOP step)")
     if args.bf16:
         print(f"  cached latents + bf16 autocast: {med['cached+bf16']:.3f} s   speed-up over fp32 "
               f"{out['bf16_speedup']:.2f}x")

@@ -23,7 +23,7 @@ import time
 from functools import partial
 
 import torch
-from fullscale import interleaved_times  # benchmarks/, first on sys.path when run as a script
+from fullscale import flops, interleaved_times  # benchmarks/, first on sys.path when run as a script
 
 from vlv.decoder import DiffusionDecoder, random_pipeline
 from vlv.encoder import EncoderConfig, VLVEncoder
@@ -38,27 +38,20 @@ def count_flops(encoder: VLVEncoder, decoder: DiffusionDecoder, encoder_size: in
                 ) -> dict[str, float]:
     """FLOPs per image of each timed variant (batch 1, forward + backward), counted by torch.utils.flop_counter;
     prints them with the bounds they set on the step-time ratios (a ratio measured above a bound is noise)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    def count(fn) -> float:
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        return float(counter.get_total_flops())
-
     dev = next(decoder.parameters()).device
     pixels = torch.randn(1, 3, encoder_size, encoder_size, device=dev)
     images = torch.rand(1, 3, image_size, image_size, device=dev) * 2 - 1
     latents = decoder.latents(images)  # (1, 4, h, w)
     with torch.no_grad():
         features = encoder.image_features(pixels)  # (1, Nv, D)
-        davit = count(lambda: encoder.image_features(pixels))
-    vae = count(lambda: decoder.latents(images))
+        davit = flops(lambda: encoder.image_features(pixels))
+    vae = flops(lambda: decoder.latents(images))
 
     def step(**encoder_input) -> None:
         decoder.loss(latents, encoder(**encoder_input)).backward()
         encoder.zero_grad(set_to_none=True)
 
-    full, cached = count(lambda: step(pixel_values=pixels)), count(lambda: step(image_features=features))
+    full, cached = flops(lambda: step(pixel_values=pixels)), flops(lambda: step(image_features=features))
     print(f"counted TFLOP per image: DaViT + projector {davit / 1e12:.3f}, VAE encode {vae / 1e12:.3f}, "
           f"step on cached latents {full / 1e12:.3f}, on cached latents + vision features {cached / 1e12:.3f}")
     print(f"FLOP bounds: online VAE / cached latents {(full + vae) / full:.3f}x, with vision features cached "
