@@ -7,7 +7,7 @@ frozen (the official trainable set), its features (``cache_vision``), so a step 
 
 A run dir is self-describing: ``stage1.json`` (decoder, data, settings), the encoder
 (``encoder.json`` + safetensors, loadable by ``VLVEncoder.from_pretrained(run)``), ``checkpoint/`` while
-training, and ``latents.safetensors`` / ``vision.safetensors`` when latents / vision features were cached.
+training, and ``latents.safetensors`` / ``vision/`` (shards) when latents / vision features were cached.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from vlv.encoder import EncoderConfig, VLVEncoder
 from vlv.train import TrainConfig, train
 from vlv.world import shapes
 
-STAGE1_FILE, LATENTS_FILE, VISION_FILE = "stage1.json", "latents.safetensors", "vision.safetensors"
+STAGE1_FILE, LATENTS_FILE, VISION_DIR = "stage1.json", "latents.safetensors", "vision"
 
 
 @torch.no_grad()
@@ -45,45 +45,58 @@ def cache_latents(decoder: DiffusionDecoder, data: ImageCaptionFolder,
 
 
 @torch.no_grad()
-def cache_vision(encoder: VLVEncoder, data: ImageCaptionFolder, path: Path, batch_size: int = 32,
-                 progress: bool = True) -> None:
-    """The frozen vision tower's features v' (N, Nv, D) per image, fp16, written atomically to ``path``.
+def cache_vision(encoder: VLVEncoder, data: ImageCaptionFolder, folder: Path, batch_size: int = 32,
+                 shard_rows: int = 4096, progress: bool = True) -> None:
+    """The frozen vision tower's features v' (N, Nv, D) per image, fp16, in shards of ``shard_rows`` rows.
 
-    Why: at full scale the frozen DaViT at 768 px is about half of a step's FLOPs (1.49 of ~3.1 TFLOP per
-    image, performance.md), and without augmentation its output is a fixed function of the image. The cost
-    is disk: N x 577 x 1024 x 2 bytes, ~1.2 MB per image for Florence-2-large; steps read it memory-mapped.
+    Why: at full scale the frozen DaViT at 768 px is about half of a step's FLOPs (1.47 of 3.07 TFLOP per
+    image, counted by ``benchmarks/stage1_full.py --count-flops``), and without augmentation its output is a
+    fixed function of the image. The cost is disk: N x 577 x 1024 x 2 bytes, ~1.2 MB per image for
+    Florence-2-large, so the cache is written shard by shard (each atomically; a killed run keeps the finished
+    shards and computes only the rest) and read memory-mapped (:class:`VisionCache`): it may exceed RAM.
     """
     from tqdm.auto import tqdm
 
     if not encoder.vision_frozen:
         raise ValueError("cache_vision: this encoder's vision tower trains, so its features change every step")
+    folder.mkdir(parents=True, exist_ok=True)
     device, was_training = next(encoder.parameters()).device, encoder.training
     encoder.eval()  # as in training, where the frozen tower is kept in eval mode (no drop-path)
-    feats = []
-    for idx in tqdm(list(data.batches(batch_size)), desc="caching vision features", disable=not progress):
-        v = encoder.image_features(encoder.normalize(to_tensor(data.images[idx]).to(device)))  # (B, Nv, D)
-        if not torch.isfinite(v).all() or v.abs().max() > torch.finfo(torch.float16).max:
-            raise ValueError("vision features do not fit fp16: cache_vision cannot store them")
-        feats.append(v.half().cpu())
+    starts = range(0, len(data), shard_rows)
+    for start in tqdm(starts, desc="caching vision features", unit="shard", disable=not progress):
+        path = folder / f"{start // shard_rows:05d}.safetensors"
+        if path.exists():
+            continue
+        rows = np.arange(start, min(start + shard_rows, len(data)))
+        feats = []
+        for i in range(0, len(rows), batch_size):
+            x = to_tensor(data.images[rows[i : i + batch_size]]).to(device)  # (B, 3, H, W)
+            v = encoder.image_features(encoder.normalize(x))  # (B, Nv, D)
+            if not torch.isfinite(v).all() or v.abs().max() > torch.finfo(torch.float16).max:
+                raise ValueError("vision features do not fit fp16: cache_vision cannot store them")
+            feats.append(v.half().cpu())
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"features": torch.cat(feats).contiguous()}, tmp)
+        tmp.rename(path)
     encoder.train(was_training)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"features": torch.cat(feats).contiguous()}, tmp)
-    tmp.rename(path)
 
 
 class VisionCache:
-    """The cached features, memory-mapped: a batch reads only its own rows (the file may exceed RAM)."""
+    """The cached features of :func:`cache_vision`, memory-mapped: a batch reads only its own rows."""
 
-    def __init__(self, path: Path):
-        self._file = safe_open(str(path), framework="pt")
-        self._rows = self._file.get_slice("features")
-        self.shape = tuple(self._rows.get_shape())
+    def __init__(self, folder: Path):
+        parts = sorted(Path(folder).glob("*.safetensors"))
+        self._rows = [safe_open(str(p), framework="pt").get_slice("features") for p in parts]
+        sizes = [r.get_shape()[0] for r in self._rows]
+        self._starts = np.cumsum([0, *sizes])  # row offsets of the shards
 
     def __len__(self) -> int:
-        return self.shape[0]
+        return int(self._starts[-1])
 
     def __getitem__(self, idx: np.ndarray) -> torch.Tensor:
-        return torch.cat([self._rows[int(i) : int(i) + 1] for i in idx])  # (B, Nv, D) fp16
+        shard = np.searchsorted(self._starts, idx, side="right") - 1  # (B,) which shard holds each row
+        local = np.asarray(idx) - self._starts[shard]  # (B,) its row within that shard
+        return torch.cat([self._rows[s][int(r) : int(r) + 1] for s, r in zip(shard, local, strict=True)])
 
 
 class Stage1Task:
@@ -258,11 +271,10 @@ def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress
 
     vision = None
     if settings.cache_vision:
-        cache = out / VISION_FILE
-        with accelerator.main_process_first():
-            if not cache.exists():  # under the run's precision, as the step would compute them
-                with accelerator.autocast():
-                    cache_vision(encoder.to(accelerator.device), data, cache, progress=progress)
+        cache = out / VISION_DIR
+        with accelerator.main_process_first(), accelerator.autocast():  # the run's precision, as a step's
+            if accelerator.is_main_process:  # finished shards are kept: a killed run goes on from them
+                cache_vision(encoder.to(accelerator.device), data, cache, progress=progress)
         vision = VisionCache(cache)
         if len(vision) != len(data):
             raise ValueError(f"{cache} holds {len(vision)} feature rows for {len(data)} images: delete it")
