@@ -84,6 +84,9 @@ def test_cached_image_features_stand_in_for_a_frozen_vision_tower():
     with pytest.raises(ValueError, match="exactly one"):
         enc(x, image_features=v)
     trains_vision = _shapes()
+    assert enc.vision_frozen and not enc.config.trains_vision  # the config knows it before the model is built
+    assert not trains_vision.vision_frozen and trains_vision.config.trains_vision
+    assert EncoderConfig(text_dim=8, trainable=["florence.model.vision_tower.convs"]).trains_vision
     with pytest.raises(ValueError, match="trains"):
         trains_vision(image_features=trains_vision.image_features(x))
     with torch.no_grad():  # inference may still use features

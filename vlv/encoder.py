@@ -217,7 +217,11 @@ class VLVEncoder(nn.Module):
 
     @property
     def vision_frozen(self) -> bool:
-        return not self.config.trains_vision
+        """From the parameters themselves (stage 2 re-freezes the encoder); the config's ``trains_vision`` is
+        what holds before anything is built."""
+        model = self.florence.model
+        return not any(p.requires_grad for m in (model.vision_tower, model.multi_modal_projector)
+                       for p in m.parameters())
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """v' = projector(DaViT(pixel_values)): (B, 3, S, S) -> (B, Nv, D), the pooled token + H*W tokens.
