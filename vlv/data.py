@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from vlv.world import shapes
@@ -29,6 +30,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temp file then rename, so a kill never leaves a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' ``save_file`` to a temp file then rename: a killed cache build never leaves a torn file."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp)
     os.replace(tmp, path)
 
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from vlv.data import ImageCaptionFolder, atomic_write_text, to_tensor
+from vlv.data import ImageCaptionFolder, atomic_save_file, atomic_write_text, to_tensor
 from vlv.decoder import DiffusionDecoder
 from vlv.encoder import EncoderConfig, VLVEncoder
 from vlv.train import TrainConfig, train
@@ -75,9 +75,7 @@ def cache_vision(encoder: VLVEncoder, data: ImageCaptionFolder, folder: Path, ba
             if not torch.isfinite(v).all() or v.abs().max() > torch.finfo(torch.float16).max:
                 raise ValueError("vision features do not fit fp16: cache_vision cannot store them")
             feats.append(v.half().cpu())
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"features": torch.cat(feats).contiguous()}, tmp)
-        tmp.rename(path)
+        atomic_save_file({"features": torch.cat(feats).contiguous()}, path)
     encoder.train(was_training)
 
 
@@ -262,9 +260,7 @@ def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress
         cache = out / LATENTS_FILE
         with accelerator.main_process_first():  # one process writes the cache, the others then read it
             if not cache.exists():
-                tmp = out / (LATENTS_FILE + ".tmp")
-                save_file({k: v.half().contiguous() for k, v in cache_latents(decoder, data).items()}, tmp)
-                tmp.rename(cache)
+                atomic_save_file({k: v.half().contiguous() for k, v in cache_latents(decoder, data).items()}, cache)
         latents = load_file(cache)
         if len(latents["mean"]) != len(data):
             raise ValueError(f"{cache} holds {len(latents['mean'])} latents for {len(data)} images: delete it")

@@ -32,11 +32,11 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from vlv.data import ImageCaptionFolder, to_tensor
+from vlv.data import ImageCaptionFolder, atomic_save_file, to_tensor
 from vlv.world import shapes
 
 SPECIAL = ["<unk>", "<bos>", "<pad>", "<eos>"]  # eos id 3: not CLIPTextModel's legacy value 2
@@ -411,8 +411,7 @@ def train_teacher(data: Path, out: Path, cfg: TeacherConfig, recipe: TeacherReci
     cache = work / "latents.safetensors"
     if not cache.exists():
         latents = encode_latents(vae, train_data)
-        save_file({k: v.half().contiguous() for k, v in latents.items()}, work / "latents.tmp.safetensors")
-        (work / "latents.tmp.safetensors").rename(cache)
+        atomic_save_file({k: v.half().contiguous() for k, v in latents.items()}, cache)
     latents = load_file(cache)
     scaling = float(1.0 / latents["mean"].float().std())
     vae.register_to_config(scaling_factor=scaling)
