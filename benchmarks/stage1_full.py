@@ -5,6 +5,7 @@
     python benchmarks/stage1_full.py --device cpu --batch-sizes 1 --online-vae   # cached latents vs online VAE
     python benchmarks/stage1_full.py --device cpu --batch-sizes 1 --cached-vision  # DaViT features cached too
     python benchmarks/stage1_full.py --device cpu --count-flops --batch-sizes       # FLOPs counted, no timing
+    python benchmarks/stage1_full.py --device cpu --variants lat+vis img+vis --steps 12  # just these two
 
 One optimizer step (AdamW over the official trainable set: queries, phi, Florence's language model) on
 cached-latent-shaped inputs: per batch size and precision it prints seconds per step, images/s and peak
@@ -31,6 +32,7 @@ from vlv.encoder import EncoderConfig, VLVEncoder
 # performance.md's counts, no checkpointing: cached latents; minus the frozen DaViT's 1.49 T when its features
 # are cached too (--count-flops replaces them with torch's FlopCounterMode counts of these very models)
 FLOPS_PER_IMAGE = {"latents": 3.2e12, "lat+vis": 3.2e12 - 1.49e12}
+VARIANTS = ("latents", "images", "lat+vis", "img+vis")  # cached latents / online VAE, x DaViT run / cached
 PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 
 
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cached-vision", action="store_true", help="also time steps on cached DaViT features")
     p.add_argument("--count-flops", action="store_true",
                    help="count each variant's FLOPs per image first (MFU then uses them)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+                   help="time just these (default: latents, plus what --online-vae / --cached-vision add)")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
     torch.manual_seed(0)
@@ -107,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         FLOPS_PER_IMAGE.update(count_flops(encoder, decoder, args.encoder_size, args.image_size))
     latent = args.image_size // 8
     print(f"{'precision':>9} {'batch':>5} {'input':>7} {'s/step':>8} {'img/s':>8} {'peak GiB':>9} {'MFU':>6}")
-    kinds = (["latents"] + ["images"] * args.online_vae + ["lat+vis"] * args.cached_vision
-             + ["img+vis"] * (args.online_vae and args.cached_vision))
+    kinds = args.variants or (["latents"] + ["images"] * args.online_vae + ["lat+vis"] * args.cached_vision
+                              + ["img+vis"] * (args.online_vae and args.cached_vision))
     with torch.no_grad():  # the shape of the cached features: (1, Nv, D)
         nv_d = encoder.image_features(torch.zeros(1, 3, args.encoder_size, args.encoder_size, device=dev)).shape[1:]
     for precision in args.precision:
