@@ -54,6 +54,17 @@ def test_queries_see_the_image():
     assert not torch.allclose(a, b)
 
 
+def test_phi_init_gain_scales_z_and_is_saved(tmp_path):
+    x = torch.randn(2, 3, 64, 64)
+    plain, large = _shapes().eval(), _shapes(phi_init_gain=16.0).eval()  # same seed: same weights but phi's last
+    with torch.no_grad():
+        z, z16 = plain(x), large(x)
+    assert torch.allclose(z16, 16 * z, rtol=1e-5, atol=1e-5)  # the whole output layer, bias included, scaled
+    assert VLVEncoder.from_pretrained(large.save_pretrained(tmp_path)).config.phi_init_gain == 16.0
+    with pytest.raises(ValueError, match="phi_init_gain"):
+        EncoderConfig(text_dim=32, phi_init_gain=0.0)
+
+
 def test_freezing_is_declarative():
     enc = _shapes(trainable=list(DEFAULT_TRAINABLE))
     trainable = {n for n, p in enc.named_parameters() if p.requires_grad}

@@ -20,7 +20,8 @@ def _settings(teacher, data, **kw):
 
 def test_train_stage1_run_dir_describes_itself(tiny_teacher, shapes_data, tmp_path):
     run = tmp_path / "run"
-    enc = train_stage1(_settings(tiny_teacher, shapes_data["train"], val=str(shapes_data["val"]), eval_n=4),
+    enc = train_stage1(_settings(tiny_teacher, shapes_data["train"], val=str(shapes_data["val"]), eval_n=4,
+                                 phi_init_gain=4.0),
                        TrainConfig(steps=3, batch_size=4, lr=1e-3, eval_every=3, progress=False), run)
     assert enc is not None
     meta = json.loads((run / "stage1.json").read_text())
@@ -28,6 +29,7 @@ def test_train_stage1_run_dir_describes_itself(tiny_teacher, shapes_data, tmp_pa
     evals = [r["eval"] for r in json.loads((run / "checkpoint" / "trainer.json").read_text())["history"] if "eval" in r]
     assert evals and 0.0 <= evals[-1]["recon_scene_accuracy"] <= 1.0
     loaded = VLVEncoder.from_pretrained(run).eval()
+    assert loaded.config.phi_init_gain == 4.0  # the run's setting reached the encoder it built
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         assert torch.equal(loaded(loaded.normalize(x)), enc.eval()(enc.normalize(x)))

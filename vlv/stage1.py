@@ -185,11 +185,14 @@ class Stage1Settings:
     eval_sampler: str = "fast"
     high_noise_fraction: float = 0.0  # 0: the paper's uniform t; > 0 over-samples the layout-deciding upper half
     init: str | None = None  # a stage-1 run (or shipped name) whose encoder weights this run starts from
+    phi_init_gain: float | None = None  # None: the encoder preset's (see EncoderConfig.phi_init_gain)
 
 
 def encoder_config(settings: Stage1Settings, text_dim: int) -> EncoderConfig:
     """The encoder a run trains, as a config: cheap, so settings can be checked before anything loads."""
     overrides: dict[str, Any] = {"num_queries": settings.num_queries}
+    if settings.phi_init_gain is not None:
+        overrides["phi_init_gain"] = settings.phi_init_gain
     if settings.trainable == "all":
         overrides["trainable"] = "all"
     elif settings.trainable == "default":
