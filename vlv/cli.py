@@ -398,8 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "with a fresh optimizer and schedule (same encoder architecture; a smaller --nq takes its "
                    "first Nq queries)")
     p.add_argument("--phi-init-gain", type=positive_float, default=None,
-                   help="scale phi's output layer by this at init, so z starts large (16 took a from-scratch shapes "
-                        "run to 26.5%% after 1,400 steps vs 2.0%% at the default init); default: the preset's")
+                   help="scale phi's output layer by this at init, so z starts at the large norm trained encoders "
+                        "reach (README: 16 on shapes); default: the preset's")
     p.add_argument("--eval-every", type=int, default=0, help="steps between val evaluations (0: never)")
     p.add_argument("--eval-n", type=positive_int, default=200)
     p.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this long")
