@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from fullscale import flops  # benchmarks/, first on sys.path when run as a script
 
-from vlv.data import ImageCaptionFolder, to_tensor, write_shapes
+from vlv.data import ImageCaptionFolder, cache_latents, to_tensor, write_shapes
 from vlv.decoder import DiffusionDecoder
 from vlv.encoder import VLVEncoder
 from vlv.presets import resolve_decoder
-from vlv.stage1 import Stage1Settings, Stage1Task, build_encoder, cache_latents, reconstruction_scores
+from vlv.stage1 import Stage1Settings, Stage1Task, build_encoder, reconstruction_scores
 from vlv.teacher import (
     TeacherConfig,
     build_scheduler,
@@ -58,7 +58,7 @@ def speed(args: argparse.Namespace) -> dict:
         data = ImageCaptionFolder(write_shapes(Path(tmp), n=512, progress=False), decoder.image_size)
     enc = build_encoder(Stage1Settings(decoder="", data="", num_queries=args.nq), decoder.text_dim, seed=0)
     opt = torch.optim.AdamW(enc.parameters(), lr=1e-4)
-    cached = Stage1Task(enc, decoder, data, cache_latents(decoder, data))
+    cached = Stage1Task(enc, decoder, data, cache_latents(decoder.vae, data))
     variants = {"cached": (cached, False), "online": (Stage1Task(enc, decoder, data, None), False)}
     if args.bf16:
         variants["cached+bf16"] = (cached, True)

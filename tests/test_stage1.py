@@ -38,10 +38,9 @@ def test_train_stage1_run_dir_describes_itself(tiny_teacher, shapes_data, tmp_pa
 def test_cached_latents_match_the_vae(tiny_teacher, shapes_data, tmp_path):
     decoder = DiffusionDecoder.from_pretrained(tiny_teacher)
     data = ImageCaptionFolder(shapes_data["train"], 64)
-    from vlv.data import to_tensor
-    from vlv.stage1 import cache_latents
+    from vlv.data import cache_latents, to_tensor
 
-    cache = cache_latents(decoder, data)
+    cache = cache_latents(decoder.vae, data)
     with torch.no_grad():  # the same batch as the cache's, so the same kernels
         dist = decoder.vae.encode(to_tensor(data.images)).latent_dist
     assert torch.allclose(cache["mean"], dist.mean, atol=1e-6) and torch.allclose(cache["std"], dist.std, atol=1e-6)
@@ -99,6 +98,9 @@ def test_cli_stage1_reconstruct_compose(tiny_teacher, shapes_data, tmp_path):
     r = _cli("train", "stage1", "--decoder", tiny_teacher, "--data", shapes_data["train"], "--out", tmp_path / "v",
              "--cache-vision")  # the shapes preset trains its vision tower
     assert r.returncode == 2 and "vision tower" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = _cli("train", "stage1", "--decoder", tiny_teacher, "--data", shapes_data["train"], "--out", tmp_path / "g",
+             "--init", run, "--phi-init-gain", 4)  # the gain would scale weights --init overwrites
+    assert r.returncode == 2 and "--init" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_two_processes_agree(tiny_teacher, shapes_data, tmp_path):

@@ -151,6 +151,21 @@ class ImageCaptionFolder:
             yield order[start : start + batch_size]
 
 
+@torch.no_grad()
+def cache_latents(vae: torch.nn.Module, data: ImageCaptionFolder, batch_size: int = 128) -> dict[str, torch.Tensor]:
+    """The frozen VAE's posterior (mean, std) per image, unscaled: the one VAE pass training on ``data`` needs.
+
+    Why the posterior and not one latent: each step then draws its own sample ``mean + std * eps``, exactly as
+    encoding the image online would, at none of the VAE's cost. Used by the teacher's UNet phase and stage 1.
+    """
+    means, stds = [], []
+    for idx in data.batches(batch_size):
+        dist = vae.encode(to_tensor(data.images[idx]).to(vae.device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
+    return {"mean": torch.cat(means), "std": torch.cat(stds)}  # (N, C, h, w) each
+
+
 def list_images(paths: list[Path]) -> list[Path]:
     """Expand files and folders into a sorted list of image files; errors name the bad path."""
     found: list[Path] = []

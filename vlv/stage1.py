@@ -23,25 +23,13 @@ from accelerate import Accelerator
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from vlv.data import ImageCaptionFolder, atomic_save_file, atomic_write_text, to_tensor
+from vlv.data import ImageCaptionFolder, atomic_save_file, atomic_write_text, cache_latents, to_tensor
 from vlv.decoder import DiffusionDecoder
 from vlv.encoder import EncoderConfig, VLVEncoder
 from vlv.train import TrainConfig, train
 from vlv.world import shapes
 
 STAGE1_FILE, LATENTS_FILE, VISION_DIR = "stage1.json", "latents.safetensors", "vision"
-
-
-@torch.no_grad()
-def cache_latents(decoder: DiffusionDecoder, data: ImageCaptionFolder,
-                  batch_size: int = 128) -> dict[str, torch.Tensor]:
-    """The frozen VAE's posterior (mean, std) per image, unscaled: the one VAE pass stage 1 ever needs."""
-    means, stds = [], []
-    for idx in data.batches(batch_size):
-        dist = decoder.vae.encode(to_tensor(data.images[idx]).to(decoder.vae.device)).latent_dist
-        means.append(dist.mean.cpu())
-        stds.append(dist.std.cpu())
-    return {"mean": torch.cat(means), "std": torch.cat(stds)}  # (N, C, h, w) each
 
 
 @torch.no_grad()
@@ -207,6 +195,9 @@ def check_settings(settings: Stage1Settings) -> None:
     if settings.cache_vision and encoder_config(settings, text_dim=1).trains_vision:
         raise ValueError(f"--cache-vision: the vision tower of this encoder trains (trainable {settings.trainable!r}"
                          f" for {settings.encoder!r}), so its features cannot be cached")
+    if settings.init and settings.phi_init_gain is not None:
+        raise ValueError(f"--phi-init-gain scales phi's freshly initialised weights, but --init {settings.init}"
+                         " overwrites them with trained ones; pass one or the other")
 
 
 def build_encoder(settings: Stage1Settings, text_dim: int, seed: int) -> VLVEncoder:
@@ -263,7 +254,7 @@ def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress
         cache = out / LATENTS_FILE
         with accelerator.main_process_first():  # one process writes the cache, the others then read it
             if not cache.exists():
-                atomic_save_file({k: v.half().contiguous() for k, v in cache_latents(decoder, data).items()}, cache)
+                atomic_save_file({k: v.half().contiguous() for k, v in cache_latents(decoder.vae, data).items()}, cache)
         latents = load_file(cache)
         if len(latents["mean"]) != len(data):
             raise ValueError(f"{cache} holds {len(latents['mean'])} latents for {len(data)} images: delete it")

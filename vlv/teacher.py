@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from vlv.data import ImageCaptionFolder, atomic_save_file, to_tensor
+from vlv.data import ImageCaptionFolder, atomic_save_file, cache_latents, to_tensor
 from vlv.world import shapes
 
 SPECIAL = ["<unk>", "<bos>", "<pad>", "<eos>"]  # eos id 3: not CLIPTextModel's legacy value 2
@@ -198,17 +198,6 @@ def vae_accuracy(vae: AutoencoderKL, data: ImageCaptionFolder, batch_size: int =
         preds += [shapes.detect(im) for im in to_pil(recon)]
     truths = [shapes.parse_caption(c) for c in data.captions]
     return shapes.score(preds, truths).scene_accuracy
-
-
-@torch.no_grad()
-def encode_latents(vae: AutoencoderKL, data: ImageCaptionFolder, batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """Cache the frozen VAE's posterior (mean, std) for every image: the UNet phase never runs the VAE."""
-    means, stds = [], []
-    for idx in data.batches(batch_size):
-        dist = vae.encode(to_tensor(data.images[idx]).to(vae.device)).latent_dist
-        means.append(dist.mean.cpu())
-        stds.append(dist.std.cpu())
-    return {"mean": torch.cat(means), "std": torch.cat(stds)}
 
 
 class TextToImage(torch.nn.Module):
@@ -410,7 +399,7 @@ def train_teacher(data: Path, out: Path, cfg: TeacherConfig, recipe: TeacherReci
     # Latent cache and scaling factor (1 / std of the latents, as SD chose 0.18215).
     cache = work / "latents.safetensors"
     if not cache.exists():
-        latents = encode_latents(vae, train_data)
+        latents = cache_latents(vae, train_data, batch_size=256)
         atomic_save_file({k: v.half().contiguous() for k, v in latents.items()}, cache)
     latents = load_file(cache)
     scaling = float(1.0 / latents["mean"].float().std())
