@@ -56,7 +56,8 @@ def test_queries_see_the_image():
 
 def test_phi_init_gain_scales_z_and_is_saved(tmp_path):
     x = torch.randn(2, 3, 64, 64)
-    plain, large = _shapes().eval(), _shapes(phi_init_gain=16.0).eval()  # same seed: same weights but phi's last
+    plain, large = _shapes(phi_init_gain=None).eval(), _shapes().eval()  # the preset's gain: 16; same seed: same
+    assert large.config.phi_init_gain == 16.0  # weights but phi's last layer
     with torch.no_grad():
         z, z16 = plain(x), large(x)
     assert torch.allclose(z16, 16 * z, rtol=1e-5, atol=1e-5)  # the whole output layer, bias included, scaled
