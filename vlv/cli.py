@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=writable_dir, default=Path("runs/demo"), help="run folder (default runs/demo)")
     p.add_argument("--preset", choices=["default", "quick"], default="default")
     p.add_argument("--minutes", type=float, default=None,
-                   help="whole-run time target; training fills what data and evaluation leave (default 15)")
+                   help="whole-run time target; training fills what data and evaluation leave (default 45)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("evaluate", help="re-measure a demo run dir: metrics.json and report.html")
