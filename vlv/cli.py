@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "first Nq queries)")
     p.add_argument("--phi-init-gain", type=positive_float, default=None,
                    help="scale phi's output layer by this at init, so z starts at the large norm trained encoders "
-                        "reach (README: 16 on shapes); default: the preset's")
+                        "reach; default: the preset's (16 for shapes, none for florence2-large)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between val evaluations (0: never)")
     p.add_argument("--eval-n", type=positive_int, default=200)
     p.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this long")

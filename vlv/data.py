@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from vlv.world import shapes
@@ -164,6 +164,15 @@ def cache_latents(vae: torch.nn.Module, data: ImageCaptionFolder, batch_size: in
         means.append(dist.mean.cpu())
         stds.append(dist.std.cpu())
     return {"mean": torch.cat(means), "std": torch.cat(stds)}  # (N, C, h, w) each
+
+
+def cached_latents(vae: torch.nn.Module, data: ImageCaptionFolder, path: Path,
+                   batch_size: int = 128) -> dict[str, torch.Tensor]:
+    """:func:`cache_latents` computed once per file (fp16, written atomically: a killed run recomputes it
+    whole, never reads a torn file), then read back; later runs and resumes only read it."""
+    if not path.exists():
+        atomic_save_file({k: v.half().contiguous() for k, v in cache_latents(vae, data, batch_size).items()}, path)
+    return load_file(path)
 
 
 def list_images(paths: list[Path]) -> list[Path]:

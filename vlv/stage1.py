@@ -21,9 +21,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from safetensors import safe_open
-from safetensors.torch import load_file
 
-from vlv.data import ImageCaptionFolder, atomic_save_file, atomic_write_text, cache_latents, to_tensor
+from vlv.data import ImageCaptionFolder, atomic_save_file, atomic_write_text, cached_latents, to_tensor
 from vlv.decoder import DiffusionDecoder
 from vlv.encoder import EncoderConfig, VLVEncoder
 from vlv.train import TrainConfig, train
@@ -253,9 +252,7 @@ def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress
     if settings.cache_latents:
         cache = out / LATENTS_FILE
         with accelerator.main_process_first():  # one process writes the cache, the others then read it
-            if not cache.exists():
-                atomic_save_file({k: v.half().contiguous() for k, v in cache_latents(decoder.vae, data).items()}, cache)
-        latents = load_file(cache)
+            latents = cached_latents(decoder.vae, data, cache)
         if len(latents["mean"]) != len(data):
             raise ValueError(f"{cache} holds {len(latents['mean'])} latents for {len(data)} images: delete it")
 

@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from vlv.data import ImageCaptionFolder, atomic_save_file, cache_latents, to_tensor
+from vlv.data import ImageCaptionFolder, cached_latents, to_tensor
 from vlv.world import shapes
 
 SPECIAL = ["<unk>", "<bos>", "<pad>", "<eos>"]  # eos id 3: not CLIPTextModel's legacy value 2
@@ -397,11 +397,7 @@ def train_teacher(data: Path, out: Path, cfg: TeacherConfig, recipe: TeacherReci
     vae.requires_grad_(False).eval()
 
     # Latent cache and scaling factor (1 / std of the latents, as SD chose 0.18215).
-    cache = work / "latents.safetensors"
-    if not cache.exists():
-        latents = cache_latents(vae, train_data, batch_size=256)
-        atomic_save_file({k: v.half().contiguous() for k, v in latents.items()}, cache)
-    latents = load_file(cache)
+    latents = cached_latents(vae, train_data, work / "latents.safetensors", batch_size=256)
     scaling = float(1.0 / latents["mean"].float().std())
     vae.register_to_config(scaling_factor=scaling)
 
