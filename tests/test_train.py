@@ -1,4 +1,5 @@
 import json
+import time
 
 import torch
 
@@ -32,6 +33,23 @@ class Regression:
 def test_plan_steps_fills_the_budget_and_never_goes_back():
     assert plan_steps(1.0, elapsed_s=0.0, seconds_per_step=0.5, min_steps=4) == 4 + 120
     assert plan_steps(1.0, elapsed_s=60.0, seconds_per_step=0.5, min_steps=7) == 7  # budget spent: stop here
+
+
+class SlowStart(Regression):
+    """The toy task paced like a CPU run: its first PLAN_AFTER steps are slower than the rest."""
+
+    def batch(self, step, rank, batch_size, device):
+        time.sleep(0.02 if step < PLAN_AFTER else 0.005)
+        return super().batch(step, rank, batch_size, device)
+
+
+def test_a_budgeted_run_plans_again_at_the_end_of_warmup_from_the_later_pace(tmp_path):
+    # 20 ms steps plan ~60 steps for a 1.2 s budget; from step 20 on a step takes 5 ms, so the plan made at the
+    # end of warm-up (step 50) fits several times more, and the run uses its budget instead of stopping early.
+    cfg = TrainConfig(steps=10**9, batch_size=4, lr=1e-2, budget_minutes=0.02, warmup_steps=50, progress=False)
+    state = train(SlowStart(), cfg, tmp_path / "run")
+    assert state.done and state.step == state.planned_steps > 100
+    assert state.elapsed_s > 0.8 * 60 * cfg.budget_minutes
 
 
 def test_a_budgeted_run_fixes_its_length_once_and_resumes_to_it(tmp_path):
