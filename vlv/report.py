@@ -135,7 +135,8 @@ def _metrics_table(m: dict[str, Any]) -> str:
 _ABLATION_TITLES = {"levels": "Trainable levels of stage 2 (paper Table 4, right)",
                     "table7": "Stage 2 on the stage-1 encoder vs an untrained one (paper Table 7)",
                     "lora-lr": "LoRA adapters in the LLM at a higher learning rate",
-                    "nq": "Number of queries Nq (paper Table 4, left)"}
+                    "nq": "Number of queries Nq, warm-started from the shipped encoder's first Nq queries",
+                    "nq-scratch": "Number of queries Nq, from scratch (paper Table 4, left)"}
 
 
 def _ablation_tables(m: dict[str, Any]) -> list[str]:
