@@ -93,30 +93,31 @@ class TrainState:
     done: bool = False  # reached its last step (not stopped by a signal or a time limit)
 
 
-# A budgeted run times steps 2..PLAN_AFTER (step 1 pays one-off costs), then fixes its length. Three timed steps
-# misjudged a CPU demo's stage-1 pace by 4-7% (40 s over its budget); nineteen average that out. When warm-up
-# lasts longer, the run plans again at its end from the pace of the steps since PLAN_AFTER: the first steps ran
-# ~5% slower than the rest on a CPU (a 30-minute stage-1 run stopped at 27.5 minutes), and until warm-up ends
-# the learning rate does not depend on the length, so changing it there is free.
+# A budgeted run times steps 2..PLAN_AFTER (step 1 pays one-off costs), then plans its length, and re-plans every
+# REPLAN_EVERY steps from its average pace since step 1. One plan is not enough: on 2 CPU cores the pace of a
+# 30-minute stage-1 run drifts by 5-10% between its first hundred steps and the rest (either way), so a plan
+# fixed at step 20 stopped one run at 27.5 minutes and a plan fixed at step 100 ran another ~9% over. The cosine
+# follows the current plan; a re-plan moves the schedule's progress by the plan's relative change (~1%).
+PLAN_AFTER = 20
+REPLAN_EVERY = 50
 PLAN_AFTER = 20
 
 
 def plan_steps(budget_minutes: float, elapsed_s: float, seconds_per_step: float, min_steps: int) -> int:
     """How many steps fill the budget at the measured pace: faster hardware simply trains further.
 
-    The count is fixed by the end of warm-up (saved with the checkpoint), before the cosine schedule reads it, so
-    the schedule, a resume, and a re-run all agree on it; it never drops below the steps already taken.
+    The count is saved with the checkpoint, so a resume continues the same schedule and a finished run's re-run
+    does nothing; it never drops below the steps already taken.
     """
     remaining = max(0.0, 60 * budget_minutes - elapsed_s)
     return max(min_steps, min_steps + int(remaining / max(seconds_per_step, 1e-6)))
 
 
-def _plan_due(state: TrainState, cfg: TrainConfig, start_step: int, pace_from: int) -> bool:
-    """Whether a budgeted run (re)plans its length after this step: first after PLAN_AFTER steps, then once more
-    at the end of a longer warm-up if the first plan runs past it and PLAN_AFTER steps have been timed since."""
-    if state.planned_steps is None:
-        return state.step - start_step == PLAN_AFTER
-    return (state.step == cfg.warmup_steps < cfg.steps and state.step - pace_from >= PLAN_AFTER)
+def _plan_due(state: TrainState, start_step: int) -> bool:
+    """Whether a budgeted run (re)plans its length after this step: PLAN_AFTER steps into this process, then
+    every REPLAN_EVERY steps."""
+    done = state.step - start_step
+    return done == PLAN_AFTER if state.planned_steps is None else done > PLAN_AFTER and done % REPLAN_EVERY == 0
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -266,11 +267,11 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
     elapsed0, start_step = state.elapsed_s, state.step
     bar = tqdm(total=cfg.steps, initial=state.step, desc=task.name, unit="step",
                disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
-    running, pace_t0, pace_from = None, None, 0
+    running, pace_t0 = None, None
     with _StopFlag() as flag:
         while state.step < cfg.steps:
-            if cfg.budget_minutes and state.planned_steps is None and state.step - start_step == 1:
-                pace_t0, pace_from = time.perf_counter(), state.step  # after the first step's one-off costs
+            if cfg.budget_minutes and state.step - start_step == 1:
+                pace_t0 = time.perf_counter()  # after the first step's one-off costs
             for group in opt.param_groups:
                 group["lr"] = lr_at(state.step, cfg)
             gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, state.step, rank))
@@ -286,12 +287,11 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
                 ema.step(params)
             state.step += 1
             state.elapsed_s = elapsed0 + time.perf_counter() - t_start
-            if pace_t0 is not None and _plan_due(state, cfg, start_step, pace_from):
-                pace = (time.perf_counter() - pace_t0) / (state.step - pace_from)
+            if pace_t0 is not None and _plan_due(state, start_step):
+                pace = (time.perf_counter() - pace_t0) / (state.step - start_step - 1)
                 state.planned_steps = plan_steps(cfg.budget_minutes, state.elapsed_s, pace, state.step)
                 cfg = replace(cfg, steps=state.planned_steps)
                 bar.total = cfg.steps
-                pace_t0, pace_from = time.perf_counter(), state.step  # re-timed from here for the warm-up's end
             value = loss.detach().float().item()
             running = value if running is None else 0.95 * running + 0.05 * value
             bar.update(1)
