@@ -46,7 +46,7 @@ PRESETS = {
     # Measured on 2 cores: data 4 s + evaluate 169-175 s + the stages' set-up outside their loops (stage 1
     # caches 10,000 VAE latents: ~24 s) ~ 3.5 min; runs took 15:05 (reserve 3.0), 14:54 (3.3), 15:06 (3.4).
     # 45 minutes, most of them stage 1's: from scratch a shapes encoder needs well over 1,000 steps of batch 64
-    # (26.5% after 1,400; 30-minute runs reached 76-89% over 3 seeds; a 15-minute demo with the old init: 0%),
+    # (26.5% after 1,400; 30-minute runs reached 56-89% over 5 seeds; a 15-minute demo with the old init: 0%),
     # while the LM's loss flattens within a minute and stage 2 reached 93.5% captions in 12 minutes on the
     # shipped encoder. Measured at 45: 44:40 wall, reconstruction 63.8%, captions 99.8%.
     "default": DemoPreset(train=10_000, test=500, minutes=45.0, reserve_minutes=3.8,

@@ -108,7 +108,7 @@ ENCODER_PRESETS: dict[str, dict] = {
     "florence2-large": dict(florence2="florence2-large", image_size=768),
     # Shapes world: a ~1.1 M-parameter Florence-2 whose DaViT (strides 4, 2) gives 8x8 tokens at 64 px.
     # Random init (no pretrained tiny Florence exists), so everything trains; the empty prompt <s></s>.
-    # phi x16 at init: from scratch, 30 CPU-minutes then reach 76-89% reconstruction (3 seeds; see _scale_phi).
+    # phi x16 at init: from scratch, 30 CPU-minutes then reach 56-89% reconstruction (5 seeds; see _scale_phi).
     "shapes": dict(florence2="florence2-shapes", image_size=64, trainable="all", prompt_ids=[0, 2],
                    query_attention_init_std=0.15, phi_init_gain=16.0),
 }
