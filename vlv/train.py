@@ -96,11 +96,10 @@ class TrainState:
 # A budgeted run times steps 2..PLAN_AFTER (step 1 pays one-off costs), then plans its length, and re-plans every
 # REPLAN_EVERY steps from its average pace since step 1. One plan is not enough: on 2 CPU cores the pace of a
 # 30-minute stage-1 run drifts by 5-10% between its first hundred steps and the rest (either way), so a plan
-# fixed at step 20 stopped one run at 27.5 minutes and a plan fixed at step 100 ran another ~9% over. The cosine
-# follows the current plan; a re-plan moves the schedule's progress by the plan's relative change (~1%).
+# fixed at step 20 stopped one run at 27.5 minutes and a plan fixed at step 100 ran another 10% over (1980 s).
+# The cosine follows the current plan; a re-plan moves the schedule's progress by the plan's relative change (~1%).
 PLAN_AFTER = 20
 REPLAN_EVERY = 50
-PLAN_AFTER = 20
 
 
 def plan_steps(budget_minutes: float, elapsed_s: float, seconds_per_step: float, min_steps: int) -> int:
