@@ -23,7 +23,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
-    from vlv.data import write_shapes
+    from vlv.shapes.data import write_shapes
 
     root = tmp_path_factory.mktemp("shapes")
     return {split: write_shapes(root / split, n=n, seed=0, split=split, progress=False)
@@ -33,7 +33,8 @@ def shapes_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory, shapes_data):
     """A tiny shapes teacher trained for a few steps: real SD layout, seconds to build."""
-    from vlv.teacher import TINY, TeacherRecipe, train_teacher
+    from vlv.shapes.config import TINY, TeacherRecipe
+    from vlv.shapes.teacher import train_teacher
 
     recipe = TeacherRecipe(vae_steps=4, vae_batch=8, unet_steps=4, unet_batch=8, unet_warmup=0, eval_every=0)
     out = train_teacher(shapes_data["train"], tmp_path_factory.mktemp("teacher") / "t", TINY, recipe, progress=False)

@@ -8,13 +8,15 @@ from safetensors.torch import save_file
 
 from vlv.data import ImageCaptionFolder
 from vlv.decoder import DiffusionDecoder
-from vlv.stage1 import Stage1Settings, Stage1Task, build_encoder
-from vlv.train import TrainConfig, train
+from vlv.training.config import Stage1Settings, TrainConfig
+from vlv.training.loop import train
+from vlv.training.stage1 import Stage1Task, build_encoder
 
 teacher, data, out = map(Path, sys.argv[1:4])
 accelerator = Accelerator(cpu=True)
 decoder = DiffusionDecoder.from_pretrained(teacher)
-encoder = build_encoder(Stage1Settings(decoder=str(teacher), data=str(data), num_queries=8), decoder.text_dim, seed=0)
+settings = Stage1Settings(decoder=str(teacher), data=str(data), encoder="shapes", num_queries=8)
+encoder = build_encoder(settings, decoder.text_dim, seed=0)
 task = Stage1Task(encoder, decoder, ImageCaptionFolder(data, 64), seed=0)
 train(task, TrainConfig(steps=3, batch_size=2, lr=1e-3, progress=False), out / "run", accelerator=accelerator)
 state = {n: p.detach().contiguous() for n, p in encoder.named_parameters()}

@@ -7,14 +7,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlv import presets
+from vlv import shipped as presets
 from vlv.api import VLV
+from vlv.captioner import Captioner
 from vlv.data import load_image, read_records, to_tensor
 from vlv.decoder import DiffusionDecoder
-from vlv.lm import LMSettings, train_lm
-from vlv.stage1 import Stage1Settings, build_encoder, reconstruct_images
-from vlv.stage2 import Stage2Settings, caption_images, load_stage2, train_stage2
-from vlv.train import TrainConfig
+from vlv.inference import caption_images, reconstruct_images
+from vlv.shapes.tokenizers import build_shapes_tokenizer
+from vlv.training.config import LMSettings, Stage1Settings, Stage2Settings, TrainConfig
+from vlv.training.lm import train_lm
+from vlv.training.stage1 import build_encoder
+from vlv.training.stage2 import train_stage2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,14 +27,16 @@ def shipped(tiny_teacher, shapes_data, tmp_path_factory):
     """Tiny stage-1, LM and stage-2 dirs registered under the shipped names, as an install would hold them."""
     root = tmp_path_factory.mktemp("weights")
     decoder = DiffusionDecoder.from_pretrained(tiny_teacher)
-    settings = Stage1Settings(decoder=str(tiny_teacher), data=str(shapes_data["train"]), num_queries=8)
+    settings = Stage1Settings(decoder=str(tiny_teacher), data=str(shapes_data["train"]), encoder="shapes",
+                              num_queries=8)
     build_encoder(settings, decoder.text_dim, seed=0).save_pretrained(root / "shapes-stage1")
     assert train_lm(LMSettings(data=str(shapes_data["train"])),
-                    TrainConfig(steps=2, batch_size=4, progress=False), root / "shapes-lm") is not None
+                    TrainConfig(steps=2, batch_size=4, progress=False), root / "shapes-lm",
+                    tokenizer=build_shapes_tokenizer()) is not None
     names = {"shapes-teacher": (tiny_teacher, "model_index.json"),
              "shapes-stage1": (root / "shapes-stage1", "encoder.json"),
              "shapes-lm": (root / "shapes-lm", "config.json"),
-             "shapes-stage2": (root / "shapes-stage2", "stage2.json")}
+             "shapes-stage2": (root / "shapes-stage2", "captioner.json")}
     with pytest.MonkeyPatch.context() as mp:
         for name, entry in names.items():
             mp.setitem(presets.SHIPPED, name, entry)
@@ -46,14 +51,14 @@ def test_a_run_made_from_shipped_names_keeps_the_names(shipped):
     settings = json.loads((shipped / "shapes-stage2" / "stage2.json").read_text())["settings"]
     assert (settings["decoder"], settings["encoder"], settings["lm"]) == ("shapes-teacher", "shapes-stage1",
                                                                           "shapes-lm")
-    assert load_stage2("shapes-stage2").config.lm == "shapes-lm"
+    assert Captioner.from_pretrained("shapes-stage2").config.lm == "shapes-lm"
 
 
 def test_api_captions_like_the_library_and_takes_files_or_pil(shipped, shapes_data):
     folder = shapes_data["val"]
     paths = [folder / r.image for r in read_records(folder)][:3]
     vlv = VLV.from_pretrained()
-    expected = caption_images(load_stage2("shapes-stage2").eval(),
+    expected = caption_images(Captioner.from_pretrained("shapes-stage2").eval(),
                               to_tensor(np.stack([load_image(p, 64) for p in paths])))
     assert vlv.caption(paths) == expected
     assert vlv.caption([Image.open(p) for p in paths]) == expected

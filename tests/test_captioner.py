@@ -11,11 +11,16 @@ from vlv.captioner import Captioner, CaptionerConfig
 from vlv.data import ImageCaptionFolder
 from vlv.decoder import DiffusionDecoder
 from vlv.encoder import VLVEncoder
-from vlv.lm import LMSettings, build_shapes_tokenizer, lm_config, train_lm
-from vlv.stage1 import Stage1Settings, build_encoder
-from vlv.stage2 import Stage2Settings, Stage2Task, load_stage2, load_text_encoder, train_stage2
-from vlv.train import TrainConfig, train
-from vlv.world import shapes
+from vlv.lm import lm_config
+from vlv.shapes import world as shapes
+from vlv.shapes.metrics import lm_judge, stage2_evaluator
+from vlv.shapes.tokenizers import build_shapes_tokenizer
+from vlv.text_encoder import load_text_encoder
+from vlv.training.config import LMSettings, Stage1Settings, Stage2Settings, TrainConfig
+from vlv.training.lm import train_lm
+from vlv.training.loop import train
+from vlv.training.stage1 import build_encoder
+from vlv.training.stage2 import Stage2Task, train_stage2
 
 # A 1-layer Qwen2 over the shapes tokenizer (336 tokens): milliseconds per step.
 TINY_LM = dict(model_type="qwen2", vocab_size=336, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -36,7 +41,8 @@ def text_encoder(tiny_teacher):
 @pytest.fixture(scope="module")
 def stage1_dir(tiny_teacher, shapes_data, text_encoder, tmp_path_factory):
     """A stage-1 encoder dir (untrained shapes preset, Nq = 8): stage 2 reads it like a finished stage-1 run."""
-    settings = Stage1Settings(decoder=str(tiny_teacher), data=str(shapes_data["train"]), num_queries=8)
+    settings = Stage1Settings(decoder=str(tiny_teacher), data=str(shapes_data["train"]), encoder="shapes",
+                              num_queries=8)
     encoder = build_encoder(settings, text_encoder.config.hidden_size, seed=0)
     return encoder.save_pretrained(tmp_path_factory.mktemp("stage1") / "run")
 
@@ -45,7 +51,8 @@ def stage1_dir(tiny_teacher, shapes_data, text_encoder, tmp_path_factory):
 def lm_dir(shapes_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("lm") / "lm"
     lm = train_lm(LMSettings(data=str(shapes_data["train"]), val=str(shapes_data["val"])),
-                  TrainConfig(steps=3, batch_size=4, lr=1e-3, eval_every=3, progress=False), out)
+                  TrainConfig(steps=3, batch_size=4, lr=1e-3, eval_every=3, progress=False), out,
+                  tokenizer=build_shapes_tokenizer(), judge=lm_judge)
     assert lm is not None
     return out
 
@@ -53,7 +60,7 @@ def lm_dir(shapes_data, tmp_path_factory):
 def _captioner(text_encoder, trainable="mlp", encoder=None, **kw):
     torch.manual_seed(0)
     config = CaptionerConfig(text_dim=text_encoder.config.hidden_size, lm=TINY_LM, trainable=trainable, **kw)
-    return Captioner(config, text_encoder, encoder)
+    return Captioner(config, text_encoder, encoder, tokenizer=build_shapes_tokenizer())
 
 
 def _z(b=2, nq=8, d=None, text_encoder=None):
@@ -268,17 +275,16 @@ def test_train_stage2_writes_a_loadable_run(tiny_teacher, stage1_dir, lm_dir, sh
 
     stage1_before = digest()
     settings = Stage2Settings(decoder=str(tiny_teacher), encoder=str(stage1_dir), lm=str(lm_dir),
-                              data=str(shapes_data["train"]), max_new_tokens=12, val=str(shapes_data["val"]),
-                              eval_n=3)
+                              data=str(shapes_data["train"]), max_new_tokens=12)
     run = tmp_path / "s2"
     cap = train_stage2(settings, TrainConfig(steps=2, batch_size=3, lr=1e-3, eval_every=2, progress=False), run,
-                       progress=False)
+                       progress=False, evaluator=stage2_evaluator(shapes_data["val"], 3))
     assert cap is not None and digest() == stage1_before  # the stage-1 run is only read
     meta = json.loads((run / "stage2.json").read_text())
     assert meta["settings"]["encoder"] == str(stage1_dir.resolve()) and meta["settings"]["lm"] == str(lm_dir.resolve())
     evals = [r["eval"] for r in json.loads((run / "checkpoint" / "trainer.json").read_text())["history"] if "eval" in r]
     assert evals and 0.0 <= evals[-1]["scene_accuracy"] <= 1.0
-    loaded = load_stage2(run).eval()
+    loaded = Captioner.from_pretrained(run).eval()  # alone: its config names T's and the encoder's dirs
     px = cap.encoder.normalize(torch.rand(2, 3, 64, 64) * 2 - 1)
     cap.eval()
     assert loaded.generate(pixel_values=px, num_beams=2) == cap.generate(pixel_values=px, num_beams=2)

@@ -2,8 +2,9 @@ import json
 import subprocess
 import sys
 
-from vlv.data import ImageCaptionFolder, read_records, write_shapes
-from vlv.world import shapes
+from vlv.data import ImageCaptionFolder, read_records
+from vlv.shapes import world as shapes
+from vlv.shapes.data import write_shapes
 
 
 def test_same_seed_same_files(tmp_path):

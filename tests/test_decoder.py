@@ -3,20 +3,13 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-from vlv.decoder import DiffusionDecoder, compose, random_pipeline
+from vlv.decoder import DiffusionDecoder, compose
+from vlv.diffusion import make_pipeline, random_pipeline, tokenize
 from vlv.encoder import EncoderConfig, VLVEncoder
-from vlv.teacher import (
-    TINY,
-    build_scheduler,
-    build_text_encoder,
-    build_tokenizer,
-    build_unet,
-    build_vae,
-    make_pipeline,
-    save_teacher,
-    tokenize,
-)
-from vlv.world import shapes
+from vlv.shapes import world as shapes
+from vlv.shapes.config import TINY
+from vlv.shapes.teacher import build_scheduler, build_text_encoder, build_unet, build_vae, save_teacher
+from vlv.shapes.tokenizers import build_tokenizer
 
 NQ = 12
 
@@ -36,7 +29,7 @@ def decoder(teacher_dir):
 
 def _encoder(decoder, trainable=("queries", "phi", "florence.model.language_model")) -> VLVEncoder:
     torch.manual_seed(0)
-    return VLVEncoder(EncoderConfig.preset("shapes", text_dim=decoder.text_dim, num_queries=NQ,
+    return VLVEncoder(EncoderConfig.named("shapes", text_dim=decoder.text_dim, num_queries=NQ,
                                            trainable=list(trainable)))
 
 
@@ -144,7 +137,7 @@ def test_decoder_stays_frozen_and_in_eval(decoder):
 
 def test_sd21_base_random_init_from_shipped_configs():
     with torch.device("meta"):
-        pipe = random_pipeline("sd21-base")
+        pipe = random_pipeline(build_tokenizer(), "sd21-base")
     assert 865e6 < sum(p.numel() for p in pipe.unet.parameters()) < 867e6  # ~865.9 M
     assert pipe.text_encoder.config.num_hidden_layers == 23 and pipe.text_encoder.config.hidden_size == 1024
     assert pipe.unet.config.cross_attention_dim == 1024 and pipe.scheduler.config.prediction_type == "epsilon"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vlv.presets import installed
+from vlv.shipped import installed
 
 pytestmark = pytest.mark.skipif(not installed("shapes-teacher"),
                                 reason="the shipped shapes teacher is not in this checkout")

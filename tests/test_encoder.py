@@ -8,22 +8,21 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import Florence2ForConditionalGeneration
 
+from vlv.config import DEFAULT_TRAINABLE, EncoderConfig
 from vlv.data import to_tensor
 from vlv.encoder import (
-    DEFAULT_TRAINABLE,
     FROZEN_FILE,
     TRAINABLE_FILE,
-    EncoderConfig,
     VLVEncoder,
     florence2_config,
-    list_florence2_presets,
+    list_florence2_configs,
     load_florence2,
 )
 
 
 def _shapes(**overrides) -> VLVEncoder:
     torch.manual_seed(0)
-    return VLVEncoder(EncoderConfig.preset("shapes", text_dim=32, **{"num_queries": 12, **overrides}))
+    return VLVEncoder(EncoderConfig.named("shapes", text_dim=32, **{"num_queries": 12, **overrides}))
 
 
 def test_z_shape_and_visual_token_grid():
@@ -56,8 +55,8 @@ def test_queries_see_the_image():
 
 def test_phi_init_gain_scales_z_and_is_saved(tmp_path):
     x = torch.randn(2, 3, 64, 64)
-    plain, large = _shapes(phi_init_gain=None).eval(), _shapes().eval()  # the preset's gain: 16; same seed: same
-    assert large.config.phi_init_gain == 16.0  # weights but phi's last layer
+    plain, large = _shapes().eval(), _shapes(phi_init_gain=16.0).eval()  # same seed: same weights but phi's last
+    assert plain.config.phi_init_gain is None  # layer; a named config sets no gain (recipes do)
     with torch.no_grad():
         z, z16 = plain(x), large(x)
     assert torch.allclose(z16, 16 * z, rtol=1e-5, atol=1e-5)  # the whole output layer, bias included, scaled
@@ -176,8 +175,8 @@ def test_florence2_from_a_local_checkpoint_dir(tmp_path):
         VLVEncoder(EncoderConfig(text_dim=32, florence2=str(tmp_path / "absent"), prompt_ids=[0, 2]))
 
 
-def test_florence2_large_preset_is_the_spec():
-    assert {"florence2-large", "florence2-shapes"} <= set(list_florence2_presets())
+def test_florence2_large_config_is_the_spec():
+    assert {"florence2-large", "florence2-shapes"} <= set(list_florence2_configs())
     cfg = florence2_config("florence2-large")
     t, v = cfg.text_config, cfg.vision_config
     assert (t.model_type, t.d_model, t.encoder_layers, t.decoder_layers, t.vocab_size) == ("bart", 1024, 12, 12, 51328)
@@ -185,7 +184,7 @@ def test_florence2_large_preset_is_the_spec():
     assert list(v.embed_dim) == [256, 512, 1024, 2048] and list(v.depths) == [1, 1, 9, 1]
     assert v.projection_dim == 1024 and v.window_size == 12
     with torch.device("meta"):
-        enc = VLVEncoder(EncoderConfig.preset("florence2-large", text_dim=1024))  # SD 2.1's d_T
+        enc = VLVEncoder(EncoderConfig.named("florence2-large", text_dim=1024))  # SD 2.1's d_T
     n_florence = sum(p.numel() for p in enc.florence.parameters())
     assert 0.77e9 < n_florence < 0.78e9  # model card: about 0.77 B
     assert enc.queries.shape == (1, 77, 1024) and enc.phi[2].out_features == 1024

@@ -50,7 +50,7 @@ def test_reship_from_shipped_init_keeps_record_and_ablations(tmp_path, monkeypat
 
 
 def test_accuracy_curve_lays_warm_started_phases_end_to_end():
-    from vlv.evaluate import accuracy_curve
+    from vlv.shapes.evaluate import accuracy_curve
 
     first = {"command": "a", "steps": 100, "wall_s": 120.0,
              "history": [{"step": 50, "loss": 1.0, "elapsed_s": 60.0},

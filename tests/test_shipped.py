@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from vlv import presets
+from vlv import shipped as presets
 
 
 def _shipped(name: str):
@@ -23,7 +23,7 @@ def test_shipped_lm_loads_strictly_and_speaks_the_grammar():
     from transformers import AutoModelForCausalLM
 
     from vlv.lm import build_lm, load_tokenizer
-    from vlv.world import shapes
+    from vlv.shapes import world as shapes
 
     path = presets.shipped_dir("shapes-lm")
     lm, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
@@ -59,10 +59,11 @@ def test_shipped_encoder_reconstructs_held_out_scenes(tmp_path):
 
     metrics.json records 90% on 500 test scenes; the floor here (half of 32) catches broken weights, say a
     bad fp16 cast or a changed architecture, not a point of accuracy."""
-    from vlv.data import ImageCaptionFolder, write_shapes
+    from vlv.data import ImageCaptionFolder
     from vlv.decoder import DiffusionDecoder
     from vlv.encoder import VLVEncoder
-    from vlv.stage1 import reconstruction_scores
+    from vlv.shapes.data import write_shapes
+    from vlv.shapes.metrics import reconstruction_scores
 
     write_shapes(tmp_path / "test", n=32, split="test", progress=False)
     decoder = DiffusionDecoder.from_pretrained(presets.resolve_decoder("shapes-teacher"))
@@ -74,14 +75,15 @@ def test_shipped_encoder_reconstructs_held_out_scenes(tmp_path):
 
 @_shipped("shapes-stage2")
 def test_shipped_captioner_names_its_shipped_parts():
-    from vlv.stage2 import load_stage2
+    from vlv.captioner import Captioner
 
     path = presets.resolve_stage2("shapes-stage2")
     settings = json.loads((path / "stage2.json").read_text())["settings"]
     assert (settings["decoder"], settings["encoder"], settings["lm"]) == ("shapes-teacher", "shapes-stage1",
                                                                           "shapes-lm")
-    captioner = load_stage2("shapes-stage2")
-    assert captioner.config.lm == "shapes-lm"
+    captioner = Captioner.from_pretrained("shapes-stage2")  # alone: captioner.json names T and the encoder
+    assert (captioner.config.text_encoder, captioner.config.encoder, captioner.config.lm) == (
+        "shapes-teacher", "shapes-stage1", "shapes-lm")
     assert {"captions", "caption_to_image"} <= set(json.loads((path / "metrics.json").read_text()))
 
 
@@ -89,10 +91,12 @@ def test_shipped_captioner_names_its_shipped_parts():
 def test_shipped_captioner_captions_held_out_scenes(tmp_path):
     """The shipped captioner writes the exact caption of most held-out scenes (metrics.json: 99.4% of 500);
     the floor (3/4 of 32) catches broken weights or a changed pipeline, not a point of accuracy."""
-    from vlv.data import ImageCaptionFolder, write_shapes
-    from vlv.stage2 import caption_scores, load_stage2
+    from vlv.captioner import Captioner
+    from vlv.data import ImageCaptionFolder
+    from vlv.shapes.data import write_shapes
+    from vlv.shapes.metrics import caption_scores
 
-    captioner = load_stage2("shapes-stage2").eval()
+    captioner = Captioner.from_pretrained("shapes-stage2").eval()
     data = ImageCaptionFolder(write_shapes(tmp_path / "test", n=32, split="test", progress=False),
                               captioner.encoder.config.image_size)
     scores = caption_scores(captioner, data, num_beams=1)

@@ -10,22 +10,25 @@ from PIL import Image
 from vlv.data import ImageCaptionFolder, read_records
 from vlv.decoder import DiffusionDecoder
 from vlv.encoder import VLVEncoder
-from vlv.stage1 import Stage1Settings, build_encoder, train_stage1
-from vlv.train import TrainConfig
+from vlv.shapes.metrics import stage1_evaluator
+from vlv.training.config import Stage1Settings, TrainConfig
+from vlv.training.stage1 import build_encoder, train_stage1
 
 
 def _settings(teacher, data, **kw):
-    return Stage1Settings(decoder=str(teacher), data=str(data), num_queries=8, **kw)
+    return Stage1Settings(decoder=str(teacher), data=str(data), **{"encoder": "shapes", "num_queries": 8, **kw})
 
 
 def test_train_stage1_run_dir_describes_itself(tiny_teacher, shapes_data, tmp_path):
     run = tmp_path / "run"
-    enc = train_stage1(_settings(tiny_teacher, shapes_data["train"], val=str(shapes_data["val"]), eval_n=4,
-                                 phi_init_gain=4.0),
-                       TrainConfig(steps=3, batch_size=4, lr=1e-3, eval_every=3, progress=False), run)
+    recipe = {"name": "test", "task": "stage1", "train": {"steps": 3}}
+    enc = train_stage1(_settings(tiny_teacher, shapes_data["train"], phi_init_gain=4.0),
+                       TrainConfig(steps=3, batch_size=4, lr=1e-3, eval_every=3, progress=False), run,
+                       evaluator=stage1_evaluator(shapes_data["val"], 4), recipe=recipe)
     assert enc is not None
     meta = json.loads((run / "stage1.json").read_text())
     assert meta["settings"]["decoder"] == str(tiny_teacher) and (run / "latents.safetensors").exists()
+    assert meta["recipe"] == recipe
     evals = [r["eval"] for r in json.loads((run / "checkpoint" / "trainer.json").read_text())["history"] if "eval" in r]
     assert evals and 0.0 <= evals[-1]["recon_scene_accuracy"] <= 1.0
     loaded = VLVEncoder.from_pretrained(run).eval()
@@ -96,7 +99,7 @@ def test_cli_stage1_reconstruct_compose(tiny_teacher, shapes_data, tmp_path):
              tmp_path / "x")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     r = _cli("train", "stage1", "--decoder", tiny_teacher, "--data", shapes_data["train"], "--out", tmp_path / "v",
-             "--cache-vision")  # the shapes preset trains its vision tower
+             "--cache-vision")  # the shapes encoder trains its vision tower
     assert r.returncode == 2 and "vision tower" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = _cli("train", "stage1", "--decoder", tiny_teacher, "--data", shapes_data["train"], "--out", tmp_path / "g",
              "--init", run, "--phi-init-gain", 4)  # the gain would scale weights --init overwrites
@@ -116,7 +119,7 @@ def test_two_processes_agree(tiny_teacher, shapes_data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "of 2 done" in r.stdout
     a, b = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
-    from vlv.teacher import TINY
+    from vlv.shapes.config import TINY
 
     start = build_encoder(_settings(tiny_teacher, shapes_data["train"]), TINY.text_hidden, seed=0).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -131,15 +134,15 @@ def test_init_warm_starts_from_a_trained_encoder_and_checks_its_architecture(tin
     settings = _settings(tiny_teacher, shapes_data["train"], init=str(tmp_path / "a"))
     fresh = build_encoder(settings, decoder.text_dim, seed=1)
     assert not torch.equal(fresh.queries, first.queries)
-    from vlv.stage1 import init_from
+    from vlv.training.stage1 import init_from
 
     init_from(fresh, settings.init)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), first.state_dict().values(),
                                                  strict=True))
-    more = build_encoder(Stage1Settings(decoder=str(tiny_teacher), data="x", num_queries=16), decoder.text_dim, 0)
+    more = build_encoder(_settings(tiny_teacher, "x", num_queries=16), decoder.text_dim, 0)
     with pytest.raises(ValueError, match="num_queries"):
         init_from(more, settings.init)
-    fewer = build_encoder(Stage1Settings(decoder=str(tiny_teacher), data="x", num_queries=4), decoder.text_dim, 0)
+    fewer = build_encoder(_settings(tiny_teacher, "x", num_queries=4), decoder.text_dim, 0)
     init_from(fewer, settings.init)  # fewer queries: the first 4, so z is the first 4 positions of the source's
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
@@ -158,7 +161,7 @@ def test_cached_vision_features_train_as_the_pixels_do(tiny_teacher, shapes_data
     losses = {}
     for cached in (False, True):
         run = tmp_path / f"cached{cached}"
-        enc = train_stage1(_settings(tiny_teacher, shapes_data["train"], trainable="default", cache_vision=cached),
+        enc = train_stage1(_settings(tiny_teacher, shapes_data["train"], trainable="official", cache_vision=cached),
                            cfg, run)
         assert enc is not None
         history = json.loads((run / "checkpoint" / "trainer.json").read_text())["history"]
@@ -173,10 +176,10 @@ def test_cached_vision_features_train_as_the_pixels_do(tiny_teacher, shapes_data
 def test_vision_cache_shards_resume_and_read_rows(shapes_data, tmp_path):
     """Shards of a few rows: a lost shard is recomputed alone, and rows across shards read back in any order."""
     from vlv.encoder import EncoderConfig
-    from vlv.stage1 import VisionCache, cache_vision
+    from vlv.training.stage1 import VisionCache, cache_vision
 
     torch.manual_seed(0)
-    enc = VLVEncoder(EncoderConfig.preset("shapes", 32, num_queries=4, trainable=["queries"]))
+    enc = VLVEncoder(EncoderConfig.named("shapes", 32, num_queries=4, trainable=["queries"]))
     data = ImageCaptionFolder(shapes_data["train"], 64)
     cache_vision(enc, data, tmp_path / "v", shard_rows=5, progress=False)
     parts = sorted((tmp_path / "v").iterdir())

@@ -6,19 +6,14 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from vlv import presets
-from vlv.teacher import (
-    TINY,
-    TextToImage,
-    UNetTask,
-    build_scheduler,
-    build_text_encoder,
-    build_tokenizer,
-    build_unet,
-    tokenize,
-)
-from vlv.train import TrainConfig, train
-from vlv.world import shapes
+from vlv import shipped as presets
+from vlv.diffusion import tokenize
+from vlv.shapes import world as shapes
+from vlv.shapes.config import TINY
+from vlv.shapes.teacher import TextToImage, UNetTask, build_scheduler, build_text_encoder, build_unet
+from vlv.shapes.tokenizers import build_tokenizer
+from vlv.training.config import TrainConfig
+from vlv.training.loop import train
 
 
 def test_tokenizer_round_trips_captions(tiny_teacher):
@@ -84,7 +79,9 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
 @pytest.mark.skipif(not presets.installed("shapes-teacher"),
                     reason="shapes-teacher weights not shipped in this checkout yet")
 def test_shipped_teacher_loads_strictly():
-    from vlv.teacher import TeacherConfig, build_unet, build_vae, load_pipeline
+    from vlv.diffusion import load_pipeline
+    from vlv.shapes.config import TeacherConfig
+    from vlv.shapes.teacher import build_unet, build_vae
 
     path = presets.resolve_decoder("shapes-teacher")
     cfg = TeacherConfig(**json.loads((path / "teacher.json").read_text())["config"])
@@ -118,7 +115,7 @@ def test_cli_sample_writes_images(tiny_teacher, tmp_path):
 
 def test_export_checkpoint_equals_the_final_export(tiny_teacher, tmp_path):
     """The finished tiny run's EMA checkpoint, exported, is exactly the teacher training exported."""
-    from vlv.teacher import export_checkpoint
+    from vlv.shapes.teacher import export_checkpoint
 
     out = export_checkpoint(tiny_teacher, tmp_path / "exported", dtype=torch.float32)
     a, b = StableDiffusionPipeline.from_pretrained(tiny_teacher), StableDiffusionPipeline.from_pretrained(out)

@@ -3,7 +3,8 @@ import time
 
 import torch
 
-from vlv.train import PLAN_AFTER, TrainConfig, plan_steps, train
+from vlv.training.config import TrainConfig
+from vlv.training.loop import PLAN_AFTER, plan_steps, train
 
 
 class Regression:

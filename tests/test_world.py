@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import ImageFilter
 
-from vlv.world import shapes
-from vlv.world.shapes import ShapeObject, make_scene
+from vlv.shapes import world as shapes
+from vlv.shapes.world import ShapeObject, make_scene
 
 SPEC_EXAMPLE = ("a large red circle at the top left, a small cyan square at the top right and a small yellow "
                 "triangle at the bottom right")

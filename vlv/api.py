@@ -18,10 +18,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlv.captioner import Captioner
 from vlv.data import load_image, to_pil, to_tensor
 from vlv.decoder import DiffusionDecoder
 from vlv.encoder import VLVEncoder
-from vlv.presets import resolve_decoder, resolve_encoder
+from vlv.inference import caption_images, embed_images, reconstruct_images
+from vlv.shipped import resolve_decoder
 
 ImageLike = str | Path | Image.Image
 
@@ -29,23 +31,21 @@ ImageLike = str | Path | Image.Image
 class VLV:
     """Stage-1 encoder + frozen diffusion decoder (reconstruction) + optional stage-2 captioner."""
 
-    def __init__(self, encoder: VLVEncoder, decoder: str | Path | DiffusionDecoder, captioner=None):
+    def __init__(self, encoder: VLVEncoder, decoder: str | Path | DiffusionDecoder, captioner: Captioner | None = None):
         self.encoder, self._decoder, self.captioner = encoder.eval(), decoder, captioner
 
     @classmethod
     def from_pretrained(cls, encoder: str | Path = "shapes-stage1", decoder: str | Path = "shapes-teacher",
                         captioner: str | Path | None = "shapes-stage2") -> VLV:
         """Shipped names or run dirs; ``captioner=None`` for reconstruction only."""
-        from vlv.stage2 import load_stage2
-
         resolve_decoder(decoder)  # a bad path fails now, not at the first reconstruct
-        return cls(VLVEncoder.from_pretrained(resolve_encoder(encoder)), decoder,
-                   load_stage2(captioner).eval() if captioner is not None else None)
+        return cls(VLVEncoder.from_pretrained(encoder), decoder,
+                   Captioner.from_pretrained(captioner).eval() if captioner is not None else None)
 
     @property
     def decoder(self) -> DiffusionDecoder:
         if not isinstance(self._decoder, DiffusionDecoder):
-            self._decoder = DiffusionDecoder.from_pretrained(resolve_decoder(self._decoder))
+            self._decoder = DiffusionDecoder.from_pretrained(self._decoder)
         return self._decoder
 
     def _images(self, images: Sequence[ImageLike], size: int) -> torch.Tensor:
@@ -55,14 +55,11 @@ class VLV:
     @torch.no_grad()
     def embed(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """Images -> the caption embeddings z (B, Nq, d_T)."""
-        x = self._images(images, self.encoder.config.image_size)
-        return self.encoder(self.encoder.normalize(x))
+        return embed_images(self.encoder, self._images(images, self.encoder.config.image_size))
 
     @torch.no_grad()
     def caption(self, images: Sequence[ImageLike], num_beams: int | None = None, batch_size: int = 64) -> list[str]:
         """Images -> captions, batched (stage 2)."""
-        from vlv.stage2 import caption_images
-
         if self.captioner is None:
             raise ValueError("this VLV has no captioner: load it with from_pretrained(captioner=...)")
         x = self._images(images, self.captioner.encoder.config.image_size)
@@ -72,8 +69,6 @@ class VLV:
     def reconstruct(self, images: Sequence[ImageLike], sampler: str = "fast", guidance_scale: float = 2.0,
                     steps: int | None = None, seed: int = 0, batch_size: int = 64) -> list[Image.Image]:
         """Images -> z -> the decoder's images from z alone (caption-free; CFG against T(""))."""
-        from vlv.stage1 import reconstruct_images
-
         x = self._images(images, self.decoder.image_size)
         return to_pil(reconstruct_images(self.encoder, self.decoder, x, sampler=sampler, guidance_scale=guidance_scale,
                                          steps=steps, batch_size=batch_size, seed=seed))

@@ -1,6 +1,6 @@
 """The VLV captioner (stage 2): caption embeddings z -> frozen T -> psi -> prefix of a causal LLM -> text.
 
-Paper Sec. 3.2 (arXiv 2507.07104), as ``shared/specs/method.md`` "Stage 2" states it:
+Paper Sec. 3.2 (arXiv 2507.07104), as ``docs/method.md`` "Stage 2" states it:
 
     c = T(inputs_embeds=z)                               (B, Nq, d_T)   frozen CLIP text encoder
     e = psi(c) = Linear(d_T, d_LM) - GELU - Linear(d_LM, d_LM)   (B, Nq, d_LM)  the LLM's prefix
@@ -17,73 +17,35 @@ With ``lora_rank`` > 0 the LLM levels train peft LoRA adapters on the LLM's proj
 its weights (the base LLM stays frozen): the way to fit stage 2 of a multi-billion-parameter LLM in less memory.
 
 Checkpoints (``save_pretrained``) hold captioner.json (config and the resolved LM config) and the trained
-weights only. Frozen parts are passed back in by the caller (T from the decoder dir, the encoder from its
-stage-1 run), except a frozen random-init LM, whose weights could not be rebuilt otherwise.
+weights only. The config names where the frozen parts come from (T from a Stable Diffusion dir, the encoder
+from its stage-1 run), so ``from_pretrained(dir)`` needs no other argument; a frozen random-init LM, whose
+weights could not be rebuilt otherwise, is saved with its tokenizer.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
-from transformers import CLIPTextModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, CLIPTextModel, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from vlv.decoder import clip_from_embeds
+from vlv.config import CaptionerConfig
 from vlv.encoder import VLVEncoder
 from vlv.lm import IGNORE, build_lm, is_lm_dir, load_tokenizer, pad_id, right_pad
-from vlv.train import load_trainable_state, trainable_state
+from vlv.modeling import atomic_save_file, load_trainable_state, trainable_state, write_json
+from vlv.shipped import resolve_decoder, resolve_stage2
+from vlv.text_encoder import clip_from_embeds, load_text_encoder
 
-TRAINABLE_LEVELS = ("mlp", "mlp+llm", "mlp+llm+encoder")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Qwen2's projections
 FROZEN_ENCODER_PARTS = ("queries", "phi")  # frozen in stage 2 at every level
 CONFIG_FILE, TRAINABLE_FILE, FROZEN_LM_FILE = "captioner.json", "captioner.safetensors", "lm-frozen.safetensors"
-
-
-# ------------------------------------------------------------------------------------------- config
-@dataclass
-class CaptionerConfig:
-    """Everything that defines a captioner beyond its frozen inputs; saved as JSON next to its weights."""
-
-    text_dim: int = field(metadata={"help": "d_T, the width of T and of z: read it from the decoder's text encoder"})
-    lm: str | dict = field(default="qwen2.5-3b", metadata={
-        "help": "causal LM: a preset stem in vlv/presets (qwen2.5-3b, qwen2-shapes) or a config dict (both random "
-                "init, shapes tokenizer), or a local checkpoint dir with its tokenizer (e.g. vlv.lm.train_lm's)"})
-    trainable: str = field(default="mlp+llm+encoder", metadata={
-        "help": "mlp | mlp+llm | mlp+llm+encoder (paper Table 4 right; the last is the paper's best and official)"})
-    max_new_tokens: int = field(default=300, metadata={
-        "help": "generation length cap (official 300); training truncates caption + EOS to the same length"})
-    num_beams: int = field(default=4, metadata={"help": "default beam count of generate (official 4)"})
-    lora_rank: int = field(default=0, metadata={
-        "help": "0: the llm levels train every LLM weight; r > 0: they train rank-r LoRA adapters (peft) instead"})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale numerator: updates are scaled by alpha / r"})
-    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={
-        "help": "names of the LLM's linear layers that get adapters"})
-
-    def __post_init__(self) -> None:
-        if self.trainable not in TRAINABLE_LEVELS:
-            raise ValueError(f"trainable must be one of {', '.join(TRAINABLE_LEVELS)}, got {self.trainable!r}")
-        if self.text_dim <= 0 or self.max_new_tokens <= 0 or self.num_beams <= 0:
-            raise ValueError("text_dim, max_new_tokens and num_beams must be positive")
-        check_lora(self.trainable, self.lora_rank)
-
-    @property
-    def lora(self) -> bool:
-        return self.lora_rank > 0
-
-
-def check_lora(trainable: str, lora_rank: int) -> None:
-    """LoRA replaces full LLM training, so it needs a level that trains the LLM."""
-    if lora_rank < 0:
-        raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
-    if lora_rank and "llm" not in trainable:
-        raise ValueError(f"LoRA adapts the LLM: use it with level mlp+llm or mlp+llm+encoder, not {trainable}")
+TOKENIZER_DIR, STAGE2_FILE = "tokenizer", "stage2.json"
 
 
 def encoder_stage2_prefixes(encoder: VLVEncoder) -> list[str]:
@@ -245,29 +207,45 @@ class Captioner(nn.Module):
 
     # ------------------------------------------------------------------------------------- save/load
     def save_pretrained(self, out: str | Path) -> Path:
-        """captioner.json + the trained weights; a frozen random-init LM too (it cannot be rebuilt otherwise)."""
+        """captioner.json + the trained weights; a frozen random-init LM and its tokenizer too (they cannot be
+        rebuilt otherwise)."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        meta = {"config": asdict(self.config), "lm": self.lm.config.to_dict()}
-        (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        save_file(trainable_state(self), out / TRAINABLE_FILE)
+        atomic_save_file(trainable_state(self), out / TRAINABLE_FILE)
         frozen_lm = trainable_state(self.lm, trainable=False)
         (out / FROZEN_LM_FILE).unlink(missing_ok=True)
         if frozen_lm and not is_lm_dir(self.config.lm):
-            save_file(frozen_lm, out / FROZEN_LM_FILE)
+            atomic_save_file(frozen_lm, out / FROZEN_LM_FILE)
+        if not is_lm_dir(self.config.lm):
+            self.tokenizer.save_pretrained(out / TOKENIZER_DIR)
+        write_json(out / CONFIG_FILE, {"config": asdict(self.config), "lm": self.lm.config.to_dict()})  # last
         return out
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, text_encoder: CLIPTextModel,
+    def from_pretrained(cls, path: str | Path, text_encoder: CLIPTextModel | None = None,
                         encoder: VLVEncoder | None = None) -> Captioner:
-        """Rebuild from ``save_pretrained`` output around the frozen T and stage-1 encoder; keys must match exactly."""
-        path = Path(path)
+        """Rebuild from ``save_pretrained`` output (or a shipped name, ``shapes-stage2``); keys must match exactly.
+
+        T and the encoder are loaded from the sources the config names unless passed in.
+        """
+        path = resolve_stage2(path)
         if not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"no VLV captioner at {path} (no {CONFIG_FILE})")
         meta = json.loads((path / CONFIG_FILE).read_text())
         config = CaptionerConfig(**meta["config"])
+        if config.text_encoder is None and (path / STAGE2_FILE).is_file():  # run dirs written before the config
+            settings = json.loads((path / STAGE2_FILE).read_text())["settings"]  # named its sources
+            config.text_encoder, config.encoder = settings["decoder"], settings["encoder"]
+        if text_encoder is None:
+            if config.text_encoder is None:
+                raise ValueError(f"{path}: its config names no text encoder: pass text_encoder")
+            text_encoder = load_text_encoder(resolve_decoder(config.text_encoder))
+        if encoder is None and config.encoder is not None:
+            encoder = VLVEncoder.from_pretrained(config.encoder)
         lm = None if is_lm_dir(config.lm) else build_lm(meta["lm"])  # the architecture it was saved with
-        model = cls(config, text_encoder, encoder, lm=lm, tokenizer=load_tokenizer(config.lm))
+        tokenizer = (AutoTokenizer.from_pretrained(path / TOKENIZER_DIR, local_files_only=True)
+                     if (path / TOKENIZER_DIR).is_dir() else load_tokenizer(config.lm))
+        model = cls(config, text_encoder, encoder, lm=lm, tokenizer=tokenizer)
         load_trainable_state(model, load_file(path / TRAINABLE_FILE))
         if any(not p.requires_grad for p in model.lm.parameters()) and not is_lm_dir(config.lm):
             if not (path / FROZEN_LM_FILE).is_file():

@@ -2,14 +2,13 @@
 
 A folder holds images and a ``captions.jsonl`` with one row per image:
 ``{"image": "000000.png", "caption": "...", "scene": {...}}`` (``scene`` only for shapes data).
-Real users point vlv at their own folder in the same format; the shapes world writes one with
-:func:`write_shapes`.
+Real users point vlv at their own folder in the same format; the shapes world writes one
+(``vlv.shapes.data.write_shapes``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,47 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from vlv.world import shapes
+from vlv.modeling import atomic_save_file
 
 CAPTIONS = "captions.jsonl"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file then rename, so a kill never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors' ``save_file`` to a temp file then rename: a killed cache build never leaves a torn file."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp)
-    os.replace(tmp, path)
-
-
-def write_shapes(out: Path, n: int, seed: int = 0, split: shapes.SplitName = "train", progress: bool = True) -> Path:
-    """Render n scenes of a split into ``out`` (PNGs + captions.jsonl); deterministic from (seed, split, n)."""
-    if n <= 0:
-        raise ValueError(f"--n must be positive, got {n}")
-    if split not in shapes.SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose from {', '.join(shapes.SPLITS)}")
-    out.mkdir(parents=True, exist_ok=True)
-    width = max(6, len(str(n - 1)))
-    rows = []
-    for i in tqdm(range(n), desc=f"shapes {split}", unit="img", disable=not progress):
-        scene = shapes.scene_at(seed, split, i)
-        name = f"{i:0{width}d}.png"
-        shapes.render(scene).save(out / name)
-        rows.append({"image": name, "caption": shapes.caption(scene), "scene": scene.to_json()})
-    atomic_write_text(out / CAPTIONS, "".join(json.dumps(r) + "\n" for r in rows))
-    meta = {"world": "shapes-v1", "n": n, "seed": seed, "split": split}
-    atomic_write_text(out / "dataset.json", json.dumps(meta, indent=2) + "\n")
-    return out
 
 
 @dataclass
@@ -89,6 +54,14 @@ def read_records(folder: Path) -> list[Record]:
             except (json.JSONDecodeError, KeyError) as e:
                 raise ValueError(f"{index}:{line_no}: bad row ({e})") from None
     return records
+
+
+def read_captions(folder: str | Path, limit: int | None = None) -> list[str]:
+    """The captions of an image-caption folder, without loading its images."""
+    records = read_records(Path(folder))[:limit]
+    if any(r.caption is None for r in records):
+        raise ValueError(f"{folder} has images without captions")
+    return [r.caption for r in records]  # type: ignore[misc]
 
 
 def load_image(path: Path | Image.Image, size: int) -> np.ndarray:

@@ -1,53 +1,23 @@
 """The frozen diffusion decoder: caption embeddings z -> T(z) -> UNet/VAE (stage-1 loss, reconstruction).
 
-Paper Sec. 3.1 and ``shared/specs/method.md`` "Stage 1" step 5, "Reconstruction" and "Composition":
-
-    c = T(inputs_embeds=z)   learned positions 0..Nq-1 added, causal CLIP encoder, final LayerNorm   (B, Nq, d_T)
-    L = || UNet(x_t, t, c) - target ||^2,  t ~ U{0..999}, noise ~ N(0, I) per sample, x_0 = VAE latents
-
-The wrapped pipeline is any Stable-Diffusion-layout dir (the shapes teacher or SD 2.1-base); every part of
-it is frozen, and gradients flow through T and the UNet into z. Reconstruction is the stock
+Paper Sec. 3.1 (``docs/method.md`` "Stage 1" step 5, "Reconstruction" and "Composition"): the UNet is
+conditioned on c = T(z) (``vlv.text_encoder``) and trained against by ``vlv.diffusion.diffusion_loss``. The
+wrapped pipeline is any Stable-Diffusion-layout dir (the shapes teacher or SD 2.1-base); every part of it is
+frozen, and gradients flow through T and the UNet into z. Reconstruction is the stock
 ``StableDiffusionPipeline`` called with ``prompt_embeds`` / ``negative_prompt_embeds``.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, StableDiffusionPipeline
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
-from transformers.masking_utils import create_causal_mask
 
-from vlv.teacher import (
-    build_tokenizer,
-    diffusion_target,
-    fast_scheduler,
-    load_pipeline,
-    make_pipeline,
-    sample_timesteps,
-)
-
-PRESETS = Path(__file__).parent / "presets"
-DEFAULT_STEPS = {"paper": 50, "fast": 20}  # paper: DDPM 50 steps (official default); fast: DPM-Solver++(2M)
-
-
-def clip_from_embeds(text_encoder: CLIPTextModel, z: torch.Tensor) -> torch.Tensor:
-    """c = T(inputs_embeds=z), z (B, L, d_T) -> (B, L, d_T); L <= the text encoder's positions.
-
-    transformers 5's ``CLIPTextModel.forward`` takes only input_ids, so this repeats its body with the
-    model's own submodules and mask: equal to ``text_encoder(ids).last_hidden_state`` when
-    ``z = token_embedding(ids)``. Stage 1 (the decoder) and stage 2 (the captioner) both call it.
-    """
-    te = text_encoder
-    hidden = te.embeddings(inputs_embeds=z)  # (B, L, d_T): z + position_embedding(0..L-1)
-    mask = create_causal_mask(config=te.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None)
-    hidden = te.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state  # (B, L, d_T)
-    return te.final_layer_norm(hidden)  # (B, L, d_T)
+from vlv.diffusion import DEFAULT_STEPS, Sampler, diffusion_loss, load_pipeline, make_pipeline, with_sampler
+from vlv.shipped import resolve_decoder
+from vlv.text_encoder import clip_from_embeds
 
 
 class DiffusionDecoder(nn.Module):
@@ -64,8 +34,8 @@ class DiffusionDecoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> DiffusionDecoder:
-        """Any Stable-Diffusion-layout dir (FileNotFoundError when it is not one)."""
-        return cls(load_pipeline(Path(path)))
+        """Any Stable-Diffusion-layout dir or a shipped name (``shapes-teacher``); FileNotFoundError otherwise."""
+        return cls(load_pipeline(resolve_decoder(path)))
 
     def train(self, mode: bool = True) -> DiffusionDecoder:
         """Always eval: the decoder is frozen, whatever mode the surrounding model is put in."""
@@ -83,7 +53,7 @@ class DiffusionDecoder(nn.Module):
 
     # -------------------------------------------------------------------------------- T(z)
     def encode_text_embeds(self, z: torch.Tensor) -> torch.Tensor:
-        """c = T(inputs_embeds=z), z (B, L, d_T) -> (B, L, d_T); see :func:`clip_from_embeds`."""
+        """c = T(inputs_embeds=z), z (B, L, d_T) -> (B, L, d_T); see :func:`vlv.text_encoder.clip_from_embeds`."""
         return clip_from_embeds(self.text_encoder, z)
 
     def unconditional_embeds(self, length: int) -> torch.Tensor:
@@ -102,21 +72,17 @@ class DiffusionDecoder(nn.Module):
 
     def loss(self, latents_or_images: torch.Tensor, z: torch.Tensor,
              generator: torch.Generator | None = None, high_noise_fraction: float = 0.0) -> torch.Tensor:
-        """The stage-1 loss: MSE between the frozen UNet's prediction given T(z) and the scheduler's target.
+        """The stage-1 loss (paper Eq. 2): :func:`vlv.diffusion.diffusion_loss` of the frozen UNet given T(z).
 
         ``latents_or_images`` is told apart by its channels: the VAE's in_channels (images in [-1, 1]) or its
         latent_channels (latents already scaled by ``scaling_factor``, e.g. cached). ``high_noise_fraction``
-        > 0 over-samples t in the upper half (see :func:`vlv.teacher.sample_timesteps`); 0 is the paper.
+        > 0 over-samples t in the upper half (:func:`vlv.diffusion.sample_timesteps`); 0 is the paper.
         """
         x = latents_or_images
         latents = x if self._is_latents(x) else self.latents(x, generator)  # (B, C, h, w)
-        b, device = latents.shape[0], latents.device
-        t = sample_timesteps(b, self.scheduler.config.num_train_timesteps, high_noise_fraction, generator, device)
-        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)  # (B, C, h, w)
-        noisy = self.scheduler.add_noise(latents, noise, t)  # (B, C, h, w)
-        target = diffusion_target(self.scheduler, latents, noise, t)  # (B, C, h, w)
-        pred = self.unet(noisy, t, encoder_hidden_states=self.encode_text_embeds(z)).sample  # (B, C, h, w)
-        return F.mse_loss(pred.float(), target.float())
+        c = self.encode_text_embeds(z)  # (B, Nq, d_T)
+        return diffusion_loss(lambda noisy, t: self.unet(noisy, t, encoder_hidden_states=c).sample, self.scheduler,
+                              latents, generator, high_noise_fraction)
 
     def _is_latents(self, x: torch.Tensor) -> bool:
         image_c, latent_c = self.vae.config.in_channels, self.vae.config.latent_channels
@@ -127,21 +93,14 @@ class DiffusionDecoder(nn.Module):
         return x.shape[1] == latent_c
 
     # ------------------------------------------------------------------------------ sampling
-    def pipeline(self, sampler: Literal["paper", "fast"] = "paper") -> StableDiffusionPipeline:
+    def pipeline(self, sampler: Sampler = "paper") -> StableDiffusionPipeline:
         """The stock pipeline over the frozen parts with the sampler's scheduler."""
-        if sampler == "paper":
-            scheduler = DDPMScheduler.from_config(self.scheduler.config)
-        elif sampler == "fast":
-            scheduler = fast_scheduler(self.scheduler.config)
-        else:
-            raise ValueError(f"sampler must be 'paper' or 'fast', got {sampler!r}")
-        pipe = make_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet, scheduler)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return with_sampler(make_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet, self.scheduler),
+                            sampler)
 
     @torch.no_grad()
     def reconstruct(self, z: torch.Tensor, guidance_scale: float = 2.0, steps: int | None = None,
-                    sampler: Literal["paper", "fast"] = "paper", generator: torch.Generator | None = None,
+                    sampler: Sampler = "paper", generator: torch.Generator | None = None,
                     output_type: str = "pt"):
         """Caption-free generation from z (B, L, d_T) with CFG against T("") over the same L positions.
 
@@ -162,20 +121,3 @@ def compose(z_a: torch.Tensor, z_b: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"k must be in 1..{min(z_a.shape[1], z_b.shape[1])}, got {k}")
     return torch.cat([z_a[:, :k], z_b[:, :k]], dim=1)  # (B, 2k, d_T)
 
-
-def random_pipeline(preset: str = "sd21-base", tokenizer=None) -> StableDiffusionPipeline:
-    """A random-init pipeline from the shipped configs (``vlv/presets/<preset>-{unet,vae,text_encoder,scheduler}``).
-
-    For ``--random-init`` runs without weights. SD's CLIP BPE vocabulary is not shipped, so the tokenizer
-    defaults to the shapes word-level one (its ids fit any CLIP vocabulary).
-    """
-    files = {part: PRESETS / f"{preset}-{part}.json" for part in ("unet", "vae", "text_encoder", "scheduler")}
-    missing = [str(f) for f in files.values() if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(f"no decoder preset {preset!r}: missing {', '.join(missing)}")
-    cfg = {part: json.loads(f.read_text()) for part, f in files.items()}
-    # Drop SD's stored "float16": built in fp32, and saved in fp32 so a reload stays fp32.
-    text_config = CLIPTextConfig.from_dict({k: v for k, v in cfg["text_encoder"].items() if k != "torch_dtype"})
-    tokenizer = tokenizer or build_tokenizer(text_config.max_position_embeddings)
-    return make_pipeline(AutoencoderKL.from_config(cfg["vae"]), CLIPTextModel(text_config), tokenizer,
-                         UNet2DConditionModel.from_config(cfg["unet"]), PNDMScheduler.from_config(cfg["scheduler"]))

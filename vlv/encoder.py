@@ -1,6 +1,6 @@
 """The VLV image encoder (stage 1): image -> Florence-2 -> Nq learnable queries -> phi -> caption embeddings z.
 
-Paper Sec. 3.1 (arXiv 2507.07104), as ``shared/specs/method.md`` "Stage 1" steps 1-4 state it:
+Paper Sec. 3.1 (arXiv 2507.07104), as ``docs/method.md`` "Stage 1" steps 1-4 state it:
 
     v' = projector(DaViT(image))                       (B, Nv, D)   visual tokens
     h_E = BART_encoder([v'; prompt token embeddings])  (B, Nv+P, D)
@@ -8,21 +8,21 @@ Paper Sec. 3.1 (arXiv 2507.07104), as ``shared/specs/method.md`` "Stage 1" steps
     z = phi(h) = Linear(D, D) - GELU - Linear(D, d_T)  (B, Nq, d_T) in T's input token-embedding space
 
 Everything is transformers' native ``Florence2ForConditionalGeneration`` (no remote code); vlv adds only the
-queries and phi. The Florence architecture is a preset JSON (``vlv/presets/florence2-*.json``), a
-``Florence2Config`` dict, or a local native checkpoint dir.
+queries and phi. The Florence architecture is a config JSON (``vlv/configs/florence2-*.json``), a
+``Florence2Config`` dict, or a local native checkpoint dir; a named encoder (``vlv/configs/encoder-*.json``)
+fixes the rest of an :class:`EncoderConfig`.
 
 Checkpoints (``save_pretrained``) hold the config, the resolved Florence-2 config, and the trainable weights.
 Frozen weights are saved too (``frozen.safetensors``) whenever they cannot be re-read from a pretrained
-Florence-2 dir, i.e. whenever the Florence source is a preset or a dict (random init): otherwise a reload
-would silently get different random frozen weights. The ``shapes`` preset trains ``all`` by default, as
-there is no pretrained tiny Florence to keep frozen; its DaViT is learnt from scratch together with the rest.
+Florence-2 dir, i.e. whenever the Florence source is a config or a dict (random init): otherwise a reload
+would silently get different random frozen weights.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Literal
 
@@ -30,103 +30,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import Florence2Config, Florence2ForConditionalGeneration
 
-from vlv.train import load_trainable_state, trainable_state
+from vlv.config import CONFIGS, EncoderConfig, list_configs, read_config
+from vlv.modeling import atomic_save_file, load_trainable_state, trainable_state, write_json
+from vlv.shipped import resolve_encoder
 
-PRESETS = Path(__file__).parent / "presets"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # Florence-2's preprocessor_config.json
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Official stage 1: queries, phi and Florence's language model (shared embeddings, BART encoder + decoder) train.
-DEFAULT_TRAINABLE = ("queries", "phi", "florence.model.language_model")
-VISION_MODULES = ("florence.model.vision_tower", "florence.model.multi_modal_projector")  # DaViT, projector
 CONFIG_FILE, TRAINABLE_FILE, FROZEN_FILE = "encoder.json", "model.safetensors", "frozen.safetensors"
 
 
-# ------------------------------------------------------------------------------------------- config
-@dataclass
-class EncoderConfig:
-    """Everything that defines a VLV encoder; saved as JSON next to its weights."""
-
-    text_dim: int = field(metadata={"help": "d_T, the width of the T2I text encoder z feeds: read it from the "
-                                            "decoder (DiffusionDecoder.text_dim)"})
-    florence2: str | dict = field(default="florence2-large", metadata={
-        "help": "Florence-2 architecture: a preset stem in vlv/presets (florence2-large, florence2-shapes), a "
-                "Florence2Config dict (both random init), or a local native Florence-2 checkpoint dir."})
-    image_size: int = field(default=768, metadata={"help": "square input side; Florence-2's processor uses 768"})
-    num_queries: int = field(default=77, metadata={"help": "Nq learnable queries = caption-embedding length"})
-    trainable: list[str] | Literal["all"] = field(default_factory=lambda: list(DEFAULT_TRAINABLE), metadata={
-        "help": "parameter-name prefixes that train (the rest is frozen), or 'all'"})
-    prompt: str = field(default="Describe with a paragraph what is shown in the image.", metadata={
-        "help": "task prompt text (Florence's expansion of <MORE_DETAILED_CAPTION>); tokenised with the "
-                "checkpoint dir's tokenizer as <s>prompt</s> when prompt_ids is None"})
-    prompt_ids: list[int] | None = field(default=None, metadata={
-        "help": "prompt token ids; None: from the tokenizer of a checkpoint dir, or [bos, eos] (the empty "
-                "prompt) for a random-init Florence, which has no tokenizer"})
-    image_mean: tuple[float, float, float] = IMAGENET_MEAN
-    image_std: tuple[float, float, float] = IMAGENET_STD
-    query_attention_init_std: float | None = field(default=None, metadata={
-        "help": "random-init Florence only: re-draw the BART decoder's cross-attention weights with this std "
-                "(BART's own init_std is 0.02), so the queries read the image from the first step"})
-    phi_init_gain: float | None = field(default=None, metadata={
-        "help": "scale phi's output layer (weight and bias) by this at init, so z starts near the norm trained "
-                "encoders reach (see VLVEncoder._scale_phi); None: PyTorch's default init"})
-
-    def __post_init__(self) -> None:
-        if self.trainable != "all":
-            if isinstance(self.trainable, str) or not self.trainable:
-                raise ValueError(f"trainable must be 'all' or a non-empty list of prefixes, got {self.trainable!r}")
-            self.trainable = list(self.trainable)
-        if self.num_queries <= 0 or self.text_dim <= 0 or self.image_size <= 0:
-            raise ValueError("num_queries, text_dim and image_size must be positive")
-        if self.phi_init_gain is not None and self.phi_init_gain <= 0:
-            raise ValueError(f"phi_init_gain must be positive, got {self.phi_init_gain}")
-        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
-        if self.prompt_ids is not None:
-            self.prompt_ids = [int(i) for i in self.prompt_ids]
-
-    @property
-    def trains_vision(self) -> bool:
-        """Whether a trainable prefix reaches the DaViT or its projector; known before the model is built."""
-        if self.trainable == "all":
-            return True
-        return any(m == p or m.startswith(p + ".") or p.startswith(m + ".")
-                   for p in self.trainable for m in VISION_MODULES)
-
-    @classmethod
-    def preset(cls, name: str, text_dim: int, **overrides) -> EncoderConfig:
-        """A named encoder preset (see ``ENCODER_PRESETS``) for a decoder of width ``text_dim``, with overrides."""
-        if name not in ENCODER_PRESETS:
-            raise ValueError(f"unknown encoder preset {name!r}; choose from {', '.join(sorted(ENCODER_PRESETS))}")
-        return cls(text_dim=text_dim, **{**ENCODER_PRESETS[name], **overrides})
-
-
-ENCODER_PRESETS: dict[str, dict] = {
-    # Full scale: Florence-2-large at 768 px, the official trainable set.
-    "florence2-large": dict(florence2="florence2-large", image_size=768),
-    # Shapes world: a ~1.1 M-parameter Florence-2 whose DaViT (strides 4, 2) gives 8x8 tokens at 64 px.
-    # Random init (no pretrained tiny Florence exists), so everything trains; the empty prompt <s></s>.
-    # phi x16 at init: from scratch, 30 CPU-minutes then reach 56-89% reconstruction (5 seeds; see _scale_phi).
-    "shapes": dict(florence2="florence2-shapes", image_size=64, trainable="all", prompt_ids=[0, 2],
-                   query_attention_init_std=0.15, phi_init_gain=16.0),
-}
-
-
 # -------------------------------------------------------------------------------------- florence-2
-def list_florence2_presets() -> list[str]:
-    return sorted(p.stem for p in PRESETS.glob("florence2-*.json"))
+def list_florence2_configs() -> list[str]:
+    return list_configs("florence2-")
 
 
 def florence2_config(source: str | dict) -> Florence2Config:
-    """A Florence2Config from a preset stem or a dict (architecture only, no weights)."""
+    """A Florence2Config from a config stem or a dict (architecture only, no weights)."""
     if isinstance(source, dict):
         return Florence2Config.from_dict(source)
-    path = PRESETS / f"{source}.json"
-    if not path.exists():
-        raise ValueError(f"unknown Florence-2 preset {source!r}; choose from {', '.join(list_florence2_presets())}")
-    return Florence2Config.from_dict(json.loads(path.read_text()))
+    if source not in list_florence2_configs():
+        raise ValueError(f"unknown Florence-2 config {source!r}; choose from {', '.join(list_florence2_configs())}")
+    return Florence2Config.from_dict(read_config(source))
 
 
 def load_florence2(path: str | Path) -> Florence2ForConditionalGeneration:
@@ -134,20 +60,20 @@ def load_florence2(path: str | Path) -> Florence2ForConditionalGeneration:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no Florence-2 checkpoint at {path} (expected a local dir with config.json and "
-                                f"weights in transformers' native Florence2 format); presets for random init: "
-                                f"{', '.join(list_florence2_presets())}")
+                                f"weights in transformers' native Florence2 format); configs for random init: "
+                                f"{', '.join(list_florence2_configs())}")
     return Florence2ForConditionalGeneration.from_pretrained(path, dtype=torch.float32, local_files_only=True)
 
 
 def build_florence2(source: str | dict) -> Florence2ForConditionalGeneration:
-    """Random init from a preset or dict (``--random-init``), else load the local checkpoint dir ``source``."""
-    if isinstance(source, dict) or (PRESETS / f"{source}.json").exists():
+    """Random init from a config stem or dict, else load the local checkpoint dir ``source``."""
+    if isinstance(source, dict) or (CONFIGS / f"{source}.json").exists():
         return Florence2ForConditionalGeneration(florence2_config(source))
     return load_florence2(source)
 
 
 def _is_checkpoint_dir(source: str | dict) -> bool:
-    return not isinstance(source, dict) and not (PRESETS / f"{source}.json").exists()
+    return not isinstance(source, dict) and not (CONFIGS / f"{source}.json").exists()
 
 
 def _prompt_ids(config: EncoderConfig, florence: Florence2ForConditionalGeneration) -> list[int]:
@@ -169,11 +95,10 @@ def _prompt_ids(config: EncoderConfig, florence: Florence2ForConditionalGenerati
 
 @torch.no_grad()
 def _init_query_attention(florence: Florence2ForConditionalGeneration, std: float) -> None:
-    """Why: in a random-init tiny BART (init_std 0.02) the queries' cross-attention is uniform and ~20x damped,
-    so the query outputs of two different images differ by 0.3% of their norm and no training signal reaches
-    the image path: a supervised per-quadrant probe through the queries stayed at the prior for 600 steps,
-    while a linear probe on the BART encoder's outputs reached 97.7% scene accuracy
-    (``benchmarks/encoder_probe.py``). With std 0.15 the outputs differ by ~10% and the probe learns."""
+    """Why: in a random-init tiny BART (init_std 0.02) the queries' cross-attention is near uniform and strongly
+    damped, so the query outputs of two different images barely differ and no training signal reaches the image
+    path; a linear probe on the BART encoder's outputs does read the scene (``benchmarks/probes/encoder.py``).
+    A larger std makes the queries' outputs depend on the image from the first step."""
     for layer in florence.model.language_model.decoder.layers:
         attn = layer.encoder_attn
         for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
@@ -207,10 +132,9 @@ class VLVEncoder(nn.Module):
 
     @torch.no_grad()
     def _scale_phi(self, gain: float) -> None:
-        """Why: trained shapes encoders write z far above the token embeddings' scale (mean |z| per position 48
-        for the shipped encoder vs 0.69 for the teacher's token embeddings), so z dominates CLIP's residual
-        stream; from PyTorch's init (|z| ~2) a run spends its first thousands of steps growing z. Started 16x
-        larger, a from-scratch CPU run reached 26.5% reconstruction after 1,400 steps vs 2.0% (session note)."""
+        """Why: trained encoders write z far above the scale of T's token embeddings, so z dominates CLIP's residual
+        stream; from PyTorch's init a run spends its first thousands of steps growing z. Started larger, it
+        does not (a recipe setting: ``phi_init_gain``)."""
         self.phi[-1].weight.mul_(gain)
         self.phi[-1].bias.mul_(gain)
 
@@ -243,8 +167,8 @@ class VLVEncoder(nn.Module):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """v' = projector(DaViT(pixel_values)): (B, 3, S, S) -> (B, Nv, D), the pooled token + H*W tokens.
 
-        The frozen DaViT is the largest cost at full scale (performance.md): no graph through it when nothing
-        there trains, and stage 1 can cache its output per image (``vlv.stage1.cache_vision``).
+        The frozen DaViT is the largest frozen cost at full scale (docs/performance.md): no graph through it when
+        nothing there trains, and stage 1 can cache its output per image (``vlv.training.stage1.cache_vision``).
         """
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_frozen):
             return self.florence.model.get_image_features(pixel_values).pooler_output  # (B, Nv, D)
@@ -296,18 +220,19 @@ class VLVEncoder(nn.Module):
         if include_frozen is None:
             include_frozen = not _is_checkpoint_dir(self.config.florence2)
         meta = {"config": asdict(self.config), "florence2": self.florence.config.to_dict()}
-        (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        save_file(trainable_state(self), out / TRAINABLE_FILE)
+        atomic_save_file(trainable_state(self), out / TRAINABLE_FILE)
         frozen = trainable_state(self, trainable=False)
         (out / FROZEN_FILE).unlink(missing_ok=True)
         if include_frozen and frozen:
-            save_file(frozen, out / FROZEN_FILE)
+            atomic_save_file(frozen, out / FROZEN_FILE)
+        write_json(out / CONFIG_FILE, meta)  # last: its presence marks a complete dir
         return out
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> VLVEncoder:
-        """Rebuild from ``save_pretrained`` output; keys must match exactly (trainable, and frozen when saved)."""
-        path = Path(path)
+        """Rebuild from ``save_pretrained`` output (or a shipped name, ``shapes-stage1``); keys must match exactly
+        (trainable, and frozen when saved)."""
+        path = resolve_encoder(path)
         if not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"no VLV encoder at {path} (no {CONFIG_FILE})")
         meta = json.loads((path / CONFIG_FILE).read_text())
@@ -319,7 +244,7 @@ class VLVEncoder(nn.Module):
             florence = load_florence2(config.florence2)
         else:
             raise FileNotFoundError(f"{path} has no {FROZEN_FILE} and its Florence-2 source {config.florence2!r} "
-                                    f"is a random-init preset: the frozen weights cannot be rebuilt")
+                                    f"is a random-init config: the frozen weights cannot be rebuilt")
         model = cls(config, florence)
         load_trainable_state(model, load_file(path / TRAINABLE_FILE))
         if has_frozen:

@@ -24,8 +24,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlv.data import ImageCaptionFolder, atomic_write_text, to_pil, to_tensor, write_shapes
-from vlv.world import shapes
+from vlv.captioner import Captioner
+from vlv.data import ImageCaptionFolder, to_pil, to_tensor
+from vlv.decoder import DiffusionDecoder
+from vlv.diffusion import make_pipeline, sample
+from vlv.encoder import VLVEncoder
+from vlv.inference import caption_images, compose_images, reconstruct_images
+from vlv.modeling import write_json
+from vlv.shapes import world
+from vlv.shapes.data import write_shapes
+from vlv.shipped import SHIPPED, installed
 
 METRICS_FILE, ASSETS = "metrics.json", "report"
 STAGES = ("lm", "stage1", "stage2")
@@ -61,7 +69,7 @@ def split_data(run: Path, split: str, n: int, size: int) -> ImageCaptionFolder:
 
 
 def _scores(images: list[Image.Image], truths: list[set]) -> dict[str, float]:
-    return shapes.score([shapes.detect(im) for im in images], truths).as_dict()
+    return world.score([world.detect(im) for im in images], truths).as_dict()
 
 
 def loss_curves(run: Path) -> dict[str, list[list[float]]]:
@@ -102,8 +110,6 @@ def accuracy_curve(record: dict[str, Any]) -> dict[str, Any]:
 def shipped_metrics() -> dict[str, Any]:
     """The benchmark numbers recorded beside each shipped weight set (``metrics.json`` in its dir); stage 1's
     also carry its :func:`accuracy_curve`, from the ``training.json`` beside them."""
-    from vlv.presets import SHIPPED
-
     out = {}
     for name, (path, _) in SHIPPED.items():
         if (path / "metrics.json").is_file():
@@ -118,19 +124,13 @@ def evaluate_run(run: Path, settings: EvalSettings | None = None, progress: bool
     """Measure every finished stage of ``run``; write run/metrics.json (keeping its timings) and run/report/."""
     from tqdm.auto import tqdm
 
-    from vlv.decoder import DiffusionDecoder, compose
-    from vlv.encoder import VLVEncoder
-    from vlv.stage1 import reconstruct_images
-    from vlv.stage2 import caption_images, load_stage2
-    from vlv.teacher import make_pipeline, sample
-
     settings, run = settings or EvalSettings(), Path(run)
     assets = run / ASSETS
     assets.mkdir(parents=True, exist_ok=True)
     decoder = DiffusionDecoder.from_pretrained(run / "teacher")
     pipe = make_pipeline(decoder.vae, decoder.text_encoder, decoder.tokenizer, decoder.unet, decoder.scheduler)
     data = split_data(run, settings.split, settings.n, decoder.image_size)
-    truths = [shapes.parse_caption(c) for c in data.captions]
+    truths = [world.parse_caption(c) for c in data.captions]
     images = to_tensor(data.images)  # (N, 3, H, W) in [-1, 1]
     kw = {"guidance_scale": settings.guidance_scale, "sampler": settings.sampler, "seed": settings.seed}
     steps = [s for s in ("teacher", "stage1", "stage2") if s == "teacher" or finished(run, s)]
@@ -155,16 +155,16 @@ def evaluate_run(run: Path, settings: EvalSettings | None = None, progress: bool
         metrics["reconstruction"]["of_teacher"] = _ratio(metrics["reconstruction"], metrics["teacher"])
         for i in shown:
             recon[i].save(assets / f"recon_{i}.png")
-        metrics["compositions"] = _compositions(encoder, decoder, images, settings, assets, compose)
+        metrics["compositions"] = _compositions(encoder, decoder, images, settings, assets)
         bar.update()
 
     if finished(run, "stage2"):
-        captioner = load_stage2(run / "stage2").eval()
+        captioner = Captioner.from_pretrained(run / "stage2").eval()
         preds = caption_images(captioner, images, num_beams=settings.num_beams)
-        read = [shapes.parse_caption(p) for p in preds]
-        metrics["captions"] = {**shapes.score(read, truths).as_dict(),
+        read = [world.parse_caption(p) for p in preds]
+        metrics["captions"] = {**world.score(read, truths).as_dict(),
                                "exact": float(np.mean([p == t for p, t in zip(preds, data.captions, strict=True)])),
-                               "well_formed": float(np.mean([shapes.is_well_formed(p) for p in preds]))}
+                               "well_formed": float(np.mean([world.is_well_formed(p) for p in preds]))}
         for row in examples:
             row["predicted"] = preds[row["index"]]
         bar.update()
@@ -176,8 +176,8 @@ def evaluate_run(run: Path, settings: EvalSettings | None = None, progress: bool
     metrics["curves"] = loss_curves(run)
     metrics["shipped"] = shipped_metrics()
     old = json.loads((run / METRICS_FILE).read_text()) if (run / METRICS_FILE).is_file() else {}
-    metrics = {**{k: old[k] for k in ("timings", "preset") if k in old}, **metrics}
-    atomic_write_text(run / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+    metrics = {**{k: old[k] for k in ("timings", "recipe") if k in old}, **metrics}
+    write_json(run / METRICS_FILE, metrics)
     return metrics
 
 
@@ -185,23 +185,17 @@ def _shipped_examples(images: torch.Tensor, examples: list[dict[str, Any]], sett
                       assets: Path) -> None:
     """The shown images through the shipped stage 1 (-> shipped teacher) and stage 2: ``shipped_recon_<i>.png``
     and each example's ``shipped_predicted``. Skipped for parts this install does not ship."""
-    from vlv.decoder import DiffusionDecoder
-    from vlv.encoder import VLVEncoder
-    from vlv.presets import installed, shipped_dir
-    from vlv.stage1 import reconstruct_images
-    from vlv.stage2 import caption_images, load_stage2
-
     if not len(images):
         return
     if installed("shapes-stage1") and installed("shapes-teacher"):
-        encoder = VLVEncoder.from_pretrained(shipped_dir("shapes-stage1")).eval()
-        decoder = DiffusionDecoder.from_pretrained(shipped_dir("shapes-teacher"))
+        encoder = VLVEncoder.from_pretrained("shapes-stage1").eval()
+        decoder = DiffusionDecoder.from_pretrained("shapes-teacher")
         recon = to_pil(reconstruct_images(encoder, decoder, images, sampler=settings.sampler,
                                           guidance_scale=settings.guidance_scale, seed=settings.seed))
         for row, im in zip(examples, recon, strict=True):
             im.save(assets / f"shipped_recon_{row['index']}.png")
     if all(installed(n) for n in ("shapes-stage1", "shapes-teacher", "shapes-stage2", "shapes-lm")):
-        preds = caption_images(load_stage2("shapes-stage2").eval(), images, num_beams=settings.num_beams)
+        preds = caption_images(Captioner.from_pretrained("shapes-stage2").eval(), images, num_beams=settings.num_beams)
         for row, pred in zip(examples, preds, strict=True):
             row["shipped_predicted"] = pred
 
@@ -210,18 +204,15 @@ def _ratio(a: dict[str, float], b: dict[str, float]) -> float | None:
     return round(a["scene_accuracy"] / b["scene_accuracy"], 4) if b["scene_accuracy"] else None
 
 
-def _compositions(encoder, decoder, images: torch.Tensor, settings: EvalSettings, assets: Path,
-                  compose) -> list[dict[str, Any]]:
+def _compositions(encoder, decoder, images: torch.Tensor, settings: EvalSettings, assets: Path) -> list[dict[str, Any]]:
     """Paper Fig. 6: the first k = Nq/2 embeddings of image a and of image b, decoded together."""
     n = min(settings.compositions, len(images) // 2)
     if n == 0:
         return []
     a, b = images[:n], images[n : 2 * n]
-    z_a, z_b = encoder(encoder.normalize(a)), encoder(encoder.normalize(b))  # (n, Nq, d_T) each
     k = encoder.config.num_queries // 2
-    gen = torch.Generator().manual_seed(settings.seed)
-    mixed = decoder.reconstruct(compose(z_a, z_b, k), guidance_scale=settings.guidance_scale, sampler=settings.sampler,
-                                generator=gen) * 2 - 1  # (n, 3, H, W)
+    mixed = compose_images(encoder, decoder, a, b, k, sampler=settings.sampler,
+                           guidance_scale=settings.guidance_scale, seed=settings.seed)  # (n, 3, H, W)
     rows = []
     for j, (im_a, im_b, im_m) in enumerate(zip(to_pil(a), to_pil(b), to_pil(mixed), strict=True)):
         for tag, im in (("a", im_a), ("b", im_b), ("mix", im_m)):

@@ -1,4 +1,4 @@
-"""The shapes world, version 1 (``shared/specs/shapes-world.md``), implemented to the pixel.
+"""The shapes world, version 1 (``docs/shapes-world.md``), implemented to the pixel.
 
 It stands in for LAION: a captioned image distribution whose captions are exact, so every stage of
 VLV is measured by exact comparison (scene accuracy, object F1, attribute accuracy) rather than by a

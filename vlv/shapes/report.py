@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from vlv.data import atomic_write_text
+from vlv.modeling import atomic_write_text
 
 REPORT_FILE = "report.html"
 

@@ -1,19 +1,19 @@
 """Stage 1 as a training task: distil the frozen diffusion decoder into the VLV encoder, images only.
 
-The task supplies the loop (``vlv.train``) with the encoder as the trainable module and the paper's
+The task supplies the loop (``vlv.training.loop``) with the encoder as the trainable module and the paper's
 loss: z = E(x); L = ||UNet(noisy latents, t, T(z)) - target||^2. What is frozen is cached once: the VAE's
 posteriors (``cache_latents``), so a step never runs the VAE encoder, and, when the vision tower is
 frozen (the official trainable set), its features (``cache_vision``), so a step never runs the DaViT.
 
-A run dir is self-describing: ``stage1.json`` (decoder, data, settings), the encoder
+A run dir is self-describing: ``stage1.json`` (decoder, data, settings, the resolved recipe), the encoder
 (``encoder.json`` + safetensors, loadable by ``VLVEncoder.from_pretrained(run)``), ``checkpoint/`` while
 training, and ``latents.safetensors`` / ``vision/`` (shards) when latents / vision features were cached.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,17 @@ import torch
 from accelerate import Accelerator
 from safetensors import safe_open
 
-from vlv.data import ImageCaptionFolder, atomic_save_file, atomic_write_text, cached_latents, to_tensor
+from vlv.config import DEFAULT_TRAINABLE, EncoderConfig
+from vlv.data import ImageCaptionFolder, cached_latents, to_tensor
 from vlv.decoder import DiffusionDecoder
-from vlv.encoder import EncoderConfig, VLVEncoder
-from vlv.train import TrainConfig, train
-from vlv.world import shapes
+from vlv.diffusion import sample_latents
+from vlv.encoder import VLVEncoder
+from vlv.modeling import atomic_save_file, write_json
+from vlv.shipped import resolve_decoder
+from vlv.training.config import Stage1Settings, TrainConfig
+from vlv.training.loop import train
+
+Evaluator = Callable[[VLVEncoder, DiffusionDecoder], dict[str, float]]
 
 STAGE1_FILE, LATENTS_FILE, VISION_DIR = "stage1.json", "latents.safetensors", "vision"
 
@@ -36,11 +42,11 @@ def cache_vision(encoder: VLVEncoder, data: ImageCaptionFolder, folder: Path, ba
                  shard_rows: int = 4096, progress: bool = True) -> None:
     """The frozen vision tower's features v' (N, Nv, D) per image, fp16, in shards of ``shard_rows`` rows.
 
-    Why: at full scale the frozen DaViT at 768 px is about half of a step's FLOPs (1.47 of 3.07 TFLOP per
-    image, counted by ``benchmarks/stage1_full.py --count-flops``), and without augmentation its output is a
-    fixed function of the image. The cost is disk: N x 577 x 1024 x 2 bytes, ~1.2 MB per image for
-    Florence-2-large, so the cache is written shard by shard (each atomically; a killed run keeps the finished
-    shards and computes only the rest) and read memory-mapped (:class:`VisionCache`): it may exceed RAM.
+    Why: at full scale the frozen DaViT at 768 px is a large share of a step's FLOPs
+    (``benchmarks/stage1_full.py --count-flops`` counts it), and without augmentation its output is a fixed
+    function of the image. The cost is disk: N x Nv x D x 2 bytes, so the cache is written shard by shard (each
+    atomically; a killed run keeps the finished shards and computes only the rest) and read
+    memory-mapped (:class:`VisionCache`): it may exceed RAM.
     """
     from tqdm.auto import tqdm
 
@@ -119,60 +125,13 @@ class Stage1Task:
         else:
             z = model(self.encoder.normalize(batch["images"]))  # (B, Nq, d_T)
         if "mean" in batch:
-            eps = torch.randn(batch["mean"].shape, generator=generator, device=z.device)
-            latents = (batch["mean"] + batch["std"] * eps) * self.decoder.vae.config.scaling_factor
+            latents = sample_latents(batch["mean"], batch["std"], self.decoder.vae.config.scaling_factor, generator)
         else:
             latents = self.decoder.latents(batch["images"], generator)  # (B, C, h, w)
         return self.decoder.loss(latents, z, generator, high_noise_fraction=self.high_noise_fraction)
 
     def evaluate(self, model) -> dict[str, float]:
         return self.evaluator(model) if self.evaluator is not None else {}
-
-
-@torch.no_grad()
-def reconstruct_images(encoder: VLVEncoder, decoder: DiffusionDecoder, images: torch.Tensor,
-                       sampler: str = "fast", guidance_scale: float = 2.0, steps: int | None = None,
-                       batch_size: int = 128, seed: int = 0) -> torch.Tensor:
-    """Images (N, 3, H, W) in [-1, 1] -> reconstructions (N, 3, H', W') in [-1, 1], batched."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size].to(decoder.vae.device)
-        z = encoder(encoder.normalize(x))  # (B, Nq, d_T)
-        gen = torch.Generator(x.device).manual_seed(seed + start)
-        out.append(decoder.reconstruct(z, guidance_scale=guidance_scale, steps=steps, sampler=sampler,
-                                       generator=gen) * 2 - 1)
-    return torch.cat(out)
-
-
-def reconstruction_scores(encoder: VLVEncoder, decoder: DiffusionDecoder, data: ImageCaptionFolder,
-                          **kwargs: Any) -> shapes.Scores:
-    """Shapes data: detector on reconstructions vs the true captions."""
-    from vlv.data import to_pil
-
-    recon = reconstruct_images(encoder, decoder, to_tensor(data.images), **kwargs)
-    preds = [shapes.detect(im) for im in to_pil(recon)]
-    return shapes.score(preds, [shapes.parse_caption(c) for c in data.captions])
-
-
-@dataclass
-class Stage1Settings:
-    """What a stage-1 run was made from; saved as stage1.json so the run dir describes itself."""
-
-    decoder: str
-    data: str
-    encoder: str = "shapes"  # preset name or a local Florence-2 dir
-    num_queries: int = 77
-    trainable: str = "preset"  # preset | default | all
-    image_size: int | None = None  # data resolution; default: the decoder's
-    cache_latents: bool = True
-    cache_vision: bool = False  # frozen vision tower only; ~1.2 MB of disk per image at full scale
-    gradient_checkpointing: bool = False
-    val: str | None = None
-    eval_n: int = 200
-    eval_sampler: str = "fast"
-    high_noise_fraction: float = 0.0  # 0: the paper's uniform t; > 0 over-samples the layout-deciding upper half
-    init: str | None = None  # a stage-1 run (or shipped name) whose encoder weights this run starts from
-    phi_init_gain: float | None = None  # None: the encoder preset's (see EncoderConfig.phi_init_gain)
 
 
 def encoder_config(settings: Stage1Settings, text_dim: int) -> EncoderConfig:
@@ -182,11 +141,11 @@ def encoder_config(settings: Stage1Settings, text_dim: int) -> EncoderConfig:
         overrides["phi_init_gain"] = settings.phi_init_gain
     if settings.trainable == "all":
         overrides["trainable"] = "all"
-    elif settings.trainable == "default":
-        overrides["trainable"] = list(EncoderConfig.__dataclass_fields__["trainable"].default_factory())
+    elif settings.trainable == "official":
+        overrides["trainable"] = list(DEFAULT_TRAINABLE)
     if Path(settings.encoder).is_dir():
         return EncoderConfig(text_dim=text_dim, florence2=str(Path(settings.encoder).resolve()), **overrides)
-    return EncoderConfig.preset(settings.encoder, text_dim, **overrides)
+    return EncoderConfig.named(settings.encoder, text_dim, **overrides)
 
 
 def check_settings(settings: Stage1Settings) -> None:
@@ -194,9 +153,6 @@ def check_settings(settings: Stage1Settings) -> None:
     if settings.cache_vision and encoder_config(settings, text_dim=1).trains_vision:
         raise ValueError(f"--cache-vision: the vision tower of this encoder trains (trainable {settings.trainable!r}"
                          f" for {settings.encoder!r}), so its features cannot be cached")
-    if settings.init and settings.phi_init_gain is not None:
-        raise ValueError(f"--phi-init-gain scales phi's freshly initialised weights, but --init {settings.init}"
-                         " overwrites them with trained ones; pass one or the other")
 
 
 def build_encoder(settings: Stage1Settings, text_dim: int, seed: int) -> VLVEncoder:
@@ -213,9 +169,7 @@ def init_from(encoder: VLVEncoder, init: str) -> None:
     fewer queries, which take the source's first Nq. The query decoder's self-attention is causal, so the new
     encoder's z is then exactly the first Nq positions of the source's z (the Nq ablation starts from there).
     """
-    from vlv.presets import resolve_encoder
-
-    source = VLVEncoder.from_pretrained(resolve_encoder(init))
+    source = VLVEncoder.from_pretrained(init)
     keys = ("florence2", "image_size", "text_dim", "prompt_ids")
     diff = [k for k in keys if getattr(source.config, k) != getattr(encoder.config, k)]
     nq, source_nq = encoder.config.num_queries, source.config.num_queries
@@ -228,10 +182,13 @@ def init_from(encoder: VLVEncoder, init: str) -> None:
     encoder.load_state_dict(state, strict=True)
 
 
-def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress: bool = True) -> VLVEncoder | None:
-    """Train (or resume) a stage-1 run; returns the trained encoder, or None if stopped early (re-run resumes)."""
-    from vlv.presets import resolve_decoder
+def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress: bool = True,
+                 evaluator: Evaluator | None = None, recipe: dict | None = None) -> VLVEncoder | None:
+    """Train (or resume) a stage-1 run; returns the trained encoder, or None if stopped early (re-run resumes).
 
+    ``evaluator(encoder, decoder)`` measures held-out data every ``cfg.eval_every`` steps; ``recipe`` (the
+    resolved recipe the settings came from) is recorded in stage1.json.
+    """
     check_settings(settings)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,8 +202,8 @@ def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress
     encoder = build_encoder(settings, decoder.text_dim, cfg.seed)
     if settings.init:  # a resumed run's checkpoint then overwrites these weights with its own
         init_from(encoder, settings.init)
-    meta = {"settings": asdict(settings), "train": asdict(cfg), "image_size": size}
-    atomic_write_text(out / STAGE1_FILE, json.dumps(meta, indent=2) + "\n")
+    write_json(out / STAGE1_FILE, {"settings": asdict(settings), "train": asdict(cfg), "image_size": size,
+                                   **({"recipe": recipe} if recipe else {})})
 
     latents = None
     if settings.cache_latents:
@@ -266,15 +223,8 @@ def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress
         if len(vision) != len(data):
             raise ValueError(f"{cache} holds {len(vision)} feature rows for {len(data)} images: delete it")
 
-    evaluator = None
-    if settings.val:
-        val = ImageCaptionFolder(Path(settings.val), size, limit=settings.eval_n)
-
-        def evaluator(model: VLVEncoder) -> dict[str, float]:
-            s = reconstruction_scores(model, decoder, val, sampler=settings.eval_sampler)
-            return {"recon_scene_accuracy": s.scene_accuracy, "recon_object_f1": s.object_f1}
-
-    task = Stage1Task(encoder, decoder, data, latents, seed=cfg.seed, evaluator=evaluator,
+    task = Stage1Task(encoder, decoder, data, latents, seed=cfg.seed,
+                      evaluator=(lambda model: evaluator(model, decoder)) if evaluator else None,
                       high_noise_fraction=settings.high_noise_fraction, vision=vision)
     state = train(task, cfg, out, accelerator)
     if not state.done:

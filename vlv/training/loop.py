@@ -18,7 +18,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -26,44 +26,10 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from vlv.modeling import load_trainable_state, trainable_state
+from vlv.training.config import TrainConfig
+
 CHECKPOINT = "checkpoint"
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 64  # per process
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    warmup_steps: int = 0
-    schedule: Literal["cosine", "constant"] = "cosine"
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
-    mixed_precision: Literal["no", "bf16"] = "no"
-    ema_decay: float | None = None  # None: no EMA
-    checkpoint_every: int = 500  # steps
-    checkpoint_minutes: float = 5.0  # also checkpoint at least this often
-    eval_every: int = 0  # steps; 0: never
-    log_every: int = 10
-    max_minutes: float | None = None  # stop (with a checkpoint) after this long in this invocation
-    budget_minutes: float | None = None  # plan ``steps`` to fill this wall time (see :func:`plan_steps`)
-    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this invocation
-    seed: int = 0
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ValueError("steps and batch_size must be positive")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"unknown schedule {self.schedule!r}")
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
-        if self.budget_minutes is not None and self.budget_minutes <= 0:
-            raise ValueError(f"budget_minutes must be positive, got {self.budget_minutes}")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        self.betas = tuple(self.betas)  # type: ignore[assignment]
 
 
 class Task(Protocol):
@@ -94,10 +60,9 @@ class TrainState:
 
 
 # A budgeted run times steps 2..PLAN_AFTER (step 1 pays one-off costs), then plans its length, and re-plans every
-# REPLAN_EVERY steps from its average pace since step 1. One plan is not enough: on 2 CPU cores the pace of a
-# 30-minute stage-1 run drifts by 5-10% between its first hundred steps and the rest (either way), so a plan
-# fixed at step 20 stopped one run at 27.5 minutes and a plan fixed at step 100 ran another 10% over (1980 s).
-# The cosine follows the current plan; a re-plan moves the schedule's progress by the plan's relative change (~1%).
+# REPLAN_EVERY steps from its average pace since step 1: a CPU's pace drifts over a run, either way, so no single
+# early plan holds. The cosine follows the current plan; a re-plan moves the schedule's progress by the plan's
+# relative change.
 PLAN_AFTER = 20
 REPLAN_EVERY = 50
 
@@ -120,40 +85,18 @@ def _plan_due(state: TrainState, start_step: int) -> bool:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio (or constant)."""
+    """Linear warmup, then cosine or linear decay to lr * min_lr_ratio (or constant)."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    decay = 1 - progress if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1009 + rank
-
-
-def trainable_state(module: torch.nn.Module, trainable: bool = True) -> dict[str, torch.Tensor]:
-    """Parameters by name, split by requires_grad: a checkpoint holds the trainable ones (frozen never).
-
-    named_parameters deduplicates, so tied weights appear once.
-    """
-    return {n: p.detach().contiguous() for n, p in module.named_parameters() if p.requires_grad == trainable}
-
-
-def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor], trainable: bool = True) -> None:
-    """Strict: the keys must be exactly the module's trainable (or frozen) parameters, shapes equal."""
-    params = {n: p for n, p in module.named_parameters() if p.requires_grad == trainable}
-    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-    if missing or unexpected:
-        kind = "trainable" if trainable else "frozen"
-        raise ValueError(f"{kind} weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    with torch.no_grad():
-        for n, p in params.items():
-            if p.shape != state[n].shape:
-                raise ValueError(f"{n}: checkpoint shape {tuple(state[n].shape)} != model {tuple(p.shape)}")
-            p.copy_(state[n])
 
 
 # ------------------------------------------------------------------------------------- checkpoints

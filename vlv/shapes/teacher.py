@@ -5,7 +5,7 @@ stand-in is built from exactly the same classes (``AutoencoderKL``, ``CLIPTextMo
 ``UNet2DConditionModel``, ``DDPMScheduler``) and saved by ``StableDiffusionPipeline.save_pretrained``,
 so a teacher dir and an SD 2.1 dir are interchangeable everywhere downstream.
 
-Recipe decisions (see ``shared/specs/teacher-notes.md`` for the probes behind them):
+Recipe decisions (``docs/teacher-notes.md`` has the probes behind them):
 - Tokenizer: one token per object phrase ("a large red circle at the top left"), plus the separators.
   Binding attributes to a quadrant is then done by the tokenizer, not learned by a small causal CLIP
   from the diffusion loss alone, which is what kept the probes' layouts wrong.
@@ -16,97 +16,26 @@ Recipe decisions (see ``shared/specs/teacher-notes.md`` for the probes behind th
 
 from __future__ import annotations
 
-import itertools
+import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from vlv.data import ImageCaptionFolder, cached_latents, to_tensor
-from vlv.world import shapes
-
-SPECIAL = ["<unk>", "<bos>", "<pad>", "<eos>"]  # eos id 3: not CLIPTextModel's legacy value 2
-SEPARATORS = [", ", " and "]
-
-
-# ------------------------------------------------------------------------------------------- config
-@dataclass
-class TeacherConfig:
-    """Architecture of a shapes teacher. Serialised next to its weights (teacher.json)."""
-
-    image_size: int = 64
-    # VAE: len(vae_channels) - 1 downsamplings, so 64 px -> 16x16 latents with three blocks.
-    vae_channels: tuple[int, ...] = (16, 32, 64)
-    vae_layers_per_block: int = 1
-    vae_norm_groups: int = 16
-    latent_channels: int = 4
-    # Text encoder (CLIPTextModel).
-    text_hidden: int = 128
-    text_layers: int = 3
-    text_heads: int = 4
-    max_length: int = 77  # SD's; stage 1's Nq can be anything up to it
-    # UNet.
-    unet_channels: tuple[int, ...] = (32, 64, 128)
-    unet_layers_per_block: int = 1
-    unet_cross_attention: tuple[bool, ...] = (False, True, True)  # per resolution, high to low
-    unet_heads: int = 4
-    # Diffusion.
-    prediction_type: str = "v_prediction"
-    beta_schedule: str = "squaredcos_cap_v2"
-
-    def __post_init__(self) -> None:
-        self.vae_channels, self.unet_channels = tuple(self.vae_channels), tuple(self.unet_channels)
-        self.unet_cross_attention = tuple(self.unet_cross_attention)
-        if len(self.unet_cross_attention) != len(self.unet_channels):
-            raise ValueError("unet_cross_attention needs one flag per UNet resolution")
-
-    @property
-    def latent_size(self) -> int:
-        return self.image_size // 2 ** (len(self.vae_channels) - 1)
-
-
-TINY = TeacherConfig(vae_channels=(8, 16, 16), vae_norm_groups=4, text_hidden=32, text_layers=1, text_heads=2,
-                     unet_channels=(16, 32), unet_cross_attention=(False, True), unet_heads=2)
-
-
-# ---------------------------------------------------------------------------------------- tokenizer
-def build_tokenizer(max_length: int = 77) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer whose words are the world's object phrases and the two separators.
-
-    decode(encode(caption)) == caption exactly; text outside the grammar becomes <unk>.
-    """
-    phrases = [shapes.phrase(f) for f in itertools.product(shapes.POSITIONS, shapes.SHAPES, shapes.COLORS,
-                                                             shapes.SIZES)]
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + SEPARATORS + sorted(phrases))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Strip()])
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(", | and "), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])]
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>", model_max_length=max_length)
-
-
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    """Token ids padded to the tokenizer's length, exactly as StableDiffusionPipeline tokenizes."""
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+from vlv.diffusion import diffusion_loss, make_pipeline, sample_latents, tokenize
+from vlv.modeling import load_trainable_state, write_json
+from vlv.shapes.config import TeacherConfig, TeacherRecipe
+from vlv.shapes.metrics import sample_accuracy, vae_accuracy
+from vlv.shapes.tokenizers import build_tokenizer
+from vlv.training.loop import TrainConfig, has_checkpoint, train
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -148,13 +77,6 @@ def build_scheduler(cfg: TeacherConfig) -> DDPMScheduler:
                          steps_offset=1)
 
 
-def fast_scheduler(scheduler_config) -> DPMSolverMultistepScheduler:
-    """DPM-Solver++(2M) from any SD scheduler config; a cosine schedule needs lambda_min_clipped."""
-    extra = {"lambda_min_clipped": -5.1} if scheduler_config.get("beta_schedule") == "squaredcos_cap_v2" else {}
-    return DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type="dpmsolver++",
-                                                   solver_order=2, timestep_spacing="trailing", **extra)
-
-
 # ------------------------------------------------------------------------------------ training tasks
 class VAETask:
     """Phase 1: AutoencoderKL on the images: L1 + MSE + a tiny KL (a near-deterministic autoencoder)."""
@@ -184,20 +106,6 @@ class VAETask:
         if self.test_data is None:
             return {}
         return {"vae_scene_accuracy": vae_accuracy(model, self.test_data)}
-
-
-@torch.no_grad()
-def vae_accuracy(vae: AutoencoderKL, data: ImageCaptionFolder, batch_size: int = 256) -> float:
-    """Scene accuracy of the detector on VAE reconstructions (posterior mode) of a captioned folder."""
-    from vlv.data import to_pil
-
-    preds = []
-    for idx in data.batches(batch_size):
-        x = to_tensor(data.images[idx]).to(vae.device)
-        recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
-        preds += [shapes.detect(im) for im in to_pil(recon)]
-    truths = [shapes.parse_caption(c) for c in data.captions]
-    return shapes.score(preds, truths).scene_accuracy
 
 
 class TextToImage(torch.nn.Module):
@@ -239,54 +147,15 @@ class UNetTask:
                 "std": self.latents["std"][idx].float().to(device), "ids": ids.to(device)}
 
     def loss(self, model, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        mean = batch["mean"]
-        b, device = mean.shape[0], mean.device
-        latents = (mean + batch["std"] * torch.randn(mean.shape, generator=generator, device=device))
-        latents = latents * self.scaling_factor
-        t = sample_timesteps(b, self.scheduler.config.num_train_timesteps, self.high_noise_fraction, generator,
-                             device)  # (B,)
-        noise = torch.randn(latents.shape, generator=generator, device=device)
-        noisy = self.scheduler.add_noise(latents, noise, t)
-        target = diffusion_target(self.scheduler, latents, noise, t)
-        pred = model(noisy, t, batch["ids"])
-        return F.mse_loss(pred.float(), target.float())
+        latents = sample_latents(batch["mean"], batch["std"], self.scaling_factor, generator)  # (B, C, h, w)
+        return diffusion_loss(lambda noisy, t: model(noisy, t, batch["ids"]), self.scheduler, latents, generator,
+                              self.high_noise_fraction)
 
     def evaluate(self, model) -> dict[str, float]:
         return self.evaluator(model) if self.evaluator is not None else {}
 
 
-def sample_timesteps(b: int, num_train: int, high_noise_fraction: float = 0.0,
-                     generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """t ~ U{0..num_train-1}; with probability ``high_noise_fraction`` drawn from the upper half instead.
-
-    Layout (how many shapes, which quadrant) is decided at high noise, where the conditioning matters most;
-    sampling it more often is what made the shapes teacher learn layout within CPU-minutes. 0 = the paper's
-    uniform sampling, the same random draws in the same order.
-    """
-    t = torch.randint(0, num_train, (b,), generator=generator, device=device)
-    if high_noise_fraction:
-        high = torch.rand(b, generator=generator, device=device) < high_noise_fraction
-        t = torch.where(high, torch.randint(num_train // 2, num_train, (b,), generator=generator, device=device), t)
-    return t
-
-
-def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet predicts, read from the scheduler's config (SD 2.1-base: epsilon; teacher: v)."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, t)
-    raise ValueError(f"unsupported prediction_type {kind!r}")
-
-
 # -------------------------------------------------------------------------------------- save / load
-def make_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-
 def save_teacher(pipe: StableDiffusionPipeline, out: Path, cfg: TeacherConfig, record: dict | None = None,
                  dtype: torch.dtype = torch.float32) -> Path:
     """Stable Diffusion layout (model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/).
@@ -295,78 +164,14 @@ def save_teacher(pipe: StableDiffusionPipeline, out: Path, cfg: TeacherConfig, r
     encoder always stays fp32: transformers would load it in its stored dtype, and a half-precision
     text encoder beside fp32 UNet breaks the stock ``from_pretrained(dir)(prompt=...)`` call on CPU.
     """
-    import copy
-
     out = Path(out)
     vae, unet = pipe.vae, pipe.unet
     if dtype != torch.float32:
         vae, unet = copy.deepcopy(vae).to(dtype), copy.deepcopy(unet).to(dtype)
     make_pipeline(vae, pipe.text_encoder.float(), pipe.tokenizer, unet, pipe.scheduler).save_pretrained(
         out, safe_serialization=True)
-    (out / "teacher.json").write_text(json.dumps({"config": asdict(cfg), **({"training": record} if record else {})},
-                                                 indent=2) + "\n")
+    write_json(out / "teacher.json", {"config": asdict(cfg), **({"training": record} if record else {})})
     return out
-
-
-def load_pipeline(path: Path, device: str | torch.device = "cpu") -> StableDiffusionPipeline:
-    """Load any Stable-Diffusion-layout dir (a shapes teacher or SD 2.1-base) in fp32, frozen, for vlv."""
-    path = Path(path)
-    if not (path / "model_index.json").exists():
-        raise FileNotFoundError(f"{path} is not a Stable Diffusion dir (no model_index.json)")
-    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    for m in (pipe.vae, pipe.text_encoder, pipe.unet):
-        m.requires_grad_(False).eval()
-    return pipe.to(device)
-
-
-@torch.no_grad()
-def sample(pipe: StableDiffusionPipeline, captions: list[str], guidance_scale: float = 3.0, steps: int = 20,
-           sampler: str = "fast", seed: int = 0, batch_size: int = 256) -> list:
-    """Teacher samples for captions, batched; 'fast' = DPM-Solver++ (2M), 'paper' = DDPM (as saved)."""
-    from vlv.data import to_pil
-
-    scheduler = fast_scheduler(pipe.scheduler.config) if sampler == "fast" else DDPMScheduler.from_config(
-        pipe.scheduler.config)
-    pipe = make_pipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    images = []
-    for start in range(0, len(captions), batch_size):
-        chunk = captions[start : start + batch_size]
-        gen = torch.Generator(pipe.device).manual_seed(seed + start)
-        out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gen,
-                   output_type="pt")
-        images += to_pil(out.images * 2 - 1)
-    return images
-
-
-def sample_accuracy(pipe, captions: list[str], **kwargs) -> shapes.Scores:
-    images = sample(pipe, captions, **kwargs)
-    return shapes.score([shapes.detect(im) for im in images], [shapes.parse_caption(c) for c in captions])
-
-
-# ----------------------------------------------------------------------------------------- the recipe
-@dataclass
-class TeacherRecipe:
-    """How a teacher is trained: both phases' loop settings. Recorded with the weights."""
-
-    vae_steps: int = 2000
-    vae_batch: int = 32
-    vae_lr: float = 2e-3
-    unet_steps: int = 15000
-    unet_batch: int = 64
-    unet_lr: float = 1e-3
-    unet_warmup: int = 200
-    ema_decay: float = 0.999
-    caption_dropout: float = 0.1
-    high_noise_fraction: float = 0.25
-    eval_every: int = 1000
-    vae_eval_every: int = 250
-    eval_n: int = 200
-    eval_guidance: tuple[float, ...] = (2.0, 4.0)
-    seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def train_teacher(data: Path, out: Path, cfg: TeacherConfig, recipe: TeacherRecipe, val: Path | None = None,
@@ -376,11 +181,9 @@ def train_teacher(data: Path, out: Path, cfg: TeacherConfig, recipe: TeacherReci
     Resumable: state lives in out/training/ (checkpoints, latent cache, logs). Returns ``out`` when
     finished, None when the time budget ran out first (re-run to continue).
     """
-    from vlv.train import TrainConfig, train
-
     out, work = Path(out), Path(out) / "training"
     work.mkdir(parents=True, exist_ok=True)
-    (work / "recipe.json").write_text(json.dumps({"config": asdict(cfg), "recipe": asdict(recipe)}, indent=2))
+    write_json(work / "recipe.json", {"config": asdict(cfg), "recipe": asdict(recipe)})
     torch.manual_seed(recipe.seed)
     train_data = ImageCaptionFolder(data, cfg.image_size, progress=progress)
     test_data = ImageCaptionFolder(val, cfg.image_size, limit=recipe.eval_n) if val else None
@@ -437,8 +240,6 @@ def export_checkpoint(teacher_dir: Path, out: Path, dtype: torch.dtype = torch.f
 
     For shipping or benchmarking a teacher mid-schedule; the record says which step it is.
     """
-    from vlv.train import has_checkpoint, load_trainable_state
-
     work = Path(teacher_dir) / "training"
     if not has_checkpoint(work / "vae") or not has_checkpoint(work / "unet"):
         raise FileNotFoundError(f"{teacher_dir} has no VAE and UNet checkpoints under training/")

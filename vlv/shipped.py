@@ -2,7 +2,7 @@
 
 ``shapes-teacher`` is a Stable-Diffusion-layout dir; ``shapes-stage1`` a stage-1 run (``encoder.json`` +
 safetensors); ``shapes-lm`` the pre-trained shapes LM (transformers layout); ``shapes-stage2`` a stage-2 run
-whose ``stage2.json`` names the other three by these names. Wherever a command takes one of these dirs it
+whose ``captioner.json`` names the other three by these names. Wherever a command takes one of these dirs it
 also takes the name, so the shipped chain works from any install location.
 """
 
@@ -15,10 +15,10 @@ WEIGHTS = Path(__file__).parent / "weights"
 SHIPPED = {"shapes-teacher": (WEIGHTS / "shapes-teacher", "model_index.json"),
            "shapes-stage1": (WEIGHTS / "shapes-stage1", "encoder.json"),
            "shapes-lm": (WEIGHTS / "shapes-lm", "config.json"),
-           "shapes-stage2": (WEIGHTS / "shapes-stage2", "stage2.json")}
+           "shapes-stage2": (WEIGHTS / "shapes-stage2", "captioner.json")}
 
 
-def list_presets() -> list[str]:
+def list_shipped() -> list[str]:
     return sorted(SHIPPED)
 
 
@@ -55,8 +55,8 @@ def resolve_encoder(name_or_path: str | Path) -> Path:
 
 
 def resolve_stage2(name_or_path: str | Path) -> Path:
-    """A shipped name (``shapes-stage2``) or a stage-2 run dir (with stage2.json) -> its path."""
-    return _resolve(name_or_path, "shapes-stage2", "a stage-2 run")
+    """A shipped name (``shapes-stage2``) or a captioner dir (with captioner.json) -> its path."""
+    return _resolve(name_or_path, "shapes-stage2", "a VLV captioner")
 
 
 def resolve_lm_name(source: str | dict) -> str | dict:

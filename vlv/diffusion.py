@@ -1,0 +1,169 @@
+"""Stable-Diffusion-layout text-to-image models: pipeline I/O, schedulers, and the one diffusion loss.
+
+The frozen decoder of VLV is any dir in Stable Diffusion's layout (SD 2.1-base at full scale, the shapes teacher
+on a CPU); everything here reads its constants from the components' configs (``scaling_factor``,
+``prediction_type``, ``num_train_timesteps``), so the same code serves both. Paper Eq. 2, the stage-1 loss:
+
+    x_t = add_noise(x_0, noise, t),  t ~ U{0..T-1}, noise ~ N(0, I) per sample, x_0 = VAE latents * scaling
+    L = || UNet(x_t, t, c) - target ||^2,  target = noise (epsilon) or the velocity (v_prediction)
+
+:func:`diffusion_loss` is that loss for any denoiser, so the teacher's own training and stage 1 share it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from vlv.config import CONFIGS
+from vlv.data import to_pil
+
+Sampler = Literal["paper", "fast"]
+DEFAULT_STEPS = {"paper": 50, "fast": 20}  # paper: DDPM 50 steps (official default); fast: DPM-Solver++(2M)
+SD_PARTS = ("unet", "vae", "text_encoder", "scheduler")
+
+
+# ------------------------------------------------------------------------------------------- pipeline
+def make_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def load_pipeline(path: Path, device: str | torch.device = "cpu") -> StableDiffusionPipeline:
+    """Load any Stable-Diffusion-layout dir (a shapes teacher or SD 2.1-base) in fp32, frozen, for vlv."""
+    path = Path(path)
+    if not (path / "model_index.json").exists():
+        raise FileNotFoundError(f"{path} is not a Stable Diffusion dir (no model_index.json)")
+    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.vae, pipe.text_encoder, pipe.unet):
+        m.requires_grad_(False).eval()
+    return pipe.to(device)
+
+
+def random_pipeline(tokenizer, config: str = "sd21-base") -> StableDiffusionPipeline:
+    """A random-init pipeline from the shipped configs (``vlv/configs/<config>-{unet,vae,text_encoder,scheduler}``).
+
+    For benchmarks without weights. SD's CLIP BPE vocabulary is not shipped, so the caller brings a tokenizer
+    whose ids fit the text encoder's vocabulary.
+    """
+    files = {part: CONFIGS / f"{config}-{part}.json" for part in SD_PARTS}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no decoder config {config!r}: missing {', '.join(missing)}")
+    cfg = {part: json.loads(f.read_text()) for part, f in files.items()}
+    # Drop SD's stored "float16": built in fp32, and saved in fp32 so a reload stays fp32.
+    text_config = CLIPTextConfig.from_dict({k: v for k, v in cfg["text_encoder"].items() if k != "torch_dtype"})
+    return make_pipeline(AutoencoderKL.from_config(cfg["vae"]), CLIPTextModel(text_config), tokenizer,
+                         UNet2DConditionModel.from_config(cfg["unet"]), PNDMScheduler.from_config(cfg["scheduler"]))
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's length, exactly as StableDiffusionPipeline tokenizes."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+# ----------------------------------------------------------------------------------------- schedulers
+def fast_scheduler(scheduler_config) -> DPMSolverMultistepScheduler:
+    """DPM-Solver++(2M) from any SD scheduler config; a cosine schedule needs lambda_min_clipped."""
+    extra = {"lambda_min_clipped": -5.1} if scheduler_config.get("beta_schedule") == "squaredcos_cap_v2" else {}
+    return DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type="dpmsolver++",
+                                                   solver_order=2, timestep_spacing="trailing", **extra)
+
+
+def sampler_scheduler(sampler: Sampler, scheduler_config):
+    """paper: DDPM on the model's own schedule (the official default); fast: DPM-Solver++(2M)."""
+    if sampler == "paper":
+        return DDPMScheduler.from_config(scheduler_config)
+    if sampler == "fast":
+        return fast_scheduler(scheduler_config)
+    raise ValueError(f"sampler must be 'paper' or 'fast', got {sampler!r}")
+
+
+def with_sampler(pipe: StableDiffusionPipeline, sampler: Sampler) -> StableDiffusionPipeline:
+    """The stock pipeline over the same components with the sampler's scheduler, progress bar off."""
+    out = make_pipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet,
+                        sampler_scheduler(sampler, pipe.scheduler.config))
+    out.set_progress_bar_config(disable=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- loss
+def sample_timesteps(b: int, num_train: int, high_noise_fraction: float = 0.0,
+                     generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """t ~ U{0..num_train-1}; with probability ``high_noise_fraction`` drawn from the upper half instead.
+
+    Layout (how many objects, where) is decided at high noise, where the conditioning matters most; drawing
+    those steps more often is a recipe setting. 0 = the paper's uniform sampling, the same random draws in the
+    same order.
+    """
+    t = torch.randint(0, num_train, (b,), generator=generator, device=device)
+    if high_noise_fraction:
+        high = torch.rand(b, generator=generator, device=device) < high_noise_fraction
+        t = torch.where(high, torch.randint(num_train // 2, num_train, (b,), generator=generator, device=device), t)
+    return t
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet predicts, read from the scheduler's config (SD 2.1-base: epsilon; the shapes teacher: v)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """A draw from a cached VAE posterior, scaled: exactly what encoding the image online would give."""
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * eps) * scaling_factor  # (B, C, h, w)
+
+
+def diffusion_loss(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler,
+                   latents: torch.Tensor, generator: torch.Generator | None = None,
+                   high_noise_fraction: float = 0.0) -> torch.Tensor:
+    """MSE between ``denoise(x_t, t)`` and the scheduler's target on scaled latents (B, C, h, w) (paper Eq. 2).
+
+    ``denoise`` is the conditioned UNet: stage 1 conditions it on T(z), the teacher on T(caption ids).
+    """
+    b, device = latents.shape[0], latents.device
+    t = sample_timesteps(b, scheduler.config.num_train_timesteps, high_noise_fraction, generator, device)  # (B,)
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)  # (B, C, h, w)
+    noisy = scheduler.add_noise(latents, noise, t)  # (B, C, h, w)
+    target = diffusion_target(scheduler, latents, noise, t)  # (B, C, h, w)
+    return F.mse_loss(denoise(noisy, t).float(), target.float())
+
+
+# ------------------------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def sample(pipe: StableDiffusionPipeline, captions: list[str], guidance_scale: float = 3.0, steps: int = 20,
+           sampler: Sampler = "fast", seed: int = 0, batch_size: int = 256) -> list[Image.Image]:
+    """Text-to-image samples of captions, batched; each chunk seeded by its offset, so batching is invisible."""
+    pipe = with_sampler(pipe, sampler)
+    images = []
+    for start in range(0, len(captions), batch_size):
+        gen = torch.Generator(pipe.device).manual_seed(seed + start)
+        out = pipe(prompt=captions[start : start + batch_size], num_inference_steps=steps,
+                   guidance_scale=guidance_scale, generator=gen, output_type="pt")
+        images += to_pil(out.images * 2 - 1)
+    return images

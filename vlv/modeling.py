@@ -1,0 +1,57 @@
+"""What every model of vlv shares: trainable-state I/O by parameter name, and atomic files.
+
+A checkpoint or a run dir holds the parameters that train (``trainable_state``), never the frozen ones that a
+source dir already holds; loading is strict (``load_trainable_state``). Every file is written atomically
+(temp + rename), so a kill never leaves a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp file then rename, so a kill never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' ``save_file`` to a temp file then rename: a killed save never leaves a torn file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp)
+    os.replace(tmp, path)
+
+
+def trainable_state(module: torch.nn.Module, trainable: bool = True) -> dict[str, torch.Tensor]:
+    """Parameters by name, split by requires_grad: a checkpoint holds the trainable ones (frozen never).
+
+    named_parameters deduplicates, so tied weights appear once.
+    """
+    return {n: p.detach().contiguous() for n, p in module.named_parameters() if p.requires_grad == trainable}
+
+
+def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor], trainable: bool = True) -> None:
+    """Strict: the keys must be exactly the module's trainable (or frozen) parameters, shapes equal."""
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad == trainable}
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        kind = "trainable" if trainable else "frozen"
+        raise ValueError(f"{kind} weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for n, p in params.items():
+            if p.shape != state[n].shape:
+                raise ValueError(f"{n}: checkpoint shape {tuple(state[n].shape)} != model {tuple(p.shape)}")
+            p.copy_(state[n])

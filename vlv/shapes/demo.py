@@ -1,0 +1,159 @@
+"""``vlv demo``: the main job on the embedded default. Distil the shipped shapes teacher, caption, reconstruct.
+
+One run dir, one folder per stage, each usable by the other commands as it is::
+
+    RUN/data/{train,test}   shapes scenes (image-caption folders)
+    RUN/teacher/            the shipped teacher, copied (Stable Diffusion layout)
+    RUN/lm/                 the shapes LM, pre-trained on the training captions (vlv train lm)
+    RUN/stage1/             the VLV encoder distilled from the teacher, images only (vlv train stage1)
+    RUN/stage2/             the captioner on the frozen stage-1 embeddings (vlv train stage2)
+    RUN/metrics.json, RUN/report.html, RUN/report/
+
+What runs is a demo recipe (``vlv/recipes/demo*.json``): scene counts, and per stage a training recipe with
+overrides. With ``minutes`` (the recipe's or ``--minutes``) that is the whole run's target: data and evaluation
+take a fixed reserve, the rest is split among the three training stages by their shares, and each stage fixes
+its step count from its own measured pace (``TrainConfig.budget_minutes``). A finished stage is skipped on a
+re-run; a killed one resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from vlv.modeling import write_json
+from vlv.shapes.data import write_shapes
+from vlv.shapes.evaluate import EvalSettings, evaluate_run, finished
+from vlv.shapes.tokenizers import build_shapes_tokenizer
+from vlv.shipped import resolve_decoder
+from vlv.training.loop import TrainConfig
+from vlv.training.recipes import load_recipe, section
+
+STAGES = ("lm", "stage1", "stage2")
+
+
+def demo_recipe(name: str) -> dict[str, Any]:
+    """``default`` -> the ``demo`` recipe, ``quick`` -> ``demo-quick``; any other name or file as it is."""
+    if name in ("default", "quick"):
+        name = "demo" if name == "default" else "demo-quick"
+    recipe = load_recipe(name, "demo")
+    missing = [s for s in STAGES if s not in recipe.get("stages", {})]
+    if missing:
+        raise ValueError(f"demo recipe {name!r} names no recipe for {', '.join(missing)}")
+    return recipe
+
+
+def stage_recipe(demo: dict[str, Any], stage: str, budget: float | None) -> tuple[dict[str, Any], TrainConfig]:
+    """A stage's training recipe with the demo's overrides, and its loop config (budgeted when ``budget``)."""
+    entry = demo["stages"][stage]
+    recipe = load_recipe(entry["recipe"], "stage1" if stage == "stage1" else stage)
+    train = {**recipe.get("train", {}), **entry.get("train", {})}
+    if budget:  # a budgeted run plans its own count after a few steps
+        train.update(steps=10**9, budget_minutes=budget)
+    return recipe, section({**recipe, "train": train}, "train", TrainConfig)
+
+
+def _stage_lm(run: Path, demo: dict[str, Any], budget: float | None) -> None:
+    from vlv.training.lm import LMSettings, train_lm
+
+    recipe, cfg = stage_recipe(demo, "lm", budget)
+    settings = section(recipe, "settings", LMSettings, data=str(run / "data" / "train"))
+    if train_lm(settings, cfg, run / "lm", tokenizer=build_shapes_tokenizer()) is None:
+        raise InterruptedError("language model")
+
+
+def _stage1(run: Path, demo: dict[str, Any], budget: float | None) -> None:
+    from vlv.training.stage1 import Stage1Settings, train_stage1
+
+    recipe, cfg = stage_recipe(demo, "stage1", budget)
+    settings = section(recipe, "settings", Stage1Settings, decoder=str(run / "teacher"),
+                       data=str(run / "data" / "train"))
+    if train_stage1(settings, cfg, run / "stage1", recipe=recipe) is None:
+        raise InterruptedError("stage 1")
+
+
+def _stage2(run: Path, demo: dict[str, Any], budget: float | None) -> None:
+    from vlv.training.stage2 import Stage2Settings, train_stage2
+
+    recipe, cfg = stage_recipe(demo, "stage2", budget)
+    settings = section(recipe, "settings", Stage2Settings, decoder=str(run / "teacher"),
+                       encoder=str(run / "stage1"), lm=str(run / "lm"), data=str(run / "data" / "train"))
+    if train_stage2(settings, cfg, run / "stage2", recipe=recipe) is None:
+        raise InterruptedError("stage 2")
+
+
+def _copy_teacher(run: Path) -> None:
+    if (run / "teacher" / "model_index.json").is_file():
+        return
+    src = resolve_decoder("shapes-teacher")  # FileNotFoundError with a clear message when not shipped
+    tmp = run / "teacher.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    tmp.rename(run / "teacher")
+
+
+def _data(run: Path, demo: dict[str, Any]) -> None:
+    for split, n in (("train", demo["train_scenes"]), ("test", demo["test_scenes"])):
+        folder = run / "data" / split
+        done = folder / "dataset.json"
+        if not (done.exists() and json.loads(done.read_text()).get("n") == n):
+            write_shapes(folder, n=n, seed=0, split=split)
+
+
+def run_demo(out: Path, recipe: str = "default", minutes: float | None = None) -> dict[str, Any]:
+    """Run (or resume) the demo recipe ``recipe`` into ``out``; returns the metrics written to out/metrics.json."""
+    demo, run = demo_recipe(recipe), Path(out)
+    total = minutes if minutes is not None else demo.get("minutes")
+    reserve = demo.get("reserve_minutes", 0.0)
+    if total is not None and total <= reserve:
+        raise ValueError(f"--minutes must exceed the {reserve} minutes data and evaluation take")
+    run.mkdir(parents=True, exist_ok=True)
+    train_minutes = None if total is None else total - reserve
+    meta_file = run / "metrics.json"
+    timings: dict[str, float] = _read(meta_file).get("timings", {})
+
+    def timed(name: str, fn) -> None:
+        t0 = time.perf_counter()
+        try:
+            fn()
+        finally:  # a stopped stage's time counts too: a resumed run adds to it
+            timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 1)
+            write_json(meta_file, {**_read(meta_file), "recipe": demo["name"], "timings": timings})
+
+    plan = [("data", lambda: _data(run, demo), lambda: False), ("teacher", lambda: _copy_teacher(run), lambda: False)]
+    for stage, fn in (("lm", _stage_lm), ("stage1", _stage1), ("stage2", _stage2)):
+        budget = None if train_minutes is None else train_minutes * demo["stages"][stage]["share"]
+        plan.append((stage, lambda fn=fn, budget=budget: fn(run, demo, budget),
+                     lambda stage=stage: finished(run, stage)))
+    for i, (name, fn, is_done) in enumerate(plan, start=1):
+        if is_done():
+            print(f"[{i}/{len(plan) + 1}] {name}: finished earlier, skipped")
+            continue
+        print(f"[{i}/{len(plan) + 1}] {name}")
+        try:
+            timed(name, fn)
+        except InterruptedError as e:
+            raise SystemExit(f"vlv demo: {e} stopped early; run the same command to resume ({run})") from None
+    print(f"[{len(plan) + 1}/{len(plan) + 1}] evaluate")
+    settings = EvalSettings(n=demo["test_scenes"], examples=demo["examples"])
+    timed("evaluate", lambda: evaluate_run(run, settings))
+    from vlv.shapes.report import build_report
+
+    metrics = _read(meta_file)
+    page = build_report(run)
+    _summary(metrics, page)
+    return metrics
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _summary(m: dict[str, Any], page: Path) -> None:
+    line = [f"{k} {v['scene_accuracy']:.1%}" for k, v in m.items()
+            if isinstance(v, dict) and "scene_accuracy" in v]
+    print("held-out scene accuracy: " + ", ".join(line))
+    print(f"wall time: {sum(m['timings'].values()) / 60:.1f} min; report: {page}")

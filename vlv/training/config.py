@@ -1,0 +1,139 @@
+"""The settings of training, as dataclasses whose fields carry their help text: the loop's (:class:`TrainConfig`)
+and each task's. Recipes fill them, flags override single fields, run dirs record them. No torch is imported
+here, so the command line builds its flags from these fields at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from vlv.config import check_lora
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field with its help text: the CLI builds its flags from these (one declaration per setting)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class TrainConfig:
+    """How the loop trains: optimiser, schedule, precision, and when it logs, evaluates, checkpoints and stops."""
+
+    steps: int = _f(1000, "optimiser steps (a budgeted run plans its own)")
+    batch_size: int = _f(64, "batch size per process")
+    lr: float = _f(1e-3, "peak learning rate (AdamW)")
+    betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "clip the gradient norm to this (0: no clipping)")
+    warmup_steps: int = _f(0, "linear warm-up steps")
+    schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "decay after warm-up")
+    min_lr_ratio: float = _f(0.0, "cosine / linear decay to lr * this")
+    mixed_precision: Literal["no", "bf16"] = _f("no", "fp32 (paper) or bf16 autocast", flag="--precision")
+    ema_decay: float | None = _f(None, "keep an EMA of the weights with this decay (none: no EMA)")
+    checkpoint_every: int = _f(500, "checkpoint every this many steps")
+    checkpoint_minutes: float = _f(5.0, "also checkpoint at least this often")
+    eval_every: int = _f(0, "steps between evaluations (0: never)")
+    log_every: int = _f(10, "steps between loss records")
+    max_minutes: float | None = _f(None, "stop (with a checkpoint, resumably) after this long in this invocation",
+                                   flag="--minutes")
+    budget_minutes: float | None = _f(None, "plan the step count (and the schedule) to fill this wall time; "
+                                            "overrides --steps")
+    stop_after: int | None = _f(None, "stop (with a checkpoint) after this many steps in this invocation")
+    seed: int = _f(0, "seed of the batches, the noise and the random init")
+    progress: bool = _f(True, "progress bar", cli=False)
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise ValueError("steps and batch_size must be positive")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("warmup_steps, weight_decay and grad_clip must be >= 0")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"unknown schedule {self.schedule!r}")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if self.budget_minutes is not None and self.budget_minutes <= 0:
+            raise ValueError(f"budget_minutes must be positive, got {self.budget_minutes}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+
+
+@dataclass
+class Stage1Settings:
+    """What a stage-1 run is made from; saved in stage1.json so the run dir describes itself.
+
+    ``decoder`` and ``data`` name the run's inputs; the other fields are the method's settings, which a recipe
+    (``vlv/recipes/*-stage1.json``, section ``settings``) fixes and flags override one by one.
+    """
+
+    decoder: str = field(metadata={"help": "Stable Diffusion dir or shipped name (shapes-teacher)"})
+    data: str = field(metadata={"help": "image(-caption) folder; captions are not used"})
+    encoder: str = field(default="florence2-large", metadata={
+        "help": "named encoder config (vlv/configs/encoder-*.json: florence2-large, shapes) or a local Florence-2 dir"})
+    num_queries: int = field(default=77, metadata={"help": "number of learnable queries Nq", "flag": "--nq"})
+    trainable: str = field(default="config", metadata={
+        "help": "config: the encoder config's own set; official: queries + phi + Florence's language model; "
+                "all: everything", "choices": ("config", "official", "all")})
+    image_size: int | None = field(default=None, metadata={"help": "data resolution; none: the decoder's"})
+    cache_latents: bool = field(default=True, metadata={
+        "help": "cache the frozen VAE's posteriors once (--no-cache-latents: encode every step)"})
+    cache_vision: bool = field(default=False, metadata={
+        "help": "cache the frozen vision tower's features once, so no step runs the DaViT (disk: Nv x D fp16 "
+                "per image); needs a frozen vision tower"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute UNet activations"})
+    high_noise_fraction: float = field(default=0.0, metadata={
+        "help": "share of timesteps drawn from the upper (layout-deciding) half; 0 = the paper's uniform t"})
+    init: str | None = field(default=None, metadata={
+        "help": "start from this stage-1 run's (or shipped name's) encoder weights with a fresh optimizer and "
+                "schedule (same architecture; a smaller --nq takes its first Nq queries)"})
+    phi_init_gain: float | None = field(default=None, metadata={
+        "help": "scale phi's output layer by this at init, so z starts at the large norm trained encoders reach; "
+                "none: PyTorch's init"})
+
+    def __post_init__(self) -> None:
+        if self.trainable not in ("config", "official", "all"):
+            raise ValueError(f"trainable must be config, official or all, got {self.trainable!r}")
+        if not 0.0 <= self.high_noise_fraction <= 1.0:
+            raise ValueError(f"high_noise_fraction must be in [0, 1], got {self.high_noise_fraction}")
+        if self.phi_init_gain is not None and self.phi_init_gain <= 0:
+            raise ValueError(f"phi_init_gain must be positive, got {self.phi_init_gain}")
+
+
+@dataclass
+class Stage2Settings:
+    """What a stage-2 run is made from; saved in stage2.json so the run dir describes itself.
+
+    ``decoder``, ``encoder``, ``lm`` and ``data`` name the run's inputs; the other fields are the method's
+    settings, which a recipe (``vlv/recipes/*-stage2.json``, section ``settings``) fixes and flags override.
+    """
+
+    decoder: str = field(metadata={"help": "Stable Diffusion dir or shipped name: only its text encoder T is loaded"})
+    encoder: str = field(metadata={"help": "stage-1 run dir (never modified) or shipped name (shapes-stage1)"})
+    lm: str = field(metadata={"help": "causal LM dir (vlv train lm output, a local Qwen2.5 dir), an LM config "
+                                      "(random init) or the shipped shapes-lm"})
+    data: str = field(metadata={"help": "image-caption folder"})
+    trainable: str = field(default="mlp+llm+encoder", metadata={
+        "help": "mlp | mlp+llm | mlp+llm+encoder (paper Table 4 right)",
+        "choices": ("mlp", "mlp+llm", "mlp+llm+encoder")})
+    lora_rank: int = field(default=0, metadata={
+        "help": "0: the LLM trains in full at the llm levels; r > 0: rank-r LoRA adapters (peft) train instead"})
+    max_new_tokens: int = field(default=300, metadata={"help": "generation cap; captions are cut to it in training"})
+    num_beams: int = field(default=4, metadata={"help": "the captioner's default beam count"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute the LLM's activations"})
+
+    def __post_init__(self) -> None:
+        check_lora(self.trainable, self.lora_rank)  # before anything loads: a bad flag fails at once
+
+
+@dataclass
+class LMSettings:
+    """What an LM pre-training run was made from; saved as lm.json next to the LM."""
+
+    data: str = field(metadata={"help": "image-caption folder; only captions.jsonl is read"})
+    lm: str = field(default="qwen2-shapes", metadata={
+        "help": "LM config stem (random init) or a local LM dir to continue from"})
+    val: str | None = field(default=None, metadata={"help": "held-out folder: its captions' token loss"})
+    eval_n: int = field(default=200, metadata={"help": "held-out captions read"})
