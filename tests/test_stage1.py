@@ -82,8 +82,12 @@ def _cli(*args):
 def test_cli_stage1_reconstruct_compose(tiny_teacher, shapes_data, tmp_path):
     run = tmp_path / "s1"
     r = _cli("train", "stage1", "--decoder", tiny_teacher, "--data", shapes_data["train"], "--out", run,
-             "--nq", 8, "--steps", 2, "--batch-size", 3)
+             "--nq", 8, "--steps", 2, "--batch-size", 3, "--warmup-steps", 0)
     assert r.returncode == 0, r.stderr
+    meta = json.loads((run / "stage1.json").read_text())  # the default recipe, with the flags' fields over it
+    assert meta["recipe"]["name"] == "shapes-stage1" and meta["settings"]["encoder"] == "shapes"
+    assert (meta["train"]["steps"], meta["train"]["warmup_steps"], meta["train"]["lr"]) == (2, 0, 1e-3)
+    assert meta["settings"]["num_queries"] == 8 and meta["settings"]["phi_init_gain"] == 16.0
     names = [rec.image for rec in read_records(shapes_data["val"])][:3]
     imgs = [shapes_data["val"] / n for n in names]
     r = _cli("reconstruct", *imgs, "--encoder", run, "--decoder", tiny_teacher, "--out", tmp_path / "rec",

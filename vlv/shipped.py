@@ -60,7 +60,7 @@ def resolve_stage2(name_or_path: str | Path) -> Path:
 
 
 def resolve_lm_name(source: str | dict) -> str | dict:
-    """``shapes-lm`` -> its shipped dir (as a string); any other LM source (dir, preset, dict) unchanged."""
+    """``shapes-lm`` -> its shipped dir (as a string); any other LM source (dir, config stem, dict) unchanged."""
     return str(shipped_dir("shapes-lm")) if source == "shapes-lm" else source
 
 

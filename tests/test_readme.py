@@ -1,0 +1,46 @@
+"""README's results quote the results file beside the shipped weights, which quotes their metrics.json: the
+numbers a reader sees cannot drift from the measured ones."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+WEIGHTS = ROOT / "vlv" / "weights"
+README_ROWS = {"teacher from the true captions": ("shapes-teacher", "teacher"),
+               "reconstruction: image -> z -> teacher (`shapes-stage1`)": ("shapes-stage1", "reconstruction"),
+               "captions: image -> z -> LLM (`shapes-stage2`)": ("shapes-stage2", "captions"),
+               "caption -> teacher (`shapes-stage2`)": ("shapes-stage2", "caption_to_image")}
+
+
+def _metrics(name: str) -> dict:
+    path = WEIGHTS / name / "metrics.json"
+    if not path.is_file():
+        pytest.skip(f"{name} not shipped in this checkout")
+    return json.loads(path.read_text())
+
+
+def _rows(text: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("|") and not line.startswith("|---")]
+
+
+def test_readme_results_table_quotes_the_shipped_metrics():
+    rows = {r[0]: r[1] for r in _rows((ROOT / "README.md").read_text()) if r[0] in README_ROWS}
+    assert set(rows) == set(README_ROWS)
+    for label, (name, key) in README_ROWS.items():
+        assert rows[label] == f"{100 * _metrics(name)[key]['scene_accuracy']:.1f}%", label
+
+
+def test_the_results_file_quotes_metrics_json():
+    checked = 0
+    for row in _rows((WEIGHTS / "README.md").read_text()):
+        source = re.fullmatch(r"`([\w-]+)/metrics\.json` `(\w+)`", row[-1])
+        if not source:
+            continue
+        m = _metrics(source[1])[source[2]]
+        assert row[1] == f"{100 * m['scene_accuracy']:.1f}%" and row[2] == f"{m['object_f1']:.3f}", row
+        checked += 1
+    assert checked == 5

@@ -1,0 +1,59 @@
+"""Recipes are data: every shipped one builds its task's dataclasses strictly, and a misspelt or misplaced one
+fails loudly instead of training with defaults."""
+
+import json
+
+import pytest
+
+from vlv.shapes.config import TeacherRecipe
+from vlv.training.config import LMSettings, Stage1Settings, Stage2Settings, TrainConfig
+from vlv.training.recipes import list_recipes, load_recipe, resolved, section
+
+SETTINGS = {"stage1": (Stage1Settings, {"decoder": "d", "data": "x"}),
+            "stage2": (Stage2Settings, {"decoder": "d", "encoder": "e", "lm": "l", "data": "x"}),
+            "lm": (LMSettings, {"data": "x"}), "teacher": (TeacherRecipe, {})}
+
+
+@pytest.mark.parametrize("task", sorted(SETTINGS))
+def test_every_shipped_recipe_builds(task):
+    names = list_recipes(task)
+    assert names
+    cls, required = SETTINGS[task]
+    for name in names:
+        recipe = load_recipe(name, task)
+        assert recipe["description"]
+        section(recipe, "settings", cls, **required)
+        if task != "teacher":
+            section(recipe, "train", TrainConfig)
+
+
+def test_demo_recipes_name_a_recipe_per_stage():
+    from vlv.shapes.demo import STAGES, demo_recipe, stage_recipe
+
+    for name in ("default", "quick"):
+        demo = demo_recipe(name)
+        for stage in STAGES:
+            _, cfg = stage_recipe(demo, stage, budget=None if demo["minutes"] is None else 1.0)
+            assert cfg.batch_size == demo["stages"][stage]["train"]["batch_size"]
+
+
+def test_flags_override_single_fields_and_the_result_is_recorded():
+    recipe = load_recipe("shapes-stage1", "stage1")
+    cfg = section(recipe, "train", TrainConfig, {"lr": 3e-4, "steps": None})
+    assert (cfg.lr, cfg.steps, cfg.betas) == (3e-4, recipe["train"]["steps"], tuple(recipe["train"]["betas"]))
+    record = resolved(recipe, train=cfg)
+    assert record["name"] == "shapes-stage1" and record["train"]["lr"] == 3e-4
+
+
+def test_bad_recipes_fail_loudly(tmp_path):
+    with pytest.raises(ValueError, match="not a stage2 recipe"):
+        load_recipe("shapes-stage1", "stage2")
+    with pytest.raises(FileNotFoundError, match="shapes-stage1"):  # the message lists the shipped ones
+        load_recipe("no-such-recipe", "stage1")
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"task": "stage1", "train": {"learning_rate": 1e-4}}))
+    with pytest.raises(ValueError, match="learning_rate"):
+        section(load_recipe(path, "stage1"), "train", TrainConfig)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_recipe(path, "stage1")
