@@ -1,6 +1,6 @@
 """Pictures and pages made from saved results: contact sheets, and a run's report page.
 
-The report is generated from ``metrics.json`` and the PNGs beside it (``vlv.evaluate`` writes both), never
+The report is generated from ``metrics.json`` and the PNGs beside it (``vlv.shapes.evaluate`` writes both), never
 from numbers typed in: one self-contained HTML file with the images embedded as data URIs.
 """
 
