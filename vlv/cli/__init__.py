@@ -1,0 +1,184 @@
+"""The ``vlv`` command line: thin argparse front ends over the library, one subcommand per job.
+
+User mistakes (bad arguments, missing folders) print one line and exit 2, never a traceback;
+set VLV_DEBUG=1 to see the traceback anyway. The parser imports no torch (flags come from the config
+dataclasses), so ``--help`` and argument errors are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from vlv.cli.commands import (
+    cmd_caption,
+    cmd_compose,
+    cmd_data_shapes,
+    cmd_data_sheet,
+    cmd_demo,
+    cmd_evaluate,
+    cmd_reconstruct,
+    cmd_teacher_export,
+    cmd_teacher_sample,
+    cmd_teacher_train,
+    cmd_train_lm,
+    cmd_train_stage1,
+    cmd_train_stage2,
+)
+from vlv.cli.flags import add_fields, add_sampling_args, positive_float, positive_int, recipe_arg, writable_dir
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump), exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vlv import __version__
+    from vlv.shapes.config import TeacherRecipe
+    from vlv.training.config import LMSettings, Stage1Settings, Stage2Settings, TrainConfig
+
+    parser = Parser(prog="vlv", description="Vision-Language-Vision auto-encoder.")
+    parser.add_argument("--version", action="version", version=f"vlv {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="make or inspect image-caption folders")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    p = data_sub.add_parser("shapes", help="render shapes-world scenes into an image-caption folder")
+    p.add_argument("--out", type=writable_dir, required=True, help="output folder")
+    p.add_argument("--n", type=positive_int, default=10_000, help="number of scenes (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--split", choices=["train", "val", "test"], default="train", help="disjoint scene split")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_shapes)
+    p = data_sub.add_parser("sheet", help="contact sheet of a folder's first images")
+    p.add_argument("data", type=Path, help="image-caption folder")
+    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    p.add_argument("--n", type=positive_int, default=64)
+    p.add_argument("--cols", type=positive_int, default=8)
+    p.set_defaults(func=cmd_data_sheet)
+
+    teacher = sub.add_parser("teacher", help="train or sample the shapes text-to-image teacher")
+    t_sub = teacher.add_subparsers(dest="teacher_command", required=True, metavar="TEACHER_COMMAND")
+    p = t_sub.add_parser("train", help="train a teacher (resumes when OUT holds a checkpoint)")
+    p.add_argument("--data", type=Path, required=True, help="training image-caption folder")
+    p.add_argument("--out", type=writable_dir, required=True, help="teacher dir (Stable Diffusion layout)")
+    p.add_argument("--val", type=Path, default=None, help="held-out (val split) folder for periodic accuracy")
+    p.add_argument("--minutes", type=positive_float, default=None, help="stop (resumably) after this long")
+    p.add_argument("--tiny", action="store_true", help="tiny architecture (tests, plumbing)")
+    recipe_arg(p, "teacher", "shapes-teacher")
+    add_fields(p, TeacherRecipe, "recipe overrides")
+    p.set_defaults(func=cmd_teacher_train)
+    p = t_sub.add_parser("export", help="export a teacher still training (latest EMA checkpoint) in SD layout")
+    p.add_argument("teacher", type=Path, help="teacher dir being trained (holds training/)")
+    p.add_argument("--out", type=writable_dir, required=True)
+    p.add_argument("--fp16", action="store_true", help="UNet and VAE in fp16 (the text encoder stays fp32)")
+    p.set_defaults(func=cmd_teacher_export)
+    p = t_sub.add_parser("sample", help="draw images from captions")
+    p.add_argument("teacher", help="teacher dir or shipped name (shapes-teacher)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="one caption")
+    g.add_argument("--captions", type=Path, help="text file, one caption a line")
+    p.add_argument("--out", type=Path, required=True, help="PNG file (one prompt) or folder")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=positive_int, default=20)
+    p.add_argument("--sampler", choices=["fast", "paper"], default="fast")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_teacher_sample)
+
+    train = sub.add_parser("train", help="train a VLV stage")
+    train_sub = train.add_subparsers(dest="train_command", required=True, metavar="STAGE")
+    p = train_sub.add_parser("stage1", help="distil a frozen diffusion decoder into the VLV encoder (images only)")
+    p.add_argument("--out", type=writable_dir, required=True, help="run dir (resumes when it holds a checkpoint)")
+    p.add_argument("--val", type=Path, default=None, help="shapes folder for periodic reconstruction accuracy")
+    p.add_argument("--eval-n", type=positive_int, default=200, help="val scenes per evaluation (default 200)")
+    recipe_arg(p, "stage1", "shapes-stage1")
+    add_fields(p, Stage1Settings, "inputs and method (recipe section 'settings')")
+    add_fields(p, TrainConfig, "training loop (recipe section 'train')")
+    p.set_defaults(func=cmd_train_stage1)
+
+    p = train_sub.add_parser("lm", help="pre-train the small shapes language model on caption text")
+    p.add_argument("--out", type=writable_dir, required=True, help="LM dir (transformers layout)")
+    recipe_arg(p, "lm", "shapes-lm")
+    add_fields(p, LMSettings, "inputs (recipe section 'settings')")
+    add_fields(p, TrainConfig, "training loop (recipe section 'train')")
+    p.set_defaults(func=cmd_train_lm)
+
+    p = train_sub.add_parser("stage2", help="teach a causal LM to read stage-1 embeddings out as captions")
+    p.add_argument("--out", type=writable_dir, required=True, help="run dir (resumes when it holds a checkpoint)")
+    p.add_argument("--val", type=Path, default=None, help="shapes folder for periodic caption accuracy")
+    p.add_argument("--eval-n", type=positive_int, default=200, help="val scenes per evaluation (default 200)")
+    recipe_arg(p, "stage2", "shapes-stage2")
+    add_fields(p, Stage2Settings, "inputs and method (recipe section 'settings')",
+               defaults={"decoder": "shapes-teacher"})
+    add_fields(p, TrainConfig, "training loop (recipe section 'train')")
+    p.set_defaults(func=cmd_train_stage2)
+
+    p = sub.add_parser("caption", help="caption images with a stage-2 run (one JSON line per image)")
+    p.add_argument("images", nargs="+", type=Path, help="image files or folders")
+    p.add_argument("--model", default="shapes-stage2", help="stage-2 run dir or shipped name (default shapes-stage2)")
+    p.add_argument("--out", type=Path, required=True, help="captions.jsonl to write")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--num-beams", type=positive_int, default=None, help="default: the run's")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None)
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("reconstruct", help="redraw images from their VLV embeddings through the decoder")
+    p.add_argument("images", nargs="+", type=Path, help="image files or folders")
+    p.add_argument("--encoder", required=True, help="stage-1 run dir or shipped name (shapes-stage1)")
+    p.add_argument("--decoder", required=True, help="Stable Diffusion dir or shipped name (shapes-teacher)")
+    p.add_argument("--out", type=writable_dir, required=True, help="output folder (file names kept)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("compose", help="one image from the first k embeddings of two images (paper Fig. 6)")
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+    p.add_argument("--encoder", required=True, help="stage-1 run dir or shipped name (shapes-stage1)")
+    p.add_argument("--decoder", required=True, help="Stable Diffusion dir or shipped name (shapes-teacher)")
+    p.add_argument("--k", type=positive_int, default=None, help="embeddings kept from each (default Nq/2)")
+    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_compose)
+
+    p = sub.add_parser("demo", help="the main job on the embedded shapes world")
+    p.add_argument("--out", type=writable_dir, default=Path("runs/demo"), help="run folder (default runs/demo)")
+    p.add_argument("--recipe", "--preset", default="default",
+                   help="demo recipe: default (vlv/recipes/demo.json), quick (demo-quick.json: seconds, plumbing), "
+                        "another name or a JSON file")
+    p.add_argument("--minutes", type=positive_float, default=None,
+                   help="whole-run time target; training fills what data and evaluation leave (default: the "
+                        "recipe's)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("evaluate", help="re-measure a demo run dir: metrics.json and report.html")
+    p.add_argument("--run", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--n", type=positive_int, default=500, help="scenes to measure (default 500)")
+    p.add_argument("--cfg", type=float, default=2.0, help="guidance scale for teacher and reconstruction")
+    p.add_argument("--num-beams", type=positive_int, default=1, help="caption beams (default 1: greedy)")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+def main(argv: list[str] | None = None) -> int:
+    # transformers warns on import that torchvision is absent; vlv never uses it (PIL + numpy instead).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        if os.environ.get("VLV_DEBUG"):
+            raise
+        print(f"vlv: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vlv: interrupted", file=sys.stderr)
+        return 130
+    return 0

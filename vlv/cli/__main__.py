@@ -1,0 +1,5 @@
+import sys
+
+from vlv.cli import main
+
+sys.exit(main())

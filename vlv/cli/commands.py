@@ -1,0 +1,256 @@
+"""The jobs behind the subcommands: each checks what it can before the heavy imports, then calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from vlv.cli.flags import command_line, given
+
+
+# ------------------------------------------------------------------------------------------- data
+def cmd_data_shapes(args: argparse.Namespace) -> None:
+    from vlv.shapes.data import write_shapes
+
+    t0 = time.perf_counter()
+    write_shapes(args.out, n=args.n, seed=args.seed, split=args.split, progress=not args.quiet)
+    print(f"wrote {args.n} {args.split} scenes to {args.out} in {time.perf_counter() - t0:.1f}s")
+
+
+def cmd_data_sheet(args: argparse.Namespace) -> None:
+    from vlv.shapes.report import save_contact_sheet
+
+    save_contact_sheet(args.data, args.out, n=args.n, cols=args.cols)
+    print(f"wrote {args.out}")
+
+
+# ---------------------------------------------------------------------------------------- teacher
+def cmd_teacher_train(args: argparse.Namespace) -> None:
+    from vlv.shapes.config import TINY, TeacherConfig, TeacherRecipe
+    from vlv.shapes.teacher import train_teacher
+    from vlv.training.recipes import load_recipe, section
+
+    _require_dirs(args.data, args.val)
+    recipe = section(load_recipe(args.recipe, "teacher"), "settings", TeacherRecipe, given(args, TeacherRecipe))
+    done = train_teacher(args.data, args.out, TINY if args.tiny else TeacherConfig(), recipe, val=args.val,
+                         max_minutes=args.minutes, command=command_line())
+    print(f"teacher saved to {done}" if done else f"time budget reached; run the same command to resume ({args.out})")
+
+
+def cmd_teacher_export(args: argparse.Namespace) -> None:
+    import torch
+
+    from vlv.shapes.teacher import export_checkpoint
+
+    export_checkpoint(args.teacher, args.out, dtype=torch.float16 if args.fp16 else torch.float32)
+    print(f"exported to {args.out}")
+
+
+def cmd_teacher_sample(args: argparse.Namespace) -> None:
+    from vlv.shipped import resolve_decoder
+
+    path = resolve_decoder(args.teacher)  # validate the inputs before the heavy imports
+    prompts = [args.prompt] if args.prompt else [
+        line.strip() for line in Path(args.captions).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"no captions in {args.captions}")
+    from vlv.diffusion import load_pipeline, sample
+
+    images = sample(load_pipeline(path), prompts, guidance_scale=args.cfg, steps=args.steps, sampler=args.sampler,
+                    seed=args.seed)
+    if len(images) == 1 and args.out.suffix:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        images[0].save(args.out)
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(images):
+            im.save(args.out / f"{i:06d}.png")
+    print(f"wrote {len(images)} image(s) to {args.out}")
+
+
+# ---------------------------------------------------------------------------------------- stage 1
+def cmd_train_stage1(args: argparse.Namespace) -> None:
+    from vlv.shipped import resolve_decoder, resolve_encoder
+
+    resolve_decoder(args.decoder)  # fail fast, before the heavy imports
+    if args.init:
+        resolve_encoder(args.init)
+    _require_dirs(args.data, args.val)
+    if args.init and args.phi_init_gain is not None:
+        raise ValueError(f"--phi-init-gain scales phi's freshly initialised weights, but --init {args.init}"
+                         " overwrites them with trained ones; pass one or the other")
+    from vlv.training.loop import TrainConfig
+    from vlv.training.recipes import load_recipe, resolved, section
+    from vlv.training.stage1 import Stage1Settings, check_settings, train_stage1
+
+    recipe = load_recipe(args.recipe, "stage1")
+    settings = section(recipe, "settings", Stage1Settings, given(args, Stage1Settings))
+    check_settings(settings)
+    train = given(args, TrainConfig)
+    if args.budget_minutes:
+        train["steps"] = 10**9  # a budgeted run plans its own count after a few steps
+    cfg = section(recipe, "train", TrainConfig, train)
+    evaluator = None
+    if args.val:
+        from vlv.shapes.metrics import stage1_evaluator
+
+        evaluator = stage1_evaluator(args.val, args.eval_n)
+    done = train_stage1(settings, cfg, args.out, evaluator=evaluator, recipe=resolved(recipe, train=cfg))
+    print(f"encoder saved to {args.out}" if done else f"stopped early; run the same command to resume ({args.out})")
+
+
+def _load_encoder_decoder(args: argparse.Namespace):
+    from vlv.shipped import resolve_decoder, resolve_encoder
+
+    resolve_decoder(args.decoder), resolve_encoder(args.encoder)  # fail fast, before the heavy imports
+    from vlv.decoder import DiffusionDecoder
+    from vlv.encoder import VLVEncoder
+
+    return VLVEncoder.from_pretrained(args.encoder).eval(), DiffusionDecoder.from_pretrained(args.decoder)
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> None:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from vlv.data import list_images, load_image, to_pil, to_tensor
+    from vlv.inference import reconstruct_images
+
+    paths = list_images(args.images)
+    encoder, decoder = _load_encoder_decoder(args)
+    size = decoder.image_size
+    args.out.mkdir(parents=True, exist_ok=True)
+    for start in tqdm(range(0, len(paths), args.batch_size), desc="reconstruct", unit="batch"):
+        chunk = paths[start : start + args.batch_size]
+        x = to_tensor(np.stack([load_image(p, size) for p in chunk]))
+        recon = reconstruct_images(encoder, decoder, x, sampler=args.sampler, guidance_scale=args.cfg,
+                                   steps=args.steps, batch_size=args.batch_size, seed=args.seed + start)
+        for p, im in zip(chunk, to_pil(recon), strict=True):
+            im.save(args.out / (p.stem + ".png"))
+    print(f"wrote {len(paths)} reconstruction(s) to {args.out}")
+
+
+def cmd_compose(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from vlv.data import load_image, to_pil, to_tensor
+    from vlv.inference import compose_images
+
+    for p in (args.a, args.b):
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"no such image: {p}")
+    encoder, decoder = _load_encoder_decoder(args)
+    size = decoder.image_size
+    k = args.k or encoder.config.num_queries // 2
+    a, b = (to_tensor(np.stack([load_image(p, size)])) for p in (args.a, args.b))
+    image = compose_images(encoder, decoder, a, b, k, sampler=args.sampler, guidance_scale=args.cfg,
+                           steps=args.steps, seed=args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(image)[0].save(args.out)
+    print(f"wrote {args.out} (first {k} embeddings of each image)")
+
+
+# ---------------------------------------------------------------------------------------- stage 2
+def _require_dirs(*folders) -> None:
+    for folder in folders:
+        if folder is not None and not Path(folder).is_dir():
+            raise FileNotFoundError(f"no such folder: {folder}")
+
+
+def _tokenizer_for(lm: str):
+    """A random-init LM config has no tokenizer: the command line's LMs are the shapes world's."""
+    from vlv.lm import is_lm_dir
+
+    if is_lm_dir(lm):
+        return None
+    from vlv.shapes.tokenizers import build_shapes_tokenizer
+
+    return build_shapes_tokenizer()
+
+
+def cmd_train_lm(args: argparse.Namespace) -> None:
+    _require_dirs(args.data, args.val)
+    from vlv.training.lm import LMSettings, train_lm
+    from vlv.training.loop import TrainConfig
+    from vlv.training.recipes import load_recipe, section
+
+    recipe = load_recipe(args.recipe, "lm")
+    settings = section(recipe, "settings", LMSettings, given(args, LMSettings))
+    cfg = section(recipe, "train", TrainConfig, given(args, TrainConfig))
+    judge = None
+    if settings.val:
+        from vlv.shapes.metrics import lm_judge as judge
+    done = train_lm(settings, cfg, args.out, tokenizer=_tokenizer_for(settings.lm), judge=judge)
+    print(f"language model saved to {args.out}" if done else f"stopped early; run again to resume ({args.out})")
+
+
+def cmd_train_stage2(args: argparse.Namespace) -> None:
+    from vlv.shipped import resolve_decoder, resolve_encoder
+
+    resolve_decoder(args.decoder)
+    _require_dirs(args.data, args.val)
+    resolve_encoder(args.encoder)
+    from vlv.training.loop import TrainConfig
+    from vlv.training.recipes import load_recipe, resolved, section
+    from vlv.training.stage2 import Stage2Settings, train_stage2
+
+    recipe = load_recipe(args.recipe, "stage2")
+    settings = section(recipe, "settings", Stage2Settings, given(args, Stage2Settings))
+    cfg = section(recipe, "train", TrainConfig, given(args, TrainConfig))
+    evaluator = None
+    if args.val:
+        from vlv.shapes.metrics import stage2_evaluator
+
+        evaluator = stage2_evaluator(args.val, args.eval_n)
+    done = train_stage2(settings, cfg, args.out, evaluator=evaluator, tokenizer=_tokenizer_for(settings.lm),
+                        recipe=resolved(recipe, train=cfg))
+    print(f"captioner saved to {args.out}" if done else f"stopped early; run again to resume ({args.out})")
+
+
+def cmd_caption(args: argparse.Namespace) -> None:
+    import json
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from vlv.data import list_images, load_image, to_tensor
+    from vlv.modeling import atomic_write_text
+    from vlv.shipped import resolve_stage2
+
+    paths = list_images(args.images)
+    resolve_stage2(args.model)  # fail fast, before the heavy imports
+    from vlv.captioner import Captioner
+    from vlv.inference import caption_images
+
+    captioner = Captioner.from_pretrained(args.model).eval()
+    size = captioner.encoder.config.image_size
+    if args.max_new_tokens:
+        captioner.config.max_new_tokens = args.max_new_tokens
+    rows = []
+    for start in tqdm(range(0, len(paths), args.batch_size), desc="caption", unit="batch"):
+        chunk = paths[start : start + args.batch_size]
+        x = to_tensor(np.stack([load_image(p, size) for p in chunk]))
+        caps = caption_images(captioner, x, batch_size=args.batch_size, num_beams=args.num_beams)
+        rows += [{"image": p.name, "caption": c} for p, c in zip(chunk, caps, strict=True)]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
+    print(f"wrote {len(rows)} caption(s) to {args.out}")
+
+
+# ------------------------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> None:
+    from vlv.shapes.demo import run_demo
+
+    run_demo(args.out, recipe=args.recipe, minutes=args.minutes)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    if not (args.run / "teacher" / "model_index.json").is_file():
+        raise FileNotFoundError(f"{args.run} is not a VLV run dir (no teacher/model_index.json)")
+    from vlv.shapes.evaluate import EvalSettings, evaluate_run
+    from vlv.shapes.report import build_report
+
+    settings = EvalSettings(split=args.split, n=args.n, guidance_scale=args.cfg, num_beams=args.num_beams)
+    evaluate_run(args.run, settings)
+    print(f"wrote {args.run / 'metrics.json'} and {build_report(args.run)}")

@@ -1,0 +1,125 @@
+"""Argument types and flags built from config dataclasses: each setting is declared once, as a field whose
+metadata holds its help text (peft's ``field(metadata={"help": ...})``), and becomes a flag here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, Literal
+
+
+def writable_dir(text: str) -> Path:
+    """argparse type: a directory we can create and write into."""
+    path = Path(text)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".vlv-write-probe"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write to {path}: {e.strerror or e}") from None
+    return path
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------- flags from config dataclasses
+def _none_or(parse):
+    def parse_optional(text: str):
+        return None if text.lower() == "none" else parse(text)
+    return parse_optional
+
+
+def _number(kind: type):
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+    return parse
+
+
+def _field_kwargs(hint: Any) -> dict[str, Any]:
+    """argparse keywords for a field's type: numbers, strings, choices (Literal), tuples, optionals, bools."""
+    args = typing.get_args(hint)
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(hint) is Literal:
+        return {"choices": list(args)}
+    if typing.get_origin(hint) is tuple:
+        return {"type": _number(args[0]), "nargs": "+" if args[-1] is Ellipsis else len(args)}
+    parse = _number(hint) if hint in (int, float) else str
+    return {"type": _none_or(parse) if optional else parse}
+
+
+def add_fields(p: argparse.ArgumentParser, cls: type, title: str, skip: tuple[str, ...] = (),
+               defaults: dict[str, Any] | None = None) -> None:
+    """One flag per field of the config dataclass ``cls``, its help from the field's metadata.
+
+    Fields without a default are required flags (unless ``defaults`` gives one); the others default to None,
+    meaning "the recipe's value", so a flag overrides a single field of the recipe.
+    """
+    hints = typing.get_type_hints(cls)
+    group = p.add_argument_group(title)
+    for f in fields(cls):
+        if f.name in skip or not f.metadata.get("cli", True):
+            continue
+        kwargs = _field_kwargs(hints[f.name])
+        if "choices" in f.metadata:
+            kwargs["choices"] = list(f.metadata["choices"])
+        required = f.default is MISSING and f.default_factory is MISSING and f.name not in (defaults or {})
+        help_text = f.metadata.get("help", "")
+        if not required:
+            known = (defaults or {}).get(f.name)
+            help_text += f" (default {known})" if known is not None else " (default: the recipe's)"
+        group.add_argument(f.metadata.get("flag", "--" + f.name.replace("_", "-")), dest=f.name, required=required,
+                           default=(defaults or {}).get(f.name), help=help_text, **kwargs)
+
+
+def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of ``cls`` set on the command line (None: not given)."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+
+
+def recipe_arg(p: argparse.ArgumentParser, task: str, default: str) -> None:
+    p.add_argument("--recipe", default=default, help=f"named recipe (vlv/recipes/*.json, task {task}) or a JSON "
+                   f"file: how this stage trains; the flags below override single fields (default {default})")
+
+
+def command_line() -> str:
+    return "vlv " + " ".join(sys.argv[1:])
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler", choices=["fast", "paper"], default="fast",
+                   help="fast: DPM-Solver++ 20 steps; paper: DDPM 50 steps")
+    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (paper: 2.0)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the sampler's)")
+    p.add_argument("--seed", type=int, default=0)
