@@ -2,7 +2,7 @@
 
     python benchmarks/stage1.py speed [--teacher DIR] [--bf16] # cached latents vs online VAE (vs bf16), interleaved
     python benchmarks/stage1.py accuracy --run RUN --teacher shapes-teacher --n 500
-    python benchmarks/stage1.py ablation --nq 16 32 77 --steps 3000 [--init shapes-stage1 --lr 2e-4]
+    python benchmarks/stage1.py ablation --data DIR --nq 16 32 77 --steps 2000 [--init shapes-stage1 --lr 2e-4]
 
 speed: median step time of the stage-1 task with cached latents vs encoding images with the VAE each
 step, alternating A/B steps in one process; the teacher's architecture matters, not its weights, so
@@ -11,6 +11,10 @@ accuracy: reconstruction scene accuracy / object F1 on test scenes, paper (DDPM 
 (DPM-Solver++ 20) sampler, next to the teacher's own accuracy from the true captions.
 ablation: trains one stage-1 run per Nq for the same number of steps, then measures each (Table 4-left);
 with --init each starts from a trained encoder's first Nq queries (measured untrained as well).
+
+speed and ablation train as the stage-1 recipe does (--recipe, default shapes-stage1: the encoder, its init,
+the optimiser, schedule and timestep sampling); a flag overrides that one field, and a flag not given (its
+default None) leaves the recipe's value.
 """
 
 from __future__ import annotations
@@ -24,42 +28,45 @@ import time
 from pathlib import Path
 
 import torch
-from fullscale import flops  # benchmarks/, first on sys.path when run as a script
+from common import adamw, flops, stage1_settings, test_scenes, train_config, write_result  # benchmarks/
 
-from vlv.data import ImageCaptionFolder, cache_latents, to_tensor, write_shapes
+from vlv.data import cache_latents, to_tensor
 from vlv.decoder import DiffusionDecoder
 from vlv.encoder import VLVEncoder
-from vlv.presets import resolve_decoder
-from vlv.stage1 import Stage1Settings, Stage1Task, build_encoder, reconstruction_scores
-from vlv.teacher import (
-    TeacherConfig,
-    build_scheduler,
-    build_text_encoder,
-    build_tokenizer,
-    build_unet,
-    build_vae,
-    make_pipeline,
-    sample_accuracy,
-)
+from vlv.shapes.metrics import reconstruction_scores, sample_accuracy
+from vlv.training.recipes import load_recipe
+from vlv.training.stage1 import Stage1Task, build_encoder
+
+RECIPE = "shapes-stage1"
 
 
 def _decoder(teacher: str | None) -> DiffusionDecoder:
     if teacher:
-        return DiffusionDecoder.from_pretrained(resolve_decoder(teacher))
-    cfg, tok = TeacherConfig(), build_tokenizer()
+        return DiffusionDecoder.from_pretrained(teacher)
+    from vlv.diffusion import make_pipeline
+    from vlv.shapes.config import TeacherConfig
+    from vlv.shapes.teacher import build_scheduler, build_text_encoder, build_unet, build_vae
+    from vlv.shapes.tokenizers import build_tokenizer
+
+    cfg = TeacherConfig()
+    tok = build_tokenizer(cfg.max_length)
     pipe = make_pipeline(build_vae(cfg), build_text_encoder(cfg, tok), tok, build_unet(cfg), build_scheduler(cfg))
     return DiffusionDecoder(pipe)
 
 
 def speed(args: argparse.Namespace) -> dict:
     """Interleaved A/B/(C) steps in one process: cached latents, online VAE, and with --bf16 cached + bf16 autocast."""
+    recipe = load_recipe(args.recipe, "stage1")
+    settings = stage1_settings(recipe, {"num_queries": args.nq})
+    cfg = train_config(recipe, {"batch_size": args.batch_size})
     decoder = _decoder(args.teacher)
-    with tempfile.TemporaryDirectory() as tmp:
-        data = ImageCaptionFolder(write_shapes(Path(tmp), n=512, progress=False), decoder.image_size)
-    enc = build_encoder(Stage1Settings(decoder="", data="", num_queries=args.nq), decoder.text_dim, seed=0)
-    opt = torch.optim.AdamW(enc.parameters(), lr=1e-4)
-    cached = Stage1Task(enc, decoder, data, cache_latents(decoder.vae, data))
-    variants = {"cached": (cached, False), "online": (Stage1Task(enc, decoder, data, None), False)}
+    data = test_scenes(512, decoder.image_size, split="train")
+    enc = build_encoder(settings, decoder.text_dim, seed=0)
+    opt = adamw((q for q in enc.parameters() if q.requires_grad), cfg)
+    hnf = settings.high_noise_fraction
+    cached = Stage1Task(enc, decoder, data, cache_latents(decoder.vae, data), high_noise_fraction=hnf)
+    variants = {"cached": (cached, False),
+                "online": (Stage1Task(enc, decoder, data, None, high_noise_fraction=hnf), False)}
     if args.bf16:
         variants["cached+bf16"] = (cached, True)
     names = list(variants)
@@ -69,36 +76,41 @@ def speed(args: argparse.Namespace) -> dict:
         task, bf16 = variants[name]
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = task.loss(enc, task.batch(step, 0, args.batch_size, torch.device("cpu")),
+            loss = task.loss(enc, task.batch(step, 0, cfg.batch_size, torch.device("cpu")),
                              torch.Generator().manual_seed(step))
         loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(enc.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad()
         if step >= len(names):  # one warm-up step each
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     # The FLOP bound on the ratio: what the VAE encode adds to a cached step, counted on the first batch.
-    batch = cached.batch(0, 0, args.batch_size, torch.device("cpu"))
+    b = cfg.batch_size
+    batch = cached.batch(0, 0, b, torch.device("cpu"))
 
     def cached_step() -> None:
         cached.loss(enc, batch, torch.Generator().manual_seed(0)).backward()
         opt.zero_grad()
 
     step_flops = flops(cached_step)
-    vae_flops = flops(lambda: decoder.latents(to_tensor(data.images[: args.batch_size])))
+    vae_flops = flops(lambda: decoder.latents(to_tensor(data.images[:b])))
     bound = (step_flops + vae_flops) / step_flops
-    out = {"batch_size": args.batch_size, "nq": args.nq, "steps_each": args.steps, "threads": torch.get_num_threads(),
-           "flops_per_image": {"cached_step": step_flops / args.batch_size, "vae_encode": vae_flops / args.batch_size},
+    nq = settings.num_queries
+    out = {"recipe": recipe["name"], "batch_size": b, "nq": nq, "steps_each": args.steps,
+           "threads": torch.get_num_threads(),
+           "flops_per_image": {"cached_step": step_flops / b, "vae_encode": vae_flops / b},
            "flop_bound_speedup": round(bound, 3),
            **{f"{k}_s": round(v, 4) for k, v in med.items()},
            "speedup": round(med["online"] / med["cached"], 3)}
     if args.bf16:
         out["bf16_speedup"] = round(med["cached"] / med["cached+bf16"], 3)
-    print(f"stage-1 step, batch {args.batch_size}, Nq {args.nq}, {torch.get_num_threads()} threads, median of "
+    print(f"stage-1 step, batch {b}, Nq {nq}, {torch.get_num_threads()} threads, median of "
           f"{args.steps} interleaved steps each:")
     print(f"  online VAE encode: {med['online']:.3f} s   cached latents: {med['cached']:.3f} s   "
           f"speed-up {out['speedup']:.2f}x (FLOP bound {bound:.3f}x: the VAE encode adds "
-          f"{vae_flops / args.batch_size / 1e9:.2f} GFLOP per image to a {step_flops / args.batch_size / 1e9:.2f} "
+          f"{vae_flops / b / 1e9:.2f} GFLOP per image to a {step_flops / b / 1e9:.2f} "
           f"GFLOP step)")
     if args.bf16:
         print(f"  cached latents + bf16 autocast: {med['cached+bf16']:.3f} s   speed-up over fp32 "
@@ -106,14 +118,9 @@ def speed(args: argparse.Namespace) -> dict:
     return out
 
 
-def _test_set(n: int, size: int) -> ImageCaptionFolder:
-    with tempfile.TemporaryDirectory() as tmp:
-        return ImageCaptionFolder(write_shapes(Path(tmp), n=n, split="test", progress=False), size)
-
-
 def accuracy(args: argparse.Namespace) -> dict:
     decoder = _decoder(args.teacher)
-    test = _test_set(args.n, decoder.image_size)
+    test = test_scenes(args.n, decoder.image_size)
     torch.set_grad_enabled(False)
     out: dict = {"n": args.n}
     t = sample_accuracy(decoder.pipeline("fast"), test.captions, guidance_scale=args.cfg)
@@ -136,11 +143,16 @@ def ablation(args: argparse.Namespace) -> dict:
     """One stage-1 run per Nq, equal steps: from scratch (the paper's Table 4-left), or with --init from a trained
     encoder's first Nq queries, whose z is exactly the first Nq positions of the trained z (the query decoder is
     causal); that truncation is then measured untrained too, as the runs' common starting point."""
-    from vlv.stage1 import train_stage1
-    from vlv.train import TrainConfig
+    from vlv.training.loop import load_checkpoint
+    from vlv.training.recipes import resolved
+    from vlv.training.stage1 import train_stage1
 
+    recipe = load_recipe(args.recipe, "stage1")
+    cfg = train_config(recipe, {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                                "warmup_steps": args.warmup, "max_minutes": args.minutes})
+    method = {"init": args.init, "high_noise_fraction": args.high_noise_fraction}
     decoder = _decoder(args.teacher)
-    test = _test_set(args.n, decoder.image_size)
+    test = test_scenes(args.n, decoder.image_size)
     results: dict[str, dict] = {}
 
     def measure(name: str, enc: VLVEncoder, extra: dict) -> None:
@@ -150,28 +162,26 @@ def ablation(args: argparse.Namespace) -> dict:
         print(f"{name}: scene acc {s.scene_accuracy:.4f} F1 {s.object_f1:.4f} {extra}", flush=True)
 
     if args.init:
-        from vlv.stage1 import init_from
+        from vlv.training.stage1 import init_from
 
         for nq in args.nq:
-            enc = build_encoder(Stage1Settings(decoder="", data="", num_queries=nq), decoder.text_dim, seed=0)
+            enc = build_encoder(stage1_settings(recipe, {"num_queries": nq}), decoder.text_dim, seed=0)
             init_from(enc, args.init)
             measure(f"Nq {nq}, untrained from {args.init}", enc, {"steps": 0})
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data or write_shapes(Path(tmp) / "train", n=args.train_n, progress=False)
+        if args.data:
+            data = args.data
+        else:
+            from vlv.shapes.data import write_shapes
+
+            data = write_shapes(Path(tmp) / "train", n=args.train_n, progress=False)
         for nq in args.nq:
             run = Path(args.out) / f"nq{nq}"
-            settings = Stage1Settings(decoder=args.teacher, data=str(data), num_queries=nq, init=args.init,
-                                      high_noise_fraction=args.high_noise_fraction)
-            cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, betas=(0.9, 0.99),
-                              weight_decay=0.01, warmup_steps=args.warmup, max_minutes=args.minutes)
-            enc = train_stage1(settings, cfg, run)
+            settings = stage1_settings(recipe, {**method, "num_queries": nq}, decoder=args.teacher, data=str(data))
+            enc = train_stage1(settings, cfg, run, recipe=resolved(recipe, train=cfg))
             if enc is None:  # stopped by the time cap: measure the checkpoint
-                from safetensors.torch import load_file
-
-                from vlv.train import load_trainable_state
-
                 enc = build_encoder(settings, decoder.text_dim, seed=cfg.seed)
-                load_trainable_state(enc, load_file(run / "checkpoint" / "model.safetensors"))
+                load_checkpoint(run, enc, None, None)
             done = json.loads((run / "checkpoint" / "trainer.json").read_text())  # resumed runs count in full
             measure(f"Nq {nq}", enc, {"steps": done["step"], "train_s": round(done["elapsed_s"])})
     return results
@@ -180,11 +190,13 @@ def ablation(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="mode", required=True)
+    recipe_help = f"stage-1 recipe (vlv/recipes) or JSON file whose settings the runs take (default {RECIPE})"
     s = sub.add_parser("speed")
     s.add_argument("--teacher", default=None)
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--nq", type=int, default=77)
-    s.add_argument("--steps", type=int, default=10)
+    s.add_argument("--recipe", default=RECIPE, help=recipe_help)
+    s.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
+    s.add_argument("--nq", type=int, default=None, help="default: the recipe's")
+    s.add_argument("--steps", type=int, default=10, help="timed steps of each variant")
     s.add_argument("--bf16", action="store_true", help="also time cached-latent steps under bf16 autocast")
     s.set_defaults(func=speed)
     a = sub.add_parser("accuracy")
@@ -196,25 +208,24 @@ def main(argv: list[str] | None = None) -> int:
     a.set_defaults(func=accuracy)
     b = sub.add_parser("ablation")
     b.add_argument("--teacher", default="shapes-teacher")
+    b.add_argument("--recipe", default=RECIPE, help=recipe_help)
     b.add_argument("--nq", type=int, nargs="+", default=[16, 32, 77])
     b.add_argument("--init", default=None, help="start each run from this trained encoder's first Nq queries")
     b.add_argument("--data", default=None, help="training image-caption dir (default: --train-n fresh scenes)")
     b.add_argument("--train-n", type=int, default=10000)
-    b.add_argument("--steps", type=int, default=3000, help="steps per run, equal for every Nq")
+    b.add_argument("--steps", type=int, default=None, help="steps per run, equal for every Nq (default: the recipe's)")
     b.add_argument("--minutes", type=float, default=None, help="also stop a run after this long")
-    b.add_argument("--batch-size", type=int, default=64)
-    b.add_argument("--lr", type=float, default=1e-3)
-    b.add_argument("--warmup", type=int, default=100)
-    b.add_argument("--high-noise-fraction", type=float, default=0.25)
+    b.add_argument("--batch-size", type=int, default=64, help="default 64, the recorded ablations' batch")
+    b.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    b.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: the recipe's)")
+    b.add_argument("--high-noise-fraction", type=float, default=None, help="default: the recipe's")
     b.add_argument("--n", type=int, default=500)
     b.add_argument("--cfg", type=float, default=2.0)
     b.add_argument("--out", default="runs/benchmarks/nq-ablation")
     b.set_defaults(func=ablation)
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
-    result = args.func(args)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.json, args.func(args))
     return 0
 
 

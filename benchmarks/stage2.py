@@ -1,15 +1,17 @@
 """Shapes stage-2 benchmarks.
 
     python benchmarks/stage2.py accuracy --run RUN2 --n 500            # captions, and caption -> teacher (Table 1)
-    python benchmarks/stage2.py levels --stage1 RUN1 --lm LM --minutes 5  # Table 4-right analogue
-    python benchmarks/stage2.py levels ... --levels mlp+llm mlp+lora16     # LoRA (peft) adapters of rank 16
-    python benchmarks/stage2.py table7 --stage1 RUN1 --lm LM --minutes 5  # stage-1 encoder vs an untrained one
+    python benchmarks/stage2.py levels --stage1 RUN1 --lm LM --data DIR --minutes 5  # Table 4-right analogue
+    python benchmarks/stage2.py levels ... --levels mlp+llm mlp+lora16                # LoRA (peft) adapters, rank 16
+    python benchmarks/stage2.py table7 --stage1 RUN1 --lm LM --data DIR --minutes 5  # stage-1 vs untrained encoder
     python benchmarks/stage2.py speed --run RUN2 --n 64                 # batched vs batch-1 captioning
 
 accuracy: caption scene accuracy / object F1 / attribute accuracy (grammar read-back) on test scenes,
 greedy and beam search, then the predicted captions drawn by the teacher and read back by the detector.
 levels / table7: one stage-2 run per variant for the same wall time on the same data, each measured on
-the same test scenes.
+the same test scenes. The runs train as the stage-2 recipe does (--recipe, default shapes-stage2), except for
+ABLATION_TRAIN below (the settings the recorded levels / table7 ablations ran with); a flag overrides one field.
+table7's untrained encoder is a fresh encoder as the shapes-stage1 recipe builds one.
 """
 
 from __future__ import annotations
@@ -24,36 +26,41 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import fresh_encoder, test_scenes, train_config, write_result  # benchmarks/
 
-from vlv.data import ImageCaptionFolder, to_tensor, write_shapes
-from vlv.presets import resolve_decoder, resolve_encoder
-from vlv.stage2 import Stage2Settings, caption_images, caption_scores, load_stage2, train_stage2
-from vlv.train import TrainConfig
-from vlv.world import shapes
+from vlv.captioner import Captioner
+from vlv.data import to_tensor
+from vlv.inference import caption_images
+from vlv.shapes import world
+from vlv.shapes.metrics import caption_scores, image_scores, truths
+from vlv.training.config import Stage2Settings
+from vlv.training.recipes import load_recipe, resolved, section
+from vlv.training.stage2 import train_stage2
 
-
-def _test(n: int, size: int) -> ImageCaptionFolder:
-    folder = Path(tempfile.mkdtemp()) / "test"
-    return ImageCaptionFolder(write_shapes(folder, n=n, seed=0, split="test", progress=False), size)
+RECIPE = "shapes-stage2"
+# What the recorded levels / table7 ablations trained with instead of the recipe's values, kept as overrides so
+# that the benchmark measures what they measured; --lr and --batch-size go on top.
+ABLATION_TRAIN = {"lr": 5e-4, "betas": (0.9, 0.99), "warmup_steps": 20}
 
 
 def accuracy(args: argparse.Namespace) -> dict:
-    from vlv.teacher import load_pipeline, sample
+    from vlv.diffusion import load_pipeline, sample
+    from vlv.shipped import resolve_decoder
 
-    captioner = load_stage2(args.run).eval()
-    data = _test(args.n, captioner.encoder.config.image_size)
+    captioner = Captioner.from_pretrained(args.run).eval()
+    data = test_scenes(args.n, captioner.encoder.config.image_size)
+    pipe = load_pipeline(resolve_decoder(args.teacher))
+    true = truths(data)
     out: dict = {"n": args.n}
     for beams in args.beams:
         t = time.perf_counter()
         preds = caption_images(captioner, to_tensor(data.images), num_beams=beams)
         dt = time.perf_counter() - t
-        truths = [shapes.parse_caption(c) for c in data.captions]
-        s = shapes.score([shapes.parse_caption(p) for p in preds], truths).as_dict()
+        s = world.score([world.parse_caption(p) for p in preds], true).as_dict()
         s["exact"] = float(np.mean([p == c for p, c in zip(preds, data.captions, strict=True)]))
         s["seconds"] = round(dt, 1)
-        pipe = load_pipeline(resolve_decoder(args.teacher))
         drawn = sample(pipe, preds, guidance_scale=args.cfg, steps=20)
-        s["caption_to_image"] = shapes.score([shapes.detect(im) for im in drawn], truths).as_dict()
+        s["caption_to_image"] = image_scores(drawn, data).as_dict()
         out[f"beams{beams}"] = s
         print(f"beams {beams}: caption scene acc {s['scene_accuracy']:.4f}, object F1 {s['object_f1']:.4f}, attribute "
               f"acc {s['attribute_accuracy']:.4f}, exact {s['exact']:.4f} ({dt:.1f}s); caption -> teacher -> "
@@ -63,15 +70,24 @@ def accuracy(args: argparse.Namespace) -> dict:
 
 def _train_variant(tag: str, args: argparse.Namespace, encoder: str, trainable: str, lora_rank: int,
                    work: Path) -> dict:
-    settings = Stage2Settings(decoder=args.teacher, encoder=encoder, lm=args.lm, data=str(args.data),
-                              trainable=trainable, lora_rank=lora_rank)
-    cfg = TrainConfig(steps=10**9, batch_size=args.batch_size, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01,
-                      warmup_steps=20, budget_minutes=args.minutes, seed=args.seed)
+    """One budgeted stage-2 run of the recipe (ABLATION_TRAIN and the flags on top), measured greedily."""
+    from vlv.lm import is_lm_dir
+
+    recipe = load_recipe(args.recipe, "stage2")
+    settings = section(recipe, "settings", Stage2Settings, {"trainable": trainable, "lora_rank": lora_rank},
+                       decoder=args.teacher, encoder=encoder, lm=args.lm, data=str(args.data))
+    cfg = train_config(recipe, ABLATION_TRAIN, {"lr": args.lr, "batch_size": args.batch_size},
+                       {"steps": 10**9, "budget_minutes": args.minutes, "seed": args.seed})  # it plans its steps
+    tokenizer = None
+    if not is_lm_dir(settings.lm):  # a random-init LM config: the shapes world's tokenizer
+        from vlv.shapes.tokenizers import build_shapes_tokenizer
+
+        tokenizer = build_shapes_tokenizer()
     t = time.perf_counter()
-    captioner = train_stage2(settings, cfg, work / tag)
+    captioner = train_stage2(settings, cfg, work / tag, tokenizer=tokenizer, recipe=resolved(recipe, train=cfg))
     wall = time.perf_counter() - t
     meta = json.loads((work / tag / "checkpoint" / "trainer.json").read_text())
-    data = _test(args.n, captioner.encoder.config.image_size)
+    data = test_scenes(args.n, captioner.encoder.config.image_size)
     s = caption_scores(captioner.eval(), data, num_beams=1)
     s.update(steps=meta["step"], train_s=round(wall, 1))
     print(f"{tag:>28}: scene acc {s['scene_accuracy']:.4f}, object F1 {s['object_f1']:.4f}, exact "
@@ -100,21 +116,19 @@ def levels(args: argparse.Namespace) -> dict:
 
 def table7(args: argparse.Namespace) -> dict:
     from vlv.encoder import VLVEncoder
-    from vlv.stage1 import Stage1Settings, build_encoder
 
-    stage1 = VLVEncoder.from_pretrained(resolve_encoder(args.stage1))
+    stage1 = VLVEncoder.from_pretrained(args.stage1)
     with tempfile.TemporaryDirectory() as tmp:
         untrained = Path(tmp) / "untrained-encoder"
-        settings = Stage1Settings(decoder="", data="", num_queries=stage1.config.num_queries)
-        build_encoder(settings, stage1.config.text_dim, seed=args.seed).save_pretrained(untrained)
+        fresh_encoder(stage1.config.text_dim, stage1.config.num_queries, seed=args.seed).save_pretrained(untrained)
         return {"stage1-encoder": _train_variant("stage-1 encoder", args, str(args.stage1), args.level, 0, Path(tmp)),
                 "untrained-encoder": _train_variant("untrained encoder", args, str(untrained), args.level, 0,
                                                     Path(tmp))}
 
 
 def speed(args: argparse.Namespace) -> dict:
-    captioner = load_stage2(args.run).eval()
-    data = _test(args.n, captioner.encoder.config.image_size)
+    captioner = Captioner.from_pretrained(args.run).eval()
+    data = test_scenes(args.n, captioner.encoder.config.image_size)
     x = to_tensor(data.images)
     caption_images(captioner, x[:2], num_beams=1)  # warm-up
     t = time.perf_counter()
@@ -136,35 +150,37 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("accuracy")
-    a.add_argument("--run", type=Path, required=True)
+    a.add_argument("--run", required=True, help="stage-2 run dir or shipped name (shapes-stage2)")
     a.add_argument("--teacher", default="shapes-teacher")
     a.add_argument("--n", type=int, default=500)
     a.add_argument("--beams", type=int, nargs="+", default=[1, 4])
     a.add_argument("--cfg", type=float, default=2.0)
     for name in ("levels", "table7"):
         t = sub.add_parser(name)
-        t.add_argument("--stage1", type=Path, required=True)
-        t.add_argument("--lm", required=True)
+        t.add_argument("--stage1", required=True, help="stage-1 run dir or shipped name (shapes-stage1)")
+        t.add_argument("--lm", required=True, help="LM dir, shipped name (shapes-lm) or LM config (random init)")
         t.add_argument("--data", type=Path, required=True)
         t.add_argument("--teacher", default="shapes-teacher")
-        t.add_argument("--minutes", type=float, default=5.0)
-        t.add_argument("--batch-size", type=int, default=32)
-        t.add_argument("--lr", type=float, default=5e-4)
-        t.add_argument("--level", default="mlp+llm+encoder")
+        t.add_argument("--recipe", default=RECIPE,
+                       help=f"stage-2 recipe (vlv/recipes) or JSON file the runs train by (default {RECIPE})")
+        t.add_argument("--minutes", type=float, default=5.0, help="training wall time of each variant")
+        t.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
+        t.add_argument("--lr", type=float, default=None,
+                       help=f"peak learning rate (default {ABLATION_TRAIN['lr']}: ABLATION_TRAIN's, not the recipe's)")
         t.add_argument("--n", type=int, default=500)
         t.add_argument("--seed", type=int, default=0)
-        if name == "levels":
+        if name == "table7":
+            t.add_argument("--level", default="mlp+llm+encoder", help="the trainable level of both runs")
+        else:
             t.add_argument("--levels", nargs="+", type=_level_tag, default=["mlp", "mlp+llm", "mlp+llm+encoder"],
                            help="variants: mlp, mlp+llm, mlp+llm+encoder, mlp+loraR, mlp+loraR+encoder")
     s = sub.add_parser("speed")
-    s.add_argument("--run", type=Path, required=True)
+    s.add_argument("--run", required=True, help="stage-2 run dir or shipped name (shapes-stage2)")
     s.add_argument("--n", type=int, default=64)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    result = {"accuracy": accuracy, "levels": levels, "table7": table7, "speed": speed}[args.cmd](args)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.json, {"accuracy": accuracy, "levels": levels, "table7": table7, "speed": speed}[args.cmd](args))
     return 0
 
 

@@ -13,23 +13,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import test_scenes, write_result  # benchmarks/
 from PIL import Image
 
-from vlv.data import ImageCaptionFolder, write_shapes
-from vlv.presets import resolve_decoder
-from vlv.report import contact_sheet
-from vlv.teacher import load_pipeline, sample, vae_accuracy
-from vlv.world import shapes
+from vlv.diffusion import load_pipeline, sample
+from vlv.shapes.metrics import image_scores, vae_accuracy
+from vlv.shapes.report import contact_sheet
+from vlv.shipped import resolve_decoder
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default="shapes-teacher", help="teacher dir or preset name")
+    p.add_argument("--teacher", default="shapes-teacher", help="teacher dir or shipped name")
     p.add_argument("--n", type=int, default=500, help="test-split scenes")
     p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0])
     p.add_argument("--steps", type=int, default=20)
@@ -41,10 +40,9 @@ def main(argv: list[str] | None = None) -> int:
 
     path = resolve_decoder(args.teacher)
     pipe = load_pipeline(path)
-    with tempfile.TemporaryDirectory() as tmp:
-        test = ImageCaptionFolder(write_shapes(Path(tmp) / "test", n=args.n, split="test", progress=False), 64)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the resolution the teacher draws at
+    test = test_scenes(args.n, size)
     captions = test.captions
-    truths = [shapes.parse_caption(c) for c in captions]
     result: dict = {"teacher": str(path), "n": args.n, "sampler": args.sampler, "steps": args.steps}
 
     t0 = time.perf_counter()
@@ -57,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     for g in args.cfg:
         t0 = time.perf_counter()
         images = sample(pipe, captions, guidance_scale=g, steps=args.steps, sampler=args.sampler)
-        s = shapes.score([shapes.detect(im) for im in images], truths)
+        s = image_scores(images, test)
         dt = time.perf_counter() - t0
         result["cfg"][str(g)] = {**s.as_dict(), "seconds": round(dt, 1)}
         print(f"{g:5.1f} {s.scene_accuracy:10.4f} {s.object_f1:10.4f} {s.attribute_accuracy:9.4f} {dt:7.1f}")
@@ -86,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args.grid.parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(pairs, cols=16).save(args.grid)
     print(f"grid (true | sample at cfg {best}): {args.grid}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.json, result)
     return 0
 
 

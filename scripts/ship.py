@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlv.data import atomic_write_text
-from vlv.presets import SHIPPED
+from vlv.modeling import atomic_write_text
+from vlv.shipped import SHIPPED
 
 KINDS = ("stage1", "lm", "stage2")
 SKIP = {"latents.safetensors"}  # stage 1's cached VAE latents: a training cache, not weights

@@ -96,7 +96,8 @@ def cmd_train_stage1(args: argparse.Namespace) -> None:
         from vlv.shapes.metrics import stage1_evaluator
 
         evaluator = stage1_evaluator(args.val, args.eval_n)
-    done = train_stage1(settings, cfg, args.out, evaluator=evaluator, recipe=resolved(recipe, train=cfg))
+    done = train_stage1(settings, cfg, args.out, evaluator=evaluator,
+                        recipe=resolved(recipe, train=cfg, settings=settings))
     print(f"encoder saved to {args.out}" if done else f"stopped early; run the same command to resume ({args.out})")
 
 
@@ -173,7 +174,7 @@ def cmd_train_lm(args: argparse.Namespace) -> None:
     _require_dirs(args.data, args.val)
     from vlv.training.lm import LMSettings, train_lm
     from vlv.training.loop import TrainConfig
-    from vlv.training.recipes import load_recipe, section
+    from vlv.training.recipes import load_recipe, resolved, section
 
     recipe = load_recipe(args.recipe, "lm")
     settings = section(recipe, "settings", LMSettings, given(args, LMSettings))
@@ -181,7 +182,8 @@ def cmd_train_lm(args: argparse.Namespace) -> None:
     judge = None
     if settings.val:
         from vlv.shapes.metrics import lm_judge as judge
-    done = train_lm(settings, cfg, args.out, tokenizer=_tokenizer_for(settings.lm), judge=judge)
+    done = train_lm(settings, cfg, args.out, tokenizer=_tokenizer_for(settings.lm), judge=judge,
+                    recipe=resolved(recipe, train=cfg, settings=settings))
     print(f"language model saved to {args.out}" if done else f"stopped early; run again to resume ({args.out})")
 
 
@@ -204,7 +206,7 @@ def cmd_train_stage2(args: argparse.Namespace) -> None:
 
         evaluator = stage2_evaluator(args.val, args.eval_n)
     done = train_stage2(settings, cfg, args.out, evaluator=evaluator, tokenizer=_tokenizer_for(settings.lm),
-                        recipe=resolved(recipe, train=cfg))
+                        recipe=resolved(recipe, train=cfg, settings=settings))
     print(f"captioner saved to {args.out}" if done else f"stopped early; run again to resume ({args.out})")
 
 

@@ -30,7 +30,7 @@ from vlv.shapes.evaluate import EvalSettings, evaluate_run, finished
 from vlv.shapes.tokenizers import build_shapes_tokenizer
 from vlv.shipped import resolve_decoder
 from vlv.training.loop import TrainConfig
-from vlv.training.recipes import load_recipe, section
+from vlv.training.recipes import load_recipe, resolved, section
 
 STAGES = ("lm", "stage1", "stage2")
 
@@ -49,7 +49,7 @@ def demo_recipe(name: str) -> dict[str, Any]:
 def stage_recipe(demo: dict[str, Any], stage: str, budget: float | None) -> tuple[dict[str, Any], TrainConfig]:
     """A stage's training recipe with the demo's overrides, and its loop config (budgeted when ``budget``)."""
     entry = demo["stages"][stage]
-    recipe = load_recipe(entry["recipe"], "stage1" if stage == "stage1" else stage)
+    recipe = load_recipe(entry["recipe"], stage)  # the stages are named as the tasks
     train = {**recipe.get("train", {}), **entry.get("train", {})}
     if budget:  # a budgeted run plans its own count after a few steps
         train.update(steps=10**9, budget_minutes=budget)
@@ -61,7 +61,8 @@ def _stage_lm(run: Path, demo: dict[str, Any], budget: float | None) -> None:
 
     recipe, cfg = stage_recipe(demo, "lm", budget)
     settings = section(recipe, "settings", LMSettings, data=str(run / "data" / "train"))
-    if train_lm(settings, cfg, run / "lm", tokenizer=build_shapes_tokenizer()) is None:
+    if train_lm(settings, cfg, run / "lm", tokenizer=build_shapes_tokenizer(),
+                recipe=resolved(recipe, train=cfg, settings=settings)) is None:
         raise InterruptedError("language model")
 
 
@@ -71,7 +72,7 @@ def _stage1(run: Path, demo: dict[str, Any], budget: float | None) -> None:
     recipe, cfg = stage_recipe(demo, "stage1", budget)
     settings = section(recipe, "settings", Stage1Settings, decoder=str(run / "teacher"),
                        data=str(run / "data" / "train"))
-    if train_stage1(settings, cfg, run / "stage1", recipe=recipe) is None:
+    if train_stage1(settings, cfg, run / "stage1", recipe=resolved(recipe, train=cfg, settings=settings)) is None:
         raise InterruptedError("stage 1")
 
 
@@ -81,7 +82,7 @@ def _stage2(run: Path, demo: dict[str, Any], budget: float | None) -> None:
     recipe, cfg = stage_recipe(demo, "stage2", budget)
     settings = section(recipe, "settings", Stage2Settings, decoder=str(run / "teacher"),
                        encoder=str(run / "stage1"), lm=str(run / "lm"), data=str(run / "data" / "train"))
-    if train_stage2(settings, cfg, run / "stage2", recipe=recipe) is None:
+    if train_stage2(settings, cfg, run / "stage2", recipe=resolved(recipe, train=cfg, settings=settings)) is None:
         raise InterruptedError("stage 2")
 
 

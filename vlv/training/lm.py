@@ -74,7 +74,8 @@ class LMTask:
 
 
 def train_lm(settings: LMSettings, cfg: TrainConfig, out: Path, tokenizer: PreTrainedTokenizerBase | None = None,
-             judge: Callable[[list[str]], dict[str, float]] | None = None) -> PreTrainedModel | None:
+             judge: Callable[[list[str]], dict[str, float]] | None = None,
+             recipe: dict | None = None) -> PreTrainedModel | None:
     """Pre-train (or resume) a causal LM on caption text; returns it, or None if stopped early (re-run resumes).
 
     ``out`` ends up a standard checkpoint dir: ``AutoModelForCausalLM.from_pretrained(out)`` and
@@ -86,7 +87,8 @@ def train_lm(settings: LMSettings, cfg: TrainConfig, out: Path, tokenizer: PreTr
     val = read_captions(settings.val, limit=settings.eval_n) if settings.val else None
     torch.manual_seed(cfg.seed)  # same random init on resume
     lm, tokenizer = build_lm(settings.lm), tokenizer or load_tokenizer(settings.lm)
-    write_json(out / LM_FILE, {"settings": asdict(settings), "train": asdict(cfg)})
+    write_json(out / LM_FILE, {"settings": asdict(settings), "train": asdict(cfg),
+                               **({"recipe": recipe} if recipe else {})})
     state = train(LMTask(lm, tokenizer, captions, val, seed=cfg.seed, judge=judge), cfg, out)
     if not state.done:
         return None

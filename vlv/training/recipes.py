@@ -9,7 +9,7 @@ dir saves the resolved recipe beside its weights.
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,5 @@ def section(recipe: dict[str, Any], name: str, cls: type, overrides: dict[str, A
 
 def resolved(recipe: dict[str, Any], **sections: Any) -> dict[str, Any]:
     """The recipe as it ran: its name and description with each section's final values (for the run dir)."""
-    from dataclasses import asdict
-
     return {"name": recipe.get("name"), "task": recipe["task"], "description": recipe.get("description"),
             **{k: asdict(v) for k, v in sections.items()}}

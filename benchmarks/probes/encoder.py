@@ -1,9 +1,9 @@
 """Can the shapes encoder's parts learn the scene at all? Supervised probes of the tiny Florence-2 (diagnostic).
 
-    python benchmarks/encoder_probe.py flat --train runs/ship/data/train --val runs/ship/data/val
-    python benchmarks/encoder_probe.py bart --lr 1e-3 --init-std 0.3 ...
+    python benchmarks/probes/encoder.py flat --train runs/ship/data/train --val runs/ship/data/val
+    python benchmarks/probes/encoder.py bart --lr 1e-3 --init-std 0.3 --train DIR --val DIR
 
-Stage 1 and stage 2 both failed to learn anything from the shapes images with the ``shapes`` encoder preset
+Stage 1 and stage 2 both failed, at first, to learn anything from the shapes images with the ``shapes`` encoder
 (see the stage-1 issue note). This probe trains the encoder's parts with the most direct supervision there is:
 per quadrant, a 37-way label (empty, or shape x colour x size), cross-entropy, AdamW, batch 32, linear warmup
 over 100 steps, and prints held-out quadrant and scene accuracy every 100 steps.
@@ -13,25 +13,32 @@ over 100 steps, and prints held-out quadrant and scene accuracy every 100 steps.
 - ``encoder``: DaViT + projector + the BART encoder, the linear head on all its output tokens;
 - ``bart``: the whole encoder path to the queries (BART encoder over [visual tokens; prompt], BART decoder
   over the Nq queries with cross-attention), the head on the mean of the first 4 query outputs.
-``--init-std`` overrides BART's ``init_std`` (0.02 in the preset); the start prints how much the query outputs
-h differ between two random images, relative to their norm.
+``--init-std`` overrides the ``init_std`` of vlv/configs/florence2-shapes.json (BART's); the start prints how
+much the query outputs h differ between two random images, relative to their norm.
+
+The encoder is the one a shapes-stage1 run starts from (its named config and the recipe's init settings); the
+states the heads read are taken from ``VLVEncoder.forward`` itself on its way (forward hooks), not recomputed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vlv.config import read_config
 from vlv.data import ImageCaptionFolder, read_records, to_tensor
-from vlv.encoder import PRESETS, EncoderConfig, VLVEncoder
-from vlv.world import shapes
+from vlv.encoder import VLVEncoder
+from vlv.shapes import world as shapes
+from vlv.training.config import Stage1Settings
+from vlv.training.recipes import load_recipe, section
+from vlv.training.stage1 import encoder_config
 
 NCLS = 1 + len(shapes.SHAPES) * len(shapes.COLORS) * len(shapes.SIZES)
 
@@ -55,26 +62,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", type=Path, required=True)
     p.add_argument("--val", type=Path, required=True)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--init-std", type=float, default=None, help="BART init_std (preset: 0.02)")
+    p.add_argument("--init-std", type=float, default=None, help="BART init_std (default: the Florence config's)")
     p.add_argument("--steps", type=int, default=600)
     args = p.parse_args(argv)
 
-    florence = json.loads((PRESETS / "florence2-shapes.json").read_text())
+    settings = section(load_recipe("shapes-stage1", "stage1"), "settings", Stage1Settings, decoder="", data="")
+    config = encoder_config(settings, text_dim=128)
+    florence = read_config(config.florence2)
     if args.init_std is not None:
         florence["text_config"]["init_std"] = args.init_std
     torch.manual_seed(0)
-    enc = VLVEncoder(EncoderConfig.preset("shapes", text_dim=128, florence2=florence))
+    enc = VLVEncoder(replace(config, florence2=florence))
     model, lm = enc.florence.model, enc.florence.model.language_model
 
+    def states(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The encoder's forward on images x: the BART encoder's output states (B, 1+HW+P, D) and the query
+        outputs h (B, Nq, D), phi's input, read on the way."""
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [lm.encoder.register_forward_hook(lambda m, a, o: seen.__setitem__("encoder", o.last_hidden_state)),
+                 enc.phi.register_forward_hook(lambda m, a, o: seen.__setitem__("queries", a[0]))]
+        try:
+            enc(enc.normalize(x))
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen
+
     def encoder_states(x: torch.Tensor) -> torch.Tensor:
-        v = model.get_image_features(enc.normalize(x)).pooler_output  # (B, 1+HW, D)
-        prompt = model.get_input_embeddings()(enc.prompt_ids)[None].expand(len(x), -1, -1)
-        return lm.encoder(inputs_embeds=torch.cat([v, prompt], 1)).last_hidden_state  # (B, 1+HW+P, D)
+        return states(x)["encoder"]
 
     def query_outputs(x: torch.Tensor) -> torch.Tensor:
-        h_e = encoder_states(x)
-        return lm.decoder(inputs_embeds=enc.queries.expand(len(x), -1, -1), encoder_hidden_states=h_e,
-                          use_cache=False).last_hidden_state  # (B, Nq, D)
+        return states(x)["queries"]
 
     with torch.no_grad():
         h = query_outputs(torch.rand(2, 3, 64, 64) * 2 - 1)
@@ -85,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         probe = torch.zeros(1, 3, 64, 64)
         n_tokens = (encoder_states(probe) if args.mode == "encoder" else
-                    model.get_image_features(enc.normalize(probe)).pooler_output).shape[1]
+                    enc.image_features(enc.normalize(probe))).shape[1]
     head = torch.nn.Linear(d * n_tokens if args.mode in ("flat", "encoder") else d, 4 * NCLS)
     params = [*model.vision_tower.parameters(), *model.multi_modal_projector.parameters(), *head.parameters()]
     if args.mode in ("bart", "encoder"):
@@ -96,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             return head(query_outputs(x)[:, :4].mean(1))
         if args.mode == "encoder":
             return head(encoder_states(x).flatten(1))
-        v = model.get_image_features(enc.normalize(x)).pooler_output
+        v = enc.image_features(enc.normalize(x))  # (B, 1+HW, D)
         return head(v.flatten(1) if args.mode == "flat" else v.mean(1))
 
     data, val = ImageCaptionFolder(args.train, 64, progress=False), ImageCaptionFolder(args.val, 64, limit=256)

@@ -1,6 +1,6 @@
 """Does a stage-1 encoder carry information yet? A diagnostic that needs no sampling (shapes teacher).
 
-    python benchmarks/stage1_probe.py --encoder shapes-stage1 [--n 64] [--draws 8]
+    python benchmarks/probes/stage1.py --encoder shapes-stage1 [--n 64] [--draws 8] [--json out.json]
 
 On n validation scenes, with the same noise for every code, per band of timesteps:
 - the teacher's diffusion loss given the true caption's token embeddings (L_true), the empty caption's
@@ -10,38 +10,68 @@ On n validation scenes, with the same noise for every code, per band of timestep
   cosine with the direction towards the true caption's embeddings (one noise draw, and ``--draws`` averaged),
   for the whole z and for its image-specific part (minus the batch mean). This is where stage 1's learning
   signal lives: which timesteps carry it, and whether the encoder sits where the signal has vanished.
+
+The loss is the library's own (``vlv.diffusion.diffusion_loss``, what stage 1 trains on), restricted to a band
+of timesteps by :class:`Band`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from vlv.data import ImageCaptionFolder, to_tensor, write_shapes
-from vlv.decoder import DiffusionDecoder
-from vlv.encoder import VLVEncoder
-from vlv.presets import resolve_decoder, resolve_encoder
-from vlv.teacher import diffusion_target
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared helpers
+from common import test_scenes, write_result  # noqa: E402
+
+from vlv.data import to_tensor  # noqa: E402
+from vlv.decoder import DiffusionDecoder  # noqa: E402
+from vlv.diffusion import diffusion_loss  # noqa: E402
+from vlv.encoder import VLVEncoder  # noqa: E402
+from vlv.inference import embed_images  # noqa: E402
 
 BANDS = ((0, 1000), (900, 1000), (700, 900), (500, 700), (200, 500), (0, 200))
 
 
+class Band:
+    """The decoder's scheduler seen through a band [lo, hi) of its timesteps, for ``diffusion_loss``.
+
+    ``diffusion_loss`` draws t ~ U{0..num_train_timesteps - 1} and hands the same t to the noising, the target
+    and the denoiser; here it draws from U{0..hi-lo-1}, and this adapter and :meth:`denoiser` shift every one of
+    those uses by lo, so the loss is the library's at t ~ U{lo..hi-1} (the same draws as
+    ``torch.randint(lo, hi)`` from the same generator).
+    """
+
+    def __init__(self, scheduler, band: tuple[int, int]):
+        self.scheduler, self.lo = scheduler, band[0]
+        self.config = SimpleNamespace(num_train_timesteps=band[1] - band[0],
+                                      prediction_type=scheduler.config.prediction_type)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(latents, noise, t + self.lo)
+
+    def get_velocity(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.get_velocity(latents, noise, t + self.lo)
+
+    def denoiser(self, decoder: DiffusionDecoder, z: torch.Tensor):
+        """The frozen UNet conditioned on T(z), as ``DiffusionDecoder.loss`` conditions it, at the shifted t."""
+        c = decoder.encode_text_embeds(z)  # (B, Nq, d_T)
+        return lambda noisy, t: decoder.unet(noisy, t + self.lo, encoder_hidden_states=c).sample
+
+
 def _loss(decoder: DiffusionDecoder, latents: torch.Tensor, z: torch.Tensor, band: tuple[int, int], seed: int,
           draws: int = 1) -> torch.Tensor:
-    """Sum over images of the per-image loss, averaged over ``draws`` (t, noise) pairs from ``band``."""
-    g, total = torch.Generator().manual_seed(seed), 0.0
-    for _ in range(draws):
-        t = torch.randint(*band, (latents.shape[0],), generator=g)
-        noise = torch.randn(latents.shape, generator=g)
-        pred = decoder.unet(decoder.scheduler.add_noise(latents, noise, t), t,
-                            encoder_hidden_states=decoder.encode_text_embeds(z)).sample
-        total = total + ((pred - diffusion_target(decoder.scheduler, latents, noise, t)) ** 2).mean(dim=(1, 2, 3))
-    return (total / draws).sum()
+    """Sum over images of the per-image loss, averaged over ``draws`` (t, noise) pairs from ``band``.
+
+    Every image has as many latent elements as the next, so that sum is n times ``diffusion_loss``'s batch mean.
+    """
+    g, b = torch.Generator().manual_seed(seed), Band(decoder.scheduler, band)
+    total = sum(diffusion_loss(b.denoiser(decoder, z), b, latents, g) for _ in range(draws))
+    return total / draws * latents.shape[0]
 
 
 def _grad(decoder, latents, z, band, seed, draws) -> torch.Tensor:
@@ -57,18 +87,15 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder", default="shapes-stage1", help="stage-1 run dir or shipped name")
-    p.add_argument("--teacher", default="shapes-teacher")
-    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--teacher", default="shapes-teacher", help="teacher dir or shipped name")
+    p.add_argument("--n", type=int, default=64, help="validation scenes")
     p.add_argument("--draws", type=int, default=8)
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    decoder = DiffusionDecoder.from_pretrained(resolve_decoder(args.teacher))
-    encoder = VLVEncoder.from_pretrained(resolve_encoder(args.encoder)).eval()
-    folder = Path("runs/benchmarks/probe-val")
-    if not (folder / "captions.jsonl").is_file():
-        write_shapes(folder, n=args.n, split="val", progress=False)
-    data = ImageCaptionFolder(folder, decoder.image_size, limit=args.n)
+    decoder = DiffusionDecoder.from_pretrained(args.teacher)
+    encoder = VLVEncoder.from_pretrained(args.encoder).eval()
+    data = test_scenes(args.n, decoder.image_size, split="val")
     x = to_tensor(data.images)  # (n, 3, H, W)
     nq = encoder.config.num_queries
     emb = decoder.text_encoder.get_input_embeddings()
@@ -76,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = decoder.tokenizer(data.captions, padding="max_length", max_length=nq, truncation=True,
                                 return_tensors="pt").input_ids
         empty = decoder.tokenizer([""] * args.n, padding="max_length", max_length=nq, return_tensors="pt").input_ids
-        codes = {"true": emb(ids), "empty": emb(empty), "encoder": encoder(encoder.normalize(x))}  # (n, Nq, d_T)
+        codes = {"true": emb(ids), "empty": emb(empty), "encoder": embed_images(encoder, x)}  # (n, Nq, d_T)
         latents = decoder.latents(x, torch.Generator().manual_seed(0))
     out: dict = {"encoder": str(args.encoder), "n": args.n,
                  "z_norm": {k: round(v.norm(dim=-1).mean().item(), 4) for k, v in codes.items()}}
@@ -103,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
               f"cos {ge['cos_1']:+.3f} ({args.draws} draws {ge[f'cos_{args.draws}']:+.3f}) | at encoder: |g| "
               f"{gz['norm']:.2e} cos {gz['cos_1']:+.3f} ({args.draws} draws {gz[f'cos_{args.draws}']:+.3f})",
               flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    write_result(args.json, out)
     return 0
 
 
