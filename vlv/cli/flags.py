@@ -26,26 +26,6 @@ def writable_dir(text: str) -> Path:
     return path
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 # --------------------------------------------------------------------------- flags from config dataclasses
 def _none_or(parse):
     def parse_optional(text: str):
@@ -60,6 +40,20 @@ def _number(kind: type):
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
     return parse
+
+
+def _positive(kind: type):
+    parse = _number(kind)
+
+    def parse_positive(text: str):
+        value = parse(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+        return value
+    return parse_positive
+
+
+positive_int, positive_float = _positive(int), _positive(float)
 
 
 def _field_kwargs(hint: Any) -> dict[str, Any]:
