@@ -15,7 +15,8 @@ CORE = ("data", "modeling", "config", "diffusion", "text_encoder", "encoder", "d
 FORBIDDEN = {**{m: ("vlv.shapes", "vlv.training", "vlv.inference", "vlv.api", "vlv.cli") for m in CORE},
              "inference": ("vlv.shapes", "vlv.training", "vlv.api", "vlv.cli"),
              "training": ("vlv.shapes", "vlv.inference", "vlv.api", "vlv.cli"),
-             "shapes": ("vlv.api", "vlv.cli")}
+             "shapes": ("vlv.api", "vlv.cli"),
+             "official": ("vlv.shapes", "vlv.training", "vlv.inference", "vlv.api", "vlv.cli")}
 
 
 def _imports(path: Path) -> set[str]:

@@ -19,6 +19,8 @@ from vlv.cli.commands import (
     cmd_data_sheet,
     cmd_demo,
     cmd_evaluate,
+    cmd_import_florence2,
+    cmd_import_stage1,
     cmd_reconstruct,
     cmd_teacher_export,
     cmd_teacher_sample,
@@ -147,6 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="PNG to write")
     add_sampling_args(p)
     p.set_defaults(func=cmd_compose)
+
+    imp = sub.add_parser("import-official", help="import checkpoints of the official VLV code into vlv's dirs")
+    imp_sub = imp.add_subparsers(dest="import_command", required=True, metavar="WHAT")
+    p = imp_sub.add_parser("florence2", help="a remote-code Florence-2 dir -> a native transformers Florence-2 dir")
+    p.add_argument("src", type=Path, help="Florence-2 dir in the remote-code layout (config.json with auto_map)")
+    p.add_argument("--out", type=Path, required=True, help="native Florence-2 dir to write (absent or empty)")
+    p.set_defaults(func=cmd_import_florence2)
+    p = imp_sub.add_parser("stage1", help="an official stage-1 checkpoint -> a vlv stage-1 run dir")
+    p.add_argument("ckpt", type=Path, help="checkpoint_<N>.pt, a consolidated pytorch_model.bin, or a DeepSpeed "
+                                           "save dir holding one")
+    p.add_argument("--florence2", type=Path, required=True,
+                   help="the base Florence-2 dir (remote-code layout, converted into RUN/florence2; or native)")
+    p.add_argument("--decoder", type=Path, required=True, help="the base Stable Diffusion dir of the official run")
+    p.add_argument("--out", type=Path, required=True, help="run dir to write (absent or empty)")
+    p.set_defaults(func=cmd_import_stage1)
 
     p = sub.add_parser("demo", help="the main job on the embedded shapes world")
     p.add_argument("--out", type=writable_dir, default=Path("runs/demo"), help="run folder (default runs/demo)")

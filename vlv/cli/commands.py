@@ -240,6 +240,35 @@ def cmd_caption(args: argparse.Namespace) -> None:
     print(f"wrote {len(rows)} caption(s) to {args.out}")
 
 
+# ----------------------------------------------------------------------------------- official imports
+def _print_counts(counts: dict[str, int]) -> None:
+    width = max(map(len, counts), default=0)
+    for group, n in counts.items():
+        print(f"  {group:<{width}}  {n}")
+
+
+def cmd_import_florence2(args: argparse.Namespace) -> None:
+    _require_dirs(args.src)
+    from vlv.official.florence2 import convert_florence2
+
+    counts = convert_florence2(args.src, args.out)
+    print(f"tensors mapped per group ({sum(counts.values())} in all):")
+    _print_counts(counts)
+    print(f"native Florence-2 written to {args.out}")
+
+
+def cmd_import_stage1(args: argparse.Namespace) -> None:
+    if not args.ckpt.exists():
+        raise FileNotFoundError(f"no such checkpoint: {args.ckpt}")
+    _require_dirs(args.florence2, args.decoder)
+    from vlv.official.stage1 import import_stage1
+
+    counts = import_stage1(args.ckpt, args.florence2, args.decoder, args.out)
+    print(f"tensors mapped per group ({sum(counts.values())} in all):")
+    _print_counts(counts)
+    print(f"stage-1 encoder written to {args.out}")
+
+
 # ------------------------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> None:
     from vlv.shapes.demo import run_demo

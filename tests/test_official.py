@@ -1,0 +1,233 @@
+"""Importers of the official VLV code's checkpoints, checked against references computed by the official code.
+
+The fixtures (``shared/fixtures/official-04bbfbb``, see its README) are tiny official checkpoints and the official
+code's outputs on 4 images; this file is skipped when they are absent.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "official-04bbfbb"
+if not FIXTURES.is_dir():
+    pytest.skip(f"official fixtures absent ({FIXTURES})", allow_module_level=True)
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from vlv.data import to_tensor  # noqa: E402
+from vlv.decoder import DiffusionDecoder  # noqa: E402
+from vlv.encoder import VLVEncoder, load_florence2  # noqa: E402
+from vlv.official.florence2 import convert_florence2, prompt_ids  # noqa: E402
+from vlv.official.stage1 import import_stage1  # noqa: E402
+from vlv.text_encoder import clip_from_embeds  # noqa: E402
+
+BASE_F2, BASE_SD = FIXTURES / "bases" / "florence2", FIXTURES / "bases" / "sd"
+PLAIN, DEEPSPEED = FIXTURES / "stage1" / "plain" / "checkpoint_3.pt", FIXTURES / "stage1" / "deepspeed"
+ATOL = 1e-5  # measured max abs differences: 1.2e-6 (image features) .. 9.0e-6 (BART decoder output)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def close(actual, expected, atol=ATOL):
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def refs():
+    return load_file(FIXTURES / "refs" / "stage1.safetensors")
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    return DiffusionDecoder.from_pretrained(BASE_SD)
+
+
+@pytest.fixture(scope="module")
+def native_f2(tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("f2") / "native"
+    counts = convert_florence2(BASE_F2, out)
+    return out, counts
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, native_f2, one_thread):
+    """Both official formats: the plain checkpoint with the remote-code base (converted into the run dir), the
+    DeepSpeed dir with the already-native base (used in place)."""
+    root = tmp_path_factory.mktemp("runs")
+    counts = {"plain": import_stage1(PLAIN, BASE_F2, BASE_SD, root / "plain"),
+              "deepspeed": import_stage1(DEEPSPEED, native_f2[0], BASE_SD, root / "deepspeed")}
+    return {name: root / name for name in counts}, counts
+
+
+def _images() -> np.ndarray:
+    return np.stack([np.asarray(Image.open(FIXTURES / "images" / f"img{i}.png").convert("RGB")) for i in range(4)])
+
+
+# ------------------------------------------------------------------------------------------ florence-2
+def test_florence2_conversion(native_f2, refs):
+    out, counts = native_f2
+    assert counts == {"vision_tower": 144, "multi_modal_projector": 6, "language_model": 51, "dropped": 2}
+    model = load_florence2(out).eval()
+    lm = model.model.language_model
+    assert lm.shared.weight is lm.encoder.embed_tokens.weight is lm.decoder.embed_tokens.weight
+    assert model.config.text_config.vocab_size == 1325  # original vocabulary: ids keep their meaning
+    with torch.no_grad():
+        close(model.model.get_image_features(refs["s1.pixel_values"]).pooler_output, refs["s1.image_features"])
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert len(tok) == 1325 and tok.convert_tokens_to_ids("<loc_0>") == 305
+    assert prompt_ids(tok) == refs["s1.florence_input_ids"][0].tolist()
+    text = json.loads((FIXTURES / "refs" / "refs.json").read_text())["florence_prompt_text"]
+    assert tok(tok.bos_token + text + tok.eos_token, add_special_tokens=False).input_ids == prompt_ids(tok)
+
+
+def test_florence2_refuses_a_native_dir_and_a_full_out(native_f2, tmp_path):
+    with pytest.raises(ValueError, match="not a remote-code"):
+        convert_florence2(native_f2[0], tmp_path / "x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("")
+    with pytest.raises(FileExistsError):
+        convert_florence2(BASE_F2, tmp_path / "full")
+
+
+# ------------------------------------------------------------------------------------------- stage 1
+@pytest.mark.parametrize("fmt", ["plain", "deepspeed"])
+def test_stage1_matches_the_official_outputs(runs, fmt, refs, decoder):
+    paths, counts = runs
+    assert counts[fmt] == {"queries": 1, "phi": 4, "florence.language_model": 51, "dropped": 2,
+                           "vae (== decoder, dropped)": 180, "unet (== decoder, dropped)": 208,
+                           "text_encoder (== decoder, dropped)": 36, "florence.vision_tower (== base)": 144,
+                           "florence.multi_modal_projector (== base)": 6}
+    assert sum(counts[fmt].values()) == 632  # every key of the checkpoint
+    assert (paths[fmt] / "florence2").is_dir() == (fmt == "plain")
+    enc = VLVEncoder.from_pretrained(paths[fmt]).eval()
+    cfg = enc.config
+    assert (cfg.image_size, cfg.num_queries, cfg.text_dim) == (128, 77, 64)
+    assert cfg.prompt_ids == refs["s1.florence_input_ids"][0].tolist()
+    lm = enc.florence.model.language_model
+    seen = {}
+    hooks = [lm.encoder.register_forward_hook(lambda m, i, o: seen.__setitem__("enc", o.last_hidden_state)),
+             lm.decoder.register_forward_hook(lambda m, i, o: seen.__setitem__("dec", o.last_hidden_state))]
+    with torch.no_grad():
+        close(enc.image_features(refs["s1.pixel_values"]), refs["s1.image_features"])
+        z = enc(pixel_values=refs["s1.pixel_values"])
+        t_z = clip_from_embeds(decoder.text_encoder, z)
+    for h in hooks:
+        h.remove()
+    close(seen["enc"], refs["s1.encoder_last_hidden_state"])
+    close(seen["dec"], refs["s1.decoder_last_hidden_state"])
+    close(z, refs["s1.z"])
+    close(t_z, refs["s1.T_z"])
+
+
+def test_stage1_loss_with_the_recorded_draws(runs, refs, decoder, monkeypatch):
+    """vlv's own loss (DiffusionDecoder.loss -> vlv.diffusion.diffusion_loss), fed the official run's draws."""
+    enc = VLVEncoder.from_pretrained(runs[0]["plain"]).eval()
+    official = json.loads((FIXTURES / "refs" / "refs.json").read_text())["stage1_loss"]
+    mean, std = refs["s1.loss.vae_posterior_mean"], refs["s1.loss.vae_posterior_std"]
+    latents = (mean + std * refs["s1.loss.vae_posterior_noise"]) * decoder.vae.config.scaling_factor
+    close(latents, refs["s1.loss.latent_scaled"], atol=0)
+    t, noise = refs["s1.loss.timesteps"], refs["s1.loss.noise"]
+
+    def randint(low, high, size, **kw):
+        assert (low, high, tuple(size)) == (0, decoder.scheduler.config.num_train_timesteps, tuple(t.shape))
+        return t.clone()
+
+    def randn(*size, **kw):
+        assert tuple(size[0] if len(size) == 1 else size) == tuple(noise.shape)
+        return noise.clone()
+
+    with torch.no_grad():
+        z = enc(pixel_values=refs["s1.pixel_values"])
+        monkeypatch.setattr(torch, "randint", randint)
+        monkeypatch.setattr(torch, "randn", randn)
+        loss = decoder.loss(latents, z).item()
+    assert loss == pytest.approx(official, rel=1e-6)
+
+
+def test_preprocessing(runs, refs):
+    """VLVEncoder.preprocess (PIL bicubic, as the official CLIPImageProcessor) is exact; normalize (torch bicubic
+    on [-1, 1] tensors, what vlv's inference calls) is not: measured max abs 0.454, mean 0.0058 on these images."""
+    enc = VLVEncoder.from_pretrained(runs[0]["plain"])
+    pil = [Image.open(FIXTURES / "images" / f"img{i}.png") for i in range(4)]
+    close(enc.preprocess(pil), refs["s1.pixel_values"], atol=1e-6)  # measured: 0
+    diff = (enc.normalize(to_tensor(_images())) - refs["s1.pixel_values"]).abs()
+    assert diff.max() < 0.5 and diff.mean() < 0.01
+
+
+# -------------------------------------------------------------------------------------------- strict
+@pytest.fixture(scope="module")
+def plain_state():
+    return torch.load(PLAIN, map_location="cpu", weights_only=True)["model_state_dict"]
+
+
+def _edited(state, tmp_path, edit):
+    state = {k: v.clone() for k, v in state.items()}
+    edit(state)
+    path = tmp_path / "checkpoint_9.pt"
+    torch.save({"step": 9, "model_state_dict": state}, path)
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.__setitem__("extra.weight", torch.zeros(1)), "unexpected key 'extra.weight'"),
+    (lambda s: s.__setitem__("model.extra", torch.zeros(1)), "unexpected key 'model.extra'"),
+    (lambda s: s.pop("model.language_model.model.encoder.layers.0.fc1.weight"),
+     "missing key .*encoder.layers.0.fc1.weight"),
+    (lambda s: s.pop("unet.conv_in.weight"), "missing key 'unet.conv_in.weight'"),
+    (lambda s: s.__setitem__("language_proj.0.weight", torch.zeros(64, 32)), "language_proj.0.weight: shape"),
+    (lambda s: s["model.vision_tower.convs.0.proj.weight"].add_(1), "Florence-2 dir .* does not match"),
+], ids=["extra", "extra-florence", "missing", "missing-sd", "shape", "davit-differs"])
+def test_stage1_is_strict(plain_state, native_f2, tmp_path, edit, message):
+    ckpt = _edited(plain_state, tmp_path, edit)
+    with pytest.raises(ValueError, match=message):
+        import_stage1(ckpt, native_f2[0], BASE_SD, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing half-made is left
+
+
+def test_stage1_refuses_a_decoder_whose_unet_differs(native_f2, tmp_path):
+    sd = tmp_path / "sd"
+    shutil.copytree(BASE_SD, sd)
+    weights = sd / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state["conv_in.bias"] = state["conv_in.bias"] + 1e-3
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=r"decoder dir .* does not match the checkpoint: unet.conv_in.bias differs"):
+        import_stage1(PLAIN, native_f2[0], sd, tmp_path / "run")
+
+
+def test_stage1_needs_a_consolidated_deepspeed_dir(native_f2, tmp_path):
+    with pytest.raises(FileNotFoundError, match="zero_to_fp32"):
+        import_stage1(DEEPSPEED / "step_3", native_f2[0], BASE_SD, tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------------------------- cli
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "vlv.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_import_then_reconstruct(tmp_path):
+    from vlv.cli import main
+
+    assert main(["import-official", "florence2", str(tmp_path / "nope"), "--out", str(tmp_path / "f2")]) == 2
+    assert main(["import-official", "stage1", str(tmp_path / "nope.pt"), "--florence2", str(BASE_F2),
+                 "--decoder", str(BASE_SD), "--out", str(tmp_path / "bad")]) == 2
+    r = _cli("import-official", "stage1", PLAIN, "--florence2", BASE_F2, "--decoder", BASE_SD, "--out",
+             tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"unet \(== decoder, dropped\) +208\n", r.stdout) and "(632 in all)" in r.stdout, r.stdout
+    assert main(["reconstruct", str(FIXTURES / "images"), "--encoder", str(tmp_path / "run"), "--decoder",
+                 str(BASE_SD), "--steps", "2", "--out", str(tmp_path / "recon")]) == 0  # in-process: one start less
+    out = sorted(p.name for p in (tmp_path / "recon").glob("*.png"))
+    assert out == [f"img{i}.png" for i in range(4)]
+    assert Image.open(tmp_path / "recon" / "img0.png").size == (64, 64)
