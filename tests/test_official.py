@@ -129,6 +129,16 @@ def test_stage1_matches_the_official_outputs(runs, fmt, refs, decoder):
     close(t_z, refs["s1.T_z"])
 
 
+def test_an_imported_run_dir_can_move(runs, refs, tmp_path):
+    """The converted Florence-2 lives in the run dir and is named relatively, so a copied run dir loads alone."""
+    paths, _ = runs
+    moved = shutil.copytree(paths["plain"], tmp_path / "elsewhere")
+    encoder = VLVEncoder.from_pretrained(moved).eval()
+    assert encoder.config.florence2 == "florence2"
+    with torch.no_grad():
+        close(encoder(refs["s1.pixel_values"]), refs["s1.z"])
+
+
 def test_stage1_loss_with_the_recorded_draws(runs, refs, decoder, monkeypatch):
     """vlv's own loss (DiffusionDecoder.loss -> vlv.diffusion.diffusion_loss), fed the official run's draws."""
     enc = VLVEncoder.from_pretrained(runs[0]["plain"]).eval()

@@ -42,7 +42,8 @@ class EncoderConfig:
                                             "decoder (DiffusionDecoder.text_dim)"})
     florence2: str | dict = field(default="florence2-large", metadata={
         "help": "Florence-2 architecture: a config stem in vlv/configs (florence2-large, florence2-shapes), a "
-                "Florence2Config dict (both random init), or a local native Florence-2 checkpoint dir."})
+                "Florence2Config dict (both random init), or a local native Florence-2 checkpoint dir (a relative "
+                "one is read against the run dir first)."})
     image_size: int = field(default=768, metadata={"help": "square input side; Florence-2's processor uses 768"})
     num_queries: int = field(default=77, metadata={"help": "Nq learnable queries = caption-embedding length"})
     trainable: list[str] | Literal["all"] = field(default_factory=lambda: list(DEFAULT_TRAINABLE), metadata={

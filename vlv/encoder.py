@@ -72,6 +72,12 @@ def build_florence2(source: str | dict) -> Florence2ForConditionalGeneration:
     return load_florence2(source)
 
 
+def _against(run: Path, source: str) -> Path:
+    """A Florence-2 dir named relatively is read against the run dir first, so a run dir holding it can move."""
+    inside = Path(run) / source
+    return inside if not Path(source).is_absolute() and (inside / "config.json").is_file() else Path(source)
+
+
 def _is_checkpoint_dir(source: str | dict) -> bool:
     return not isinstance(source, dict) and not (CONFIGS / f"{source}.json").exists()
 
@@ -241,7 +247,7 @@ class VLVEncoder(nn.Module):
         if has_frozen or config.trainable == "all":
             florence = Florence2ForConditionalGeneration(Florence2Config.from_dict(meta["florence2"]))
         elif _is_checkpoint_dir(config.florence2):
-            florence = load_florence2(config.florence2)
+            florence = load_florence2(_against(path, config.florence2))
         else:
             raise FileNotFoundError(f"{path} has no {FROZEN_FILE} and its Florence-2 source {config.florence2!r} "
                                     f"is a random-init config: the frozen weights cannot be rebuilt")

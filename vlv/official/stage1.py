@@ -204,7 +204,10 @@ def import_stage1(ckpt: str | Path, florence2_dir: str | Path, decoder_dir: str 
     try:
         native_dir, _ = native_florence_dir(florence2_dir, out)
         tok = AutoTokenizer.from_pretrained(native_dir, local_files_only=True)
-        config = EncoderConfig(text_dim=decoder.text_dim, florence2=str(native_dir),
+        # Inside the run dir, named relatively: the run dir can move (VLVEncoder reads it against the run dir).
+        inside = native_dir.is_relative_to(out.resolve())
+        config = EncoderConfig(text_dim=decoder.text_dim,
+                               florence2=str(native_dir.relative_to(out.resolve())) if inside else str(native_dir),
                                num_queries=int(mapped["queries"].shape[1]), trainable=list(DEFAULT_TRAINABLE),
                                prompt_ids=prompt_ids(tok), **read_processor(native_dir))
         encoder = VLVEncoder(config, load_florence2(native_dir))
