@@ -69,7 +69,7 @@ def test_api_reconstructs_like_the_library(shipped, shapes_data):
     paths = [folder / r.image for r in read_records(folder)][:2]
     vlv = VLV.from_pretrained(captioner=None)
     images = vlv.reconstruct(paths, steps=2)
-    x = to_tensor(np.stack([load_image(p, vlv.decoder.image_size) for p in paths]))
+    x = to_tensor(np.stack([load_image(p, vlv.encoder.config.image_size) for p in paths]))
     expected = reconstruct_images(vlv.encoder, vlv.decoder, x, steps=2)
     assert [im.size for im in images] == [(vlv.decoder.image_size,) * 2] * 2
     assert np.array_equal(np.stack([np.asarray(im) for im in images]),

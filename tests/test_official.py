@@ -241,3 +241,15 @@ def test_cli_import_then_reconstruct(tmp_path):
     out = sorted(p.name for p in (tmp_path / "recon").glob("*.png"))
     assert out == [f"img{i}.png" for i in range(4)]
     assert Image.open(tmp_path / "recon" / "img0.png").size == (64, 64)
+    # vlv embed: the official z and T(z) of the fixture images, read from their files (PIL resize to the
+    # encoder's size, as the official processor does)
+    assert main(["embed", str(FIXTURES / "images"), "--encoder", str(tmp_path / "run"), "--decoder", str(BASE_SD),
+                 "--out", str(tmp_path / "z.safetensors")]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "z.safetensors"), framework="pt") as f:
+        names = [Path(p).name for p in json.loads(f.metadata()["images"])]
+        z, t_z = f.get_tensor("z"), f.get_tensor("T_z")
+    refs = load_file(FIXTURES / "refs" / "stage1.safetensors")
+    assert names == [f"img{i}.png" for i in range(4)]
+    close(z, refs["s1.z"]), close(t_z, refs["s1.T_z"])

@@ -69,6 +69,6 @@ class VLV:
     def reconstruct(self, images: Sequence[ImageLike], sampler: str = "fast", guidance_scale: float = 2.0,
                     steps: int | None = None, seed: int = 0, batch_size: int = 64) -> list[Image.Image]:
         """Images -> z -> the decoder's images from z alone (caption-free; CFG against T(""))."""
-        x = self._images(images, self.decoder.image_size)
+        x = self._images(images, self.encoder.config.image_size)  # the encoder's input size
         return to_pil(reconstruct_images(self.encoder, self.decoder, x, sampler=sampler, guidance_scale=guidance_scale,
                                          steps=steps, batch_size=batch_size, seed=seed))

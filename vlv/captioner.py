@@ -25,6 +25,7 @@ weights could not be rebuilt otherwise, is saved with its tokenizer.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -56,6 +57,37 @@ def encoder_stage2_prefixes(encoder: VLVEncoder) -> list[str]:
     if not prefixes:
         raise ValueError(f"the encoder trains only {trainable}: nothing is left to train in stage 2")
     return prefixes
+
+
+# ------------------------------------------------------------------------------------ post-processing
+def official_postprocess(caption: str) -> str:
+    """The official ``Caption_inference.process_caption`` (github Tiezheng11/Vision-Language-Vision @ 04bbfbb).
+
+    Its model never learned EOS, so a caption runs to the length cap: unless it ends with '.', cut after its last
+    '.' (if any); split into sentences after '.', '!' or '?' and the whitespace that follows; keep each sentence's
+    first occurrence (exact match); join with one space.
+    """
+    if not caption.endswith("."):
+        last = caption.rfind(".")
+        if last != -1:
+            caption = caption[: last + 1]
+    unique: list[str] = []
+    for sentence in re.split(r"(?<=[.!?])\s+", caption):
+        if sentence and sentence not in unique:
+            unique.append(sentence)
+    return " ".join(unique)
+
+
+POSTPROCESSORS = {"official": official_postprocess}  # CaptionerConfig.postprocess -> the rule
+
+
+def postprocess(captions: list[str], rule: str | None) -> list[str]:
+    """Captions after the named clean-up rule (``CaptionerConfig.postprocess``); None leaves them as they are."""
+    if rule is None:
+        return list(captions)
+    if rule not in POSTPROCESSORS:
+        raise ValueError(f"unknown postprocess {rule!r}; choose from {', '.join(POSTPROCESSORS)} or None")
+    return [POSTPROCESSORS[rule](c) for c in captions]
 
 
 # ----------------------------------------------------------------------------------------- captioner
@@ -201,9 +233,10 @@ class Captioner(nn.Module):
 
     def generate(self, z: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                  num_beams: int | None = None, max_new_tokens: int | None = None) -> list[str]:
-        """Captions of z (B, Nq, d_T) or of images (pixel_values); generation stops on EOS, nothing is trimmed."""
+        """Captions of z (B, Nq, d_T) or of images (pixel_values); generation stops on EOS, then the text goes
+        through ``config.postprocess`` (None, the default: nothing is trimmed; 'official': ``official_postprocess``)."""
         ids = self.generate_ids(z, pixel_values, num_beams=num_beams, max_new_tokens=max_new_tokens)  # (B, T)
-        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return postprocess(self.tokenizer.batch_decode(ids, skip_special_tokens=True), self.config.postprocess)
 
     # ------------------------------------------------------------------------------------- save/load
     def save_pretrained(self, out: str | Path) -> Path:

@@ -99,6 +99,7 @@ def list_encoders() -> list[str]:
 
 
 TRAINABLE_LEVELS = ("mlp", "mlp+llm", "mlp+llm+encoder")
+POSTPROCESS = (None, "official")  # caption clean-up rules (vlv.captioner.postprocess)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Qwen2's projections
 
 
@@ -125,6 +126,9 @@ class CaptionerConfig:
         "help": "where T comes from: a Stable Diffusion dir or shipped name, whose text_encoder/ is loaded"})
     encoder: str | None = field(default=None, metadata={
         "help": "where the stage-1 encoder comes from: a stage-1 run dir or shipped name (shapes-stage1)"})
+    postprocess: str | None = field(default=None, metadata={
+        "help": "text clean-up after decoding: None (none) or 'official' (the official Caption_inference."
+                "process_caption: cut after the last '.', drop repeated sentences; for models that never stop)"})
 
     def __post_init__(self) -> None:
         if self.trainable not in TRAINABLE_LEVELS:
@@ -132,6 +136,8 @@ class CaptionerConfig:
         if self.text_dim <= 0 or self.max_new_tokens <= 0 or self.num_beams <= 0:
             raise ValueError("text_dim, max_new_tokens and num_beams must be positive")
         check_lora(self.trainable, self.lora_rank)
+        if self.postprocess not in POSTPROCESS:
+            raise ValueError(f"postprocess must be one of {POSTPROCESS}, got {self.postprocess!r}")
 
     @property
     def lora(self) -> bool:

@@ -27,11 +27,11 @@ def write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors' ``save_file`` to a temp file then rename: a killed save never leaves a torn file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp)
+    save_file(tensors, tmp, metadata=metadata)
     os.replace(tmp, path)
 
 

@@ -18,9 +18,11 @@ from vlv.cli.commands import (
     cmd_data_shapes,
     cmd_data_sheet,
     cmd_demo,
+    cmd_embed,
     cmd_evaluate,
     cmd_import_florence2,
     cmd_import_stage1,
+    cmd_import_stage2,
     cmd_reconstruct,
     cmd_teacher_export,
     cmd_teacher_sample,
@@ -128,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="captions.jsonl to write")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--num-beams", type=positive_int, default=None, help="default: the run's")
-    p.add_argument("--max-new-tokens", type=positive_int, default=None)
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: the run's")
+    p.add_argument("--postprocess", choices=["official", "none"], default=None,
+                   help="caption clean-up: official (cut after the last '.', drop repeated sentences: the official "
+                        "Caption_inference.process_caption) or none (default: the run's)")
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("reconstruct", help="redraw images from their VLV embeddings through the decoder")
@@ -139,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=64)
     add_sampling_args(p)
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("embed", help="the caption embeddings z of images (optionally T(z)), as safetensors")
+    p.add_argument("images", nargs="+", type=Path, help="image files or folders")
+    p.add_argument("--encoder", required=True, help="stage-1 run dir or shipped name (shapes-stage1)")
+    p.add_argument("--decoder", default=None, help="Stable Diffusion dir or shipped name: also write T(z) "
+                   "(its text encoder's output)")
+    p.add_argument("--out", type=Path, required=True, help="safetensors file: z (N, Nq, d_T) [and T_z], the "
+                   "image paths in its metadata")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("compose", help="one image from the first k embeddings of two images (paper Fig. 6)")
     p.add_argument("a", type=Path)
@@ -164,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", type=Path, required=True, help="the base Stable Diffusion dir of the official run")
     p.add_argument("--out", type=Path, required=True, help="run dir to write (absent or empty)")
     p.set_defaults(func=cmd_import_stage1)
+    p = imp_sub.add_parser("stage2", help="an official stage-2 model.pt (CLIPDecoder) -> a vlv stage-2 run dir")
+    p.add_argument("model_pt", type=Path, help="model.pt of the official stage 2 (a CLIPDecoder state dict)")
+    p.add_argument("--florence2", type=Path, required=True,
+                   help="the base Florence-2 dir (remote-code layout, converted into RUN/encoder/florence2; or native)")
+    p.add_argument("--decoder", type=Path, required=True,
+                   help="the base Stable Diffusion dir of the official run (its text encoder is T)")
+    p.add_argument("--lm", type=Path, required=True,
+                   help="the base LLM dir of the official run (Qwen2.5-3B: architecture and tokenizer)")
+    p.add_argument("--out", type=Path, required=True, help="run dir to write (absent or empty)")
+    p.set_defaults(func=cmd_import_stage2)
 
     p = sub.add_parser("demo", help="the main job on the embedded shapes world")
     p.add_argument("--out", type=writable_dir, default=Path("runs/demo"), help="run folder (default runs/demo)")

@@ -120,7 +120,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 
     paths = list_images(args.images)
     encoder, decoder = _load_encoder_decoder(args)
-    size = decoder.image_size
+    size = encoder.config.image_size  # the encoder's input, resized once by PIL as Florence-2's processor does
     args.out.mkdir(parents=True, exist_ok=True)
     for start in tqdm(range(0, len(paths), args.batch_size), desc="reconstruct", unit="batch"):
         chunk = paths[start : start + args.batch_size]
@@ -130,6 +130,43 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
         for p, im in zip(chunk, to_pil(recon), strict=True):
             im.save(args.out / (p.stem + ".png"))
     print(f"wrote {len(paths)} reconstruction(s) to {args.out}")
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    import json
+
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from vlv.data import list_images, load_image, to_tensor
+    from vlv.modeling import atomic_save_file
+    from vlv.shipped import resolve_decoder, resolve_encoder
+
+    paths = list_images(args.images)
+    resolve_encoder(args.encoder)  # fail fast, before the heavy imports
+    if args.decoder:
+        resolve_decoder(args.decoder)
+    from vlv.encoder import VLVEncoder
+    from vlv.inference import embed_images
+    from vlv.text_encoder import clip_from_embeds, load_text_encoder
+
+    encoder = VLVEncoder.from_pretrained(args.encoder).eval()
+    text_encoder = load_text_encoder(resolve_decoder(args.decoder)) if args.decoder else None
+    size, parts = encoder.config.image_size, {"z": [], "T_z": []}
+    for start in tqdm(range(0, len(paths), args.batch_size), desc="embed", unit="batch"):
+        x = to_tensor(np.stack([load_image(p, size) for p in paths[start : start + args.batch_size]]))
+        z = embed_images(encoder, x, batch_size=args.batch_size)  # (B, Nq, d_T)
+        parts["z"].append(z)
+        if text_encoder is not None:
+            with torch.no_grad():
+                parts["T_z"].append(clip_from_embeds(text_encoder, z))  # (B, Nq, d_T)
+    tensors = {k: torch.cat(v).contiguous() for k, v in parts.items() if v}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_file(tensors, args.out, metadata={"images": json.dumps([str(p) for p in paths]),
+                                                  "encoder": str(args.encoder)})
+    print(f"wrote {', '.join(f'{k} {tuple(v.shape)}' for k, v in tensors.items())} of {len(paths)} image(s) "
+          f"to {args.out}")
 
 
 def cmd_compose(args: argparse.Namespace) -> None:
@@ -142,7 +179,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
         if not Path(p).is_file():
             raise FileNotFoundError(f"no such image: {p}")
     encoder, decoder = _load_encoder_decoder(args)
-    size = decoder.image_size
+    size = encoder.config.image_size
     k = args.k or encoder.config.num_queries // 2
     a, b = (to_tensor(np.stack([load_image(p, size)])) for p in (args.a, args.b))
     image = compose_images(encoder, decoder, a, b, k, sampler=args.sampler, guidance_scale=args.cfg,
@@ -229,6 +266,8 @@ def cmd_caption(args: argparse.Namespace) -> None:
     size = captioner.encoder.config.image_size
     if args.max_new_tokens:
         captioner.config.max_new_tokens = args.max_new_tokens
+    if args.postprocess:
+        captioner.config.postprocess = None if args.postprocess == "none" else args.postprocess
     rows = []
     for start in tqdm(range(0, len(paths), args.batch_size), desc="caption", unit="batch"):
         chunk = paths[start : start + args.batch_size]
@@ -267,6 +306,18 @@ def cmd_import_stage1(args: argparse.Namespace) -> None:
     print(f"tensors mapped per group ({sum(counts.values())} in all):")
     _print_counts(counts)
     print(f"stage-1 encoder written to {args.out}")
+
+
+def cmd_import_stage2(args: argparse.Namespace) -> None:
+    if not args.model_pt.exists():
+        raise FileNotFoundError(f"no such checkpoint: {args.model_pt}")
+    _require_dirs(args.florence2, args.decoder, args.lm)
+    from vlv.official.stage2 import import_stage2
+
+    counts = import_stage2(args.model_pt, args.florence2, args.decoder, args.lm, args.out)
+    print(f"tensors mapped per group ({sum(counts.values())} in all):")
+    _print_counts(counts)
+    print(f"stage-2 captioner written to {args.out} (caption with: vlv caption IMAGES --model {args.out} --out X)")
 
 
 # ------------------------------------------------------------------------------------------- demo
