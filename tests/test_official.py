@@ -129,6 +129,30 @@ def test_stage1_matches_the_official_outputs(runs, fmt, refs, decoder):
     close(t_z, refs["s1.T_z"])
 
 
+def test_reconstruction_replays_the_official_ddpm_steps(runs, refs, decoder, monkeypatch):
+    """With the recorded initial latents and DDPM variance noise, vlv's paper-mode reconstruction (the stock
+    pipeline, CFG 2 against T("") over 77 positions) takes the official code's latents at every step."""
+    import diffusers.schedulers.scheduling_ddpm as ddpm
+
+    paths, _ = runs
+    encoder = VLVEncoder.from_pretrained(paths["plain"]).eval()
+    draws = iter(refs["s1.gen.ddpm_variance_noise"])
+    monkeypatch.setattr(ddpm, "randn_tensor", lambda shape, **kw: next(draws).reshape(shape))
+    seen = []
+
+    def keep(pipe, i, t, kwargs):
+        seen.append((int(t), kwargs["latents"].clone()))
+        return kwargs
+
+    with torch.no_grad():
+        decoder.reconstruct(encoder(refs["s1.pixel_values"]), guidance_scale=2.0, steps=3, sampler="paper",
+                            latents=refs["s1.gen.initial_latents"].clone(), callback_on_step_end=keep,
+                            output_type="latent")
+    assert [t for t, _ in seen] == refs["s1.gen.timesteps"].tolist()
+    for (_, latents), expected in zip(seen, refs["s1.gen.latents_after_step"], strict=True):
+        close(latents, expected)
+
+
 def test_an_imported_run_dir_can_move(runs, refs, tmp_path):
     """The converted Florence-2 lives in the run dir and is named relatively, so a copied run dir loads alone."""
     paths, _ = runs

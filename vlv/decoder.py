@@ -101,18 +101,19 @@ class DiffusionDecoder(nn.Module):
     @torch.no_grad()
     def reconstruct(self, z: torch.Tensor, guidance_scale: float = 2.0, steps: int | None = None,
                     sampler: Sampler = "paper", generator: torch.Generator | None = None,
-                    output_type: str = "pt"):
+                    output_type: str = "pt", **pipeline_kwargs):
         """Caption-free generation from z (B, L, d_T) with CFG against T("") over the same L positions.
 
         paper: DDPM, 50 steps, g = 2.0 (official defaults); fast: DPM-Solver++(2M), 20 steps.
-        Returns the pipeline's images (``output_type`` "pt": (B, 3, H, W) in [0, 1]).
+        Returns the pipeline's images (``output_type`` "pt": (B, 3, H, W) in [0, 1]). ``pipeline_kwargs`` go to
+        the stock pipeline as they are (``latents``, ``callback_on_step_end``, ...).
         """
         pipe = self.pipeline(sampler)
         cond = self.encode_text_embeds(z)  # (B, L, d_T)
         uncond = self.unconditional_embeds(z.shape[1]).expand_as(cond)  # (B, L, d_T)
         return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=guidance_scale,
                     num_inference_steps=steps or DEFAULT_STEPS[sampler], generator=generator,
-                    output_type=output_type).images
+                    output_type=output_type, **pipeline_kwargs).images
 
 
 def compose(z_a: torch.Tensor, z_b: torch.Tensor, k: int) -> torch.Tensor:
