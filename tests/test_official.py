@@ -277,3 +277,19 @@ def test_cli_import_then_reconstruct(tmp_path):
     refs = load_file(FIXTURES / "refs" / "stage1.safetensors")
     assert names == [f"img{i}.png" for i in range(4)]
     close(z, refs["s1.z"]), close(t_z, refs["s1.T_z"])
+    # The imported run dir goes on like any stage-1 run: stage 1 from it (--init takes its architecture) and
+    # stage 2 on it.
+    data = tmp_path / "data"
+    shutil.copytree(FIXTURES / "images", data)
+    captions = json.loads((FIXTURES / "refs" / "refs.json").read_text())["stage2_captions"]
+    (data / "captions.jsonl").write_text("".join(json.dumps({"image": f"img{i}.png", "caption": c}) + "\n"
+                                                 for i, c in enumerate(captions)))
+    common = ["--decoder", str(BASE_SD), "--data", str(data), "--steps", "1", "--batch-size", "2",
+              "--warmup-steps", "0"]
+    assert main(["train", "stage1", "--init", str(tmp_path / "run"), "--trainable", "official", "--out",
+                 str(tmp_path / "again"), *common]) == 0
+    again = VLVEncoder.from_pretrained(tmp_path / "again")
+    assert (again.config.image_size, again.config.num_queries) == (128, 77)
+    assert main(["train", "stage2", "--encoder", str(tmp_path / "run"), "--lm", str(FIXTURES / "bases" / "qwen2"),
+                 "--out", str(tmp_path / "s2"), *common]) == 0
+    assert (tmp_path / "s2" / "captioner.json").is_file()

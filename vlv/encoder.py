@@ -78,6 +78,13 @@ def _against(run: Path, source: str) -> Path:
     return inside if not Path(source).is_absolute() and (inside / "config.json").is_file() else Path(source)
 
 
+def resolved_florence2(config: EncoderConfig, run: str | Path) -> str | dict:
+    """The Florence-2 source of a run dir's config as one that works from anywhere (a dir inside the run, absolute)."""
+    if not _is_checkpoint_dir(config.florence2):
+        return config.florence2
+    return str(_against(Path(run), config.florence2).resolve())
+
+
 def _is_checkpoint_dir(source: str | dict) -> bool:
     return not isinstance(source, dict) and not (CONFIGS / f"{source}.json").exists()
 

@@ -12,8 +12,9 @@ training, and ``latents.safetensors`` / ``vision/`` (shards) when latents / visi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,10 @@ from vlv.config import DEFAULT_TRAINABLE, EncoderConfig
 from vlv.data import ImageCaptionFolder, cached_latents, to_tensor
 from vlv.decoder import DiffusionDecoder
 from vlv.diffusion import sample_latents
-from vlv.encoder import VLVEncoder
+from vlv.encoder import CONFIG_FILE as ENCODER_FILE
+from vlv.encoder import VLVEncoder, resolved_florence2
 from vlv.modeling import atomic_save_file, write_json
-from vlv.shipped import resolve_decoder
+from vlv.shipped import resolve_decoder, resolve_encoder
 from vlv.training.config import Stage1Settings, TrainConfig
 from vlv.training.loop import train
 
@@ -143,6 +145,10 @@ def encoder_config(settings: Stage1Settings, text_dim: int) -> EncoderConfig:
         overrides["trainable"] = "all"
     elif settings.trainable == "official":
         overrides["trainable"] = list(DEFAULT_TRAINABLE)
+    if settings.init:  # the architecture is the source run's, so any stage-1 run dir (an imported one too) goes on
+        run = resolve_encoder(settings.init)
+        source = EncoderConfig(**json.loads((run / ENCODER_FILE).read_text())["config"])
+        return replace(source, text_dim=text_dim, florence2=resolved_florence2(source, run), **overrides)
     if Path(settings.encoder).is_dir():
         return EncoderConfig(text_dim=text_dim, florence2=str(Path(settings.encoder).resolve()), **overrides)
     return EncoderConfig.named(settings.encoder, text_dim, **overrides)
@@ -164,14 +170,17 @@ def build_encoder(settings: Stage1Settings, text_dim: int, seed: int) -> VLVEnco
 def init_from(encoder: VLVEncoder, init: str) -> None:
     """Warm start: copy every weight of a trained stage-1 encoder into ``encoder``, strictly.
 
-    Why: a run trained elsewhere (say, minutes on a GPU) continues here with a new schedule and optimizer;
-    the architecture must be the same, so the two configs are compared first. One difference is allowed:
+    Why: a run trained elsewhere (say, minutes on a GPU, or by the official code and imported) continues here with
+    a new schedule and optimizer; the architecture must be the same (a run with ``init`` takes it from the source,
+    see :func:`encoder_config`), so the two configs are compared first. One difference is allowed:
     fewer queries, which take the source's first Nq. The query decoder's self-attention is causal, so the new
     encoder's z is then exactly the first Nq positions of the source's z (the Nq ablation starts from there).
     """
     source = VLVEncoder.from_pretrained(init)
-    keys = ("florence2", "image_size", "text_dim", "prompt_ids")
+    keys = ("image_size", "text_dim", "prompt_ids")
     diff = [k for k in keys if getattr(source.config, k) != getattr(encoder.config, k)]
+    if resolved_florence2(source.config, resolve_encoder(init)) != encoder.config.florence2:
+        diff.insert(0, "florence2")
     nq, source_nq = encoder.config.num_queries, source.config.num_queries
     if nq > source_nq:
         diff.append(f"num_queries ({nq} > its {source_nq})")
