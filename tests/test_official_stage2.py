@@ -63,6 +63,16 @@ def captioner(run):
 
 
 # ------------------------------------------------------------------------------------------- import
+def test_an_imported_captioner_can_move(run, captioner, tmp_path):
+    """Its encoder (and that encoder's Florence-2) live in the run dir, named relatively: a copy loads alone."""
+    import shutil
+
+    moved = Captioner.from_pretrained(shutil.copytree(run[0], tmp_path / "elsewhere")).eval()
+    px = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        assert torch.equal(moved.embed_images(px), captioner.embed_images(px))
+
+
 def test_import_writes_a_stage2_run_dir(run, captioner):
     out, counts = run
     assert counts == {"llm": 26, "llm lm_head (tied, dropped)": 1, "psi": 4, "queries": 1, "phi": 4,
@@ -74,7 +84,7 @@ def test_import_writes_a_stage2_run_dir(run, captioner):
     assert (cfg.trainable, cfg.num_beams, cfg.max_new_tokens, cfg.postprocess) == ("mlp+llm+encoder", 4, 300,
                                                                                    "official")
     assert cfg.text_encoder == str(BASE_SD.resolve()) and cfg.lm == str(BASE_LM.resolve())
-    assert cfg.encoder == str((out / "encoder").resolve())
+    assert cfg.encoder == "encoder"  # inside the run dir, named relatively: the run dir can move
     assert (out / "encoder" / "encoder.json").is_file() and (out / "encoder" / "florence2" / "config.json").is_file()
     saved = load_file(out / "captioner.safetensors")
     assert {k.split(".")[0] for k in saved} == {"psi", "lm", "encoder"}

@@ -40,7 +40,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from vlv.config import CaptionerConfig
 from vlv.encoder import VLVEncoder
 from vlv.lm import IGNORE, build_lm, is_lm_dir, load_tokenizer, pad_id, right_pad
-from vlv.modeling import atomic_save_file, load_trainable_state, trainable_state, write_json
+from vlv.modeling import atomic_save_file, in_run_dir, load_trainable_state, trainable_state, write_json
 from vlv.shipped import resolve_decoder, resolve_stage2
 from vlv.text_encoder import clip_from_embeds, load_text_encoder
 
@@ -272,9 +272,9 @@ class Captioner(nn.Module):
         if text_encoder is None:
             if config.text_encoder is None:
                 raise ValueError(f"{path}: its config names no text encoder: pass text_encoder")
-            text_encoder = load_text_encoder(resolve_decoder(config.text_encoder))
+            text_encoder = load_text_encoder(resolve_decoder(in_run_dir(path, config.text_encoder)))
         if encoder is None and config.encoder is not None:
-            encoder = VLVEncoder.from_pretrained(config.encoder)
+            encoder = VLVEncoder.from_pretrained(in_run_dir(path, config.encoder))  # relative: inside the run
         lm = None if is_lm_dir(config.lm) else build_lm(meta["lm"])  # the architecture it was saved with
         tokenizer = (AutoTokenizer.from_pretrained(path / TOKENIZER_DIR, local_files_only=True)
                      if (path / TOKENIZER_DIR).is_dir() else load_tokenizer(config.lm))

@@ -35,7 +35,7 @@ from torch import nn
 from transformers import Florence2Config, Florence2ForConditionalGeneration
 
 from vlv.config import CONFIGS, EncoderConfig, list_configs, read_config
-from vlv.modeling import atomic_save_file, load_trainable_state, trainable_state, write_json
+from vlv.modeling import atomic_save_file, in_run_dir, load_trainable_state, trainable_state, write_json
 from vlv.shipped import resolve_encoder
 
 CONFIG_FILE, TRAINABLE_FILE, FROZEN_FILE = "encoder.json", "model.safetensors", "frozen.safetensors"
@@ -72,17 +72,11 @@ def build_florence2(source: str | dict) -> Florence2ForConditionalGeneration:
     return load_florence2(source)
 
 
-def _against(run: Path, source: str) -> Path:
-    """A Florence-2 dir named relatively is read against the run dir first, so a run dir holding it can move."""
-    inside = Path(run) / source
-    return inside if not Path(source).is_absolute() and (inside / "config.json").is_file() else Path(source)
-
-
 def resolved_florence2(config: EncoderConfig, run: str | Path) -> str | dict:
     """The Florence-2 source of a run dir's config as one that works from anywhere (a dir inside the run, absolute)."""
     if not _is_checkpoint_dir(config.florence2):
         return config.florence2
-    return str(_against(Path(run), config.florence2).resolve())
+    return str(Path(in_run_dir(run, config.florence2)).resolve())
 
 
 def _is_checkpoint_dir(source: str | dict) -> bool:
@@ -254,7 +248,7 @@ class VLVEncoder(nn.Module):
         if has_frozen or config.trainable == "all":
             florence = Florence2ForConditionalGeneration(Florence2Config.from_dict(meta["florence2"]))
         elif _is_checkpoint_dir(config.florence2):
-            florence = load_florence2(_against(path, config.florence2))
+            florence = load_florence2(in_run_dir(path, config.florence2))
         else:
             raise FileNotFoundError(f"{path} has no {FROZEN_FILE} and its Florence-2 source {config.florence2!r} "
                                     f"is a random-init config: the frozen weights cannot be rebuilt")

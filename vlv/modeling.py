@@ -15,6 +15,13 @@ import torch
 from safetensors.torch import save_file
 
 
+def in_run_dir(run: str | Path, source: str) -> str:
+    """A source a run dir's config names relatively is read against the run dir first, so a run dir that holds
+    its parts can move; anything else (absolute paths, shipped names) is returned as it is."""
+    inside = Path(run) / source
+    return str(inside) if not Path(source).is_absolute() and inside.is_dir() else source
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temp file then rename, so a kill never leaves a half-written file."""
     path = Path(path)

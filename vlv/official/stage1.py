@@ -57,32 +57,37 @@ def load_stage1_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
     return dict(data)
 
 
-def _sd_reference(decoder: DiffusionDecoder, part: str) -> dict[str, torch.Tensor]:
-    state = getattr(decoder, part).state_dict()
+def sd_state(module: torch.nn.Module, part: str) -> dict[str, torch.Tensor]:
+    """A frozen SD part's weights under the official code's names."""
+    state = module.state_dict()
     if part == "text_encoder" and not any(k.startswith("text_model.") for k in state):
         state = {f"text_model.{k}": v for k, v in state.items()}  # transformers 5's CLIPTextModel drops the level
     return state
 
 
+def check_frozen(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], name: str, decoder_dir,
+                 kind: str = "stage-1") -> int:
+    """A checkpoint's frozen SD part (``got``, keys under ``name.``) must be the decoder dir's (``ref``), key for
+    key and value for value; one ValueError naming the first key that is not."""
+    missing, extra = sorted(set(ref) - set(got)), sorted(set(got) - set(ref))
+    if missing:
+        raise ValueError(f"missing key '{name}.{missing[0]}' in the {kind} checkpoint (the decoder dir "
+                         f"{decoder_dir} has it; {len(missing)} missing in all)")
+    if extra:
+        raise ValueError(f"the decoder dir {decoder_dir} does not match the checkpoint: {name}.{extra[0]} is "
+                         "not in the decoder dir")
+    for k, v in got.items():
+        if v.shape != ref[k].shape or not torch.equal(v.to(ref[k].dtype), ref[k]):
+            raise ValueError(f"the decoder dir {decoder_dir} does not match the checkpoint: {name}.{k} differs "
+                             "(use the base Stable Diffusion dir the official run was trained with)")
+    return len(got)
+
+
 def check_decoder_parts(state: dict[str, torch.Tensor], decoder: DiffusionDecoder, decoder_dir) -> dict[str, int]:
-    """The checkpoint's frozen SD weights must be the decoder dir's, key for key and value for value."""
-    counts = {}
-    for part in SD_PARTS:
-        ref = _sd_reference(decoder, part)
-        got = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
-        missing, extra = sorted(set(ref) - set(got)), sorted(set(got) - set(ref))
-        if missing:
-            raise ValueError(f"missing key '{part}.{missing[0]}' in the stage-1 checkpoint (the decoder dir "
-                             f"{decoder_dir} has it; {len(missing)} missing in all)")
-        if extra:
-            raise ValueError(f"the decoder dir {decoder_dir} does not match the checkpoint: {part}.{extra[0]} is "
-                             "not in the decoder dir")
-        for k, v in got.items():
-            if v.shape != ref[k].shape or not torch.equal(v.to(ref[k].dtype), ref[k]):
-                raise ValueError(f"the decoder dir {decoder_dir} does not match the checkpoint: {part}.{k} differs "
-                                 "(use the base Stable Diffusion dir the official run was trained with)")
-        counts[part] = len(got)
-    return counts
+    """The checkpoint's frozen SD weights must be the decoder dir's (:func:`check_frozen`), part by part."""
+    return {part: check_frozen({k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")},
+                               sd_state(getattr(decoder, part), part), part, decoder_dir)
+            for part in SD_PARTS}
 
 
 # -------------------------------------------------------------------------------------- florence
@@ -99,6 +104,18 @@ def read_processor(florence_dir: Path) -> dict:
         raise ValueError(f"{file}: the processor's size {size!r} is not square")
     return {"image_size": int(size["height"]), "image_mean": tuple(data.get("image_mean", (0.485, 0.456, 0.406))),
             "image_std": tuple(data.get("image_std", (0.229, 0.224, 0.225)))}
+
+
+def official_encoder_config(native_dir: Path, out: Path, text_dim: int, num_queries: int) -> EncoderConfig:
+    """The official stage 1's encoder: trainable set, the processor's image size and normalisation, the
+    ``<MORE_DETAILED_CAPTION>`` prompt ids. A Florence-2 dir inside the run dir is named relatively, so the run
+    dir can move (VLVEncoder reads it against the run dir)."""
+    tok = AutoTokenizer.from_pretrained(native_dir, local_files_only=True)
+    inside = native_dir.is_relative_to(out.resolve())
+    return EncoderConfig(text_dim=text_dim,
+                         florence2=str(native_dir.relative_to(out.resolve())) if inside else str(native_dir),
+                         num_queries=num_queries, trainable=list(DEFAULT_TRAINABLE), prompt_ids=prompt_ids(tok),
+                         **read_processor(native_dir))
 
 
 def native_florence_dir(florence2_dir: str | Path, out: Path) -> tuple[Path, dict[str, int]]:
@@ -203,13 +220,7 @@ def import_stage1(ckpt: str | Path, florence2_dir: str | Path, decoder_dir: str 
     out.mkdir(parents=True, exist_ok=True)
     try:
         native_dir, _ = native_florence_dir(florence2_dir, out)
-        tok = AutoTokenizer.from_pretrained(native_dir, local_files_only=True)
-        # Inside the run dir, named relatively: the run dir can move (VLVEncoder reads it against the run dir).
-        inside = native_dir.is_relative_to(out.resolve())
-        config = EncoderConfig(text_dim=decoder.text_dim,
-                               florence2=str(native_dir.relative_to(out.resolve())) if inside else str(native_dir),
-                               num_queries=int(mapped["queries"].shape[1]), trainable=list(DEFAULT_TRAINABLE),
-                               prompt_ids=prompt_ids(tok), **read_processor(native_dir))
+        config = official_encoder_config(native_dir, out, decoder.text_dim, int(mapped["queries"].shape[1]))
         encoder = VLVEncoder(config, load_florence2(native_dir))
         load_into(encoder, mapped, native_dir)
         encoder.save_pretrained(out)

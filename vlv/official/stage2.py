@@ -28,14 +28,20 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from vlv.captioner import Captioner
-from vlv.config import DEFAULT_TRAINABLE, CaptionerConfig, EncoderConfig
+from vlv.config import CaptionerConfig
 from vlv.encoder import VLVEncoder, load_florence2
 from vlv.lm import build_lm, load_tokenizer
-from vlv.official.florence2 import prompt_ids
-from vlv.official.stage1 import encoder_state, load_into, native_florence_dir, read_processor
+from vlv.official.stage1 import (
+    check_frozen,
+    encoder_state,
+    load_into,
+    native_florence_dir,
+    official_encoder_config,
+    sd_state,
+)
 from vlv.text_encoder import load_text_encoder
 
 MODULE = "module."  # DDP's wrapper prefix
@@ -148,22 +154,7 @@ def check_psi(psi: dict[str, torch.Tensor], d_t: int, d_lm: int) -> None:
 # ----------------------------------------------------------------------------------- text encoder
 def check_text_encoder(got: dict[str, torch.Tensor], text_encoder, decoder_dir) -> int:
     """``VLV_model.text_encoder.*`` must be the decoder dir's text encoder, key for key and value for value."""
-    ref = text_encoder.state_dict()
-    if not any(k.startswith("text_model.") for k in ref):
-        ref = {f"text_model.{k}": v for k, v in ref.items()}  # transformers 5's CLIPTextModel drops the level
-    missing, extra = sorted(set(ref) - set(got)), sorted(set(got) - set(ref))
-    name = f"{VLV}{TEXT_ENCODER}."
-    if missing:
-        raise ValueError(f"missing key '{name}{missing[0]}' in the stage-2 checkpoint (the decoder dir {decoder_dir} "
-                         f"has it; {len(missing)} missing in all)")
-    if extra:
-        raise ValueError(f"the decoder dir {decoder_dir} does not match the checkpoint: {name}{extra[0]} is not in "
-                         "its text encoder")
-    for k, v in got.items():
-        if v.shape != ref[k].shape or not torch.equal(v.to(ref[k].dtype), ref[k]):
-            raise ValueError(f"the decoder dir {decoder_dir} does not match the checkpoint: {name}{k} differs (use "
-                             "the base Stable Diffusion dir the official run was trained with)")
-    return len(got)
+    return check_frozen(got, sd_state(text_encoder, "text_encoder"), f"{VLV}{TEXT_ENCODER}", decoder_dir, "stage-2")
 
 
 # ---------------------------------------------------------------------------------------- import
@@ -171,10 +162,7 @@ def _encoder(state: dict[str, torch.Tensor], florence2_dir, text_dim: int, out: 
     """The stage-1 encoder from ``VLV_model.*`` (stage-1 names), written as a stage-1 run dir at ``out``."""
     out.mkdir()
     native_dir, _ = native_florence_dir(florence2_dir, out)
-    tok = AutoTokenizer.from_pretrained(native_dir, local_files_only=True)
-    config = EncoderConfig(text_dim=text_dim, florence2=str(native_dir),
-                           num_queries=int(state["queries"].shape[1]), trainable=list(DEFAULT_TRAINABLE),
-                           prompt_ids=prompt_ids(tok), **read_processor(native_dir))
+    config = official_encoder_config(native_dir, out, text_dim, int(state["queries"].shape[1]))
     encoder = VLVEncoder(config, load_florence2(native_dir))
     try:
         load_into(encoder, state, native_dir)
@@ -233,7 +221,7 @@ def import_stage2(model_pt: str | Path, florence2_dir: str | Path, decoder_dir: 
             full["lm_head.weight"] = full["model.embed_tokens.weight"]
         lm.load_state_dict(full, strict=True)
         config = CaptionerConfig(text_dim=d_t, lm=str(lm_dir), trainable="mlp+llm+encoder",
-                                 text_encoder=str(decoder_dir), encoder=str((out / ENCODER_DIR).resolve()),
+                                 text_encoder=str(decoder_dir), encoder=ENCODER_DIR,  # inside the run, relatively
                                  **OFFICIAL_DECODING)
         captioner = Captioner(config, text_encoder, encoder, lm=lm, tokenizer=load_tokenizer(str(lm_dir)))
         captioner.psi.load_state_dict({k: v.to(torch.float32) for k, v in psi.items()}, strict=True)
