@@ -127,6 +127,14 @@ def native_florence_dir(florence2_dir: str | Path, out: Path) -> tuple[Path, dic
 
 
 # ---------------------------------------------------------------------------------------- import
+def remove_partial(out: Path, created: bool) -> None:
+    """No half-made run dir is left behind on an error: ``out`` was absent or empty, so all in it is ours."""
+    for child in list(out.iterdir()) if out.is_dir() else []:
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    if created:
+        out.rmdir()
+
+
 def encoder_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Counter]:
     """The checkpoint's non-SD keys -> VLVEncoder names (``queries``, ``phi.*``, ``florence.*``); strict."""
     out, counts = {}, Counter()
@@ -226,11 +234,7 @@ def import_stage1(ckpt: str | Path, florence2_dir: str | Path, decoder_dir: str 
         encoder.save_pretrained(out)
         VLVEncoder.from_pretrained(out)  # the run dir must load strictly
     except BaseException:
-        # No half-made run dir is left behind: out was absent or empty, so all in it is ours.
-        for child in list(out.iterdir()) if out.is_dir() else []:
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-        if created:
-            out.rmdir()
+        remove_partial(out, created)
         raise
     for part in ("vision_tower", "multi_modal_projector"):
         counts[f"florence.{part} (== base)"] = counts.pop(f"florence.{part}", 0)

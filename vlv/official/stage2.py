@@ -23,7 +23,6 @@ path, so ``Captioner.from_pretrained(out)`` needs no other argument.
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from vlv.official.stage1 import (
     load_into,
     native_florence_dir,
     official_encoder_config,
+    remove_partial,
     sd_state,
 )
 from vlv.text_encoder import load_text_encoder
@@ -228,10 +228,7 @@ def import_stage2(model_pt: str | Path, florence2_dir: str | Path, decoder_dir: 
         captioner.save_pretrained(out)
         _check_saved(out, captioner)
     except BaseException:
-        for child in list(out.iterdir()) if out.is_dir() else []:
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-        if created:
-            out.rmdir()
+        remove_partial(out, created)
         raise
     for part in ("vision_tower", "multi_modal_projector"):
         counts[f"florence.{part} (== base)"] = counts.pop(f"florence.{part}", 0)
