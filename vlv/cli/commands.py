@@ -280,10 +280,13 @@ def cmd_caption(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------- official imports
-def _print_counts(counts: dict[str, int]) -> None:
+def _print_counts(counts: dict[str, int], written: str) -> None:
+    """What an import mapped, per group, then what it wrote."""
+    print(f"tensors mapped per group ({sum(counts.values())} in all):")
     width = max(map(len, counts), default=0)
     for group, n in counts.items():
         print(f"  {group:<{width}}  {n}")
+    print(written)
 
 
 def cmd_import_florence2(args: argparse.Namespace) -> None:
@@ -291,9 +294,7 @@ def cmd_import_florence2(args: argparse.Namespace) -> None:
     from vlv.official.florence2 import convert_florence2
 
     counts = convert_florence2(args.src, args.out)
-    print(f"tensors mapped per group ({sum(counts.values())} in all):")
-    _print_counts(counts)
-    print(f"native Florence-2 written to {args.out}")
+    _print_counts(counts, f"native Florence-2 written to {args.out}")
 
 
 def cmd_import_stage1(args: argparse.Namespace) -> None:
@@ -303,9 +304,7 @@ def cmd_import_stage1(args: argparse.Namespace) -> None:
     from vlv.official.stage1 import import_stage1
 
     counts = import_stage1(args.ckpt, args.florence2, args.decoder, args.out)
-    print(f"tensors mapped per group ({sum(counts.values())} in all):")
-    _print_counts(counts)
-    print(f"stage-1 encoder written to {args.out}")
+    _print_counts(counts, f"stage-1 encoder written to {args.out}")
 
 
 def cmd_import_stage2(args: argparse.Namespace) -> None:
@@ -315,9 +314,8 @@ def cmd_import_stage2(args: argparse.Namespace) -> None:
     from vlv.official.stage2 import import_stage2
 
     counts = import_stage2(args.model_pt, args.florence2, args.decoder, args.lm, args.out)
-    print(f"tensors mapped per group ({sum(counts.values())} in all):")
-    _print_counts(counts)
-    print(f"stage-2 captioner written to {args.out} (caption with: vlv caption IMAGES --model {args.out} --out X)")
+    _print_counts(counts, f"stage-2 captioner written to {args.out} "
+                          f"(caption with: vlv caption IMAGES --model {args.out} --out X)")
 
 
 # ------------------------------------------------------------------------------------------- demo
