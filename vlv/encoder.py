@@ -36,7 +36,7 @@ from transformers import Florence2Config, Florence2ForConditionalGeneration
 
 from vlv.config import CONFIGS, EncoderConfig, list_configs, read_config
 from vlv.modeling import atomic_save_file, in_run_dir, load_trainable_state, trainable_state, write_json
-from vlv.shipped import resolve_encoder
+from vlv.shipped import is_shipped, resolve_encoder, resolve_florence2_name
 
 CONFIG_FILE, TRAINABLE_FILE, FROZEN_FILE = "encoder.json", "model.safetensors", "frozen.safetensors"
 
@@ -56,8 +56,8 @@ def florence2_config(source: str | dict) -> Florence2Config:
 
 
 def load_florence2(path: str | Path) -> Florence2ForConditionalGeneration:
-    """A native (transformers) Florence-2 checkpoint from a local dir, in fp32; never a download."""
-    path = Path(path)
+    """A native (transformers) Florence-2 checkpoint from a local dir or shipped name, in fp32; never a download."""
+    path = Path(resolve_florence2_name(str(path)))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no Florence-2 checkpoint at {path} (expected a local dir with config.json and "
                                 f"weights in transformers' native Florence2 format); configs for random init: "
@@ -74,7 +74,7 @@ def build_florence2(source: str | dict) -> Florence2ForConditionalGeneration:
 
 def resolved_florence2(config: EncoderConfig, run: str | Path) -> str | dict:
     """The Florence-2 source of a run dir's config as one that works from anywhere (a dir inside the run, absolute)."""
-    if not _is_checkpoint_dir(config.florence2):
+    if not _is_checkpoint_dir(config.florence2) or is_shipped(config.florence2):
         return config.florence2
     return str(Path(in_run_dir(run, config.florence2)).resolve())
 
@@ -93,9 +93,10 @@ def _prompt_ids(config: EncoderConfig, florence: Florence2ForConditionalGenerati
 
     # Checked by hand: transformers 5's AutoTokenizer builds an EMPTY tokenizer from config.json when a dir
     # has no tokenizer files, instead of raising.
-    if not any((Path(config.florence2) / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+    source = Path(resolve_florence2_name(config.florence2))
+    if not any((source / f).is_file() for f in ("tokenizer.json", "vocab.json")):
         raise FileNotFoundError(f"no tokenizer in {config.florence2} to tokenise the prompt: set prompt_ids")
-    tok = AutoTokenizer.from_pretrained(config.florence2, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
     # As Florence2Processor builds its text: <s> + prompt + </s>, no other special tokens.
     return tok(tok.bos_token + config.prompt + tok.eos_token, add_special_tokens=False).input_ids
 

@@ -1,6 +1,7 @@
 """Named weights shipped inside the package, resolved separately from architectures.
 
-``shapes-teacher`` is a Stable-Diffusion-layout dir; ``shapes-stage1`` a stage-1 run (``encoder.json`` +
+``shapes-teacher`` is a Stable-Diffusion-layout dir; ``shapes-florence2`` a native Florence-2 dir (pre-trained on
+shapes detection, ``vlv.shapes.florence2``); ``shapes-stage1`` a stage-1 run (``encoder.json`` +
 safetensors); ``shapes-lm`` the pre-trained shapes LM (transformers layout); ``shapes-stage2`` a stage-2 run
 whose ``captioner.json`` names the other three by these names. Wherever a command takes one of these dirs it
 also takes the name, so the shipped chain works from any install location.
@@ -13,6 +14,7 @@ from pathlib import Path
 WEIGHTS = Path(__file__).parent / "weights"
 # name -> (dir, the file that marks a complete dir)
 SHIPPED = {"shapes-teacher": (WEIGHTS / "shapes-teacher", "model_index.json"),
+           "shapes-florence2": (WEIGHTS / "shapes-florence2", "config.json"),
            "shapes-stage1": (WEIGHTS / "shapes-stage1", "encoder.json"),
            "shapes-lm": (WEIGHTS / "shapes-lm", "config.json"),
            "shapes-stage2": (WEIGHTS / "shapes-stage2", "captioner.json")}
@@ -57,6 +59,11 @@ def resolve_encoder(name_or_path: str | Path) -> Path:
 def resolve_stage2(name_or_path: str | Path) -> Path:
     """A shipped name (``shapes-stage2``) or a captioner dir (with captioner.json) -> its path."""
     return _resolve(name_or_path, "shapes-stage2", "a VLV captioner")
+
+
+def resolve_florence2_name(source: str | dict) -> str | dict:
+    """``shapes-florence2`` -> its shipped dir (as a string); any other Florence-2 source unchanged."""
+    return str(shipped_dir("shapes-florence2")) if source == "shapes-florence2" else source
 
 
 def resolve_lm_name(source: str | dict) -> str | dict:

@@ -27,6 +27,7 @@ from vlv.cli.commands import (
     cmd_teacher_export,
     cmd_teacher_sample,
     cmd_teacher_train,
+    cmd_train_florence2,
     cmd_train_lm,
     cmd_train_stage1,
     cmd_train_stage2,
@@ -45,7 +46,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from vlv import __version__
-    from vlv.shapes.config import TeacherRecipe
+    from vlv.shapes.config import DetectionSettings, TeacherRecipe
     from vlv.training.config import LMSettings, Stage1Settings, Stage2Settings, TrainConfig
 
     parser = Parser(prog="vlv", description="Vision-Language-Vision auto-encoder.")
@@ -113,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(p, LMSettings, "inputs (recipe section 'settings')")
     add_fields(p, TrainConfig, "training loop (recipe section 'train')")
     p.set_defaults(func=cmd_train_lm)
+
+    p = train_sub.add_parser("florence2", help="pre-train the small shapes Florence-2 on object detection (<OD>)")
+    p.add_argument("--out", type=writable_dir, required=True, help="Florence-2 dir (transformers' native layout)")
+    recipe_arg(p, "florence2", "shapes-florence2")
+    add_fields(p, DetectionSettings, "inputs (recipe section 'settings')")
+    add_fields(p, TrainConfig, "training loop (recipe section 'train')")
+    p.set_defaults(func=cmd_train_florence2)
 
     p = train_sub.add_parser("stage2", help="teach a causal LM to read stage-1 embeddings out as captions")
     p.add_argument("--out", type=writable_dir, required=True, help="run dir (resumes when it holds a checkpoint)")

@@ -224,6 +224,20 @@ def cmd_train_lm(args: argparse.Namespace) -> None:
     print(f"language model saved to {args.out}" if done else f"stopped early; run again to resume ({args.out})")
 
 
+def cmd_train_florence2(args: argparse.Namespace) -> None:
+    _require_dirs(args.data, args.val)
+    from vlv.shapes.config import DetectionSettings
+    from vlv.shapes.florence2 import train_florence2
+    from vlv.training.loop import TrainConfig
+    from vlv.training.recipes import load_recipe, resolved, section
+
+    recipe = load_recipe(args.recipe, "florence2")
+    settings = section(recipe, "settings", DetectionSettings, given(args, DetectionSettings))
+    cfg = section(recipe, "train", TrainConfig, given(args, TrainConfig))
+    done = train_florence2(settings, cfg, args.out, recipe=resolved(recipe, train=cfg, settings=settings))
+    print(f"Florence-2 saved to {args.out}" if done else f"stopped early; run again to resume ({args.out})")
+
+
 def cmd_train_stage2(args: argparse.Namespace) -> None:
     from vlv.shipped import resolve_decoder, resolve_encoder
 

@@ -73,3 +73,14 @@ class TeacherRecipe:
     eval_guidance: tuple[float, ...] = _f((2.0, 4.0), "guidance scales evaluated")
     seed: int = _f(0, "seed")
     extra: dict = field(default_factory=dict, metadata={"cli": False})
+
+
+@dataclass
+class DetectionSettings:
+    """What a shapes Florence-2 pre-training run is made from (``vlv train florence2``); saved beside it."""
+
+    data: str = field(metadata={"help": "shapes folder (vlv data shapes): its scenes give the boxes and labels"})
+    val: str | None = _f(None, "held-out shapes folder: greedy detection accuracy at each evaluation")
+    eval_n: int = _f(200, "held-out scenes per evaluation")
+    architecture: str = _f("florence2-shapes", "Florence-2 architecture config (vlv/configs); the vocabulary is "
+                                               "sized to the detection tokens")
