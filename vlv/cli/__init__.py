@@ -16,6 +16,7 @@ from vlv.cli.commands import (
     cmd_caption,
     cmd_compose,
     cmd_data_shapes,
+    cmd_data_shards,
     cmd_data_sheet,
     cmd_demo,
     cmd_embed,
@@ -68,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=positive_int, default=64)
     p.add_argument("--cols", type=positive_int, default=8)
     p.set_defaults(func=cmd_data_sheet)
+    p = data_sub.add_parser("shards", help="convert a folder, tar shards or parquet into indexed webdataset shards")
+    p.add_argument("src", help="image-caption folder, .tar shard(s) (a dir or data/{00000..00009}.tar) or .parquet")
+    p.add_argument("--out", type=writable_dir, required=True, help="folder for 00000.tar, ... (holding no .tar)")
+    p.add_argument("--shard-size", type=positive_int, default=10_000, help="samples per shard (default 10000)")
+    p.add_argument("--image-column", default="image", help="parquet image column (default image)")
+    p.add_argument("--caption-column", default="caption", help="parquet caption column (default caption)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_shards)
 
     teacher = sub.add_parser("teacher", help="train or sample the shapes text-to-image teacher")
     t_sub = teacher.add_subparsers(dest="teacher_command", required=True, metavar="TEACHER_COMMAND")

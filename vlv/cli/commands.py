@@ -25,6 +25,15 @@ def cmd_data_sheet(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_data_shards(args: argparse.Namespace) -> None:
+    from vlv.datasets import open_dataset, write_shards
+
+    t0 = time.perf_counter()
+    src = open_dataset(args.src, image_column=args.image_column, caption_column=args.caption_column)
+    shards = write_shards(src, args.out, args.shard_size, progress=not args.quiet)
+    print(f"wrote {len(src)} samples in {len(shards)} shard(s) to {args.out} in {time.perf_counter() - t0:.1f}s")
+
+
 # ---------------------------------------------------------------------------------------- teacher
 def cmd_teacher_train(args: argparse.Namespace) -> None:
     from vlv.shapes.config import TINY, TeacherConfig, TeacherRecipe
