@@ -18,7 +18,7 @@ class Regression:
     def trainable(self):
         return self.model
 
-    def batch(self, step, rank, batch_size, device):
+    def batch(self, step, rank, batch_size, device, world_size=1):
         g = torch.Generator().manual_seed(step)
         x = torch.randn(batch_size, 1, generator=g)
         return x, 3 * x
@@ -39,7 +39,7 @@ def test_plan_steps_fills_the_budget_and_never_goes_back():
 class SlowStart(Regression):
     """The toy task paced like a CPU run: its first PLAN_AFTER steps are slower than the rest."""
 
-    def batch(self, step, rank, batch_size, device):
+    def batch(self, step, rank, batch_size, device, world_size=1):
         time.sleep(0.02 if step < PLAN_AFTER else 0.005)
         return super().batch(step, rank, batch_size, device)
 

@@ -27,6 +27,7 @@ from transformers import Florence2Config, Florence2ForConditionalGeneration, Pre
 
 from vlv.config import IMAGENET_MEAN, IMAGENET_STD, read_config
 from vlv.data import CAPTIONS
+from vlv.datasets import step_indices
 from vlv.modeling import write_json
 from vlv.shapes import world
 from vlv.shapes.config import DetectionSettings
@@ -142,8 +143,9 @@ class DetectionTask:
         return {"pixel_values": images.to(device),
                 "input_ids": self.prompt[None].expand(len(scenes), -1).to(device)}  # (B, Nv + 2)
 
-    def batch(self, step: int, rank: int, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-        idx = np.random.default_rng([self.seed, step, rank]).integers(len(self.scenes), size=batch_size)
+    def batch(self, step: int, rank: int, batch_size: int, device: torch.device, world_size: int = 1
+              ) -> dict[str, torch.Tensor]:
+        idx = step_indices(len(self.scenes), self.seed, step, rank, world_size, batch_size)
         scenes = [self.scenes[i] for i in idx]
         tok = self.tokenizer
         texts = [tok.bos_token + detection_text(s) + tok.eos_token for s in scenes]  # as Florence's labels
@@ -204,6 +206,7 @@ def train_florence2(settings: DetectionSettings, cfg: TrainConfig, out: Path, re
     model.eval()
     record = {"task": "<OD> object detection (labels 'color shape', 64 location bins)",
               "settings": asdict(settings), "train": asdict(cfg), "scenes": len(scenes),
+              "wall_s": round(state.elapsed_s, 1), "evals": [h["eval"] for h in state.history if "eval" in h],
               **({"recipe": recipe} if recipe else {})}
     if val:
         record["val"] = {"n": len(val), **detection_scores(model, task, val)}

@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from vlv.data import ImageCaptionFolder, cached_latents, to_tensor
+from vlv.datasets import step_indices
 from vlv.diffusion import diffusion_loss, make_pipeline, sample_latents, tokenize
 from vlv.modeling import load_trainable_state, write_json
 from vlv.shapes.config import TeacherConfig, TeacherRecipe
@@ -90,9 +91,9 @@ class VAETask:
     def trainable(self) -> torch.nn.Module:
         return self.vae
 
-    def batch(self, step: int, rank: int, batch_size: int, device: torch.device) -> torch.Tensor:
-        rng = np.random.default_rng([self.seed, step, rank])
-        idx = rng.integers(len(self.train_data), size=batch_size)
+    def batch(self, step: int, rank: int, batch_size: int, device: torch.device, world_size: int = 1
+              ) -> torch.Tensor:
+        idx = step_indices(len(self.train_data), self.seed, step, rank, world_size, batch_size)
         return to_tensor(self.train_data.images[idx]).to(device)
 
     def loss(self, model, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -137,9 +138,10 @@ class UNetTask:
     def trainable(self) -> torch.nn.Module:
         return self.model
 
-    def batch(self, step: int, rank: int, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, step, rank])
-        idx = torch.from_numpy(rng.integers(len(self.ids), size=batch_size))
+    def batch(self, step: int, rank: int, batch_size: int, device: torch.device, world_size: int = 1
+              ) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step, rank])  # caption dropout
+        idx = torch.from_numpy(step_indices(len(self.ids), self.seed, step, rank, world_size, batch_size))
         ids = self.ids[idx].clone()
         drop = torch.from_numpy(rng.random(batch_size) < self.caption_dropout)
         ids[drop] = self.empty_ids

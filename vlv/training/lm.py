@@ -11,11 +11,11 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from vlv.data import read_captions
+from vlv.datasets import step_indices
 from vlv.lm import IGNORE, build_lm, encode_documents, load_tokenizer, pad_id
 from vlv.modeling import write_json
 from vlv.training.config import LMSettings, TrainConfig
@@ -41,8 +41,9 @@ class LMTask:
     def trainable(self) -> torch.nn.Module:
         return self.lm
 
-    def batch(self, step: int, rank: int, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-        idx = np.random.default_rng([self.seed, step, rank]).integers(len(self.captions), size=batch_size)
+    def batch(self, step: int, rank: int, batch_size: int, device: torch.device, world_size: int = 1
+              ) -> dict[str, torch.Tensor]:
+        idx = step_indices(len(self.captions), self.seed, step, rank, world_size, batch_size)
         docs = encode_documents(self.tokenizer, [self.captions[i] for i in idx])
         return {k: v.to(device) for k, v in docs.items()}  # (B, L) each
 

@@ -40,8 +40,9 @@ class Task(Protocol):
     def trainable(self) -> torch.nn.Module:
         """The module whose parameters with requires_grad train; frozen parts live elsewhere."""
 
-    def batch(self, step: int, rank: int, batch_size: int, device: torch.device) -> Any:
-        """The batch of a step: a pure function of (step, rank), so resume is exact."""
+    def batch(self, step: int, rank: int, batch_size: int, device: torch.device, world_size: int = 1) -> Any:
+        """The batch of a step: a pure function of (step, rank, world_size), so resume is exact; the samples are
+        ``vlv.datasets.step_indices``' (an epoch reads each once, ranks never overlap)."""
 
     def loss(self, model: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
         """Scalar loss; ``model`` is the (possibly DDP-wrapped) trainable module."""
@@ -217,7 +218,7 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
             for group in opt.param_groups:
                 group["lr"] = lr_at(state.step, cfg)
             gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, state.step, rank))
-            batch = task.batch(state.step, rank, cfg.batch_size, device)
+            batch = task.batch(state.step, rank, cfg.batch_size, device, world_size=accelerator.num_processes)
             with accelerator.autocast():
                 loss = task.loss(wrapped, batch, gen)
             accelerator.backward(loss)

@@ -25,6 +25,7 @@ from safetensors import safe_open
 
 from vlv.config import DEFAULT_TRAINABLE, EncoderConfig
 from vlv.data import ImageCaptionFolder, cached_latents, to_tensor
+from vlv.datasets import step_indices
 from vlv.decoder import DiffusionDecoder
 from vlv.diffusion import sample_latents
 from vlv.encoder import CONFIG_FILE as ENCODER_FILE
@@ -107,9 +108,10 @@ class Stage1Task:
     def trainable(self) -> torch.nn.Module:
         return self.encoder
 
-    def batch(self, step: int, rank: int, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    def batch(self, step: int, rank: int, batch_size: int, device: torch.device, world_size: int = 1
+              ) -> dict[str, torch.Tensor]:
         """The sampled images, or what is cached of them: the step then never touches the pixels."""
-        idx = np.random.default_rng([self.seed, step, rank]).integers(len(self.data), size=batch_size)
+        idx = step_indices(len(self.data), self.seed, step, rank, world_size, batch_size)
         batch = {}
         if self.latents is None or self.vision is None:
             batch["images"] = to_tensor(self.data.images[idx]).to(device)  # (B, 3, H, W) in [-1, 1]

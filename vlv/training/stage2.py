@@ -17,12 +17,12 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from vlv.captioner import Captioner, CaptionerConfig
 from vlv.data import ImageCaptionFolder, to_tensor
+from vlv.datasets import step_indices
 from vlv.encoder import VLVEncoder
 from vlv.lm import is_lm_dir
 from vlv.modeling import write_json
@@ -49,8 +49,9 @@ class Stage2Task:
     def trainable(self) -> torch.nn.Module:
         return self.captioner
 
-    def batch(self, step: int, rank: int, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-        idx = np.random.default_rng([self.seed, step, rank]).integers(len(self.data), size=batch_size)
+    def batch(self, step: int, rank: int, batch_size: int, device: torch.device, world_size: int = 1
+              ) -> dict[str, torch.Tensor]:
+        idx = step_indices(len(self.data), self.seed, step, rank, world_size, batch_size)
         batch = self.captioner.tokenize([self.captions[i] for i in idx])  # (B, L) each
         batch["images"] = to_tensor(self.data.images[idx])  # (B, 3, H, W) in [-1, 1]
         return {k: v.to(device) for k, v in batch.items()}
