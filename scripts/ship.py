@@ -34,7 +34,7 @@ from vlv.modeling import atomic_write_text
 from vlv.shipped import SHIPPED
 
 KINDS = ("stage1", "lm", "stage2")
-SKIP = {"latents.safetensors"}  # stage 1's cached VAE latents: a training cache, not weights
+SKIP = {"latents.safetensors", "data.json"}  # training records (an old cache, the bad samples met), not weights
 
 
 def _fp16(src: Path, dst: Path) -> None:

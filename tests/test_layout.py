@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).parent.parent / "vlv"
-CORE = ("data", "datasets", "modeling", "config", "diffusion", "text_encoder", "encoder", "decoder", "lm", "captioner",
-        "shipped", "version")
+CORE = ("data", "datasets", "caches", "modeling", "config", "diffusion", "text_encoder", "encoder", "decoder", "lm",
+        "captioner", "shipped", "version")
 # module (or package) -> what it may not import
 FORBIDDEN = {**{m: ("vlv.shapes", "vlv.training", "vlv.inference", "vlv.api", "vlv.cli") for m in CORE},
              "inference": ("vlv.shapes", "vlv.training", "vlv.api", "vlv.cli"),

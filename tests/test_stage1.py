@@ -27,7 +27,7 @@ def test_train_stage1_run_dir_describes_itself(tiny_teacher, shapes_data, tmp_pa
                        evaluator=stage1_evaluator(shapes_data["val"], 4), recipe=recipe)
     assert enc is not None
     meta = json.loads((run / "stage1.json").read_text())
-    assert meta["settings"]["decoder"] == str(tiny_teacher) and (run / "latents.safetensors").exists()
+    assert meta["settings"]["decoder"] == str(tiny_teacher) and (run / "latents" / "cache.json").exists()
     assert meta["recipe"] == recipe
     evals = [r["eval"] for r in json.loads((run / "checkpoint" / "trainer.json").read_text())["history"] if "eval" in r]
     assert evals and 0.0 <= evals[-1]["recon_scene_accuracy"] <= 1.0
@@ -85,7 +85,8 @@ def test_cli_stage1_reconstruct_compose(tiny_teacher, shapes_data, tmp_path):
              "--nq", 8, "--steps", 2, "--batch-size", 3, "--warmup-steps", 0)
     assert r.returncode == 0, r.stderr
     meta = json.loads((run / "stage1.json").read_text())  # the default recipe, with the flags' fields over it
-    assert meta["recipe"]["name"] == "shapes-stage1" and meta["settings"]["encoder"] == "shapes"
+    assert meta["recipe"]["name"] == "shapes-stage1" and meta["settings"]["encoder"] == "shapes-pretrained"
+    assert meta["settings"]["cache_vision"] and (run / "vision").is_dir()  # the frozen DaViT ran once per image
     assert (meta["train"]["steps"], meta["train"]["warmup_steps"], meta["train"]["lr"]) == (2, 0, 1e-3)
     assert meta["settings"]["num_queries"] == 8 and meta["settings"]["phi_init_gain"] == 16.0
     names = [rec.image for rec in read_records(shapes_data["val"])][:3]
@@ -103,7 +104,7 @@ def test_cli_stage1_reconstruct_compose(tiny_teacher, shapes_data, tmp_path):
              tmp_path / "x")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     r = _cli("train", "stage1", "--decoder", tiny_teacher, "--data", shapes_data["train"], "--out", tmp_path / "v",
-             "--cache-vision")  # the shapes encoder trains its vision tower
+             "--recipe", "shapes-stage1-scratch", "--cache-vision")  # that recipe trains the vision tower
     assert r.returncode == 2 and "vision tower" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = _cli("train", "stage1", "--decoder", tiny_teacher, "--data", shapes_data["train"], "--out", tmp_path / "g",
              "--init", run, "--phi-init-gain", 4)  # the gain would scale weights --init overwrites
@@ -179,23 +180,25 @@ def test_cached_vision_features_train_as_the_pixels_do(tiny_teacher, shapes_data
 
 def test_vision_cache_shards_resume_and_read_rows(shapes_data, tmp_path):
     """Shards of a few rows: a lost shard is recomputed alone, and rows across shards read back in any order."""
+    from vlv.caches import Cache, vision_key, vision_rows, write_cache
+    from vlv.datasets import FolderDataset
     from vlv.encoder import EncoderConfig
-    from vlv.training.stage1 import VisionCache, cache_vision
 
     torch.manual_seed(0)
     enc = VLVEncoder(EncoderConfig.named("shapes", 32, num_queries=4, trainable=["queries"]))
-    data = ImageCaptionFolder(shapes_data["train"], 64)
-    cache_vision(enc, data, tmp_path / "v", shard_rows=5, progress=False)
-    parts = sorted((tmp_path / "v").iterdir())
+    data, ds = ImageCaptionFolder(shapes_data["train"], 64), FolderDataset(shapes_data["train"])
+    key = vision_key(enc, ds, 64)
+    write_cache(tmp_path / "v", key, ds, vision_rows(enc), 32, shard_rows=5, progress=False)
+    parts = sorted((tmp_path / "v").glob("*.safetensors"))
     assert len(parts) == -(-len(data) // 5)
     kept = parts[0].stat().st_mtime_ns
     parts[1].unlink()
-    cache_vision(enc, data, tmp_path / "v", shard_rows=5, progress=False)
+    write_cache(tmp_path / "v", key, ds, vision_rows(enc), 32, shard_rows=5, progress=False)
     assert parts[1].exists() and parts[0].stat().st_mtime_ns == kept
-    cache = VisionCache(tmp_path / "v")
+    cache = Cache(tmp_path / "v", want=key)
     idx = np.array([len(data) - 1, 0, 6, 6, 4])
     from vlv.data import to_tensor
 
     with torch.no_grad():
         want = enc.eval().image_features(enc.normalize(to_tensor(data.images[idx])))
-    assert len(cache) == len(data) and torch.allclose(cache[idx].float(), want, atol=1e-2, rtol=1e-2)
+    assert len(cache) == len(data) and torch.allclose(cache[idx]["features"].float(), want, atol=1e-2, rtol=1e-2)

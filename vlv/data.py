@@ -1,9 +1,9 @@
-"""Image-caption folders: the one input format every training command reads.
+"""Image-caption folders, and the pixel conventions every reader shares (centre crop + bicubic, [-1, 1]).
 
 A folder holds images and a ``captions.jsonl`` with one row per image:
-``{"image": "000000.png", "caption": "...", "scene": {...}}`` (``scene`` only for shapes data).
-Real users point vlv at their own folder in the same format; the shapes world writes one
-(``vlv.shapes.data.write_shapes``).
+``{"image": "000000.png", "caption": "...", "scene": {...}}`` (``scene`` only for shapes data); the shapes world
+writes one (``vlv.shapes.data.write_shapes``). Training reads folders, tar shards and parquet lazily through
+:mod:`vlv.datasets`; :class:`ImageCaptionFolder` holds a small folder in memory (the teacher, evaluation, tests).
 """
 
 from __future__ import annotations

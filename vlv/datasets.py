@@ -81,6 +81,10 @@ class Dataset(ABC):
     def where(self, i: int) -> str:
         """Sample ``i``'s key and file, without reading it: what an error names."""
 
+    def sample_keys(self) -> list[str]:
+        """Every sample's key in order, without decoding: what a cache's data fingerprint hashes."""
+        return [self.read(i).key for i in range(len(self))]
+
     def _check(self, i: int) -> int:
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range for {len(self)} samples")
@@ -107,6 +111,9 @@ class FolderDataset(Dataset):
     def where(self, i: int) -> str:
         r = self.records[self._check(i)]
         return f"{_folder_key(r.image)} ({self.folder / r.image})"
+
+    def sample_keys(self) -> list[str]:
+        return [_folder_key(r.image) for r in self.records]
 
 
 def _folder_key(image: str) -> str:
@@ -256,6 +263,9 @@ class TarShards(Dataset):
         i = self._check(i)
         return f"{self.keys[i]} ({self._shard(i)})"
 
+    def sample_keys(self) -> list[str]:
+        return self.keys.tolist()
+
 
 def expand_braces(pattern: str) -> list[str]:
     """``data/{00000..00009}.tar`` / ``{a,b}.tar`` -> the names, as webdataset's brace patterns (zero padding kept)."""
@@ -377,6 +387,19 @@ class ParquetDataset(Dataset):
         g, _, row = self._locate(self._check(i))
         return f"row {row} ({self.files[int(self.rg_file[g])]})"
 
+    def sample_keys(self) -> list[str]:
+        """The key column read alone (or ``<file stem>_<row>``): no image bytes are touched."""
+        import pyarrow.parquet as pq
+
+        keys: list[str] = []
+        for k, path in enumerate(self.files):
+            rows = int(self.file_starts[k + 1] - self.file_starts[k])
+            if self.key_column:
+                keys += [str(v) for v in pq.read_table(path, columns=[self.key_column]).column(0).to_pylist()]
+            else:
+                keys += [f"{path.stem}_{row}" for row in range(rows)]
+        return keys
+
 
 # ----------------------------------------------------------------------------------------------- open_dataset
 def open_dataset(path: str | Path, image_column: str = "image", caption_column: str = "caption",
@@ -463,6 +486,41 @@ def step_indices(n: int, seed: int, step: int, rank: int, world_size: int, batch
 
 
 # --------------------------------------------------------------------------------------------------- loader
+def load_batch(dataset: Dataset, indices: np.ndarray, size: int,
+               on_bad_image: Literal["skip", "fail"] = "skip") -> dict[str, Any]:
+    """Samples ``indices`` read and decoded: ``images`` uint8 (B', size, size, 3), ``captions``, ``keys``,
+    ``indices`` (the B' kept), ``bad`` (how many were skipped) and ``bad_keys`` (what they were).
+
+    A bad sample is skipped, never replaced (no black image); with on_bad_image="fail" the batch raises naming it.
+    """
+    if on_bad_image not in ("skip", "fail"):
+        raise ValueError(f"on_bad_image must be 'skip' or 'fail', got {on_bad_image!r}")
+    images, captions, keys, kept, bad = [], [], [], [], []
+    for i in np.asarray(indices).tolist():
+        try:
+            sample = dataset.read(i)
+        except BAD_IMAGE_ERRORS as e:
+            bad.append(_bad(dataset.where(i), e, on_bad_image))
+            continue
+        try:
+            images.append(decode(sample.image, size))
+        except BAD_IMAGE_ERRORS as e:
+            bad.append(_bad(f"{sample.key} ({sample.source})", e, on_bad_image))
+            continue
+        captions.append(sample.caption)
+        keys.append(sample.key)
+        kept.append(i)
+    stacked = np.stack(images) if images else np.zeros((0, size, size, 3), dtype=np.uint8)
+    return {"images": torch.from_numpy(stacked), "captions": captions, "keys": keys,  # (B', H, W, 3) uint8
+            "indices": torch.tensor(kept, dtype=torch.int64), "bad": len(bad), "bad_keys": bad}
+
+
+def _bad(what: str, error: Exception, on_bad_image: str) -> str:
+    if on_bad_image == "fail":
+        raise ValueError(f"bad image {what}: {error}") from error
+    return what
+
+
 class StepBatches(torch.utils.data.Dataset):
     """Map-style: item k is the whole decoded batch of step k, so a DataLoader's workers build batches in parallel
     and any step can be asked for first (exact resume)."""
@@ -478,29 +536,24 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> dict[str, Any]:
         indices = step_indices(len(self.dataset), self.seed, step, self.rank, self.world_size, self.batch_size)
-        images, captions, keys, kept = [], [], [], []
-        for i in indices.tolist():
-            try:
-                sample = self.dataset.read(i)
-            except BAD_IMAGE_ERRORS as e:
-                self._bad(self.dataset.where(i), e)
-                continue
-            try:
-                images.append(decode(sample.image, self.size))
-            except BAD_IMAGE_ERRORS as e:
-                self._bad(f"{sample.key} ({sample.source})", e)
-                continue
-            captions.append(sample.caption)
-            keys.append(sample.key)
-            kept.append(i)
-        stacked = np.stack(images) if images else np.zeros((0, self.size, self.size, 3), dtype=np.uint8)
-        return {"images": torch.from_numpy(stacked), "captions": captions, "keys": keys,  # (B', H, W, 3) uint8
-                "indices": torch.tensor(kept, dtype=torch.int64), "bad": len(indices) - len(kept), "step": step}
+        return {**load_batch(self.dataset, indices, self.size, self.on_bad_image), "step": step}
 
-    def _bad(self, what: str, error: Exception) -> None:
-        """Skipped (counted in the batch's ``bad``), never replaced; with on_bad_image="fail" the run stops."""
-        if self.on_bad_image == "fail":
-            raise ValueError(f"bad image {what}: {error}") from error
+
+class RowBatches(torch.utils.data.Dataset):
+    """Map-style: item j is rows [start + j*batch, ...) decoded, in order: what a cache precompute reads."""
+
+    def __init__(self, dataset: Dataset, size: int, start: int, stop: int, batch_size: int,
+                 on_bad_image: Literal["skip", "fail"] = "skip"):
+        self.dataset, self.size, self.start, self.stop = dataset, size, start, stop
+        self.batch_size, self.on_bad_image = batch_size, on_bad_image
+
+    def __len__(self) -> int:
+        return -(-(self.stop - self.start) // self.batch_size)
+
+    def __getitem__(self, j: int) -> dict[str, Any]:
+        lo = self.start + j * self.batch_size
+        rows = np.arange(lo, min(lo + self.batch_size, self.stop))
+        return {**load_batch(self.dataset, rows, self.size, self.on_bad_image), "rows": torch.from_numpy(rows)}
 
 
 class _Steps(torch.utils.data.Sampler):
@@ -545,6 +598,13 @@ class StepLoader(torch.utils.data.DataLoader):
             generator=torch.Generator().manual_seed(seed), persistent_workers=False,
         )
 
+
+def row_loader(dataset: Dataset, size: int, start: int, stop: int, batch_size: int, num_workers: int = 0,
+               on_bad_image: Literal["skip", "fail"] = "skip") -> torch.utils.data.DataLoader:
+    """Rows [start, stop) in order, ``batch_size`` at a time, decoded in workers (see :class:`RowBatches`)."""
+    return torch.utils.data.DataLoader(
+        RowBatches(dataset, size, start, stop, batch_size, on_bad_image), batch_size=None, collate_fn=_one,
+        num_workers=num_workers, prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False)
 
 # ---------------------------------------------------------------------------------------------- write_shards
 def _encoded_format(data: bytes) -> str | None:

@@ -176,7 +176,7 @@ class VLVEncoder(nn.Module):
         """v' = projector(DaViT(pixel_values)): (B, 3, S, S) -> (B, Nv, D), the pooled token + H*W tokens.
 
         The frozen DaViT is the largest frozen cost at full scale (docs/performance.md): no graph through it when
-        nothing there trains, and stage 1 can cache its output per image (``vlv.training.stage1.cache_vision``).
+        nothing there trains, and stage 1 can cache its output per image (``vlv.caches.vision_rows``).
         """
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_frozen):
             return self.florence.model.get_image_features(pixel_values).pooler_output  # (B, Nv, D)

@@ -24,6 +24,7 @@ from vlv.cli.commands import (
     cmd_import_florence2,
     cmd_import_stage1,
     cmd_import_stage2,
+    cmd_precompute,
     cmd_reconstruct,
     cmd_teacher_export,
     cmd_teacher_sample,
@@ -140,6 +141,34 @@ def build_parser() -> argparse.ArgumentParser:
                defaults={"decoder": "shapes-teacher"})
     add_fields(p, TrainConfig, "training loop (recipe section 'train')")
     p.set_defaults(func=cmd_train_stage2)
+
+    pre = sub.add_parser("precompute", help="cache what stage 1 keeps frozen, once, for any number of runs")
+    pre_sub = pre.add_subparsers(dest="precompute_command", required=True, metavar="WHAT")
+    for what, help_text in (("latents", "the VAE's posteriors (mean, std) per image, fp16"),
+                            ("vision", "the frozen vision tower's features per image, fp16 (frozen towers only)")):
+        p = pre_sub.add_parser(what, help=help_text + "; sharded, resumable, split over torchrun/accelerate ranks")
+        p.add_argument("--decoder", required=True, help="Stable Diffusion dir or shipped name: the stage-1 "
+                       "run's decoder (its VAE%s and resolution)" % ("" if what == "latents" else " is not run"))
+        if what == "vision":
+            p.add_argument("--encoder", required=True, help="stage-1 run dir, named encoder config or local "
+                           "Florence-2 dir, as vlv train stage1 --encoder / --init take")
+            p.add_argument("--trainable", choices=["config", "official", "all"], default="config",
+                           help="the stage-1 run's --trainable for a named encoder (default config)")
+            p.add_argument("--seed", type=int, default=0, help="the stage-1 run's seed (a random-init tower's "
+                           "weights follow it; default 0)")
+        p.add_argument("--data", required=True, help="image folder, tar shards or parquet, as --data of training")
+        p.add_argument("--out", type=writable_dir, required=True, help="cache dir (a re-run finishes it)")
+        p.add_argument("--image-size", type=positive_int, default=None, help="data resolution (default: the "
+                       "decoder's, as in training)")
+        p.add_argument("--batch-size", type=positive_int, default=128 if what == "latents" else 32)
+        p.add_argument("--shard-rows", type=positive_int, default=4096, help="samples per shard (default 4096)")
+        p.add_argument("--num-workers", type=int, default=2, help="decoding workers (default 2)")
+        p.add_argument("--on-bad-image", choices=["skip", "fail"], default="skip",
+                       help="an unreadable image: an empty row (skipped in training) or stop (default skip)")
+        p.add_argument("--precision", choices=["no", "bf16"], default="no",
+                       help="autocast of the vision tower, as the stage-1 run's --precision (default no)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.set_defaults(func=cmd_precompute, what=what)
 
     p = sub.add_parser("caption", help="caption images with a stage-2 run (one JSON line per image)")
     p.add_argument("images", nargs="+", type=Path, help="image files or folders")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -85,7 +86,10 @@ def cmd_train_stage1(args: argparse.Namespace) -> None:
     resolve_decoder(args.decoder)  # fail fast, before the heavy imports
     if args.init:
         resolve_encoder(args.init)
-    _require_dirs(args.data, args.val)
+    _require_data(args.data)
+    _require_dirs(args.val)
+    for cache in (args.latents_cache, args.vision_cache):
+        _require_dirs(cache)
     if args.init and args.phi_init_gain is not None:
         raise ValueError(f"--phi-init-gain scales phi's freshly initialised weights, but --init {args.init}"
                          " overwrites them with trained ones; pass one or the other")
@@ -108,6 +112,57 @@ def cmd_train_stage1(args: argparse.Namespace) -> None:
     done = train_stage1(settings, cfg, args.out, evaluator=evaluator,
                         recipe=resolved(recipe, train=cfg, settings=settings))
     print(f"encoder saved to {args.out}" if done else f"stopped early; run the same command to resume ({args.out})")
+
+
+def _precompute_encoder(args: argparse.Namespace, text_dim: int):
+    """A stage-1 run dir loads as it is; a named encoder or Florence-2 dir is built as a stage-1 run builds it."""
+    from vlv.encoder import CONFIG_FILE, VLVEncoder
+
+    if (Path(args.encoder) / CONFIG_FILE).is_file():
+        return VLVEncoder.from_pretrained(args.encoder)
+    from vlv.training.stage1 import Stage1Settings, build_encoder
+
+    settings = Stage1Settings(decoder=args.decoder, data=str(args.data), encoder=args.encoder,
+                              trainable=args.trainable)
+    return build_encoder(settings, text_dim, args.seed)
+
+
+def cmd_precompute(args: argparse.Namespace) -> None:
+    from vlv.shipped import resolve_decoder
+
+    resolve_decoder(args.decoder)  # fail fast, before the heavy imports
+    _require_data(args.data)
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    import contextlib
+
+    import torch
+
+    from vlv.caches import latents_key, latents_rows, rank_and_world, vision_key, vision_rows, write_cache
+    from vlv.datasets import open_dataset
+    from vlv.decoder import DiffusionDecoder
+
+    rank, world = rank_and_world()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    dataset = open_dataset(args.data)
+    decoder = DiffusionDecoder.from_pretrained(args.decoder)
+    size = args.image_size or decoder.image_size
+    autocast = contextlib.nullcontext()
+    if args.what == "latents":
+        vae = decoder.vae.to(device)
+        key, rows = latents_key(vae, dataset, size), latents_rows(vae)
+    else:
+        encoder = _precompute_encoder(args, decoder.text_dim).to(device)
+        del decoder
+        key, rows = vision_key(encoder, dataset, size), vision_rows(encoder)
+        if args.precision == "bf16":
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    t0 = time.perf_counter()
+    with autocast:
+        bad = write_cache(args.out, key, dataset, rows, args.batch_size, args.shard_rows, rank, world,
+                          args.num_workers, args.on_bad_image, progress=not args.quiet)
+    print(f"rank {rank}/{world}: {args.what} cache of {len(dataset)} samples at {size} px in {args.out} "
+          f"({bad} bad image(s) left empty) in {time.perf_counter() - t0:.1f}s")
 
 
 def _load_encoder_decoder(args: argparse.Namespace):
@@ -205,6 +260,12 @@ def _require_dirs(*folders) -> None:
             raise FileNotFoundError(f"no such folder: {folder}")
 
 
+def _require_data(data) -> None:
+    """A dataset is a folder, a .tar / .parquet file or a brace pattern of them (checked when opened)."""
+    if data is not None and "{" not in str(data) and not Path(data).exists():
+        raise FileNotFoundError(f"no such dataset: {data}")
+
+
 def _tokenizer_for(lm: str):
     """A random-init LM config has no tokenizer: the command line's LMs are the shapes world's."""
     from vlv.lm import is_lm_dir
@@ -251,7 +312,8 @@ def cmd_train_stage2(args: argparse.Namespace) -> None:
     from vlv.shipped import resolve_decoder, resolve_encoder
 
     resolve_decoder(args.decoder)
-    _require_dirs(args.data, args.val)
+    _require_data(args.data)
+    _require_dirs(args.val)
     resolve_encoder(args.encoder)
     from vlv.training.loop import TrainConfig
     from vlv.training.recipes import load_recipe, resolved, section

@@ -16,12 +16,21 @@ def _f(default: Any, help: str, **meta: Any) -> Any:
     return field(default=default, metadata={"help": help, **meta})
 
 
+def _check_data(num_workers: int, on_bad_image: str) -> None:
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if on_bad_image not in ("skip", "fail"):
+        raise ValueError(f"on_bad_image must be skip or fail, got {on_bad_image!r}")
+
+
 @dataclass
 class TrainConfig:
     """How the loop trains: optimiser, schedule, precision, and when it logs, evaluates, checkpoints and stops."""
 
     steps: int = _f(1000, "optimiser steps (a budgeted run plans its own)")
-    batch_size: int = _f(64, "batch size per process")
+    batch_size: int = _f(64, "batch size per process (per micro-step with --grad-accum)")
+    grad_accum: int = _f(1, "gradient accumulation: micro-batches per optimiser step, so a global batch of "
+                            "batch_size x processes x grad_accum fits fewer GPUs")
     lr: float = _f(1e-3, "peak learning rate (AdamW)")
     betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -44,8 +53,8 @@ class TrainConfig:
     progress: bool = _f(True, "progress bar", cli=False)
 
     def __post_init__(self) -> None:
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ValueError("steps and batch_size must be positive")
+        if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
+            raise ValueError("steps, batch_size and grad_accum must be positive")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -70,7 +79,8 @@ class Stage1Settings:
     """
 
     decoder: str = field(metadata={"help": "Stable Diffusion dir or shipped name (shapes-teacher)"})
-    data: str = field(metadata={"help": "image(-caption) folder; captions are not used"})
+    data: str = field(metadata={"help": "image(-caption) folder, tar shards (a dir, or data/{00000..00099}.tar) or "
+                                        "parquet; captions are not used"})
     encoder: str = field(default="florence2-large", metadata={
         "help": "named encoder config (vlv/configs/encoder-*.json: florence2-large, shapes) or a local Florence-2 dir"})
     num_queries: int = field(default=77, metadata={"help": "number of learnable queries Nq", "flag": "--nq"})
@@ -83,6 +93,16 @@ class Stage1Settings:
     cache_vision: bool = field(default=False, metadata={
         "help": "cache the frozen vision tower's features once, so no step runs the DaViT (disk: Nv x D fp16 "
                 "per image); needs a frozen vision tower"})
+    latents_cache: str | None = field(default=None, metadata={
+        "help": "a latents cache made by vlv precompute latents (instead of one in the run dir); refused unless "
+                "made from this decoder, data and resolution"})
+    vision_cache: str | None = field(default=None, metadata={
+        "help": "a vision cache made by vlv precompute vision (instead of one in the run dir); refused unless "
+                "made from this encoder's vision tower, data and resolution"})
+    num_workers: int = field(default=2, metadata={
+        "help": "DataLoader workers decoding images (0: on the training thread); batches do not depend on it"})
+    on_bad_image: Literal["skip", "fail"] = field(default="skip", metadata={
+        "help": "an unreadable image: skip it (counted in the run dir's data.json) or stop naming it"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute UNet activations"})
     high_noise_fraction: float = field(default=0.0, metadata={
         "help": "share of timesteps drawn from the upper (layout-deciding) half; 0 = the paper's uniform t"})
@@ -94,6 +114,7 @@ class Stage1Settings:
                 "none: PyTorch's init"})
 
     def __post_init__(self) -> None:
+        _check_data(self.num_workers, self.on_bad_image)
         if self.trainable not in ("config", "official", "all"):
             raise ValueError(f"trainable must be config, official or all, got {self.trainable!r}")
         if not 0.0 <= self.high_noise_fraction <= 1.0:
@@ -114,7 +135,7 @@ class Stage2Settings:
     encoder: str = field(metadata={"help": "stage-1 run dir (never modified) or shipped name (shapes-stage1)"})
     lm: str = field(metadata={"help": "causal LM dir (vlv train lm output, a local Qwen2.5 dir), an LM config "
                                       "(random init) or the shipped shapes-lm"})
-    data: str = field(metadata={"help": "image-caption folder"})
+    data: str = field(metadata={"help": "image-caption folder, tar shards or parquet (with captions)"})
     trainable: str = field(default="mlp+llm+encoder", metadata={
         "help": "mlp | mlp+llm | mlp+llm+encoder (paper Table 4 right)",
         "choices": ("mlp", "mlp+llm", "mlp+llm+encoder")})
@@ -123,8 +144,13 @@ class Stage2Settings:
     max_new_tokens: int = field(default=300, metadata={"help": "generation cap; captions are cut to it in training"})
     num_beams: int = field(default=4, metadata={"help": "the captioner's default beam count"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute the LLM's activations"})
+    num_workers: int = field(default=2, metadata={
+        "help": "DataLoader workers decoding images (0: on the training thread); batches do not depend on it"})
+    on_bad_image: Literal["skip", "fail"] = field(default="skip", metadata={
+        "help": "an unreadable image: skip it (counted in the run dir's data.json) or stop naming it"})
 
     def __post_init__(self) -> None:
+        _check_data(self.num_workers, self.on_bad_image)
         check_lora(self.trainable, self.lora_rank)  # before anything loads: a bad flag fails at once
 
 

@@ -41,8 +41,9 @@ class Task(Protocol):
         """The module whose parameters with requires_grad train; frozen parts live elsewhere."""
 
     def batch(self, step: int, rank: int, batch_size: int, device: torch.device, world_size: int = 1) -> Any:
-        """The batch of a step: a pure function of (step, rank, world_size), so resume is exact; the samples are
-        ``vlv.datasets.step_indices``' (an epoch reads each once, ranks never overlap)."""
+        """The batch of a (micro-)step: a pure function of (step, rank, world_size), so resume is exact; the
+        samples are ``vlv.datasets.step_indices``' (an epoch reads each once, ranks never overlap). The loop asks
+        for steps in order; with gradient accumulation A, optimiser step k reads micro-steps k*A ... k*A + A-1."""
 
     def loss(self, model: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
         """Scalar loss; ``model`` is the (possibly DDP-wrapped) trainable module."""
@@ -98,6 +99,19 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1009 + rank
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The run's Accelerator: precision and gradient accumulation from the config, the GPU when there is one."""
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                       gradient_accumulation_steps=cfg.grad_accum)
+
+
+def global_batch(cfg: TrainConfig, accelerator: Accelerator) -> dict[str, int]:
+    """Samples per optimiser step: per process x processes x accumulation (the paper's figure is 512)."""
+    n = accelerator.num_processes
+    return {"per_process": cfg.batch_size, "processes": n, "grad_accum": cfg.grad_accum,
+            "global": cfg.batch_size * n * cfg.grad_accum}
 
 
 # ------------------------------------------------------------------------------------- checkpoints
@@ -187,7 +201,10 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
     On return the trainable module holds the final weights, or the EMA weights when cfg.ema_decay is set.
     """
     run = Path(run)
-    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = accelerator or make_accelerator(cfg)
+    if accelerator.gradient_accumulation_steps != cfg.grad_accum:
+        raise ValueError(f"the Accelerator accumulates {accelerator.gradient_accumulation_steps} micro-steps, the "
+                         f"config {cfg.grad_accum}: build it with make_accelerator(cfg)")
     model = task.trainable()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -202,8 +219,11 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
     if ema is not None:
         ema.to(accelerator.device)
     n_params = sum(p.numel() for p in params)
+    sizes = global_batch(cfg, accelerator)
     if accelerator.is_main_process:
-        print(f"[{task.name}] {n_params / 1e6:.2f} M trainable parameters; step {state.step}/{cfg.steps}")
+        print(f"[{task.name}] {n_params / 1e6:.2f} M trainable parameters; step {state.step}/{cfg.steps}; global "
+              f"batch {sizes['global']} = {cfg.batch_size} per process x {sizes['processes']} process(es) x "
+              f"{cfg.grad_accum} accumulation step(s)")
 
     rank, device = accelerator.process_index, accelerator.device
     t_start, last_ckpt, last_ckpt_time = time.perf_counter(), state.step, time.perf_counter()
@@ -217,15 +237,19 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
                 pace_t0 = time.perf_counter()  # after the first step's one-off costs
             for group in opt.param_groups:
                 group["lr"] = lr_at(state.step, cfg)
-            gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, state.step, rank))
-            batch = task.batch(state.step, rank, cfg.batch_size, device, world_size=accelerator.num_processes)
-            with accelerator.autocast():
-                loss = task.loss(wrapped, batch, gen)
-            accelerator.backward(loss)
-            if cfg.grad_clip:
-                accelerator.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            value = 0.0
+            for micro in range(state.step * cfg.grad_accum, (state.step + 1) * cfg.grad_accum):
+                gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, micro, rank))
+                batch = task.batch(micro, rank, cfg.batch_size, device, world_size=accelerator.num_processes)
+                with accelerator.accumulate(wrapped):  # syncs and steps only on the last micro-step
+                    with accelerator.autocast():
+                        loss = task.loss(wrapped, batch, gen)
+                    accelerator.backward(loss)  # the loss / grad_accum
+                    if cfg.grad_clip and accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(params, cfg.grad_clip)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                value += loss.detach().float().item() / cfg.grad_accum
             if ema is not None:
                 ema.step(params)
             state.step += 1
@@ -235,7 +259,6 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
                 state.planned_steps = plan_steps(cfg.budget_minutes, state.elapsed_s, pace, state.step)
                 cfg = replace(cfg, steps=state.planned_steps)
                 bar.total = cfg.steps
-            value = loss.detach().float().item()
             running = value if running is None else 0.95 * running + 0.05 * value
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")

@@ -2,125 +2,117 @@
 
 The task supplies the loop (``vlv.training.loop``) with the encoder as the trainable module and the paper's
 loss: z = E(x); L = ||UNet(noisy latents, t, T(z)) - target||^2. What is frozen is cached once: the VAE's
-posteriors (``cache_latents``), so a step never runs the VAE encoder, and, when the vision tower is
-frozen (the official trainable set), its features (``cache_vision``), so a step never runs the DaViT.
+posteriors, so a step never runs the VAE encoder, and, when the vision tower is frozen (the official trainable
+set), its features, so a step never runs the DaViT (:mod:`vlv.caches`: sharded, memory-mapped, keyed).
 
 A run dir is self-describing: ``stage1.json`` (decoder, data, settings, the resolved recipe), the encoder
 (``encoder.json`` + safetensors, loadable by ``VLVEncoder.from_pretrained(run)``), ``checkpoint/`` while
-training, and ``latents.safetensors`` / ``vision/`` (shards) when latents / vision features were cached.
+training, ``latents/`` / ``vision/`` (:mod:`vlv.caches` shards) when latents / vision features were cached in the
+run (``--latents-cache`` / ``--vision-cache`` name caches made by ``vlv precompute`` instead), and ``data.json``
+(the bad samples skipped).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from safetensors import safe_open
 
+from vlv.caches import Cache, latents_key, latents_rows, vision_key, vision_rows, write_cache
 from vlv.config import DEFAULT_TRAINABLE, EncoderConfig
-from vlv.data import ImageCaptionFolder, cached_latents, to_tensor
-from vlv.datasets import step_indices
+from vlv.data import ImageCaptionFolder, to_tensor
+from vlv.datasets import Dataset, open_dataset, step_indices
 from vlv.decoder import DiffusionDecoder
 from vlv.diffusion import sample_latents
 from vlv.encoder import CONFIG_FILE as ENCODER_FILE
 from vlv.encoder import VLVEncoder, resolved_florence2
-from vlv.modeling import atomic_save_file, write_json
+from vlv.modeling import write_json
 from vlv.shipped import resolve_decoder, resolve_encoder
 from vlv.training.config import Stage1Settings, TrainConfig
-from vlv.training.loop import train
+from vlv.training.data import drop_bad_rows, image_source
+from vlv.training.loop import global_batch, make_accelerator, train
 
 Evaluator = Callable[[VLVEncoder, DiffusionDecoder], dict[str, float]]
 
-STAGE1_FILE, LATENTS_FILE, VISION_DIR = "stage1.json", "latents.safetensors", "vision"
+STAGE1_FILE, LATENTS_DIR, VISION_DIR = "stage1.json", "latents", "vision"
 
 
-@torch.no_grad()
-def cache_vision(encoder: VLVEncoder, data: ImageCaptionFolder, folder: Path, batch_size: int = 32,
-                 shard_rows: int = 4096, progress: bool = True) -> None:
-    """The frozen vision tower's features v' (N, Nv, D) per image, fp16, in shards of ``shard_rows`` rows.
+class _TensorRows:
+    """In-memory posteriors ({"mean", "std"} (N, ...)) read like a :class:`vlv.caches.Cache`."""
 
-    Why: at full scale the frozen DaViT at 768 px is a large share of a step's FLOPs
-    (``benchmarks/stage1_full.py --count-flops`` counts it), and without augmentation its output is a fixed
-    function of the image. The cost is disk: N x Nv x D x 2 bytes, so the cache is written shard by shard (each
-    atomically; a killed run keeps the finished shards and computes only the rest) and read
-    memory-mapped (:class:`VisionCache`): it may exceed RAM.
-    """
-    from tqdm.auto import tqdm
-
-    if not encoder.vision_frozen:
-        raise ValueError("cache_vision: this encoder's vision tower trains, so its features change every step")
-    folder.mkdir(parents=True, exist_ok=True)
-    device, was_training = next(encoder.parameters()).device, encoder.training
-    encoder.eval()  # as in training, where the frozen tower is kept in eval mode (no drop-path)
-    starts = range(0, len(data), shard_rows)
-    for start in tqdm(starts, desc="caching vision features", unit="shard", disable=not progress):
-        path = folder / f"{start // shard_rows:05d}.safetensors"
-        if path.exists():
-            continue
-        rows = np.arange(start, min(start + shard_rows, len(data)))
-        feats = []
-        for i in range(0, len(rows), batch_size):
-            x = to_tensor(data.images[rows[i : i + batch_size]]).to(device)  # (B, 3, H, W)
-            v = encoder.image_features(encoder.normalize(x))  # (B, Nv, D)
-            if not torch.isfinite(v).all() or v.abs().max() > torch.finfo(torch.float16).max:
-                raise ValueError("vision features do not fit fp16: cache_vision cannot store them")
-            feats.append(v.half().cpu())
-        atomic_save_file({"features": torch.cat(feats).contiguous()}, path)
-    encoder.train(was_training)
-
-
-class VisionCache:
-    """The cached features of :func:`cache_vision`, memory-mapped: a batch reads only its own rows."""
-
-    def __init__(self, folder: Path):
-        parts = sorted(Path(folder).glob("*.safetensors"))
-        self._rows = [safe_open(str(p), framework="pt").get_slice("features") for p in parts]
-        sizes = [r.get_shape()[0] for r in self._rows]
-        self._starts = np.cumsum([0, *sizes])  # row offsets of the shards
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+        self.ok = np.ones(len(next(iter(tensors.values()))), dtype=bool)
 
     def __len__(self) -> int:
-        return int(self._starts[-1])
+        return len(self.ok)
 
-    def __getitem__(self, idx: np.ndarray) -> torch.Tensor:
-        shard = np.searchsorted(self._starts, idx, side="right") - 1  # (B,) which shard holds each row
-        local = np.asarray(idx) - self._starts[shard]  # (B,) its row within that shard
-        return torch.cat([self._rows[s][int(r) : int(r) + 1] for s, r in zip(shard, local, strict=True)])
+    def __getitem__(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        t = torch.from_numpy(np.asarray(idx))
+        return {k: v[t] for k, v in self.tensors.items()}
 
 
 class Stage1Task:
-    """Trainable: the encoder. Loss: the decoder's diffusion loss on the encoder's z (paper Eq. 2)."""
+    """Trainable: the encoder. Loss: the decoder's diffusion loss on the encoder's z (paper Eq. 2).
+
+    ``data`` is a :mod:`vlv.datasets` dataset (decoded by workers, ``num_workers``) or an in-memory
+    :class:`ImageCaptionFolder`; ``latents`` / ``vision`` are caches (:class:`vlv.caches.Cache`) of the frozen
+    parts. With both, a step reads only its cache rows and never decodes an image.
+    """
 
     name = "stage1"
 
-    def __init__(self, encoder: VLVEncoder, decoder: DiffusionDecoder, data: ImageCaptionFolder,
-                 latents: dict[str, torch.Tensor] | None = None, seed: int = 0, evaluator=None,
-                 high_noise_fraction: float = 0.0, vision: VisionCache | None = None):
-        self.encoder, self.decoder, self.data, self.latents = encoder, decoder, data, latents
-        self.seed, self.evaluator, self.high_noise_fraction = seed, evaluator, high_noise_fraction
-        self.vision = vision
+    def __init__(self, encoder: VLVEncoder, decoder: DiffusionDecoder, data: ImageCaptionFolder | Dataset,
+                 latents: Cache | dict[str, torch.Tensor] | None = None, seed: int = 0, evaluator=None,
+                 high_noise_fraction: float = 0.0, vision: Cache | None = None, image_size: int | None = None,
+                 num_workers: int = 0, on_bad_image: Literal["skip", "fail"] = "skip"):
+        self.encoder, self.decoder, self.seed, self.evaluator = encoder, decoder, seed, evaluator
+        self.latents = _TensorRows(latents) if isinstance(latents, dict) else latents
+        self.high_noise_fraction, self.vision, self.on_bad_image = high_noise_fraction, vision, on_bad_image
+        size = image_size or (data.size if isinstance(data, ImageCaptionFolder) else decoder.image_size)
+        self.images = image_source(data, size, seed, num_workers, on_bad_image)
+        self.pixel_free = self.latents is not None and vision is not None
+        for cache in (self.latents, vision):
+            if cache is not None and len(cache) != len(self.images):
+                raise ValueError(f"a cache holds {len(cache)} rows for {len(self.images)} samples")
 
     def trainable(self) -> torch.nn.Module:
         return self.encoder
 
     def batch(self, step: int, rank: int, batch_size: int, device: torch.device, world_size: int = 1
               ) -> dict[str, torch.Tensor]:
-        """The sampled images, or what is cached of them: the step then never touches the pixels."""
-        idx = step_indices(len(self.data), self.seed, step, rank, world_size, batch_size)
+        """The sampled images, or what is cached of them: with both caches the step never touches the pixels."""
         batch = {}
-        if self.latents is None or self.vision is None:
-            batch["images"] = to_tensor(self.data.images[idx]).to(device)  # (B, 3, H, W) in [-1, 1]
+        if self.pixel_free:
+            idx = step_indices(len(self.images), self.seed, step, rank, world_size, batch_size)
+        else:
+            got = self.images.get(step, rank, world_size, batch_size)
+            idx, images = got["indices"].numpy(), got["images"]  # (B',), (B', H, W, 3) uint8
+        ok = np.ones(len(idx), dtype=bool)
+        for cache in (self.latents, self.vision):
+            if cache is not None:
+                ok &= cache.ok[idx]
+        keep = drop_bad_rows(idx, ok, self.images, step, rank, self.on_bad_image)
+        if not keep.all():
+            idx = idx[keep]
+            images = images[torch.from_numpy(keep)] if not self.pixel_free else None
+        if not len(idx):
+            raise ValueError(f"step {step}: every sample of the batch was bad (see {self.images.where(0)}'s data)")
+        if not self.pixel_free:
+            batch["images"] = to_tensor(images.numpy()).to(device)  # (B, 3, H, W) in [-1, 1]
         if self.latents is not None:
-            t = torch.from_numpy(idx)
-            batch["mean"] = self.latents["mean"][t].float().to(device)
-            batch["std"] = self.latents["std"][t].float().to(device)
+            rows = self.latents[idx]
+            batch["mean"] = rows["mean"].float().to(device)
+            batch["std"] = rows["std"].float().to(device)
         if self.vision is not None:
-            batch["vision"] = self.vision[idx].float().to(device)  # (B, Nv, D)
+            batch["vision"] = self.vision[idx]["features"].float().to(device)  # (B, Nv, D)
         return batch
 
     def loss(self, model, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
@@ -136,6 +128,9 @@ class Stage1Task:
 
     def evaluate(self, model) -> dict[str, float]:
         return self.evaluator(model) if self.evaluator is not None else {}
+
+    def close(self) -> None:
+        self.images.close()
 
 
 def encoder_config(settings: Stage1Settings, text_dim: int) -> EncoderConfig:
@@ -158,8 +153,9 @@ def encoder_config(settings: Stage1Settings, text_dim: int) -> EncoderConfig:
 
 def check_settings(settings: Stage1Settings) -> None:
     """Refuse settings that cannot work, before minutes of loading and caching."""
-    if settings.cache_vision and encoder_config(settings, text_dim=1).trains_vision:
-        raise ValueError(f"--cache-vision: the vision tower of this encoder trains (trainable {settings.trainable!r}"
+    if (settings.cache_vision or settings.vision_cache) and encoder_config(settings, text_dim=1).trains_vision:
+        flag = "--vision-cache" if settings.vision_cache else "--cache-vision"
+        raise ValueError(f"{flag}: the vision tower of this encoder trains (trainable {settings.trainable!r}"
                          f" for {settings.encoder!r}), so its features cannot be cached")
 
 
@@ -193,6 +189,35 @@ def init_from(encoder: VLVEncoder, init: str) -> None:
     encoder.load_state_dict(state, strict=True)
 
 
+def stage1_caches(settings: Stage1Settings, decoder: DiffusionDecoder, encoder: VLVEncoder, dataset: Dataset,
+                  size: int, out: Path, accelerator: Accelerator, progress: bool = True
+                  ) -> tuple[Cache | None, Cache | None]:
+    """The run's latents and vision caches: a given one (``--latents-cache`` / ``--vision-cache``) is only checked
+    against this run's key, else it is computed into the run dir (finished shards kept: a killed run goes on)."""
+    def one(kind: str, given: str | None, wanted: bool, key_of, rows_of, batch_size: int, autocast: bool
+            ) -> Cache | None:
+        if not (given or wanted):
+            return None
+        folder = Path(given) if given else out / (LATENTS_DIR if kind == "latents" else VISION_DIR)
+        key = key_of()
+        if not given:
+            with accelerator.autocast() if autocast else contextlib.nullcontext():  # vision: a step's precision
+                write_cache(folder, key, dataset, rows_of(), batch_size, rank=accelerator.process_index,
+                            world_size=accelerator.num_processes, num_workers=settings.num_workers,
+                            on_bad_image=settings.on_bad_image, progress=progress)
+            accelerator.wait_for_everyone()
+        return Cache(folder, want=key)
+
+    latents = one("latents", settings.latents_cache, settings.cache_latents,
+                  lambda: latents_key(decoder.vae, dataset, size), lambda: latents_rows(decoder.vae), 128, False)
+    vision = None
+    if settings.cache_vision or settings.vision_cache:
+        encoder.to(accelerator.device)
+        vision = one("vision", settings.vision_cache, settings.cache_vision,
+                     lambda: vision_key(encoder, dataset, size), lambda: vision_rows(encoder), 32, True)
+    return latents, vision
+
+
 def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress: bool = True,
                  evaluator: Evaluator | None = None, recipe: dict | None = None) -> VLVEncoder | None:
     """Train (or resume) a stage-1 run; returns the trained encoder, or None if stopped early (re-run resumes).
@@ -203,41 +228,30 @@ def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress
     check_settings(settings)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(cfg)
     # The frozen decoder never goes through ``prepare`` (nothing of it trains), so it is placed here.
     decoder = DiffusionDecoder.from_pretrained(resolve_decoder(settings.decoder)).to(accelerator.device)
     if settings.gradient_checkpointing:
         decoder.unet.enable_gradient_checkpointing()
     size = settings.image_size or decoder.image_size
-    data = ImageCaptionFolder(Path(settings.data), size, progress=progress)
+    dataset = open_dataset(settings.data)
     encoder = build_encoder(settings, decoder.text_dim, cfg.seed)
     if settings.init:  # a resumed run's checkpoint then overwrites these weights with its own
         init_from(encoder, settings.init)
+    batch = global_batch(cfg, accelerator)
     write_json(out / STAGE1_FILE, {"settings": asdict(settings), "train": asdict(cfg), "image_size": size,
+                                   "samples": len(dataset), "global_batch": batch,
                                    **({"recipe": recipe} if recipe else {})})
-
-    latents = None
-    if settings.cache_latents:
-        cache = out / LATENTS_FILE
-        with accelerator.main_process_first():  # one process writes the cache, the others then read it
-            latents = cached_latents(decoder.vae, data, cache)
-        if len(latents["mean"]) != len(data):
-            raise ValueError(f"{cache} holds {len(latents['mean'])} latents for {len(data)} images: delete it")
-
-    vision = None
-    if settings.cache_vision:
-        cache = out / VISION_DIR
-        with accelerator.main_process_first(), accelerator.autocast():  # the run's precision, as a step's
-            if accelerator.is_main_process:  # finished shards are kept: a killed run goes on from them
-                cache_vision(encoder.to(accelerator.device), data, cache, progress=progress)
-        vision = VisionCache(cache)
-        if len(vision) != len(data):
-            raise ValueError(f"{cache} holds {len(vision)} feature rows for {len(data)} images: delete it")
-
-    task = Stage1Task(encoder, decoder, data, latents, seed=cfg.seed,
+    latents, vision = stage1_caches(settings, decoder, encoder, dataset, size, out, accelerator, progress)
+    task = Stage1Task(encoder, decoder, dataset, latents, seed=cfg.seed,
                       evaluator=(lambda model: evaluator(model, decoder)) if evaluator else None,
-                      high_noise_fraction=settings.high_noise_fraction, vision=vision)
-    state = train(task, cfg, out, accelerator)
+                      high_noise_fraction=settings.high_noise_fraction, vision=vision, image_size=size,
+                      num_workers=settings.num_workers, on_bad_image=settings.on_bad_image)
+    try:
+        state = train(task, cfg, out, accelerator)
+    finally:
+        task.close()
+    task.images.bad.save(out, accelerator, task.name)
     if not state.done:
         return None
     encoder.save_pretrained(out)

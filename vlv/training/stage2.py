@@ -16,44 +16,60 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from vlv.captioner import Captioner, CaptionerConfig
 from vlv.data import ImageCaptionFolder, to_tensor
-from vlv.datasets import step_indices
+from vlv.datasets import Dataset, FolderDataset, open_dataset
 from vlv.encoder import VLVEncoder
 from vlv.lm import is_lm_dir
 from vlv.modeling import write_json
 from vlv.shipped import is_shipped, resolve_decoder, resolve_encoder
 from vlv.text_encoder import load_text_encoder
 from vlv.training.config import Stage2Settings, TrainConfig
-from vlv.training.loop import train
+from vlv.training.data import image_source
+from vlv.training.loop import global_batch, make_accelerator, train
 
 STAGE2_FILE = "stage2.json"
 Evaluator = Callable[[Captioner], dict[str, float]]
 
 
 class Stage2Task:
-    """Trainable: the captioner at its level. Loss: caption + EOS cross-entropy after the prefix psi(T(E(x)))."""
+    """Trainable: the captioner at its level. Loss: caption + EOS cross-entropy after the prefix psi(T(E(x))).
+
+    ``data`` is a :mod:`vlv.datasets` dataset (decoded by ``num_workers`` workers) or an in-memory
+    :class:`ImageCaptionFolder`; every sample needs a caption.
+    """
 
     name = "stage2"
 
-    def __init__(self, captioner: Captioner, data: ImageCaptionFolder, seed: int = 0, evaluator=None):
+    def __init__(self, captioner: Captioner, data: ImageCaptionFolder | Dataset, seed: int = 0, evaluator=None,
+                 num_workers: int = 0, on_bad_image: Literal["skip", "fail"] = "skip"):
         if captioner.encoder is None:
             raise ValueError("stage 2 trains from images: the captioner needs the stage-1 encoder")
-        self.captioner, self.data, self.captions = captioner, data, data.captions
-        self.seed, self.evaluator = seed, evaluator
+        if isinstance(data, ImageCaptionFolder):
+            data.captions  # noqa: B018 -- raises at once on a folder with images but no captions
+        elif isinstance(data, FolderDataset) and any(r.caption is None for r in data.records):
+            raise ValueError(f"{data.folder} has images without captions")
+        self.captioner, self.seed, self.evaluator = captioner, seed, evaluator
+        self.images = image_source(data, captioner.encoder.config.image_size, seed, num_workers, on_bad_image)
 
     def trainable(self) -> torch.nn.Module:
         return self.captioner
 
     def batch(self, step: int, rank: int, batch_size: int, device: torch.device, world_size: int = 1
               ) -> dict[str, torch.Tensor]:
-        idx = step_indices(len(self.data), self.seed, step, rank, world_size, batch_size)
-        batch = self.captioner.tokenize([self.captions[i] for i in idx])  # (B, L) each
-        batch["images"] = to_tensor(self.data.images[idx])  # (B, 3, H, W) in [-1, 1]
+        got = self.images.get(step, rank, world_size, batch_size)
+        if not len(got["indices"]):
+            raise ValueError(f"step {step}: every sample of the batch was bad")
+        missing = [i for i, c in zip(got["indices"].tolist(), got["captions"], strict=True) if c is None]
+        if missing:
+            raise ValueError(f"sample {self.images.where(missing[0])} has no caption: stage 2 needs captions")
+        batch = self.captioner.tokenize(got["captions"])  # (B, L) each
+        batch["images"] = to_tensor(got["images"].numpy())  # (B, 3, H, W) in [-1, 1]
         return {k: v.to(device) for k, v in batch.items()}
 
     def loss(self, model, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
@@ -63,6 +79,9 @@ class Stage2Task:
 
     def evaluate(self, model) -> dict[str, float]:
         return self.evaluator(model) if self.evaluator is not None else {}
+
+    def close(self) -> None:
+        self.images.close()
 
 
 def build_captioner(settings: Stage2Settings, seed: int,
@@ -93,12 +112,20 @@ def train_stage2(settings: Stage2Settings, cfg: TrainConfig, out: Path, progress
     settings = replace(settings, decoder=_portable(settings.decoder, resolve_decoder),
                        encoder=_portable(settings.encoder, resolve_encoder),
                        lm=_portable(settings.lm, Path) if is_lm_dir(settings.lm) else settings.lm)
+    accelerator = make_accelerator(cfg)
     captioner = build_captioner(settings, cfg.seed, tokenizer)
     size = captioner.encoder.config.image_size
-    data = ImageCaptionFolder(Path(settings.data), size, progress=progress)
+    dataset = open_dataset(settings.data)
     write_json(out / STAGE2_FILE, {"settings": asdict(settings), "train": asdict(cfg), "image_size": size,
+                                   "samples": len(dataset), "global_batch": global_batch(cfg, accelerator),
                                    **({"recipe": recipe} if recipe else {})})
-    state = train(Stage2Task(captioner, data, seed=cfg.seed, evaluator=evaluator), cfg, out)
+    task = Stage2Task(captioner, dataset, seed=cfg.seed, evaluator=evaluator, num_workers=settings.num_workers,
+                      on_bad_image=settings.on_bad_image)
+    try:
+        state = train(task, cfg, out, accelerator)
+    finally:
+        task.close()
+    task.images.bad.save(out, accelerator, task.name)
     if not state.done:
         return None
     captioner.save_pretrained(out)

@@ -1,0 +1,223 @@
+"""Precomputed caches of what is frozen: the VAE's posteriors and the frozen vision tower's features, per sample.
+
+A cache is a folder of safetensors shards, ``00000.safetensors``, ..., each holding ``shard_rows`` consecutive
+samples of the dataset (the last one fewer), written atomically, so a killed precompute keeps its finished shards
+and computes only the rest. Under ``accelerate launch`` / ``torchrun`` rank r writes shards r, r + W, ... and no
+two ranks touch one file. Shards are read memory-mapped (:class:`Cache`): a batch reads only its own rows, so a
+cache larger than RAM trains.
+
+Each cache carries a key (``cache.json`` and every shard's metadata): what it is of (``kind``), a hash of the
+model's config, a checksum of the weights that computed it, the data's fingerprint (sample count + a hash of the
+keys), the resolution and the dtype. Training compares that key with the one its own models and data give and
+refuses a cache that differs, naming the fields: a cache of other weights or other data never trains silently.
+A row whose image could not be read is zeros with ``ok`` 0; training skips it as a bad sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from vlv.data import to_tensor
+from vlv.datasets import Dataset, row_loader
+from vlv.modeling import atomic_save_file, write_json
+
+CACHE_FILE = "cache.json"
+CACHE_VERSION = 1
+KEY_FIELDS = ("kind", "model", "weights", "data", "resolution", "dtype", "version")
+# rows per shard: a multiple of every batch size the precomputes use, so batches never straddle shards
+DEFAULT_SHARD_ROWS = 4096
+
+
+# ----------------------------------------------------------------------------------------------------- keys
+def tensors_checksum(modules: Iterable[torch.nn.Module]) -> str:
+    """sha256 over the modules' parameters and buffers (names, dtypes, shapes, bytes): the weights a cache came from."""
+    h = hashlib.sha256()
+    for module in modules:
+        for name, t in sorted(module.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_fingerprint(dataset: Dataset) -> str:
+    """``<count>:<hash of the keys in order>``: the same samples in the same order, wherever the files live."""
+    keys = dataset.sample_keys()
+    return f"{len(keys)}:{hashlib.sha256(chr(10).join(keys).encode()).hexdigest()[:16]}"
+
+
+def latents_key(vae: torch.nn.Module, dataset: Dataset, resolution: int) -> dict[str, Any]:
+    """Only what encoding touches: the VAE's config, and its encoder + quant_conv weights."""
+    parts = [m for m in (vae.encoder, getattr(vae, "quant_conv", None)) if m is not None]
+    return {"kind": "latents", "model": config_hash(dict(vae.config)), "weights": tensors_checksum(parts),
+            "data": data_fingerprint(dataset), "resolution": resolution, "dtype": "float16", "version": CACHE_VERSION}
+
+
+def vision_key(encoder: torch.nn.Module, dataset: Dataset, resolution: int) -> dict[str, Any]:
+    """Only what ``image_features`` touches: the vision tower + projector, and the encoder's pixel pipeline."""
+    model, config = encoder.florence.model, encoder.config
+    described = {"vision": encoder.florence.config.vision_config.to_dict(), "image_size": config.image_size,
+                 "image_mean": list(config.image_mean), "image_std": list(config.image_std)}
+    return {"kind": "vision", "model": config_hash(described),
+            "weights": tensors_checksum([model.vision_tower, model.multi_modal_projector]),
+            "data": data_fingerprint(dataset), "resolution": resolution, "dtype": "float16", "version": CACHE_VERSION}
+
+
+def key_differences(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
+    return [k for k in KEY_FIELDS if have.get(k) != want.get(k)]
+
+
+def _refuse(folder: Path, have: dict[str, Any], want: dict[str, Any]) -> None:
+    diff = key_differences(have, want)
+    if diff:
+        detail = ", ".join(f"{k} {have.get(k)!r} != {want.get(k)!r}" for k in diff)
+        raise ValueError(f"{folder}: this {want['kind']} cache was made from other inputs ({detail}); "
+                         f"precompute it again for these")
+
+
+# ---------------------------------------------------------------------------------------------------- write
+def _shard_path(folder: Path, s: int) -> Path:
+    return folder / f"{s:05d}.safetensors"
+
+
+def _shard_key(path: Path) -> dict[str, Any] | None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("vlv_cache", "null"))
+    except Exception:  # a torn or foreign file: not a finished shard
+        return None
+
+
+Compute = Callable[[torch.Tensor], dict[str, torch.Tensor]]  # uint8 images (B, H, W, 3) -> fp16 rows (B, ...)
+
+
+def write_cache(folder: str | Path, key: dict[str, Any], dataset: Dataset, compute: Compute, batch_size: int,
+                shard_rows: int = DEFAULT_SHARD_ROWS, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                on_bad_image: Literal["skip", "fail"] = "skip", progress: bool = True) -> int:
+    """Write this rank's missing shards of ``compute`` over ``dataset`` (decoded at ``key['resolution']``);
+    returns the bad rows met. Finished shards (their key matching) are skipped, so a re-run resumes."""
+    from tqdm.auto import tqdm
+
+    if shard_rows <= 0 or batch_size <= 0:
+        raise ValueError(f"shard_rows and batch_size must be positive, got {shard_rows}, {batch_size}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta_path, n = folder / CACHE_FILE, len(dataset)
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        _refuse(folder, meta["key"], key)
+        if meta["shard_rows"] != shard_rows:
+            raise ValueError(f"{folder} was started with {meta['shard_rows']} rows per shard, not {shard_rows}")
+    elif rank == 0:
+        write_json(meta_path, {"key": key, "rows": n, "shard_rows": shard_rows})
+    n_shards = -(-n // shard_rows)
+    todo = [s for s in range(rank, n_shards, world_size) if _shard_key(_shard_path(folder, s)) != key]
+    bad = 0
+    for s in tqdm(todo, desc=f"caching {key['kind']}", unit="shard", disable=not progress):
+        start, stop = s * shard_rows, min(n, (s + 1) * shard_rows)
+        parts: dict[str, torch.Tensor] = {}
+        ok = torch.zeros(stop - start, dtype=torch.uint8)
+        for batch in row_loader(dataset, key["resolution"], start, stop, batch_size, num_workers, on_bad_image):
+            bad += batch["bad"]
+            if not len(batch["indices"]):
+                continue
+            rows = compute(batch["images"])  # name -> (B', ...)
+            at = batch["indices"] - start
+            for name, t in rows.items():
+                if name not in parts:
+                    parts[name] = torch.zeros((stop - start, *t.shape[1:]), dtype=torch.float16)
+                parts[name][at] = t.to(torch.float16).cpu()
+            ok[at] = 1
+        tensors = {**{k: v.contiguous() for k, v in parts.items()}, "ok": ok}
+        atomic_save_file(tensors, _shard_path(folder, s),
+                         metadata={"vlv_cache": json.dumps(key), "start": str(start), "rows": str(stop - start)})
+    return bad
+
+
+def latents_rows(vae: torch.nn.Module) -> Compute:
+    """Posterior (mean, std) per image, unscaled: each training step then draws its own ``mean + std * eps``,
+    exactly as encoding online would, at none of the VAE's cost."""
+    device = next(vae.parameters()).device
+
+    def compute(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            dist = vae.encode(to_tensor(images.numpy()).to(device)).latent_dist
+        return {"mean": dist.mean, "std": dist.std}  # (B, C, h, w) each
+
+    return compute
+
+
+def vision_rows(encoder: torch.nn.Module) -> Compute:
+    """v' (B, Nv, D) of the frozen tower, in eval mode as in training (no drop-path); refuses what fp16 cannot hold."""
+    if not encoder.vision_frozen:
+        raise ValueError("this encoder's vision tower trains, so its features change every step: nothing to cache")
+    device = next(encoder.parameters()).device
+
+    def compute(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        was_training = encoder.training
+        encoder.eval()
+        with torch.no_grad():
+            v = encoder.image_features(encoder.normalize(to_tensor(images.numpy()).to(device)))  # (B, Nv, D)
+        encoder.train(was_training)
+        if not torch.isfinite(v).all() or v.abs().max() > torch.finfo(torch.float16).max:
+            raise ValueError("vision features do not fit fp16: they cannot be cached")
+        return {"features": v}
+
+    return compute
+
+
+# ----------------------------------------------------------------------------------------------------- read
+class Cache:
+    """A finished cache, memory-mapped; ``cache[idx]`` is {name: (B, ...) fp16} and ``cache.ok`` (N,) bool."""
+
+    def __init__(self, folder: str | Path, want: dict[str, Any] | None = None):
+        self.folder = Path(folder)
+        meta_path = self.folder / CACHE_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"no cache at {self.folder} (no {CACHE_FILE}); make one with vlv precompute")
+        meta = json.loads(meta_path.read_text())
+        self.key, self.rows, self.shard_rows = meta["key"], meta["rows"], meta["shard_rows"]
+        if want is not None:
+            _refuse(self.folder, self.key, want)
+        paths = [_shard_path(self.folder, s) for s in range(-(-self.rows // self.shard_rows))]
+        missing = [p.name for p in paths if _shard_key(p) != self.key]
+        if missing:
+            raise ValueError(f"{self.folder}: cache unfinished, {len(missing)} of {len(paths)} shards missing "
+                             f"(first {missing[0]}); run the precompute again to finish it")
+        self._files = [safe_open(str(p), framework="pt") for p in paths]
+        self.names = [k for k in self._files[0].keys() if k != "ok"]
+        self._slices = [{k: f.get_slice(k) for k in self.names} for f in self._files]
+        self.ok = np.concatenate([f.get_tensor("ok").numpy() for f in self._files]).astype(bool)  # (N,)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        idx = np.asarray(idx, dtype=np.int64)
+        if not len(idx):
+            raise ValueError("no rows asked of the cache")
+        shard, local = idx // self.shard_rows, idx % self.shard_rows  # (B,) each
+        return {k: torch.cat([self._slices[int(s)][k][int(r) : int(r) + 1] for s, r in zip(shard, local, strict=True)])
+                for k in self.names}
+
+
+def is_cache(folder: str | Path) -> bool:
+    return (Path(folder) / CACHE_FILE).is_file()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size under torchrun / accelerate launch (0, 1 alone)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
