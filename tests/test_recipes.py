@@ -2,6 +2,7 @@
 fails loudly instead of training with defaults."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +36,21 @@ def test_demo_recipes_name_a_recipe_per_stage():
         for stage in STAGES:
             _, cfg = stage_recipe(demo, stage, budget=None if demo["minutes"] is None else 1.0)
             assert cfg.batch_size == demo["stages"][stage]["train"]["batch_size"]
+
+
+def test_the_default_demo_trains_fixed_steps_and_says_how_long_it_has_left():
+    from vlv.shapes.demo import Eta, demo_recipe, run_demo, stage_recipe
+
+    demo = demo_recipe("default")
+    assert demo["minutes"] is None  # reproducible: no stage plans its steps from the machine's pace
+    assert all(stage_recipe(demo, s, budget=None)[1].budget_minutes is None for s in demo["stages"])
+    eta = Eta({"data": 1.0, "stage1": 4.0, "evaluate": 1.0}, timings={})
+    assert "about 6 min left" in eta.line("data")  # nothing timed yet: the reference pace
+    eta.timings["data"] = 120.0  # this machine took twice the reference
+    assert "about 10 min left" in eta.line("stage1")
+    with pytest.raises(ValueError, match="time shares"):  # a time budget needs each stage's share
+        run_demo(Path("never-made"), recipe="quick", minutes=10.0)
+    assert not Path("never-made").exists()
 
 
 def test_flags_override_single_fields_and_the_result_is_recorded():

@@ -10,10 +10,13 @@ One run dir, one folder per stage, each usable by the other commands as it is::
     RUN/metrics.json, RUN/report.html, RUN/report/
 
 What runs is a demo recipe (``vlv/recipes/demo*.json``): scene counts, and per stage a training recipe with
-overrides. With ``minutes`` (the recipe's or ``--minutes``) that is the whole run's target: data and evaluation
-take a fixed reserve, the rest is split among the three training stages by their shares, and each stage fixes
-its step count from its own measured pace (``TrainConfig.budget_minutes``). A finished stage is skipped on a
-re-run; a killed one resumes from its checkpoint.
+overrides, fixed step counts included, so a run's numbers are the same on every machine. The recipe's
+``reference_minutes`` (each part's wall time on the machine README quotes) give the whole run's ETA, rescaled by
+the pace measured so far. With ``--minutes`` the run targets a wall time instead: data and evaluation take a
+fixed reserve, the rest is split among the three training stages by their shares, and each stage fixes its step
+count from its own measured pace (``TrainConfig.budget_minutes``), so the results depend on the machine (the
+run records ``budget_minutes`` and the page says so). A finished stage is skipped on a re-run; a killed one
+resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ def stage_recipe(demo: dict[str, Any], stage: str, budget: float | None) -> tupl
     train = {**recipe.get("train", {}), **entry.get("train", {})}
     if budget:  # a budgeted run plans its own count after a few steps
         train.update(steps=10**9, budget_minutes=budget)
-    return recipe, section({**recipe, "train": train}, "train", TrainConfig)
+    recipe = {**recipe, "train": train, "settings": {**recipe.get("settings", {}), **entry.get("settings", {})}}
+    return recipe, section(recipe, "train", TrainConfig)
 
 
 def _stage_lm(run: Path, demo: dict[str, Any], budget: float | None) -> None:
@@ -109,6 +113,8 @@ def run_demo(out: Path, recipe: str = "default", minutes: float | None = None) -
     demo, run = demo_recipe(recipe), Path(out)
     total = minutes if minutes is not None else demo.get("minutes")
     reserve = demo.get("reserve_minutes", 0.0)
+    if total is not None and "share" not in demo["stages"]["stage1"]:
+        raise ValueError(f"demo recipe {demo['name']!r} has no time shares for its stages: it cannot run on --minutes")
     if total is not None and total <= reserve:
         raise ValueError(f"--minutes must exceed the {reserve} minutes data and evaluation take")
     run.mkdir(parents=True, exist_ok=True)
@@ -122,23 +128,25 @@ def run_demo(out: Path, recipe: str = "default", minutes: float | None = None) -
             fn()
         finally:  # a stopped stage's time counts too: a resumed run adds to it
             timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 1)
-            write_json(meta_file, {**_read(meta_file), "recipe": demo["name"], "timings": timings})
+            write_json(meta_file, {**_read(meta_file), "recipe": demo["name"], "budget_minutes": total,
+                                   "timings": timings})
 
     plan = [("data", lambda: _data(run, demo), lambda: False), ("teacher", lambda: _copy_teacher(run), lambda: False)]
     for stage, fn in (("lm", _stage_lm), ("stage1", _stage1), ("stage2", _stage2)):
         budget = None if train_minutes is None else train_minutes * demo["stages"][stage]["share"]
         plan.append((stage, lambda fn=fn, budget=budget: fn(run, demo, budget),
                      lambda stage=stage: finished(run, stage)))
+    eta = Eta(demo.get("reference_minutes", {}), timings) if total is None else None
     for i, (name, fn, is_done) in enumerate(plan, start=1):
         if is_done():
             print(f"[{i}/{len(plan) + 1}] {name}: finished earlier, skipped")
             continue
-        print(f"[{i}/{len(plan) + 1}] {name}")
+        print(f"[{i}/{len(plan) + 1}] {name}" + (eta.line(name) if eta else ""), flush=True)
         try:
             timed(name, fn)
         except InterruptedError as e:
             raise SystemExit(f"vlv demo: {e} stopped early; run the same command to resume ({run})") from None
-    print(f"[{len(plan) + 1}/{len(plan) + 1}] evaluate")
+    print(f"[{len(plan) + 1}/{len(plan) + 1}] evaluate" + (eta.line("evaluate") if eta else ""), flush=True)
     settings = EvalSettings(n=demo["test_scenes"], examples=demo["examples"])
     timed("evaluate", lambda: evaluate_run(run, settings))
     from vlv.shapes.report import build_report
@@ -147,6 +155,26 @@ def run_demo(out: Path, recipe: str = "default", minutes: float | None = None) -
     page = build_report(run)
     _summary(metrics, page)
     return metrics
+
+
+class Eta:
+    """The whole run's time left: each part's reference minutes, scaled by how this machine's finished parts
+    compare with theirs (a fresh run assumes the reference pace until its first timed part)."""
+
+    def __init__(self, reference: dict[str, float], timings: dict[str, float]):
+        self.reference, self.timings = reference, timings
+
+    def pace(self) -> float:
+        done = [k for k in self.timings if self.reference.get(k, 0) > 0]
+        ref = sum(self.reference[k] for k in done)
+        return sum(self.timings[k] for k in done) / 60 / ref if ref else 1.0
+
+    def line(self, part: str) -> str:
+        left = [k for k in self.reference if k not in self.timings or k == part]
+        if not self.reference or part not in self.reference:
+            return ""
+        minutes = self.pace() * sum(self.reference[k] for k in left)
+        return f" (whole run: about {max(minutes, 0.1):.0f} min left)" if minutes >= 1 else " (under a minute left)"
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -178,6 +178,17 @@ def _timings_table(m: dict[str, Any]) -> str:
     return f'<table id="timings"><tr><th class="l">stage</th><th>wall s</th></tr>{rows}</table>'
 
 
+def _provenance(m: dict[str, Any]) -> str:
+    """Whether this run's numbers are reproducible: fixed steps are; a time budget's depend on the machine."""
+    recipe = html.escape(str(m.get("recipe", "?")))
+    if m.get("budget_minutes"):
+        return (f'<p id="provenance" class="bad">Recipe <b>{recipe}</b> on a {m["budget_minutes"]:g}-minute budget: '
+                "each stage fitted its step count to this machine's pace, so these numbers are "
+                "<b>machine-dependent</b> (a slower machine trains less).</p>")
+    return (f'<p id="provenance">Recipe <b>{recipe}</b>: fixed step counts, seeded, so these numbers are the '
+            "same on any machine.</p>")
+
+
 def build_report(run: Path) -> Path:
     """run/metrics.json + run/report/*.png -> run/report.html (self-contained)."""
     run = Path(run)
@@ -188,7 +199,8 @@ def build_report(run: Path) -> Path:
              f"<p>{m['n']} held-out <b>{html.escape(s['split'])}</b> scenes; sampler {s['sampler']}, "
              f"CFG {s['guidance_scale']}; captions with {s['num_beams']} beam(s). "
              "Images are read back by the shapes detector, captions by the caption grammar.</p>",
-             "<h2>Metrics</h2>", _metrics_table(m), *_ablation_tables(m), "<h2>Wall time</h2>", _timings_table(m),
+             _provenance(m), "<h2>Metrics</h2>", _metrics_table(m), *_ablation_tables(m),
+             "<h2>Wall time</h2>", _timings_table(m),
              "<h2>Held-out examples</h2><p>input · teacher from the true caption · reconstruction from this "
              "run's VLV embeddings · reconstruction by the shipped, fully trained encoder; the true caption, "
              "this run's caption and the shipped captioner's (wrong phrases in red).</p>"]
