@@ -44,9 +44,11 @@ def test_the_default_demo_trains_fixed_steps_and_says_how_long_it_has_left():
     demo = demo_recipe("default")
     assert demo["minutes"] is None  # reproducible: no stage plans its steps from the machine's pace
     assert all(stage_recipe(demo, s, budget=None)[1].budget_minutes is None for s in demo["stages"])
-    eta = Eta({"data": 1.0, "stage1": 4.0, "evaluate": 1.0}, timings={})
+    eta = Eta({"data": 0.2, "lm": 1.0, "stage1": 4.0, "evaluate": 1.0}, timings={})
     assert "about 6 min left" in eta.line("data")  # nothing timed yet: the reference pace
-    eta.timings["data"] = 120.0  # this machine took twice the reference
+    eta.timings["data"] = 1.0  # too short a part to tell the machine's pace
+    assert "about 6 min left" in eta.line("lm")
+    eta.timings["lm"] = 120.0  # this machine took twice the reference
     assert "about 10 min left" in eta.line("stage1")
     with pytest.raises(ValueError, match="time shares"):  # a time budget needs each stage's share
         run_demo(Path("never-made"), recipe="quick", minutes=10.0)

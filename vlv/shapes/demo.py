@@ -159,13 +159,14 @@ def run_demo(out: Path, recipe: str = "default", minutes: float | None = None) -
 
 class Eta:
     """The whole run's time left: each part's reference minutes, scaled by how this machine's finished parts
-    compare with theirs (a fresh run assumes the reference pace until its first timed part)."""
+    compare with theirs. Only parts of a minute or more set the pace (rendering a few seconds of PNGs says
+    little of training speed); until one has finished, the reference pace is assumed."""
 
     def __init__(self, reference: dict[str, float], timings: dict[str, float]):
         self.reference, self.timings = reference, timings
 
     def pace(self) -> float:
-        done = [k for k in self.timings if self.reference.get(k, 0) > 0]
+        done = [k for k in self.timings if self.reference.get(k, 0) >= 1.0]
         ref = sum(self.reference[k] for k in done)
         return sum(self.timings[k] for k in done) / 60 / ref if ref else 1.0
 
