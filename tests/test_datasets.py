@@ -236,3 +236,18 @@ def test_cli_converts_parquet_to_shards(folder, reference, tmp_path, capsys):
     assert main(["data", "shards", str(src), "--out", str(out), "--shard-size", "7"]) == 2  # holds shards already
     assert main(["data", "shards", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_workers_leave_a_group_signal_to_the_training_process():
+    """SIGTERM to the process group (schedulers, Ctrl-C) must not kill the workers under the training loop."""
+    import signal
+
+    from vlv.datasets import _seed_worker
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        _seed_worker(0)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])

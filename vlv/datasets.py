@@ -22,6 +22,7 @@ import io
 import json
 import os
 import re
+import signal
 import struct
 import tarfile
 import warnings
@@ -581,6 +582,10 @@ def _one(batch: dict[str, Any]) -> dict[str, Any]:
 def _seed_worker(worker_id: int) -> None:
     # torch seeds each worker from the loader's generator; numpy follows it, so worker state is reproducible.
     np.random.seed(torch.initial_seed() % 2**32)
+    # A scheduler's SIGTERM / a terminal's SIGINT reach the whole process group: the workers leave the stop to
+    # the training process, which checkpoints and then shuts them down, instead of dying and crashing it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class StepLoader(torch.utils.data.DataLoader):
@@ -604,7 +609,8 @@ def row_loader(dataset: Dataset, size: int, start: int, stop: int, batch_size: i
     """Rows [start, stop) in order, ``batch_size`` at a time, decoded in workers (see :class:`RowBatches`)."""
     return torch.utils.data.DataLoader(
         RowBatches(dataset, size, start, stop, batch_size, on_bad_image), batch_size=None, collate_fn=_one,
-        num_workers=num_workers, prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False)
+        num_workers=num_workers, prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False,
+        worker_init_fn=_seed_worker)
 
 # ---------------------------------------------------------------------------------------------- write_shards
 def _encoded_format(data: bytes) -> str | None:
