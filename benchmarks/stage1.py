@@ -1,6 +1,7 @@
 """Shapes stage-1 benchmarks.
 
-    python benchmarks/stage1.py speed [--teacher DIR] [--bf16] # cached latents vs online VAE (vs bf16), interleaved
+    python benchmarks/stage1.py speed [--teacher DIR] [--bf16] # online VAE vs cached latents (vs + cached vision,
+                                                                # vs bf16), interleaved
     python benchmarks/stage1.py accuracy --run RUN --teacher shapes-teacher --n 500
     python benchmarks/stage1.py ablation --data DIR --nq 16 32 77 --steps 2000 [--init shapes-stage1 --lr 2e-4]
 
@@ -30,12 +31,13 @@ from pathlib import Path
 import torch
 from common import adamw, flops, stage1_settings, test_scenes, train_config, write_result  # benchmarks/
 
+from vlv.caches import vision_rows
 from vlv.data import cache_latents, to_tensor
 from vlv.decoder import DiffusionDecoder
 from vlv.encoder import VLVEncoder
 from vlv.shapes.metrics import reconstruction_scores, sample_accuracy
 from vlv.training.recipes import load_recipe
-from vlv.training.stage1 import Stage1Task, build_encoder
+from vlv.training.stage1 import Stage1Task, TensorRows, build_encoder
 
 RECIPE = "shapes-stage1"
 
@@ -67,6 +69,12 @@ def speed(args: argparse.Namespace) -> dict:
     cached = Stage1Task(enc, decoder, data, cache_latents(decoder.vae, data), high_noise_fraction=hnf)
     variants = {"cached": (cached, False),
                 "online": (Stage1Task(enc, decoder, data, None, high_noise_fraction=hnf), False)}
+    if enc.vision_frozen:  # the recipe's DaViT is frozen: time the step that reads its cached features too
+        feats = torch.cat([vision_rows(enc)(torch.from_numpy(data.images[i:i + 64]))["features"]
+                           for i in range(0, len(data.images), 64)]).half()  # fp16, as the cache stores them
+        variants["cached+vision"] = (Stage1Task(enc, decoder, data, cache_latents(decoder.vae, data),
+                                                high_noise_fraction=hnf, vision=TensorRows({"features": feats})),
+                                     False)
     if args.bf16:
         variants["cached+bf16"] = (cached, True)
     names = list(variants)
@@ -104,6 +112,8 @@ def speed(args: argparse.Namespace) -> dict:
            "flop_bound_speedup": round(bound, 3),
            **{f"{k}_s": round(v, 4) for k, v in med.items()},
            "speedup": round(med["online"] / med["cached"], 3)}
+    if "cached+vision" in med:
+        out["vision_cache_speedup"] = round(med["cached"] / med["cached+vision"], 3)
     if args.bf16:
         out["bf16_speedup"] = round(med["cached"] / med["cached+bf16"], 3)
     print(f"stage-1 step, batch {b}, Nq {nq}, {torch.get_num_threads()} threads, median of "
@@ -112,6 +122,9 @@ def speed(args: argparse.Namespace) -> dict:
           f"speed-up {out['speedup']:.2f}x (FLOP bound {bound:.3f}x: the VAE encode adds "
           f"{vae_flops / b / 1e9:.2f} GFLOP per image to a {step_flops / b / 1e9:.2f} "
           f"GFLOP step)")
+    if "cached+vision" in med:
+        print(f"  cached latents + cached vision features (no DaViT in the step): {med['cached+vision']:.3f} s   "
+              f"speed-up over cached latents alone {out['vision_cache_speedup']:.2f}x")
     if args.bf16:
         print(f"  cached latents + bf16 autocast: {med['cached+bf16']:.3f} s   speed-up over fp32 "
               f"{out['bf16_speedup']:.2f}x")

@@ -6,7 +6,8 @@
 Each run trains the recipe (its steps overridden by --steps; a shorter run keeps the recipe's warm-up) against
 the shipped shapes teacher on 10,000 training scenes and measures reconstruction scene accuracy on --n test
 scenes (fast sampler, CFG 2) every --eval-every steps. Reported per run: the curve, wall time and the process's
-CPU time spent training (evaluations excluded), and the time of one step with and without the run's caches.
+CPU time spent training (evaluations excluded). Step time with and without cached vision features:
+``benchmarks/stage1.py speed``.
 A finished run dir under --work is re-used (delete it to re-train); the JSON is rewritten after every run.
 """
 

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import Florence2Config, Florence2ForConditionalGeneration
 
-from vlv.config import CONFIGS, EncoderConfig, list_configs, read_config
+from vlv.config import CONFIGS, IMAGENET_MEAN, IMAGENET_STD, EncoderConfig, list_configs, read_config
 from vlv.modeling import atomic_save_file, in_run_dir, load_trainable_state, trainable_state, write_json
 from vlv.shipped import is_shipped, resolve_encoder, resolve_florence2_name
 
@@ -114,6 +114,16 @@ def _init_query_attention(florence: Florence2ForConditionalGeneration, std: floa
 
 
 # ------------------------------------------------------------------------------------------ encoder
+def pixel_values(images: Sequence[Image.Image], size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """PIL images -> (B, 3, S, S): bicubic resize, /255, normalise, as Florence-2's processor does."""
+    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+              for im in images]
+    x = np.stack(arrays) / 255.0  # (B, S, S, 3) in [0, 1]
+    x = (x - np.array(mean, np.float32)) / np.array(std, np.float32)
+    return torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)
+
+
 class VLVEncoder(nn.Module):
     """Image -> caption embeddings z (B, Nq, d_T); the one Florence -> queries -> phi path both stages call."""
 
@@ -202,13 +212,8 @@ class VLVEncoder(nn.Module):
 
     # ----------------------------------------------------------------------------------- images
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images -> pixel_values (B, 3, S, S): bicubic resize, /255, ImageNet normalise (Florence's processor)."""
-        size = self.config.image_size
-        arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
-                  for im in images]
-        x = np.stack(arrays) / 255.0  # (B, S, S, 3) in [0, 1]
-        x = (x - np.array(self.config.image_mean, np.float32)) / np.array(self.config.image_std, np.float32)
-        return torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)
+        """PIL images -> pixel_values (B, 3, S, S), as Florence's processor makes them."""
+        return pixel_values(images, self.config.image_size, self.config.image_mean, self.config.image_std)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] (the VAE's range, ``vlv.data.to_tensor``) -> pixel_values (B, 3, S, S)."""

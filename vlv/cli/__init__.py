@@ -109,38 +109,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a VLV stage")
     train_sub = train.add_subparsers(dest="train_command", required=True, metavar="STAGE")
-    p = train_sub.add_parser("stage1", help="distil a frozen diffusion decoder into the VLV encoder (images only)")
-    p.add_argument("--out", type=writable_dir, required=True, help="run dir (resumes when it holds a checkpoint)")
-    p.add_argument("--val", type=Path, default=None, help="shapes folder for periodic reconstruction accuracy")
-    p.add_argument("--eval-n", type=positive_int, default=200, help="val scenes per evaluation (default 200)")
-    recipe_arg(p, "stage1", "shapes-stage1")
-    add_fields(p, Stage1Settings, "inputs and method (recipe section 'settings')")
-    add_fields(p, TrainConfig, "training loop (recipe section 'train')")
-    p.set_defaults(func=cmd_train_stage1)
+    def stage(name: str, help_text: str, out_help: str, settings: type, settings_title: str, func,
+              val_help: str | None = None, defaults: dict | None = None) -> None:
+        """A recipe-driven training command: --out, --recipe, then a flag per field of its settings and loop."""
+        p = train_sub.add_parser(name, help=help_text)
+        p.add_argument("--out", type=writable_dir, required=True, help=out_help)
+        if val_help:
+            p.add_argument("--val", type=Path, default=None, help=val_help)
+            p.add_argument("--eval-n", type=positive_int, default=200, help="val scenes per evaluation (default 200)")
+        recipe_arg(p, name, f"shapes-{name}")
+        add_fields(p, settings, f"{settings_title} (recipe section 'settings')", defaults=defaults)
+        add_fields(p, TrainConfig, "training loop (recipe section 'train')")
+        p.set_defaults(func=func)
 
-    p = train_sub.add_parser("lm", help="pre-train the small shapes language model on caption text")
-    p.add_argument("--out", type=writable_dir, required=True, help="LM dir (transformers layout)")
-    recipe_arg(p, "lm", "shapes-lm")
-    add_fields(p, LMSettings, "inputs (recipe section 'settings')")
-    add_fields(p, TrainConfig, "training loop (recipe section 'train')")
-    p.set_defaults(func=cmd_train_lm)
-
-    p = train_sub.add_parser("florence2", help="pre-train the small shapes Florence-2 on object detection (<OD>)")
-    p.add_argument("--out", type=writable_dir, required=True, help="Florence-2 dir (transformers' native layout)")
-    recipe_arg(p, "florence2", "shapes-florence2")
-    add_fields(p, DetectionSettings, "inputs (recipe section 'settings')")
-    add_fields(p, TrainConfig, "training loop (recipe section 'train')")
-    p.set_defaults(func=cmd_train_florence2)
-
-    p = train_sub.add_parser("stage2", help="teach a causal LM to read stage-1 embeddings out as captions")
-    p.add_argument("--out", type=writable_dir, required=True, help="run dir (resumes when it holds a checkpoint)")
-    p.add_argument("--val", type=Path, default=None, help="shapes folder for periodic caption accuracy")
-    p.add_argument("--eval-n", type=positive_int, default=200, help="val scenes per evaluation (default 200)")
-    recipe_arg(p, "stage2", "shapes-stage2")
-    add_fields(p, Stage2Settings, "inputs and method (recipe section 'settings')",
-               defaults={"decoder": "shapes-teacher"})
-    add_fields(p, TrainConfig, "training loop (recipe section 'train')")
-    p.set_defaults(func=cmd_train_stage2)
+    run_dir = "run dir (resumes when it holds a checkpoint)"
+    stage("stage1", "distil a frozen diffusion decoder into the VLV encoder (images only)", run_dir, Stage1Settings,
+          "inputs and method", cmd_train_stage1, val_help="shapes folder for periodic reconstruction accuracy")
+    stage("lm", "pre-train the small shapes language model on caption text", "LM dir (transformers layout)",
+          LMSettings, "inputs", cmd_train_lm)
+    stage("florence2", "pre-train the small shapes Florence-2 on object detection (<OD>)",
+          "Florence-2 dir (transformers' native layout)", DetectionSettings, "inputs", cmd_train_florence2)
+    stage("stage2", "teach a causal LM to read stage-1 embeddings out as captions", run_dir, Stage2Settings,
+          "inputs and method", cmd_train_stage2, val_help="shapes folder for periodic caption accuracy",
+          defaults={"decoder": "shapes-teacher"})
 
     pre = sub.add_parser("precompute", help="cache what stage 1 keeps frozen, once, for any number of runs")
     pre_sub = pre.add_subparsers(dest="precompute_command", required=True, metavar="WHAT")

@@ -80,6 +80,21 @@ def cmd_teacher_sample(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------- stage 1
+def _recipe_settings(args: argparse.Namespace, task: str, settings_type: type, train_overrides: dict | None = None):
+    """(recipe, settings, train config) of a training command: the recipe's sections, each flag given on top."""
+    from vlv.training.loop import TrainConfig
+    from vlv.training.recipes import load_recipe, section
+
+    recipe = load_recipe(args.recipe, task)
+    settings = section(recipe, "settings", settings_type, given(args, settings_type))
+    cfg = section(recipe, "train", TrainConfig, {**given(args, TrainConfig), **(train_overrides or {})})
+    return recipe, settings, cfg
+
+
+def _saved(done: bool, what: str, out: str) -> None:
+    print(f"{what} saved to {out}" if done else f"stopped early; run the same command to resume ({out})")
+
+
 def cmd_train_stage1(args: argparse.Namespace) -> None:
     from vlv.shipped import resolve_decoder, resolve_encoder
 
@@ -93,17 +108,13 @@ def cmd_train_stage1(args: argparse.Namespace) -> None:
     if args.init and args.phi_init_gain is not None:
         raise ValueError(f"--phi-init-gain scales phi's freshly initialised weights, but --init {args.init}"
                          " overwrites them with trained ones; pass one or the other")
-    from vlv.training.loop import TrainConfig
-    from vlv.training.recipes import load_recipe, resolved, section
+    from vlv.training.recipes import resolved
     from vlv.training.stage1 import Stage1Settings, check_settings, train_stage1
 
-    recipe = load_recipe(args.recipe, "stage1")
-    settings = section(recipe, "settings", Stage1Settings, given(args, Stage1Settings))
+    # A budgeted run plans its own step count after a few steps.
+    recipe, settings, cfg = _recipe_settings(args, "stage1", Stage1Settings,
+                                             {"steps": 10**9} if args.budget_minutes else None)
     check_settings(settings)
-    train = given(args, TrainConfig)
-    if args.budget_minutes:
-        train["steps"] = 10**9  # a budgeted run plans its own count after a few steps
-    cfg = section(recipe, "train", TrainConfig, train)
     evaluator = None
     if args.val:
         from vlv.shapes.metrics import stage1_evaluator
@@ -111,7 +122,7 @@ def cmd_train_stage1(args: argparse.Namespace) -> None:
         evaluator = stage1_evaluator(args.val, args.eval_n)
     done = train_stage1(settings, cfg, args.out, evaluator=evaluator,
                         recipe=resolved(recipe, train=cfg, settings=settings))
-    print(f"encoder saved to {args.out}" if done else f"stopped early; run the same command to resume ({args.out})")
+    _saved(done, "encoder", args.out)
 
 
 def _precompute_encoder(args: argparse.Namespace, text_dim: int):
@@ -280,32 +291,26 @@ def _tokenizer_for(lm: str):
 def cmd_train_lm(args: argparse.Namespace) -> None:
     _require_dirs(args.data, args.val)
     from vlv.training.lm import LMSettings, train_lm
-    from vlv.training.loop import TrainConfig
-    from vlv.training.recipes import load_recipe, resolved, section
+    from vlv.training.recipes import resolved
 
-    recipe = load_recipe(args.recipe, "lm")
-    settings = section(recipe, "settings", LMSettings, given(args, LMSettings))
-    cfg = section(recipe, "train", TrainConfig, given(args, TrainConfig))
+    recipe, settings, cfg = _recipe_settings(args, "lm", LMSettings)
     judge = None
     if settings.val:
         from vlv.shapes.metrics import lm_judge as judge
     done = train_lm(settings, cfg, args.out, tokenizer=_tokenizer_for(settings.lm), judge=judge,
                     recipe=resolved(recipe, train=cfg, settings=settings))
-    print(f"language model saved to {args.out}" if done else f"stopped early; run again to resume ({args.out})")
+    _saved(done, "language model", args.out)
 
 
 def cmd_train_florence2(args: argparse.Namespace) -> None:
     _require_dirs(args.data, args.val)
     from vlv.shapes.config import DetectionSettings
     from vlv.shapes.florence2 import train_florence2
-    from vlv.training.loop import TrainConfig
-    from vlv.training.recipes import load_recipe, resolved, section
+    from vlv.training.recipes import resolved
 
-    recipe = load_recipe(args.recipe, "florence2")
-    settings = section(recipe, "settings", DetectionSettings, given(args, DetectionSettings))
-    cfg = section(recipe, "train", TrainConfig, given(args, TrainConfig))
+    recipe, settings, cfg = _recipe_settings(args, "florence2", DetectionSettings)
     done = train_florence2(settings, cfg, args.out, recipe=resolved(recipe, train=cfg, settings=settings))
-    print(f"Florence-2 saved to {args.out}" if done else f"stopped early; run again to resume ({args.out})")
+    _saved(done, "Florence-2", args.out)
 
 
 def cmd_train_stage2(args: argparse.Namespace) -> None:
@@ -315,13 +320,10 @@ def cmd_train_stage2(args: argparse.Namespace) -> None:
     _require_data(args.data)
     _require_dirs(args.val)
     resolve_encoder(args.encoder)
-    from vlv.training.loop import TrainConfig
-    from vlv.training.recipes import load_recipe, resolved, section
+    from vlv.training.recipes import resolved
     from vlv.training.stage2 import Stage2Settings, train_stage2
 
-    recipe = load_recipe(args.recipe, "stage2")
-    settings = section(recipe, "settings", Stage2Settings, given(args, Stage2Settings))
-    cfg = section(recipe, "train", TrainConfig, given(args, TrainConfig))
+    recipe, settings, cfg = _recipe_settings(args, "stage2", Stage2Settings)
     evaluator = None
     if args.val:
         from vlv.shapes.metrics import stage2_evaluator
@@ -329,7 +331,7 @@ def cmd_train_stage2(args: argparse.Namespace) -> None:
         evaluator = stage2_evaluator(args.val, args.eval_n)
     done = train_stage2(settings, cfg, args.out, evaluator=evaluator, tokenizer=_tokenizer_for(settings.lm),
                         recipe=resolved(recipe, train=cfg, settings=settings))
-    print(f"captioner saved to {args.out}" if done else f"stopped early; run again to resume ({args.out})")
+    _saved(done, "captioner", args.out)
 
 
 def cmd_caption(args: argparse.Namespace) -> None:

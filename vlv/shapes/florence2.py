@@ -25,9 +25,10 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import Florence2Config, Florence2ForConditionalGeneration, PreTrainedTokenizerFast
 
-from vlv.config import IMAGENET_MEAN, IMAGENET_STD, read_config
+from vlv.config import read_config
 from vlv.data import CAPTIONS
 from vlv.datasets import step_indices
+from vlv.encoder import pixel_values
 from vlv.modeling import write_json
 from vlv.shapes import world
 from vlv.shapes.config import DetectionSettings
@@ -101,13 +102,6 @@ def build_florence2(tokenizer: PreTrainedTokenizerFast, architecture: str = "flo
 def num_image_tokens(model: Florence2ForConditionalGeneration, image_size: int) -> int:
     with torch.no_grad():
         return model.model.get_image_features(torch.zeros(1, 3, image_size, image_size)).pooler_output.shape[1]
-
-
-def pixel_values(images: Sequence, size: int) -> torch.Tensor:
-    """PIL images -> (B, 3, S, S), normalised as Florence-2's processor and ``VLVEncoder.preprocess`` do."""
-    x = np.stack([np.asarray(im.convert("RGB").resize((size, size), 3), np.float32) for im in images]) / 255.0
-    x = (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
-    return torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2).contiguous()
 
 
 def read_scenes(folder: Path) -> list[world.Scene]:

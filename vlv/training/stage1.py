@@ -44,8 +44,8 @@ Evaluator = Callable[[VLVEncoder, DiffusionDecoder], dict[str, float]]
 STAGE1_FILE, LATENTS_DIR, VISION_DIR = "stage1.json", "latents", "vision"
 
 
-class _TensorRows:
-    """In-memory posteriors ({"mean", "std"} (N, ...)) read like a :class:`vlv.caches.Cache`."""
+class TensorRows:
+    """In-memory rows ({"mean", "std"} posteriors, or {"features"}: (N, ...)) read like a :class:`vlv.caches.Cache`."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
@@ -74,7 +74,7 @@ class Stage1Task:
                  high_noise_fraction: float = 0.0, vision: Cache | None = None, image_size: int | None = None,
                  num_workers: int = 0, on_bad_image: Literal["skip", "fail"] = "skip"):
         self.encoder, self.decoder, self.seed, self.evaluator = encoder, decoder, seed, evaluator
-        self.latents = _TensorRows(latents) if isinstance(latents, dict) else latents
+        self.latents = TensorRows(latents) if isinstance(latents, dict) else latents
         self.high_noise_fraction, self.vision, self.on_bad_image = high_noise_fraction, vision, on_bad_image
         size = image_size or (data.size if isinstance(data, ImageCaptionFolder) else decoder.image_size)
         self.images = image_source(data, size, seed, num_workers, on_bad_image)
