@@ -118,8 +118,8 @@ def test_two_processes_agree(tiny_teacher, shapes_data, tmp_path):
     from safetensors.torch import load_file
 
     worker = Path(__file__).with_name("ddp_worker.py")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29533", str(worker), str(tiny_teacher), str(shapes_data["train"]), str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(worker), str(tiny_teacher), str(shapes_data["train"]), str(tmp_path)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "of 2 done" in r.stdout

@@ -1,6 +1,11 @@
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from vlv.training import loop
 from vlv.training.config import TrainConfig
@@ -80,3 +85,32 @@ def test_a_finished_budgeted_run_keeps_its_length_on_a_rerun(tmp_path):
     # A re-run finds the plan in the checkpoint: nothing left to do, same length, no re-planning.
     again = train(Regression(), cfg, tmp_path / "run")
     assert again.done and again.step == state.planned_steps == again.planned_steps
+
+
+def _torchrun(*args, timeout: float = 180) -> subprocess.CompletedProcess:
+    worker = Path(__file__).with_name("dist_worker.py")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(worker), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def _ranks(stdout: str) -> list[tuple[int, int, bool]]:
+    rows = re.findall(r"rank (\d): step (\d+) planned (\d+) done (True|False)", stdout)
+    return [(int(s), int(p), d == "True") for _, s, p, d in sorted(rows)]
+
+
+def test_a_signal_to_one_rank_stops_both_at_one_step_with_one_checkpoint(tmp_path):
+    """Two processes on different clocks, a budget, a checkpoint due on every tick and a SIGTERM to rank 1 only:
+    both ranks stop at the same step with one checkpoint (no hang), and a re-run resumes both to the same end."""
+    run = tmp_path / "run"
+    r = _torchrun(run, tmp_path, 50)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (s0, p0, d0), (s1, p1, d1) = _ranks(r.stdout)
+    assert s0 == s1 and p0 == p1 and not d0 and not d1 and s0 < p0
+    assert sorted(x.name for x in run.iterdir()) == ["checkpoint"]
+    assert json.loads((run / "checkpoint" / "trainer.json").read_text())["step"] == s0
+    r = _torchrun(run, tmp_path, -1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (s0, p0, d0), (s1, p1, d1) = _ranks(r.stdout)
+    assert d0 and d1 and s0 == s1 == p0 == p1
+    a, b = (load_file(tmp_path / f"rank{i}.safetensors") for i in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)

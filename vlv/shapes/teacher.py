@@ -79,6 +79,18 @@ def build_scheduler(cfg: TeacherConfig) -> DDPMScheduler:
 
 
 # ------------------------------------------------------------------------------------ training tasks
+class Autoencode(torch.nn.Module):
+    """The VAE's training pass as one forward, so DDP sees it (and all-reduces the VAE's gradients)."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(images).latent_dist
+        return self.vae.decode(posterior.sample(generator)).sample, posterior.kl()  # (B, 3, H, W), (B,)
+
+
 class VAETask:
     """Phase 1: AutoencoderKL on the images: L1 + MSE + a tiny KL (a near-deterministic autoencoder)."""
 
@@ -87,9 +99,10 @@ class VAETask:
     def __init__(self, vae: AutoencoderKL, train: ImageCaptionFolder, test: ImageCaptionFolder | None,
                  seed: int = 0, kl_weight: float = 1e-6):
         self.vae, self.train_data, self.test_data, self.seed, self.kl_weight = vae, train, test, seed, kl_weight
+        self.model = Autoencode(vae)
 
     def trainable(self) -> torch.nn.Module:
-        return self.vae
+        return self.model
 
     def batch(self, step: int, rank: int, batch_size: int, device: torch.device, world_size: int = 1
               ) -> torch.Tensor:
@@ -97,16 +110,13 @@ class VAETask:
         return to_tensor(self.train_data.images[idx]).to(device)
 
     def loss(self, model, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        vae = getattr(model, "module", model)
-        posterior = vae.encode(images).latent_dist
-        recon = vae.decode(posterior.sample(generator)).sample
-        kl = posterior.kl().mean() / images[0].numel()
-        return F.l1_loss(recon, images) + F.mse_loss(recon, images) + self.kl_weight * kl
+        recon, kl = model(images, generator)
+        return F.l1_loss(recon, images) + F.mse_loss(recon, images) + self.kl_weight * kl.mean() / images[0].numel()
 
     def evaluate(self, model) -> dict[str, float]:
         if self.test_data is None:
             return {}
-        return {"vae_scene_accuracy": vae_accuracy(model, self.test_data)}
+        return {"vae_scene_accuracy": vae_accuracy(model.vae, self.test_data)}
 
 
 class TextToImage(torch.nn.Module):
@@ -249,7 +259,7 @@ def export_checkpoint(teacher_dir: Path, out: Path, dtype: torch.dtype = torch.f
     spec = json.loads((work / "recipe.json").read_text())
     cfg = TeacherConfig(**spec["config"])
     vae = build_vae(cfg)
-    load_trainable_state(vae, load_file(work / "vae" / "checkpoint" / "model.safetensors"))
+    load_trainable_state(Autoencode(vae), load_file(work / "vae" / "checkpoint" / "model.safetensors"))  # its keys
     latents = load_file(work / "latents.safetensors")
     vae.register_to_config(scaling_factor=float(1.0 / latents["mean"].float().std()))
     tokenizer = build_tokenizer(cfg.max_length)

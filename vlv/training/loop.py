@@ -195,6 +195,20 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def _decide(accelerator: Accelerator, stop: bool, out_of_time: bool, checkpoint_due: bool, planned: int | None
+            ) -> tuple[bool, bool, bool, int | None]:
+    """The step's control-flow decisions, the same on every rank: a signal to any rank stops all; the time limit,
+    the time-based checkpoint and a budgeted run's plan are rank 0's (its clock). One small all-reduce."""
+    if accelerator.num_processes == 1:
+        return stop, out_of_time, checkpoint_due, planned
+    main = accelerator.is_main_process
+    t = torch.tensor([int(stop), int(out_of_time and main), int(checkpoint_due and main),
+                      (planned if planned is not None else -1) if main else -1], device=accelerator.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    stop_all, late, due, plan = t.tolist()
+    return bool(stop_all), bool(late), bool(due), (plan if plan >= 0 else None)
+
+
 def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | None = None) -> TrainState:
     """Train ``task`` into ``run`` (resuming from run/checkpoint when present); returns the final state.
 
@@ -230,14 +244,14 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
     elapsed0, start_step = state.elapsed_s, state.step
     bar = tqdm(total=cfg.steps, initial=state.step, desc=task.name, unit="step",
                disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
-    running, pace_t0 = None, None
+    running, pace_t0 = None, None  # running: the smoothed loss, kept on the device between log steps
     with _StopFlag() as flag:
         while state.step < cfg.steps:
             if cfg.budget_minutes and state.step - start_step == 1:
                 pace_t0 = time.perf_counter()  # after the first step's one-off costs
             for group in opt.param_groups:
                 group["lr"] = lr_at(state.step, cfg)
-            value = 0.0
+            value = torch.zeros((), device=device)
             for micro in range(state.step * cfg.grad_accum, (state.step + 1) * cfg.grad_accum):
                 gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, micro, rank))
                 batch = task.batch(micro, rank, cfg.batch_size, device, world_size=accelerator.num_processes)
@@ -249,36 +263,51 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
                         accelerator.clip_grad_norm_(params, cfg.grad_clip)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-                value += loss.detach().float().item() / cfg.grad_accum
+                value += loss.detach().float() / cfg.grad_accum
             if ema is not None:
                 ema.step(params)
             state.step += 1
             state.elapsed_s = elapsed0 + time.perf_counter() - t_start
-            if pace_t0 is not None and _plan_due(state, start_step):
-                pace = (time.perf_counter() - pace_t0) / (state.step - start_step - 1)
-                state.planned_steps = plan_steps(cfg.budget_minutes, state.elapsed_s, pace, state.step)
-                cfg = replace(cfg, steps=state.planned_steps)
-                bar.total = cfg.steps
             running = value if running is None else 0.95 * running + 0.05 * value
             bar.update(1)
-            bar.set_postfix(loss=f"{running:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
-            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-                state.history.append({"step": state.step, "loss": running, "elapsed_s": round(state.elapsed_s, 2)})
-            if cfg.eval_every and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
+            # Steps between decision points run without a host sync; the decisions (stop, checkpoint, plan) are
+            # taken at step numbers every rank knows, once for all ranks (see _decide).
+            plan_due = pace_t0 is not None and _plan_due(state, start_step)
+            final = state.step == cfg.steps
+            if state.step % cfg.log_every == 0 or final or plan_due:
+                shown = running.item()
+                bar.set_postfix(loss=f"{shown:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+                if state.step % cfg.log_every == 0 or final:
+                    state.history.append({"step": state.step, "loss": shown, "elapsed_s": round(state.elapsed_s, 2)})
+                now = time.perf_counter()
+                planned = None
+                if plan_due:
+                    pace = (now - pace_t0) / (state.step - start_step - 1)
+                    planned = plan_steps(cfg.budget_minutes, state.elapsed_s, pace, state.step)
+                stop, out_of_time, due_now, planned = _decide(
+                    accelerator, flag.stop,
+                    cfg.max_minutes is not None and now - t_start > 60 * cfg.max_minutes,
+                    now - last_ckpt_time > 60 * cfg.checkpoint_minutes, planned)
+                if planned is not None:
+                    state.planned_steps = planned
+                    cfg = replace(cfg, steps=planned)
+                    bar.total = cfg.steps
+                    final = state.step == cfg.steps
+            else:
+                stop = out_of_time = due_now = False
+            if cfg.eval_every and (state.step % cfg.eval_every == 0 or final):
                 metrics = _evaluate(task, accelerator.unwrap_model(wrapped), ema)
                 metrics.update(step=state.step, elapsed_s=round(state.elapsed_s, 2))
                 state.history.append({"eval": metrics})
                 bar.write(f"[{task.name}] step {state.step}: " + json.dumps(metrics))
-            out_of_time = (cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes) or (
-                cfg.stop_after is not None and state.step - start_step >= cfg.stop_after)
-            due = (state.step - last_ckpt >= cfg.checkpoint_every
-                   or time.perf_counter() - last_ckpt_time > 60 * cfg.checkpoint_minutes)
-            if due or out_of_time or flag.stop or state.step == cfg.steps:
+            out_of_time = out_of_time or (cfg.stop_after is not None and state.step - start_step >= cfg.stop_after)
+            due = due_now or state.step - last_ckpt >= cfg.checkpoint_every
+            if due or out_of_time or stop or final:
                 if accelerator.is_main_process:
                     save_checkpoint(run, accelerator.unwrap_model(wrapped), opt, ema, state, cfg, task.name)
                 accelerator.wait_for_everyone()
                 last_ckpt, last_ckpt_time = state.step, time.perf_counter()
-            if out_of_time or flag.stop:
+            if out_of_time or stop:
                 break
     bar.close()
     state.done = state.step >= cfg.steps
