@@ -114,3 +114,17 @@ def test_a_signal_to_one_rank_stops_both_at_one_step_with_one_checkpoint(tmp_pat
     assert d0 and d1 and s0 == s1 == p0 == p1
     a, b = (load_file(tmp_path / f"rank{i}.safetensors") for i in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_task_keeps_both_ranks_identical(shapes_data, tmp_path):
+    """Teacher VAE and UNet, LM, stage 1 and stage 2, each through its own entry point on 2 processes (DDP, gloo):
+    each ends with the same weights on both ranks (a forward outside the wrapped module would let them drift)."""
+    worker = Path(__file__).with_name("ddp_tasks_worker.py")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(worker), str(shapes_data["train"]), str(tmp_path)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("teacher-vae", "teacher-unet", "lm", "stage1", "stage2"):
+        a, b = (load_file(tmp_path / f"{name}.rank{i}.safetensors") for i in (0, 1))
+        assert a.keys() == b.keys() and a, name
+        assert all(torch.equal(a[k], b[k]) for k in a), name

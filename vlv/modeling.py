@@ -22,10 +22,15 @@ def in_run_dir(run: str | Path, source: str) -> str:
     return str(inside) if not Path(source).is_absolute() and inside.is_dir() else source
 
 
+def _temp_for(path: Path) -> Path:
+    """A temp name of this process's own: ranks writing the same file never share one."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temp file then rename, so a kill never leaves a half-written file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _temp_for(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -37,7 +42,7 @@ def write_json(path: Path, data: dict) -> None:
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors' ``save_file`` to a temp file then rename: a killed save never leaves a torn file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _temp_for(path)
     save_file(tensors, tmp, metadata=metadata)
     os.replace(tmp, path)
 
