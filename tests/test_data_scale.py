@@ -84,6 +84,25 @@ def test_streamed_stage2_trains_the_weights_of_the_in_ram_path(tiny_teacher, sha
     assert _equal(_weights(tmp_path / "streamed"), _weights(tmp_path / "ram"))
 
 
+def test_stage2_reads_parquet_columns_of_any_name(tiny_teacher, shapes_data, lm, tmp_path):
+    """--image-column / --caption-column: a parquet of the folder under other column names trains its weights."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ref = FolderDataset(shapes_data["train"])
+    rows = [ref.read(i) for i in range(len(ref))]
+    pq.write_table(pa.table({"jpg": [r.image for r in rows], "txt": [r.caption for r in rows]}), tmp_path / "d.parquet")
+    cfg = TrainConfig(steps=2, batch_size=3, lr=1e-3, progress=False)
+    train_stage1(_settings(tiny_teacher, shapes_data["train"]), TrainConfig(steps=1, **CFG), tmp_path / "s1")
+    common = {"decoder": str(tiny_teacher), "encoder": str(tmp_path / "s1"), "lm": str(lm), "num_workers": 0}
+    train_stage2(Stage2Settings(data=str(shapes_data["train"]), **common), cfg, tmp_path / "folder")
+    with pytest.raises(ValueError, match="image"):
+        train_stage2(Stage2Settings(data=str(tmp_path / "d.parquet"), **common), cfg, tmp_path / "default-columns")
+    train_stage2(Stage2Settings(data=str(tmp_path / "d.parquet"), image_column="jpg", caption_column="txt", **common),
+                 cfg, tmp_path / "parquet")
+    assert _equal(_weights(tmp_path / "parquet"), _weights(tmp_path / "folder"))
+
+
 def test_stage1_from_shards_takes_the_folders_batches_and_losses(tiny_teacher, shapes_data, shards, tmp_path):
     decoder = DiffusionDecoder.from_pretrained(tiny_teacher)
     encoder = build_encoder(_settings(tiny_teacher, shards), decoder.text_dim, 0)

@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, default=0, help="the stage-1 run's seed (a random-init tower's "
                            "weights follow it; default 0)")
         p.add_argument("--data", required=True, help="image folder, tar shards or parquet, as --data of training")
+        p.add_argument("--image-column", default="image", help="parquet data: the image column (default image)")
+        p.add_argument("--caption-column", default="caption", help="parquet data: the caption column (default "
+                       "caption)")
         p.add_argument("--out", type=writable_dir, required=True, help="cache dir (a re-run finishes it)")
         p.add_argument("--image-size", type=positive_int, default=None, help="data resolution (default: the "
                        "decoder's, as in training)")

@@ -155,7 +155,7 @@ def cmd_precompute(args: argparse.Namespace) -> None:
 
     rank, world = rank_and_world()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    dataset = open_dataset(args.data)
+    dataset = open_dataset(args.data, image_column=args.image_column, caption_column=args.caption_column)
     decoder = DiffusionDecoder.from_pretrained(args.decoder)
     size = args.image_size or decoder.image_size
     autocast = contextlib.nullcontext()

@@ -101,6 +101,8 @@ class Stage1Settings:
                 "made from this encoder's vision tower, data and resolution"})
     num_workers: int = field(default=2, metadata={
         "help": "DataLoader workers decoding images (0: on the training thread); batches do not depend on it"})
+    image_column: str = field(default="image", metadata={"help": "parquet data: the image column"})
+    caption_column: str = field(default="caption", metadata={"help": "parquet data: the caption column"})
     on_bad_image: Literal["skip", "fail"] = field(default="skip", metadata={
         "help": "an unreadable image: skip it (counted in the run dir's data.json) or stop naming it"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute UNet activations"})
@@ -146,6 +148,8 @@ class Stage2Settings:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute the LLM's activations"})
     num_workers: int = field(default=2, metadata={
         "help": "DataLoader workers decoding images (0: on the training thread); batches do not depend on it"})
+    image_column: str = field(default="image", metadata={"help": "parquet data: the image column"})
+    caption_column: str = field(default="caption", metadata={"help": "parquet data: the caption column"})
     on_bad_image: Literal["skip", "fail"] = field(default="skip", metadata={
         "help": "an unreadable image: skip it (counted in the run dir's data.json) or stop naming it"})
 

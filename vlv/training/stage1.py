@@ -234,7 +234,7 @@ def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress
     if settings.gradient_checkpointing:
         decoder.unet.enable_gradient_checkpointing()
     size = settings.image_size or decoder.image_size
-    dataset = open_dataset(settings.data)
+    dataset = open_dataset(settings.data, settings.image_column, settings.caption_column)
     encoder = build_encoder(settings, decoder.text_dim, cfg.seed)
     if settings.init:  # a resumed run's checkpoint then overwrites these weights with its own
         init_from(encoder, settings.init)

@@ -115,7 +115,7 @@ def train_stage2(settings: Stage2Settings, cfg: TrainConfig, out: Path, progress
     accelerator = make_accelerator(cfg)
     captioner = build_captioner(settings, cfg.seed, tokenizer)
     size = captioner.encoder.config.image_size
-    dataset = open_dataset(settings.data)
+    dataset = open_dataset(settings.data, settings.image_column, settings.caption_column)
     write_json(out / STAGE2_FILE, {"settings": asdict(settings), "train": asdict(cfg), "image_size": size,
                                    "samples": len(dataset), "global_batch": global_batch(cfg, accelerator),
                                    **({"recipe": recipe} if recipe else {})})
