@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -128,3 +129,27 @@ def test_every_task_keeps_both_ranks_identical(shapes_data, tmp_path):
         a, b = (load_file(tmp_path / f"{name}.rank{i}.safetensors") for i in (0, 1))
         assert a.keys() == b.keys() and a, name
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+class Diverges(Regression):
+    """The toy task whose loss turns NaN from the 25th step on."""
+
+    def batch(self, step, rank, batch_size, device, world_size=1):
+        self.step = step
+        return super().batch(step, rank, batch_size, device)
+
+    def loss(self, model, batch, generator):
+        loss = super().loss(model, batch, generator)
+        return loss * float("nan") if self.step >= 24 else loss
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
+    from vlv.errors import NonFiniteLoss
+
+    cfg = TrainConfig(steps=100, batch_size=4, lr=1e-2, checkpoint_every=10, log_every=7, progress=False)
+    task = Diverges()
+    with pytest.raises(NonFiniteLoss, match="step 25;.*step 20 is kept"):
+        train(task, cfg, tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "checkpoint" / "trainer.json").read_text())
+    weights = load_file(tmp_path / "run" / "checkpoint" / "model.safetensors")
+    assert meta["step"] == 20 and all(torch.isfinite(w).all() for w in weights.values())

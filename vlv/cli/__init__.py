@@ -35,6 +35,7 @@ from vlv.cli.commands import (
     cmd_train_stage2,
 )
 from vlv.cli.flags import add_fields, add_sampling_args, positive_float, positive_int, recipe_arg, writable_dir
+from vlv.errors import NonFiniteLoss
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 
@@ -260,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"vlv: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:
+        if os.environ.get("VLV_DEBUG"):
+            raise
+        print(f"vlv: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("vlv: interrupted", file=sys.stderr)
         return 130

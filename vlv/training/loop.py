@@ -26,6 +26,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from vlv.errors import NonFiniteLoss
 from vlv.modeling import load_trainable_state, trainable_state
 from vlv.training.config import TrainConfig
 
@@ -195,18 +196,19 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _decide(accelerator: Accelerator, stop: bool, out_of_time: bool, checkpoint_due: bool, planned: int | None
-            ) -> tuple[bool, bool, bool, int | None]:
-    """The step's control-flow decisions, the same on every rank: a signal to any rank stops all; the time limit,
-    the time-based checkpoint and a budgeted run's plan are rank 0's (its clock). One small all-reduce."""
+def _decide(accelerator: Accelerator, bad_step: int, stop: bool, out_of_time: bool, checkpoint_due: bool,
+            planned: int | None) -> tuple[bool, bool, bool, int | None, int]:
+    """The step's control-flow decisions, the same on every rank: a signal to any rank stops all, and so does a
+    non-finite loss on any rank (its first step); the time limit, the time-based checkpoint and a budgeted run's
+    plan are rank 0's (its clock). One small all-reduce."""
     if accelerator.num_processes == 1:
-        return stop, out_of_time, checkpoint_due, planned
+        return stop, out_of_time, checkpoint_due, planned, bad_step
     main = accelerator.is_main_process
     t = torch.tensor([int(stop), int(out_of_time and main), int(checkpoint_due and main),
-                      (planned if planned is not None else -1) if main else -1], device=accelerator.device)
+                      (planned if planned is not None else -1) if main else -1, bad_step], device=accelerator.device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    stop_all, late, due, plan = t.tolist()
-    return bool(stop_all), bool(late), bool(due), (plan if plan >= 0 else None)
+    stop_all, late, due, plan, bad = t.tolist()
+    return bool(stop_all), bool(late), bool(due), (plan if plan >= 0 else None), bad
 
 
 def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | None = None) -> TrainState:
@@ -245,6 +247,7 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
     bar = tqdm(total=cfg.steps, initial=state.step, desc=task.name, unit="step",
                disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
     running, pace_t0 = None, None  # running: the smoothed loss, kept on the device between log steps
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
     with _StopFlag() as flag:
         while state.step < cfg.steps:
             if cfg.budget_minutes and state.step - start_step == 1:
@@ -267,6 +270,7 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
             if ema is not None:
                 ema.step(params)
             state.step += 1
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(value), state.step, bad_step)
             state.elapsed_s = elapsed0 + time.perf_counter() - t_start
             running = value if running is None else 0.95 * running + 0.05 * value
             bar.update(1)
@@ -274,7 +278,8 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
             # taken at step numbers every rank knows, once for all ranks (see _decide).
             plan_due = pace_t0 is not None and _plan_due(state, start_step)
             final = state.step == cfg.steps
-            if state.step % cfg.log_every == 0 or final or plan_due:
+            decision = state.step % cfg.log_every == 0 or final or plan_due
+            if decision:
                 shown = running.item()
                 bar.set_postfix(loss=f"{shown:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
                 if state.step % cfg.log_every == 0 or final:
@@ -284,8 +289,8 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
                 if plan_due:
                     pace = (now - pace_t0) / (state.step - start_step - 1)
                     planned = plan_steps(cfg.budget_minutes, state.elapsed_s, pace, state.step)
-                stop, out_of_time, due_now, planned = _decide(
-                    accelerator, flag.stop,
+                stop, out_of_time, due_now, planned, bad = _decide(
+                    accelerator, int(bad_step), flag.stop,
                     cfg.max_minutes is not None and now - t_start > 60 * cfg.max_minutes,
                     now - last_ckpt_time > 60 * cfg.checkpoint_minutes, planned)
                 if planned is not None:
@@ -295,13 +300,19 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
                     final = state.step == cfg.steps
             else:
                 stop = out_of_time = due_now = False
+                bad = -1
+            due = due_now or state.step - last_ckpt >= cfg.checkpoint_every
+            out_of_time = out_of_time or (cfg.stop_after is not None and state.step - start_step >= cfg.stop_after)
+            if not decision and (due or out_of_time):  # a checkpoint between decision steps: never save a NaN
+                bad = _decide(accelerator, int(bad_step), False, False, False, None)[-1]
+            if bad >= 0:
+                raise NonFiniteLoss(f"{task.name}: the loss is not finite at step {bad}; stopped, the checkpoint of "
+                                    f"step {last_ckpt} is kept (lower the lr, or check the data)")
             if cfg.eval_every and (state.step % cfg.eval_every == 0 or final):
                 metrics = _evaluate(task, accelerator.unwrap_model(wrapped), ema)
                 metrics.update(step=state.step, elapsed_s=round(state.elapsed_s, 2))
                 state.history.append({"eval": metrics})
                 bar.write(f"[{task.name}] step {state.step}: " + json.dumps(metrics))
-            out_of_time = out_of_time or (cfg.stop_after is not None and state.step - start_step >= cfg.stop_after)
-            due = due_now or state.step - last_ckpt >= cfg.checkpoint_every
             if due or out_of_time or stop or final:
                 if accelerator.is_main_process:
                     save_checkpoint(run, accelerator.unwrap_model(wrapped), opt, ema, state, cfg, task.name)
