@@ -153,3 +153,16 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_good_chec
     meta = json.loads((tmp_path / "run" / "checkpoint" / "trainer.json").read_text())
     weights = load_file(tmp_path / "run" / "checkpoint" / "model.safetensors")
     assert meta["step"] == 20 and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_launch_configs_load_in_accelerate_as_ddp_leaving_precision_to_the_recipe():
+    """accelerate parses every shipped config; CPU runs cannot take them (accelerate launches CPU ranks through
+    mpirun), so the 2-process tests here go through torchrun, the same loop."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = sorted((Path(__file__).parent.parent / "launch").glob("*.yaml"))
+    assert [c.name for c in configs] == ["ddp-1node.yaml", "ddp-multinode.yaml"]
+    for path in configs:
+        cfg = load_config_from_file(str(path))
+        assert cfg.distributed_type == "MULTI_GPU" and cfg.mixed_precision == "no", path.name
+    assert load_config_from_file(str(configs[0])).main_process_port == 0  # a free port, picked at launch
