@@ -133,6 +133,33 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny_teacher, shards, tm
     assert _equal(_weights(tmp_path / "whole"), _weights(tmp_path / "resumed"))
 
 
+def test_a_sigkilled_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_teacher, shards, tmp_path):
+    """SIGKILL (no handler runs) to the training process and its decoding workers mid-run; the same command then
+    resumes from the last checkpoint and ends bit-identical to a run never killed."""
+    import os
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "vlv.cli", "train", "stage1", "--recipe", "shapes-stage1-scratch", "--decoder",
+           str(tiny_teacher), "--data", str(shards), "--nq", "8", "--num-workers", "2", "--no-cache-latents",
+           "--steps", "40", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "5", "--checkpoint-every", "2",
+           "--log-every", "1"]
+    assert subprocess.run([*cmd, "--out", str(tmp_path / "whole")], capture_output=True, timeout=600).returncode == 0
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, "--out", str(run)], start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    meta = run / "checkpoint" / "trainer.json"
+    deadline = time.monotonic() + 300
+    while not meta.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished first
+    killed_at = json.loads(meta.read_text())["step"]
+    assert killed_at < 40
+    assert subprocess.run([*cmd, "--out", str(run)], capture_output=True, timeout=600).returncode == 0
+    assert _equal(_weights(tmp_path / "whole"), _weights(run))
+
+
 # ---------------------------------------------------------------------------------------------- bad samples
 def _corrupt(shards, tmp_path, i=5):
     """A copy of the shards with sample i's image garbled (its PNG header kept)."""
