@@ -34,7 +34,15 @@ from vlv.cli.commands import (
     cmd_train_stage1,
     cmd_train_stage2,
 )
-from vlv.cli.flags import add_fields, add_sampling_args, positive_float, positive_int, recipe_arg, writable_dir
+from vlv.cli.flags import (
+    add_fields,
+    add_parquet_columns,
+    add_sampling_args,
+    positive_float,
+    positive_int,
+    recipe_arg,
+    writable_dir,
+)
 from vlv.errors import NonFiniteLoss
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
@@ -75,8 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="image-caption folder, .tar shard(s) (a dir or data/{00000..00009}.tar) or .parquet")
     p.add_argument("--out", type=writable_dir, required=True, help="folder for 00000.tar, ... (holding no .tar)")
     p.add_argument("--shard-size", type=positive_int, default=10_000, help="samples per shard (default 10000)")
-    p.add_argument("--image-column", default="image", help="parquet image column (default image)")
-    p.add_argument("--caption-column", default="caption", help="parquet caption column (default caption)")
+    add_parquet_columns(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_shards)
 
@@ -149,9 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, default=0, help="the stage-1 run's seed (a random-init tower's "
                            "weights follow it; default 0)")
         p.add_argument("--data", required=True, help="image folder, tar shards or parquet, as --data of training")
-        p.add_argument("--image-column", default="image", help="parquet data: the image column (default image)")
-        p.add_argument("--caption-column", default="caption", help="parquet data: the caption column (default "
-                       "caption)")
+        add_parquet_columns(p)
         p.add_argument("--out", type=writable_dir, required=True, help="cache dir (a re-run finishes it)")
         p.add_argument("--image-size", type=positive_int, default=None, help="data resolution (default: the "
                        "decoder's, as in training)")

@@ -102,6 +102,12 @@ def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
 
 
+def add_parquet_columns(p: argparse.ArgumentParser) -> None:
+    """Parquet column names for the data commands (training reads them from its settings)."""
+    p.add_argument("--image-column", default="image", help="parquet data: the image column (default image)")
+    p.add_argument("--caption-column", default="caption", help="parquet data: the caption column (default caption)")
+
+
 def recipe_arg(p: argparse.ArgumentParser, task: str, default: str) -> None:
     p.add_argument("--recipe", default=default, help=f"named recipe (vlv/recipes/*.json, task {task}) or a JSON "
                    f"file: how this stage trains; the flags below override single fields (default {default})")

@@ -275,11 +275,14 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
             running = value if running is None else 0.95 * running + 0.05 * value
             bar.update(1)
             # Steps between decision points run without a host sync; the decisions (stop, checkpoint, plan) are
-            # taken at step numbers every rank knows, once for all ranks (see _decide).
+            # taken at step numbers every rank knows, once for all ranks (see _decide). A checkpoint is only ever
+            # written at a decision step, so a non-finite loss is always seen before it could be saved.
             plan_due = pace_t0 is not None and _plan_due(state, start_step)
             final = state.step == cfg.steps
-            decision = state.step % cfg.log_every == 0 or final or plan_due
-            if decision:
+            due = state.step - last_ckpt >= cfg.checkpoint_every
+            out_of_time = cfg.stop_after is not None and state.step - start_step >= cfg.stop_after
+            stop = False
+            if state.step % cfg.log_every == 0 or final or plan_due or due or out_of_time:
                 shown = running.item()
                 bar.set_postfix(loss=f"{shown:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
                 if state.step % cfg.log_every == 0 or final:
@@ -289,25 +292,19 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
                 if plan_due:
                     pace = (now - pace_t0) / (state.step - start_step - 1)
                     planned = plan_steps(cfg.budget_minutes, state.elapsed_s, pace, state.step)
-                stop, out_of_time, due_now, planned, bad = _decide(
+                stop, late, due_now, planned, bad = _decide(
                     accelerator, int(bad_step), flag.stop,
                     cfg.max_minutes is not None and now - t_start > 60 * cfg.max_minutes,
                     now - last_ckpt_time > 60 * cfg.checkpoint_minutes, planned)
+                if bad >= 0:
+                    raise NonFiniteLoss(f"{task.name}: the loss is not finite at step {bad}; stopped, the checkpoint "
+                                        f"of step {last_ckpt} is kept (lower the lr, or check the data)")
+                out_of_time, due = out_of_time or late, due or due_now
                 if planned is not None:
                     state.planned_steps = planned
                     cfg = replace(cfg, steps=planned)
                     bar.total = cfg.steps
                     final = state.step == cfg.steps
-            else:
-                stop = out_of_time = due_now = False
-                bad = -1
-            due = due_now or state.step - last_ckpt >= cfg.checkpoint_every
-            out_of_time = out_of_time or (cfg.stop_after is not None and state.step - start_step >= cfg.stop_after)
-            if not decision and (due or out_of_time):  # a checkpoint between decision steps: never save a NaN
-                bad = _decide(accelerator, int(bad_step), False, False, False, None)[-1]
-            if bad >= 0:
-                raise NonFiniteLoss(f"{task.name}: the loss is not finite at step {bad}; stopped, the checkpoint of "
-                                    f"step {last_ckpt} is kept (lower the lr, or check the data)")
             if cfg.eval_every and (state.step % cfg.eval_every == 0 or final):
                 metrics = _evaluate(task, accelerator.unwrap_model(wrapped), ema)
                 metrics.update(step=state.step, elapsed_s=round(state.elapsed_s, 2))
