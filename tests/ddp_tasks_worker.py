@@ -1,7 +1,10 @@
 """Run under torchrun by test_train's every-task test: each trainable task for a few steps, per-rank weights saved.
 
 Every stage's own entry point runs (teacher, LM, stage 1, stage 2); the loop's ``train`` is wrapped where each
-stage module imported it, so after each run every rank writes what its trainable module holds.
+stage module imported it, so after each run every rank writes what its trainable module holds. The global batch
+is fixed: each of N processes takes 1/N of it. With a third argument (an earlier run's out dir), every task after
+the VAE reads that run's inputs (teacher, LM, stage 1; the caller copies its latent cache), so only its own
+training can differ.
 """
 
 import os
@@ -21,7 +24,9 @@ from vlv.training import loop
 from vlv.training.config import LMSettings, Stage1Settings, Stage2Settings, TrainConfig
 
 data, out = Path(sys.argv[1]), Path(sys.argv[2])
-rank = int(os.environ.get("RANK", 0))
+inputs = Path(sys.argv[3]) if len(sys.argv) > 3 else out
+rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+per = 4 // world  # 4 (teacher 8) samples per step in all
 
 
 def dumping(task, cfg, run, accelerator=None):
@@ -34,13 +39,15 @@ def dumping(task, cfg, run, accelerator=None):
 for module in (vlv.shapes.teacher, vlv.training.lm, vlv.training.stage1, vlv.training.stage2):
     module.train = dumping
 
-recipe = TeacherRecipe(vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=4, unet_warmup=0, eval_every=0)
-teacher = vlv.shapes.teacher.train_teacher(data, out / "teacher", TINY, recipe, progress=False)
-cfg = TrainConfig(steps=3, batch_size=2, lr=1e-3, warmup_steps=0, progress=False)
+recipe = TeacherRecipe(vae_steps=3, vae_batch=2 * per, unet_steps=3, unet_batch=2 * per, unet_warmup=0,
+                       eval_every=0)
+vlv.shapes.teacher.train_teacher(data, out / "teacher", TINY, recipe, progress=False)
+teacher = inputs / "teacher"
+cfg = TrainConfig(steps=3, batch_size=per, lr=1e-3, warmup_steps=0, progress=False)
 vlv.training.lm.train_lm(LMSettings(data=str(data)), cfg, out / "lm", tokenizer=build_shapes_tokenizer())
 s1 = Stage1Settings(decoder=str(teacher), data=str(data), encoder="shapes", num_queries=8, num_workers=0)
 vlv.training.stage1.train_stage1(s1, cfg, out / "stage1", progress=False)
-s2 = Stage2Settings(decoder=str(teacher), encoder=str(out / "stage1"), lm=str(out / "lm"), data=str(data),
+s2 = Stage2Settings(decoder=str(teacher), encoder=str(inputs / "stage1"), lm=str(inputs / "lm"), data=str(data),
                     num_workers=0)
 vlv.training.stage2.train_stage2(s2, cfg, out / "stage2", progress=False)
 print(f"rank {rank} done", flush=True)

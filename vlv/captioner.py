@@ -192,8 +192,12 @@ class Captioner(nn.Module):
         return {"input_ids": ids, "attention_mask": mask}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, z: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None) -> CausalLMOutputWithPast:
+                pixel_values: torch.Tensor | None = None,
+                num_items_in_batch: torch.Tensor | None = None) -> CausalLMOutputWithPast:
         """The stage-2 loss of captions (``tokenize`` output) given z or images; ``.loss`` and ``.logits``.
+
+        ``num_items_in_batch``: the loss is the token sum over it (transformers' convention, e.g. all ranks'
+        caption tokens) instead of this batch's token mean.
 
         Logits are kept from the last prefix position on, (B, 1 + L, V): the Nq - 1 earlier prefix positions
         have no label, and at full scale their logits (Nq x 151936 per sample) would dominate memory.
@@ -206,7 +210,8 @@ class Captioner(nn.Module):
         # Position Nq - 1 predicts the first caption token; padding is ignored by the mask, not by id.
         labels = torch.cat([input_ids.new_full((b, 1), IGNORE), input_ids.masked_fill(attention_mask == 0, IGNORE)],
                            dim=1)  # (B, 1 + L)
-        return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels, logits_to_keep=labels.shape[1])
+        return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels, logits_to_keep=labels.shape[1],
+                       **({"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}))
 
     # ------------------------------------------------------------------------------------ generation
     @torch.no_grad()

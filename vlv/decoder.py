@@ -15,7 +15,16 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from torch import nn
 
-from vlv.diffusion import DEFAULT_STEPS, Sampler, diffusion_loss, load_pipeline, make_pipeline, with_sampler
+from vlv.diffusion import (
+    DEFAULT_STEPS,
+    Random,
+    Sampler,
+    diffusion_loss,
+    load_pipeline,
+    make_pipeline,
+    posterior_sample,
+    with_sampler,
+)
 from vlv.shipped import resolve_decoder
 from vlv.text_encoder import clip_from_embeds
 
@@ -64,14 +73,14 @@ class DiffusionDecoder(nn.Module):
         return self.text_encoder(ids).last_hidden_state[:, :length]  # (1, length, d_T)
 
     # -------------------------------------------------------------------------------- loss
-    def latents(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def latents(self, images: torch.Tensor, generator: Random = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> VAE latents (B, C, h, w) sampled from the posterior, scaled."""
         with torch.no_grad():
             posterior = self.vae.encode(images).latent_dist
-        return posterior.sample(generator) * self.vae.config.scaling_factor  # (B, C, h, w)
+        return posterior_sample(posterior, generator) * self.vae.config.scaling_factor  # (B, C, h, w)
 
     def loss(self, latents_or_images: torch.Tensor, z: torch.Tensor,
-             generator: torch.Generator | None = None, high_noise_fraction: float = 0.0) -> torch.Tensor:
+             generator: Random = None, high_noise_fraction: float = 0.0) -> torch.Tensor:
         """The stage-1 loss (paper Eq. 2): :func:`vlv.diffusion.diffusion_loss` of the frozen UNet given T(z).
 
         ``latents_or_images`` is told apart by its channels: the VAE's in_channels (images in [-1, 1]) or its

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -106,19 +107,65 @@ def with_sampler(pipe: StableDiffusionPipeline, sampler: Sampler) -> StableDiffu
     return out
 
 
+# ---------------------------------------------------------------------------------------------- draws
+@dataclass(frozen=True)
+class Draws:
+    """A micro-step's random draws per sample, made for the whole global batch and sliced to this process's rows.
+
+    Sample j of a step's global batch then gets the same t and noise whether one process holds the batch or N
+    do (each rank holds rows rank*b .. rank*b + b - 1, as ``vlv.datasets.step_indices`` lays them out), so N
+    processes train as one does. One process draws exactly what a plain generator would.
+    """
+
+    generator: torch.Generator | None = None
+    rank: int = 0
+    world_size: int = 1
+
+    def _mine(self, full: torch.Tensor, b: int) -> torch.Tensor:
+        return full if self.world_size == 1 else full[self.rank * b : (self.rank + 1) * b]
+
+    def randn(self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype | None = None
+              ) -> torch.Tensor:
+        b = shape[0]
+        full = torch.randn((b * self.world_size, *shape[1:]), generator=self.generator, device=device, dtype=dtype)
+        return self._mine(full, b)
+
+    def randint(self, low: int, high: int, b: int, device: torch.device | str) -> torch.Tensor:
+        full = torch.randint(low, high, (b * self.world_size,), generator=self.generator, device=device)
+        return self._mine(full, b)
+
+    def rand(self, b: int, device: torch.device | str) -> torch.Tensor:
+        return self._mine(torch.rand(b * self.world_size, generator=self.generator, device=device), b)
+
+
+Random = torch.Generator | Draws | None
+
+
+def as_draws(random: Random) -> Draws:
+    """A plain generator (or None: the global RNG) draws for its own batch alone."""
+    return random if isinstance(random, Draws) else Draws(random)
+
+
+def posterior_sample(posterior, random: Random = None) -> torch.Tensor:
+    """diffusers' ``DiagonalGaussianDistribution.sample`` (mean + std * eps), its eps drawn per sample."""
+    return posterior.mean + posterior.std * as_draws(random).randn(posterior.mean.shape, posterior.mean.device,
+                                                                   posterior.mean.dtype)
+
+
 # ---------------------------------------------------------------------------------------------- loss
 def sample_timesteps(b: int, num_train: int, high_noise_fraction: float = 0.0,
-                     generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+                     generator: Random = None, device: torch.device | str = "cpu") -> torch.Tensor:
     """t ~ U{0..num_train-1}; with probability ``high_noise_fraction`` drawn from the upper half instead.
 
     Layout (how many objects, where) is decided at high noise, where the conditioning matters most; drawing
     those steps more often is a recipe setting. 0 = the paper's uniform sampling, the same random draws in the
     same order.
     """
-    t = torch.randint(0, num_train, (b,), generator=generator, device=device)
+    draws = as_draws(generator)
+    t = draws.randint(0, num_train, b, device)
     if high_noise_fraction:
-        high = torch.rand(b, generator=generator, device=device) < high_noise_fraction
-        t = torch.where(high, torch.randint(num_train // 2, num_train, (b,), generator=generator, device=device), t)
+        high = draws.rand(b, device) < high_noise_fraction
+        t = torch.where(high, draws.randint(num_train // 2, num_train, b, device), t)
     return t
 
 
@@ -133,14 +180,14 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: t
 
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: Random = None) -> torch.Tensor:
     """A draw from a cached VAE posterior, scaled: exactly what encoding the image online would give."""
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    eps = as_draws(generator).randn(mean.shape, mean.device, mean.dtype)
     return (mean + std * eps) * scaling_factor  # (B, C, h, w)
 
 
 def diffusion_loss(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler,
-                   latents: torch.Tensor, generator: torch.Generator | None = None,
+                   latents: torch.Tensor, generator: Random = None,
                    high_noise_fraction: float = 0.0) -> torch.Tensor:
     """MSE between ``denoise(x_t, t)`` and the scheduler's target on scaled latents (B, C, h, w) (paper Eq. 2).
 
@@ -148,7 +195,7 @@ def diffusion_loss(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     """
     b, device = latents.shape[0], latents.device
     t = sample_timesteps(b, scheduler.config.num_train_timesteps, high_noise_fraction, generator, device)  # (B,)
-    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)  # (B, C, h, w)
+    noise = as_draws(generator).randn(latents.shape, device, latents.dtype)  # (B, C, h, w)
     noisy = scheduler.add_noise(latents, noise, t)  # (B, C, h, w)
     target = diffusion_target(scheduler, latents, noise, t)  # (B, C, h, w)
     return F.mse_loss(denoise(noisy, t).float(), target.float())

@@ -31,7 +31,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from vlv.data import ImageCaptionFolder, cached_latents, to_tensor
 from vlv.datasets import step_indices
-from vlv.diffusion import diffusion_loss, make_pipeline, sample_latents, tokenize
+from vlv.diffusion import Draws, Random, diffusion_loss, make_pipeline, posterior_sample, sample_latents, tokenize
 from vlv.modeling import load_trainable_state, write_json
 from vlv.shapes.config import TeacherConfig, TeacherRecipe
 from vlv.shapes.metrics import sample_accuracy, vae_accuracy
@@ -86,9 +86,9 @@ class Autoencode(torch.nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, generator: Random) -> tuple[torch.Tensor, torch.Tensor]:
         posterior = self.vae.encode(images).latent_dist
-        return self.vae.decode(posterior.sample(generator)).sample, posterior.kl()  # (B, 3, H, W), (B,)
+        return self.vae.decode(posterior_sample(posterior, generator)).sample, posterior.kl()  # (B, 3, H, W), (B,)
 
 
 class VAETask:
@@ -109,8 +109,8 @@ class VAETask:
         idx = step_indices(len(self.train_data), self.seed, step, rank, world_size, batch_size)
         return to_tensor(self.train_data.images[idx]).to(device)
 
-    def loss(self, model, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        recon, kl = model(images, generator)
+    def loss(self, model, images: torch.Tensor, draws: Draws) -> torch.Tensor:
+        recon, kl = model(images, draws)
         return F.l1_loss(recon, images) + F.mse_loss(recon, images) + self.kl_weight * kl.mean() / images[0].numel()
 
     def evaluate(self, model) -> dict[str, float]:
@@ -150,17 +150,19 @@ class UNetTask:
 
     def batch(self, step: int, rank: int, batch_size: int, device: torch.device, world_size: int = 1
               ) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, step, rank])  # caption dropout
+        # Caption dropout per sample of the global batch, so any number of processes drops the same captions.
+        rng = np.random.default_rng([self.seed, step, 0])
         idx = torch.from_numpy(step_indices(len(self.ids), self.seed, step, rank, world_size, batch_size))
         ids = self.ids[idx].clone()
-        drop = torch.from_numpy(rng.random(batch_size) < self.caption_dropout)
+        mine = rng.random(world_size * batch_size)[rank * batch_size : (rank + 1) * batch_size]
+        drop = torch.from_numpy(mine < self.caption_dropout)
         ids[drop] = self.empty_ids
         return {"mean": self.latents["mean"][idx].float().to(device),
                 "std": self.latents["std"][idx].float().to(device), "ids": ids.to(device)}
 
-    def loss(self, model, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        latents = sample_latents(batch["mean"], batch["std"], self.scaling_factor, generator)  # (B, C, h, w)
-        return diffusion_loss(lambda noisy, t: model(noisy, t, batch["ids"]), self.scheduler, latents, generator,
+    def loss(self, model, batch: dict[str, torch.Tensor], draws: Draws) -> torch.Tensor:
+        latents = sample_latents(batch["mean"], batch["std"], self.scaling_factor, draws)  # (B, C, h, w)
+        return diffusion_loss(lambda noisy, t: model(noisy, t, batch["ids"]), self.scheduler, latents, draws,
                               self.high_noise_fraction)
 
     def evaluate(self, model) -> dict[str, float]:

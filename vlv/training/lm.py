@@ -19,7 +19,7 @@ from vlv.datasets import step_indices
 from vlv.lm import IGNORE, build_lm, encode_documents, load_tokenizer, pad_id
 from vlv.modeling import write_json
 from vlv.training.config import LMSettings, TrainConfig
-from vlv.training.loop import train
+from vlv.training.loop import Draws, across_ranks, train
 
 LM_FILE = "lm.json"
 
@@ -47,8 +47,10 @@ class LMTask:
         docs = encode_documents(self.tokenizer, [self.captions[i] for i in idx])
         return {k: v.to(device) for k, v in docs.items()}  # (B, L) each
 
-    def loss(self, model, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        return model(**batch).loss
+    def loss(self, model, batch: dict[str, torch.Tensor], draws: Draws) -> torch.Tensor:
+        """Cross-entropy per predicted token of the global batch (every token weighs the same on any world size)."""
+        items = None if draws.world_size == 1 else across_ranks((batch["labels"][:, 1:] != IGNORE).sum())
+        return model(**batch, num_items_in_batch=items).loss * draws.world_size
 
     def evaluate(self, model) -> dict[str, float]:
         """Held-out token loss, and the judge's verdict on sampled texts when one is given."""

@@ -4,9 +4,10 @@ A stage is a :class:`Task`: it names its trainable module and computes ``loss(mo
 The loop owns everything else: AdamW, warmup + cosine schedule, gradient clipping, mixed precision,
 EMA, progress bar, time budget, and checkpoints that survive a kill.
 
-Determinism: the batch and the noise of step k on process r are pure functions of (seed, k, r),
-so a run resumed from a checkpoint takes exactly the steps an uninterrupted run would have taken;
-the checkpoint then needs only weights, optimizer moments and the step count.
+Determinism: the batch of step k on process r is a pure function of (seed, k, r), and its random draws (noise,
+timesteps) of (seed, k) and the sample's place in the global batch, so a run resumed from a checkpoint takes
+exactly the steps an uninterrupted run would have taken (the checkpoint needs only weights, optimizer moments and
+the step count), and N processes take the steps one process would at the same global batch.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from vlv.diffusion import Draws
 from vlv.errors import NonFiniteLoss
 from vlv.modeling import load_trainable_state, trainable_state
 from vlv.training.config import TrainConfig
@@ -46,8 +48,9 @@ class Task(Protocol):
         samples are ``vlv.datasets.step_indices``' (an epoch reads each once, ranks never overlap). The loop asks
         for steps in order; with gradient accumulation A, optimiser step k reads micro-steps k*A ... k*A + A-1."""
 
-    def loss(self, model: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
-        """Scalar loss; ``model`` is the (possibly DDP-wrapped) trainable module."""
+    def loss(self, model: torch.nn.Module, batch: Any, draws: Draws) -> torch.Tensor:
+        """Scalar loss; ``model`` is the (possibly DDP-wrapped) trainable module. Random draws come from ``draws``
+        (per sample of the global batch); a loss averaged over tokens averages over all ranks' (``across_ranks``)."""
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Metrics on held-out data with the given weights (EMA when the loop keeps one)."""
@@ -98,8 +101,20 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return (seed * 1_000_003 + step) * 1009 + rank
+
+
+def across_ranks(count: torch.Tensor) -> torch.Tensor:
+    """A per-rank count summed over all ranks (one device all-reduce, no host sync); itself on one process.
+
+    A loss that is a mean over a variable number of items (tokens) divides by this and multiplies by the world
+    size: DDP then averages gradients to the global per-item mean, as one process would compute it.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        count = count.clone()
+        torch.distributed.all_reduce(count)
+    return count
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -256,11 +271,12 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
                 group["lr"] = lr_at(state.step, cfg)
             value = torch.zeros((), device=device)
             for micro in range(state.step * cfg.grad_accum, (state.step + 1) * cfg.grad_accum):
-                gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, micro, rank))
+                gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, micro))
+                draws = Draws(gen, rank, accelerator.num_processes)
                 batch = task.batch(micro, rank, cfg.batch_size, device, world_size=accelerator.num_processes)
                 with accelerator.accumulate(wrapped):  # syncs and steps only on the last micro-step
                     with accelerator.autocast():
-                        loss = task.loss(wrapped, batch, gen)
+                        loss = task.loss(wrapped, batch, draws)
                     accelerator.backward(loss)  # the loss / grad_accum
                     if cfg.grad_clip and accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(params, cfg.grad_clip)

@@ -30,7 +30,7 @@ from vlv.config import DEFAULT_TRAINABLE, EncoderConfig
 from vlv.data import ImageCaptionFolder, to_tensor
 from vlv.datasets import Dataset, open_dataset, step_indices
 from vlv.decoder import DiffusionDecoder
-from vlv.diffusion import sample_latents
+from vlv.diffusion import Draws, sample_latents
 from vlv.encoder import CONFIG_FILE as ENCODER_FILE
 from vlv.encoder import VLVEncoder, resolved_florence2
 from vlv.modeling import write_json
@@ -115,16 +115,16 @@ class Stage1Task:
             batch["vision"] = self.vision[idx]["features"].float().to(device)  # (B, Nv, D)
         return batch
 
-    def loss(self, model, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    def loss(self, model, batch: dict[str, torch.Tensor], draws: Draws) -> torch.Tensor:
         if "vision" in batch:
             z = model(image_features=batch["vision"])  # (B, Nq, d_T)
         else:
             z = model(self.encoder.normalize(batch["images"]))  # (B, Nq, d_T)
         if "mean" in batch:
-            latents = sample_latents(batch["mean"], batch["std"], self.decoder.vae.config.scaling_factor, generator)
+            latents = sample_latents(batch["mean"], batch["std"], self.decoder.vae.config.scaling_factor, draws)
         else:
-            latents = self.decoder.latents(batch["images"], generator)  # (B, C, h, w)
-        return self.decoder.loss(latents, z, generator, high_noise_fraction=self.high_noise_fraction)
+            latents = self.decoder.latents(batch["images"], draws)  # (B, C, h, w)
+        return self.decoder.loss(latents, z, draws, high_noise_fraction=self.high_noise_fraction)
 
     def evaluate(self, model) -> dict[str, float]:
         return self.evaluator(model) if self.evaluator is not None else {}
