@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 
 def in_run_dir(run: str | Path, source: str) -> str:
@@ -47,12 +48,20 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     os.replace(tmp, path)
 
 
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    """A parameter in full: a sharded one (FSDP2's DTensor) is gathered, one at a time, to the CPU."""
+    if isinstance(p, DTensor):
+        return p.full_tensor().cpu()  # collective: every rank calls it, in the same order
+    return p.detach().contiguous()
+
+
 def trainable_state(module: torch.nn.Module, trainable: bool = True) -> dict[str, torch.Tensor]:
     """Parameters by name, split by requires_grad: a checkpoint holds the trainable ones (frozen never).
 
-    named_parameters deduplicates, so tied weights appear once.
+    named_parameters deduplicates, so tied weights appear once. Sharded parameters come back whole (a collective:
+    under FSDP2 every rank calls this).
     """
-    return {n: p.detach().contiguous() for n, p in module.named_parameters() if p.requires_grad == trainable}
+    return {n: _whole(p.detach()) for n, p in module.named_parameters() if p.requires_grad == trainable}
 
 
 def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor], trainable: bool = True) -> None:

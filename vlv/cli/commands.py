@@ -92,6 +92,8 @@ def _recipe_settings(args: argparse.Namespace, task: str, settings_type: type, t
 
 
 def _saved(done: bool, what: str, out: str) -> None:
+    if int(os.environ.get("RANK", 0)):  # one line per run, not per process
+        return
     print(f"{what} saved to {out}" if done else f"stopped early; run the same command to resume ({out})")
 
 

@@ -39,6 +39,10 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "decay after warm-up")
     min_lr_ratio: float = _f(0.0, "cosine / linear decay to lr * this")
     mixed_precision: Literal["no", "bf16"] = _f("no", "fp32 (paper) or bf16 autocast", flag="--precision")
+    sharding: Literal["ddp", "fsdp2", "zero2"] = _f(
+        "ddp", "ddp: every process holds all trainable weights; fsdp2: weights, gradients and optimizer state "
+               "sharded over the processes (FSDP2, for stage 2's LLM); zero2: the same, but weights stay gathered "
+               "from forward to backward (ZeRO-2's trade: less communication, more memory)")
     ema_decay: float | None = _f(None, "keep an EMA of the weights with this decay (none: no EMA)")
     checkpoint_every: int = _f(500, "checkpoint every this many steps")
     checkpoint_minutes: float = _f(5.0, "also checkpoint at least this often")
@@ -61,6 +65,10 @@ class TrainConfig:
             raise ValueError("warmup_steps, weight_decay and grad_clip must be >= 0")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"unknown schedule {self.schedule!r}")
+        if self.sharding not in ("ddp", "fsdp2", "zero2"):
+            raise ValueError(f"sharding must be ddp, fsdp2 or zero2, got {self.sharding!r}")
+        if self.sharding != "ddp" and self.ema_decay:
+            raise ValueError("EMA is not kept under sharded training (--sharding fsdp2/zero2): drop --ema-decay")
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if self.budget_minutes is not None and self.budget_minutes <= 0:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from vlv.diffusion import Draws
 from vlv.errors import NonFiniteLoss
 from vlv.modeling import load_trainable_state, trainable_state
+from vlv.training import sharding
 from vlv.training.config import TrainConfig
 
 CHECKPOINT = "checkpoint"
@@ -54,6 +55,9 @@ class Task(Protocol):
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Metrics on held-out data with the given weights (EMA when the loop keeps one)."""
+
+    # Optional, for --sharding fsdp2 / zero2 (see vlv.training.sharding):
+    # def shard(self, mesh, policy, reshard_after_forward: bool) -> None: fully_shard the trainable module in place
 
 
 @dataclass
@@ -148,7 +152,7 @@ def _optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch
 def save_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMAModel | None,
                     state: TrainState, cfg: TrainConfig, task_name: str) -> Path:
     """Write run/checkpoint atomically: build checkpoint.tmp, then swap it in with renames."""
-    final, tmp, old = run / CHECKPOINT, run / (CHECKPOINT + ".tmp"), run / (CHECKPOINT + ".old")
+    tmp = run / (CHECKPOINT + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(trainable_state(model), tmp / "model.safetensors")
@@ -156,10 +160,20 @@ def save_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimize
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     if ema is not None:
         save_file({str(i): p.contiguous() for i, p in enumerate(ema.shadow_params)}, tmp / "ema.safetensors")
-    meta = {"task": task_name, "step": state.step, "elapsed_s": state.elapsed_s, "config": asdict(cfg),
-            "optimizer": opt_meta, "ema_step": ema.optimization_step if ema is not None else None,
-            "history": state.history, "planned_steps": state.planned_steps}
+    meta = _trainer_meta(state, cfg, task_name, optimizer=opt_meta,
+                         ema_step=ema.optimization_step if ema is not None else None)
     (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
+    return _swap_in(run, tmp)
+
+
+def _trainer_meta(state: TrainState, cfg: TrainConfig, task_name: str, **extra: Any) -> dict:
+    return {"task": task_name, "step": state.step, "elapsed_s": state.elapsed_s, "config": asdict(cfg),
+            "history": state.history, "planned_steps": state.planned_steps, **extra}
+
+
+def _swap_in(run: Path, tmp: Path) -> Path:
+    """Replace run/checkpoint by the finished tmp with renames: a kill leaves the old or the new one, whole."""
+    final, old = run / CHECKPOINT, run / (CHECKPOINT + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
@@ -168,12 +182,35 @@ def save_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimize
     return final
 
 
+def save_sharded_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: TrainState,
+                            cfg: TrainConfig, task_name: str, accelerator: Accelerator) -> Path:
+    """Collective: every rank writes its shards into checkpoint.tmp, then rank 0 adds trainer.json and swaps it in."""
+    tmp = run / (CHECKPOINT + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    sharding.save_shards(tmp / sharding.SHARDS, model, opt)
+    if accelerator.is_main_process:
+        meta = _trainer_meta(state, cfg, task_name, sharded=True, processes=accelerator.num_processes)
+        (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
+        _swap_in(run, tmp)
+    accelerator.wait_for_everyone()
+    return run / CHECKPOINT
+
+
 def load_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None,
                     ema: EMAModel | None) -> TrainState:
     ckpt = run / CHECKPOINT
     meta = json.loads((ckpt / "trainer.json").read_text())
-    load_trainable_state(model, load_file(ckpt / "model.safetensors"))
-    if opt is not None:
+    sharded = sharding.is_sharded(model)
+    if bool(meta.get("sharded")) != sharded:
+        raise ValueError(f"{ckpt} was written {'with' if meta.get('sharded') else 'without'} sharding: resume "
+                         f"with the --sharding it was trained with ({meta['config'].get('sharding', 'ddp')})")
+    if sharded:
+        sharding.load_shards(ckpt / sharding.SHARDS, model, opt)
+    else:
+        load_trainable_state(model, load_file(ckpt / "model.safetensors"))
+    if opt is not None and not sharded:
         _optimizer_from_tensors(opt, load_file(ckpt / "optimizer.safetensors"), meta["optimizer"])
     if ema is not None and (ckpt / "ema.safetensors").exists():
         shadow = load_file(ckpt / "ema.safetensors")
@@ -237,6 +274,13 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
         raise ValueError(f"the Accelerator accumulates {accelerator.gradient_accumulation_steps} micro-steps, the "
                          f"config {cfg.grad_accum}: build it with make_accelerator(cfg)")
     model = task.trainable()
+    sharded = cfg.sharding != "ddp"
+    if sharded:  # in place, before the optimizer sees the parameters: it then holds only this rank's shards
+        if not hasattr(task, "shard"):
+            raise ValueError(f"{task.name} has no sharded layout: train it with --sharding ddp")
+        model.to(accelerator.device)
+        task.shard(sharding.mesh_for(accelerator.device), sharding.precision_policy(cfg.mixed_precision),
+                   reshard_after_forward=cfg.sharding == "fsdp2")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{task.name}: nothing to train")
@@ -246,7 +290,10 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
     if state.planned_steps is not None:
         cfg = replace(cfg, steps=state.planned_steps)
     run.mkdir(parents=True, exist_ok=True)
-    wrapped, opt = accelerator.prepare(model, opt)
+    if sharded:  # FSDP2 syncs gradients itself; the optimizer is still accelerate's (accumulation, precision)
+        wrapped, opt = model, accelerator.prepare(opt)
+    else:
+        wrapped, opt = accelerator.prepare(model, opt)
     if ema is not None:
         ema.to(accelerator.device)
     n_params = sum(p.numel() for p in params)
@@ -275,6 +322,8 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
                 draws = Draws(gen, rank, accelerator.num_processes)
                 batch = task.batch(micro, rank, cfg.batch_size, device, world_size=accelerator.num_processes)
                 with accelerator.accumulate(wrapped):  # syncs and steps only on the last micro-step
+                    if sharded:
+                        wrapped.set_requires_gradient_sync(accelerator.sync_gradients)
                     with accelerator.autocast():
                         loss = task.loss(wrapped, batch, draws)
                     accelerator.backward(loss)  # the loss / grad_accum
@@ -327,7 +376,9 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
                 state.history.append({"eval": metrics})
                 bar.write(f"[{task.name}] step {state.step}: " + json.dumps(metrics))
             if due or out_of_time or stop or final:
-                if accelerator.is_main_process:
+                if sharded:
+                    save_sharded_checkpoint(run, wrapped, opt, state, cfg, task.name, accelerator)
+                elif accelerator.is_main_process:
                     save_checkpoint(run, accelerator.unwrap_model(wrapped), opt, ema, state, cfg, task.name)
                 accelerator.wait_for_everyone()
                 last_ckpt, last_ckpt_time = state.step, time.perf_counter()

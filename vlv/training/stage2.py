@@ -32,6 +32,7 @@ from vlv.text_encoder import load_text_encoder
 from vlv.training.config import Stage2Settings, TrainConfig
 from vlv.training.data import image_source
 from vlv.training.loop import Draws, across_ranks, global_batch, make_accelerator, train
+from vlv.training.sharding import shard
 
 STAGE2_FILE = "stage2.json"
 Evaluator = Callable[[Captioner], dict[str, float]]
@@ -82,6 +83,11 @@ class Stage2Task:
 
     def evaluate(self, model) -> dict[str, float]:
         return self.evaluator(model) if self.evaluator is not None else {}
+
+    def shard(self, mesh, policy, reshard_after_forward: bool) -> None:
+        """FSDP2 over the LLM's blocks and the captioner; frozen T and a frozen encoder stay replicated."""
+        shard(self.captioner, mesh, policy, reshard_after_forward,
+              replicated=(self.captioner.text_encoder, self.captioner.encoder), methods=("generate_ids",))
 
     def close(self) -> None:
         self.images.close()

@@ -1,0 +1,97 @@
+"""Sharded training (FSDP2): a trainable module's weights, gradients and AdamW state split over the processes.
+
+Stage 2 at full scale fine-tunes a 3B LLM: ~16 bytes per parameter in fp32 with AdamW, more than one GPU holds.
+``fully_shard`` (PyTorch FSDP2, per-parameter DTensor shards) wraps each LLM decoder layer (the classes the model
+names in ``_no_split_modules``, as accelerate's transformer wrap policy reads them) and then the whole trainable
+module as the root unit, so every forward the root encloses (prefix, token embeddings, the LM) all-gathers what it
+needs. Frozen modules outside the LLM (CLIP T, a frozen stage-1 encoder) are ``ignored_params``: replicated,
+never gathered. This module is the production path on GPUs and the one the CPU tests run (gloo): accelerate
+enables FSDP only on GPUs, so vlv calls ``fully_shard`` itself under a plain DDP-style launch.
+
+Checkpoints while training are sharded (``torch.distributed.checkpoint``: each rank writes its shards of the
+trainable weights and optimizer state); a finished run holds the usual consolidated safetensors (see
+``vlv.modeling.trainable_state``, which gathers DTensors).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+SHARDS = "shards"  # the distributed checkpoint inside run/checkpoint
+
+
+def mesh_for(device: torch.device) -> DeviceMesh:
+    """One data-parallel dimension over every process (the launcher's process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("sharded training needs several processes: launch with torchrun or accelerate launch")
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def precision_policy(mixed_precision: str) -> MixedPrecisionPolicy:
+    """bf16 compute with fp32 master weights and fp32 gradient reduction; fp32 throughout otherwise."""
+    if mixed_precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def _trains(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def layer_units(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks a transformers model declares unsplittable (``_no_split_modules``) that train."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names and _trains(m)]
+
+
+def shard(root: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, reshard_after_forward: bool = True,
+          replicated: tuple[nn.Module | None, ...] = (), methods: tuple[str, ...] = ()) -> FSDPModule:
+    """``fully_shard`` each trainable transformer block of ``root``, then ``root`` itself.
+
+    ``replicated``: submodules whose frozen parameters stay whole on every rank (outside every unit).
+    ``methods``: entry points other than ``forward`` that must gather the root's shards (e.g. generation).
+    ``reshard_after_forward=False`` keeps gathered weights from forward to backward (ZeRO-2's layout: less
+    communication, more memory); True frees them (ZeRO-3's).
+    """
+    for unit in layer_units(root):
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    ignored = {p for m in replicated if m is not None for p in m.parameters() if not p.requires_grad}
+    fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
+                ignored_params=ignored or None)
+    for name in methods:
+        register_fsdp_forward_method(root, name)
+    return root  # type: ignore[return-value]  # fully_shard turned it into an FSDPModule in place
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return isinstance(module, FSDPModule)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_shards(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Collective: every rank writes its shards of the trainable weights and of the optimizer state under path."""
+    dcp.save({"model": _trainable(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+
+
+def load_shards(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None) -> None:
+    """Collective and strict: the checkpoint's trainable weights (and optimizer state) into this sharded model."""
+    state: dict = {"model": _trainable(model)}
+    if opt is not None:
+        state["optim"] = get_optimizer_state_dict(model, opt)
+    dcp.load(state, checkpoint_id=path)  # weights in place; raises on a missing key
+    if opt is not None:
+        set_optimizer_state_dict(model, opt, state["optim"])
