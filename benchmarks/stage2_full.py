@@ -103,8 +103,7 @@ def sharded_child(args: argparse.Namespace) -> None:
         model = torch.nn.parallel.DistributedDataParallel(captioner, device_ids=[dev] if dev.type == "cuda" else None)
     else:
         policy = sharding.precision_policy("bf16" if precision == "bf16" else "no")
-        model = sharding.shard(captioner, sharding.mesh_for(dev), policy, reshard_after_forward=mode == "fsdp2",
-                               replicated=(captioner.text_encoder,))
+        model = sharding.shard(captioner, sharding.mesh_for(dev), policy, reshard_after_forward=mode == "fsdp2")
     params = [q for q in captioner.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     b, vocab = args.batch_sizes[0], captioner.lm.config.vocab_size

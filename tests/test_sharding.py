@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from vlv.captioner import TRAINABLE_FILE, Captioner
+from vlv.encoder import TRAINABLE_FILE as ENCODER_FILE
 from vlv.modeling import trainable_state
 from vlv.shapes.tokenizers import build_shapes_tokenizer
 from vlv.training.config import LMSettings, Stage1Settings, TrainConfig
@@ -17,7 +18,8 @@ from vlv.training.stage1 import train_stage1
 
 
 def test_fsdp2_stage2_equals_ddp_resumes_exactly_and_loads_on_one_process(tiny_teacher, shapes_data, tmp_path):
-    """Each rank holds half the trainable weights; the consolidated run dir equals a DDP run's to float tolerance,
+    """Each rank holds half the trainable weights; the consolidated run dir equals a DDP run's to float tolerance
+    (stage 2 with its own layout, stage 1 with the default one),
     a run resumed from its sharded checkpoint equals an uninterrupted one bit for bit, and the run dir loads
     strictly on one process."""
     cfg = TrainConfig(steps=1, batch_size=4, progress=False)
@@ -32,12 +34,15 @@ def test_fsdp2_stage2_equals_ddp_resumes_exactly_and_loads_on_one_process(tiny_t
     assert "step 2/4" in r.stdout  # the second "resumed" run started from the sharded checkpoint
     for rank in (0, 1):
         shares = json.loads((tmp_path / f"shares.rank{rank}.json").read_text())
-        assert shares["ddp"] == 1.0 and 0.45 < shares["fsdp2"] < 0.55 and 0.45 < shares["zero2"] < 0.55, shares
+        assert shares["stage2-ddp"] == shares["stage1-ddp"] == 1.0, shares
+        assert all(0.45 < shares[k] < 0.55 for k in ("stage2-fsdp2", "stage2-zero2", "stage1-zero2")), shares
     ddp, fsdp2, zero2, resumed = (load_file(tmp_path / run / TRAINABLE_FILE)
                                   for run in ("ddp", "fsdp2", "zero2", "resumed"))
     assert ddp.keys() == fsdp2.keys() == zero2.keys() == resumed.keys() and any(k.startswith("lm.") for k in ddp)
-    for other in (fsdp2, zero2):
-        diff = torch.cat([(other[k] - ddp[k]).abs().flatten() for k in ddp])
+    s1_ddp, s1_zero2 = (load_file(tmp_path / run / ENCODER_FILE) for run in ("s1-ddp", "s1-zero2"))
+    assert s1_ddp.keys() == s1_zero2.keys()
+    for a, b in ((fsdp2, ddp), (zero2, ddp), (s1_zero2, s1_ddp)):
+        diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in b])
         assert (diff > 1e-5).float().mean() < 1e-3 and diff.max() < 1e-3
     assert all(torch.equal(resumed[k], fsdp2[k]) for k in fsdp2)
     captioner = Captioner.from_pretrained(tmp_path / "fsdp2")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -56,7 +56,7 @@ class Task(Protocol):
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Metrics on held-out data with the given weights (EMA when the loop keeps one)."""
 
-    # Optional, for --sharding fsdp2 / zero2 (see vlv.training.sharding):
+    # Optional, for --sharding fsdp2 / zero2 (default: vlv.training.sharding.shard of the trainable module):
     # def shard(self, mesh, policy, reshard_after_forward: bool) -> None: fully_shard the trainable module in place
 
 
@@ -270,17 +270,19 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
     """
     run = Path(run)
     accelerator = accelerator or make_accelerator(cfg)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(f"launched with accelerate's {accelerator.distributed_type.value} plugin: vlv shards itself "
+                         "(--sharding fsdp2 or zero2) under a plain launch (launch/ddp-*.yaml or torchrun)")
     if accelerator.gradient_accumulation_steps != cfg.grad_accum:
         raise ValueError(f"the Accelerator accumulates {accelerator.gradient_accumulation_steps} micro-steps, the "
                          f"config {cfg.grad_accum}: build it with make_accelerator(cfg)")
     model = task.trainable()
     sharded = cfg.sharding != "ddp"
     if sharded:  # in place, before the optimizer sees the parameters: it then holds only this rank's shards
-        if not hasattr(task, "shard"):
-            raise ValueError(f"{task.name} has no sharded layout: train it with --sharding ddp")
         model.to(accelerator.device)
-        task.shard(sharding.mesh_for(accelerator.device), sharding.precision_policy(cfg.mixed_precision),
-                   reshard_after_forward=cfg.sharding == "fsdp2")
+        shard = getattr(task, "shard", None) or (lambda *a, **k: sharding.shard(model, *a, **k))
+        shard(sharding.mesh_for(accelerator.device), sharding.precision_policy(cfg.mixed_precision),
+              reshard_after_forward=cfg.sharding == "fsdp2")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{task.name}: nothing to train")

@@ -1,11 +1,12 @@
 """Sharded training (FSDP2): a trainable module's weights, gradients and AdamW state split over the processes.
 
 Stage 2 at full scale fine-tunes a 3B LLM: ~16 bytes per parameter in fp32 with AdamW, more than one GPU holds.
-``fully_shard`` (PyTorch FSDP2, per-parameter DTensor shards) wraps each LLM decoder layer (the classes the model
-names in ``_no_split_modules``, as accelerate's transformer wrap policy reads them) and then the whole trainable
-module as the root unit, so every forward the root encloses (prefix, token embeddings, the LM) all-gathers what it
-needs. Frozen modules outside the LLM (CLIP T, a frozen stage-1 encoder) are ``ignored_params``: replicated,
-never gathered. This module is the production path on GPUs and the one the CPU tests run (gloo): accelerate
+``fully_shard`` (PyTorch FSDP2, per-parameter DTensor shards) wraps each trainable transformer block (the classes
+a transformers model names in ``_no_split_modules``, as accelerate's transformer wrap policy reads them) and then
+the whole trainable module as the root unit, so every forward the root encloses (stage 2: prefix, token
+embeddings, the LM) all-gathers what it needs. Frozen parameters outside the blocks (CLIP T, a frozen stage-1
+encoder) are ``ignored_params``: replicated, never gathered. Any task can train this way; stage 2 is the one
+that needs it. This module is the production path on GPUs and the one the CPU tests run (gloo): accelerate
 enables FSDP only on GPUs, so vlv calls ``fully_shard`` itself under a plain DDP-style launch.
 
 Checkpoints while training are sharded (``torch.distributed.checkpoint``: each rank writes its shards of the
@@ -55,17 +56,19 @@ def layer_units(model: nn.Module) -> list[nn.Module]:
 
 
 def shard(root: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, reshard_after_forward: bool = True,
-          replicated: tuple[nn.Module | None, ...] = (), methods: tuple[str, ...] = ()) -> FSDPModule:
-    """``fully_shard`` each trainable transformer block of ``root``, then ``root`` itself.
+          methods: tuple[str, ...] = ()) -> FSDPModule:
+    """``fully_shard`` each trainable transformer block of ``root``, then ``root`` itself, in place.
 
-    ``replicated``: submodules whose frozen parameters stay whole on every rank (outside every unit).
-    ``methods``: entry points other than ``forward`` that must gather the root's shards (e.g. generation).
-    ``reshard_after_forward=False`` keeps gathered weights from forward to backward (ZeRO-2's layout: less
-    communication, more memory); True frees them (ZeRO-3's).
+    Frozen parameters outside those blocks (a frozen T or encoder) are ``ignored_params``: whole on every rank,
+    never gathered. ``methods``: entry points other than ``forward`` that must gather the root's shards (e.g.
+    generation). ``reshard_after_forward=False`` keeps gathered weights from forward to backward (ZeRO-2's layout:
+    less communication, more memory); True frees them (ZeRO-3's).
     """
-    for unit in layer_units(root):
+    units = layer_units(root)
+    for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    ignored = {p for m in replicated if m is not None for p in m.parameters() if not p.requires_grad}
+    in_units = {id(p) for u in units for p in u.parameters()}
+    ignored = {p for p in root.parameters() if not p.requires_grad and id(p) not in in_units}
     fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
                 ignored_params=ignored or None)
     for name in methods:

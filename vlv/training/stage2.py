@@ -85,9 +85,9 @@ class Stage2Task:
         return self.evaluator(model) if self.evaluator is not None else {}
 
     def shard(self, mesh, policy, reshard_after_forward: bool) -> None:
-        """FSDP2 over the LLM's blocks and the captioner; frozen T and a frozen encoder stay replicated."""
-        shard(self.captioner, mesh, policy, reshard_after_forward,
-              replicated=(self.captioner.text_encoder, self.captioner.encoder), methods=("generate_ids",))
+        """FSDP2 over the LLM's blocks and the captioner (frozen T and a frozen encoder stay replicated), generation
+        included."""
+        shard(self.captioner, mesh, policy, reshard_after_forward, methods=("generate_ids",))
 
     def close(self) -> None:
         self.images.close()
