@@ -3,6 +3,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,25 @@ def test_launch_configs_load_in_accelerate_as_ddp_leaving_precision_to_the_recip
         cfg = load_config_from_file(str(path))
         assert cfg.distributed_type == "MULTI_GPU" and cfg.mixed_precision == "no", path.name
     assert load_config_from_file(str(configs[0])).main_process_port == 0  # a free port, picked at launch
+
+
+class TwoWeights(Regression):
+    """The toy with two trainable weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = torch.nn.Sequential(torch.nn.Linear(1, 2, bias=False), torch.nn.Linear(2, 1, bias=False))
+
+
+def test_ema_weights_are_saved_by_name_and_a_mismatch_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    cfg = TrainConfig(steps=4, batch_size=4, lr=1e-2, ema_decay=0.9, progress=False)
+    train(TwoWeights(), replace(cfg, stop_after=2), tmp_path / "run")
+    path = tmp_path / "run" / "checkpoint" / "ema.safetensors"
+    shadow = load_file(path)
+    assert {k: v.shape for k, v in shadow.items()} == {"0.weight": (2, 1), "1.weight": (1, 2)}
+    # 1.weight gets a shadow of the other shape
+    save_file({"0.weight": shadow["0.weight"], "1.weight": shadow["0.weight"].clone()}, path)
+    with pytest.raises(ValueError, match="EMA weights do not match.*other shapes \\['1.weight'\\]"):
+        train(TwoWeights(), cfg, tmp_path / "run")

@@ -159,7 +159,8 @@ def save_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimize
     opt_tensors, opt_meta = _optimizer_tensors(opt)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     if ema is not None:
-        save_file({str(i): p.contiguous() for i, p in enumerate(ema.shadow_params)}, tmp / "ema.safetensors")
+        save_file(dict(zip(_trainable_names(model), (p.contiguous() for p in ema.shadow_params), strict=True)),
+                  tmp / "ema.safetensors")
     meta = _trainer_meta(state, cfg, task_name, optimizer=opt_meta,
                          ema_step=ema.optimization_step if ema is not None else None)
     (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
@@ -213,11 +214,30 @@ def load_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimize
     if opt is not None and not sharded:
         _optimizer_from_tensors(opt, load_file(ckpt / "optimizer.safetensors"), meta["optimizer"])
     if ema is not None and (ckpt / "ema.safetensors").exists():
-        shadow = load_file(ckpt / "ema.safetensors")
-        ema.shadow_params = [shadow[str(i)] for i in range(len(shadow))]
+        ema.shadow_params = _ema_by_name(model, load_file(ckpt / "ema.safetensors"), ckpt)
         ema.optimization_step = meta["ema_step"]
     return TrainState(step=meta["step"], elapsed_s=meta["elapsed_s"], history=meta["history"],
                       planned_steps=meta.get("planned_steps"))
+
+
+def _trainable_names(model: torch.nn.Module) -> list[str]:
+    """The names of the parameters the optimizer and the EMA hold, in their order."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _ema_by_name(model: torch.nn.Module, shadow: dict[str, torch.Tensor], ckpt: Path) -> list[torch.Tensor]:
+    """The EMA weights in the model's trainable order, matched by name and shape (a checkpoint of an older vlv,
+    keyed 0, 1, ..., by position, when its count and shapes fit)."""
+    names = _trainable_names(model)
+    if set(shadow) == {str(i) for i in range(len(shadow))}:
+        shadow = {n: shadow[str(i)] for i, n in enumerate(names) if str(i) in shadow}
+    params = dict(model.named_parameters())
+    missing, unexpected = sorted(set(names) - set(shadow)), sorted(set(shadow) - set(names))
+    bad = [n for n in names if n in shadow and shadow[n].shape != params[n].shape]
+    if missing or unexpected or bad:
+        raise ValueError(f"{ckpt}: its EMA weights do not match the model (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}, other shapes {bad[:3]})")
+    return [shadow[n] for n in names]
 
 
 def has_checkpoint(run: Path) -> bool:
