@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
+from vlv.errors import InvalidInput
+
 
 def in_run_dir(run: str | Path, source: str) -> str:
     """A source a run dir's config names relatively is read against the run dir first, so a run dir that holds
@@ -55,6 +57,18 @@ def _whole(p: torch.Tensor) -> torch.Tensor:
     return p.detach().contiguous()
 
 
+def load_torch_file(path: Path) -> object:
+    """``torch.load`` of a user's checkpoint (tensors only, never code); a torn or foreign file names itself."""
+    import pickle
+    import zipfile
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InvalidInput(f"{path}: not a readable PyTorch checkpoint ({reason[:200]})") from None
+
+
 def trainable_state(module: torch.nn.Module, trainable: bool = True) -> dict[str, torch.Tensor]:
     """Parameters by name, split by requires_grad: a checkpoint holds the trainable ones (frozen never).
 
@@ -64,15 +78,21 @@ def trainable_state(module: torch.nn.Module, trainable: bool = True) -> dict[str
     return {n: _whole(p.detach()) for n, p in module.named_parameters() if p.requires_grad == trainable}
 
 
-def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor], trainable: bool = True) -> None:
-    """Strict: the keys must be exactly the module's trainable (or frozen) parameters, shapes equal."""
+def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor], trainable: bool = True,
+                         source: str | Path | None = None) -> None:
+    """Strict: the keys must be exactly the module's trainable (or frozen) parameters, shapes equal.
+
+    A mismatch is the user's (weights of another model), so it raises InvalidInput, naming ``source``.
+    """
+    where = f"{source}: " if source else ""
     params = {n: p for n, p in module.named_parameters() if p.requires_grad == trainable}
     missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or unexpected:
         kind = "trainable" if trainable else "frozen"
-        raise ValueError(f"{kind} weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise InvalidInput(f"{where}{kind} weights do not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
     with torch.no_grad():
         for n, p in params.items():
             if p.shape != state[n].shape:
-                raise ValueError(f"{n}: checkpoint shape {tuple(state[n].shape)} != model {tuple(p.shape)}")
+                raise InvalidInput(f"{where}{n}: checkpoint shape {tuple(state[n].shape)} != model {tuple(p.shape)}")
             p.copy_(state[n])

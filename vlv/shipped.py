@@ -38,16 +38,23 @@ def shipped_dir(name: str) -> Path:
 
 
 def _resolve(name_or_path: str | Path, name: str, what: str) -> Path:
-    if str(name_or_path) == name:
-        return shipped_dir(name)
+    """The dir, checked before anything loads: complete, and every safetensors file in it reads."""
+    from vlv.checks import check_name_or_path, check_sd_dir, check_weights_in
+
     path = Path(name_or_path)
-    if not (path / SHIPPED[name][1]).exists():
+    if str(name_or_path) == name:
+        check_name_or_path(name, [name], "shipped weights")
+        path = shipped_dir(name)
+    elif not (path / SHIPPED[name][1]).exists():
         raise FileNotFoundError(f"{path} is not {what} (no {SHIPPED[name][1]}) nor the shipped {name!r}")
+    if name == "shapes-teacher":
+        return check_sd_dir(path)
+    check_weights_in(path)
     return path
 
 
 def resolve_decoder(name_or_path: str | Path) -> Path:
-    """A shipped name (``shapes-teacher``) or a Stable-Diffusion-layout dir -> its path."""
+    """A shipped name (``shapes-teacher``) or a complete Stable-Diffusion-layout dir -> its path."""
     return _resolve(name_or_path, "shapes-teacher", "a Stable Diffusion dir")
 
 

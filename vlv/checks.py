@@ -1,0 +1,139 @@
+"""Checks of what a user hands vlv (dirs, weights files, output paths), made before any model loads.
+
+Each reads only what it must: JSON configs, and a safetensors file's header (``safe_open`` maps the file and
+parses the header, which also checks the file is as long as the header says), never the tensors. No torch is
+imported, so a command refuses a bad input in a moment, with one line that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from vlv.errors import InvalidInput, UserError
+
+# What vlv loads of a Stable-Diffusion-layout dir, and the file each part cannot do without.
+SD_PARTS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+            "tokenizer": None, "scheduler": "scheduler_config.json"}
+WEIGHTS_SUFFIXES = (".safetensors", ".bin")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def safetensors_keys(path: str | Path) -> list[str]:
+    """The tensor names of a safetensors file, from its header alone; InvalidInput naming a torn or foreign file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(path, framework="np") as f:
+            return list(f.keys())
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # SafetensorError derives from Exception only
+        if path.is_file() and path.stat().st_size == 0:
+            reason = "an empty file"
+        else:
+            reason = f"{e}".removeprefix("Error while deserializing header: ")
+        raise InvalidInput(f"{path}: not a readable safetensors file ({reason}): torn by a kill, or another "
+                           "format renamed") from None
+
+
+def check_safetensors(path: str | Path, keys: Iterable[str] = ()) -> list[str]:
+    """A readable safetensors file holding at least ``keys``; returns all its keys."""
+    found = safetensors_keys(path)
+    missing = sorted(set(keys) - set(found))
+    if missing:
+        raise InvalidInput(f"{path}: lacks {len(missing)} expected tensor(s), first {missing[0]!r}")
+    return found
+
+
+def check_weights_in(folder: str | Path) -> None:
+    """Every safetensors file directly in ``folder`` reads."""
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        safetensors_keys(f)
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidInput(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{path}: not a JSON object")
+    return data
+
+
+def check_sd_dir(path: str | Path) -> Path:
+    """A complete Stable-Diffusion-layout dir: model_index.json and each part vlv loads, its weights readable.
+
+    Why here: diffusers finds a missing part only while loading the others, and reports it in a traceback.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such Stable Diffusion dir: {path}")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{path} is not a Stable Diffusion dir (no model_index.json)")
+    listed = _json(index)
+    for part, marker in SD_PARTS.items():
+        folder = path / part
+        if not isinstance(listed.get(part), list) or not folder.is_dir():
+            raise InvalidInput(f"{path} is an incomplete Stable Diffusion dir: no {part}/ "
+                               f"(it needs {', '.join(p + '/' for p in SD_PARTS)})")
+        if marker and not (folder / marker).is_file():
+            raise InvalidInput(f"{path} is an incomplete Stable Diffusion dir: no {part}/{marker}")
+        if part == "tokenizer" and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            raise InvalidInput(f"{path} is an incomplete Stable Diffusion dir: no tokenizer files in {part}/")
+        if marker == "config.json":
+            if not any(f.suffix in WEIGHTS_SUFFIXES for f in folder.iterdir()):
+                raise InvalidInput(f"{path} is an incomplete Stable Diffusion dir: no weights in {part}/")
+            check_weights_in(folder)
+    return path
+
+
+def text_length(sd_dir: str | Path) -> int:
+    """How many positions the decoder's text encoder has: the most embeddings z may hold (Nq)."""
+    config = _json(Path(sd_dir) / "text_encoder" / "config.json")
+    return int(config.get("max_position_embeddings", 77))
+
+
+def check_checkpoints(run: str | Path) -> None:
+    """A run dir's resume checkpoints (``checkpoint/``, and a teacher's per phase) read, or one line says what to do.
+
+    A checkpoint is swapped in by renames, so a torn one means the disk lost data, or it was copied in part.
+    """
+    run = Path(run)
+    for ckpt in (*run.glob("checkpoint"), *run.glob("*/checkpoint"), *run.glob("*/*/checkpoint")):
+        try:
+            _json(ckpt / "trainer.json")
+            for f in sorted(ckpt.glob("*.safetensors")):
+                safetensors_keys(f)
+        except (UserError, OSError) as e:
+            raise InvalidInput(f"cannot resume from {ckpt}: it is unreadable ({e}); delete it to start the run "
+                               "over, or restore it from a copy") from None
+
+
+def check_out(path: str | Path, flag: str = "--out", is_dir: bool | None = False) -> Path:
+    """An output we may create (nothing is created yet): the nearest existing ancestor is a writable dir.
+    ``is_dir``: the output must be a folder (True), a file (False), or either (None)."""
+    path = Path(path)
+    name = f"{flag} {path}" if flag else str(path)
+    if path.exists() and is_dir is not None and is_dir != path.is_dir():
+        raise InvalidInput(f"{name}: {'a file, not a folder' if is_dir else 'a folder, not a file'}")
+    parent = path if path.exists() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InvalidInput(f"{name}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidInput(f"{name}: cannot write to {parent} (permission denied)")
+    return path
+
+
+def check_name_or_path(value: str, names: Iterable[str], kind: str, flag: str = "") -> None:
+    """Refuse a bare name that is both a shipped ``kind`` and a local folder: which one was meant is a guess."""
+    if value in set(names) and Path(value).is_dir():
+        raise InvalidInput(f"{flag + ' ' if flag else ''}{value}: both the {kind} {value!r} and the folder "
+                           f"./{value} exist; write ./{value} for the folder, or rename it")
