@@ -23,10 +23,8 @@ import json
 import os
 import re
 import signal
-import struct
 import tarfile
 import warnings
-import zlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -40,13 +38,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vlv.data import CAPTIONS, IMAGE_EXTENSIONS, _square, read_records
+from vlv.data import BAD_IMAGE_ERRORS, CAPTIONS, IMAGE_EXTENSIONS, _square, open_image, read_records
+from vlv.errors import BadImage, InvalidInput
 
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 INDEX_SUFFIX = ".idx.json"
 INDEX_VERSION = 1
-# What a broken image raises while PIL opens or decodes it (truncated files, bad streams, missing files).
-BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
 
 
 @dataclass
@@ -62,10 +59,7 @@ class Sample:
 
 def decode(image: Image.Image | bytes, size: int) -> np.ndarray:
     """Encoded bytes or a PIL image -> RGB uint8 (size, size, 3), exactly as :func:`vlv.data.load_image`."""
-    if isinstance(image, Image.Image):
-        return _square(image, size)
-    with Image.open(io.BytesIO(image)) as im:
-        return _square(im, size)
+    return _square(open_image(image), size)
 
 
 class Dataset(ABC):
@@ -178,7 +172,7 @@ def load_index(shard: Path) -> dict[str, Any]:
     try:
         index = build_index(shard)
     except tarfile.TarError as e:
-        raise ValueError(f"{shard}: not a readable tar ({e})") from None
+        raise InvalidInput(f"{shard}: not a readable tar ({e})") from None
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks indexing at once never collide
     try:
         tmp.write_text(json.dumps(index))
@@ -278,7 +272,7 @@ def expand_braces(pattern: str) -> list[str]:
     if rng:
         lo, hi = rng.groups()
         if int(hi) < int(lo):
-            raise ValueError(f"empty range {{{body}}} in {pattern}")
+            raise InvalidInput(f"empty range {{{body}}} in {pattern}")
         width = len(lo) if lo.startswith("0") else 0
         parts = [f"{k:0{width}d}" for k in range(int(lo), int(hi) + 1)]
     else:
@@ -314,10 +308,10 @@ class ParquetDataset(Dataset):
             try:
                 meta = pq.ParquetFile(path).metadata
             except Exception as e:  # pyarrow raises its own ArrowInvalid for a file that is not parquet
-                raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+                raise InvalidInput(f"{path}: not a readable parquet file ({e})") from None
             names = meta.schema.to_arrow_schema().names
             if image_column not in names:
-                raise ValueError(f"{path} has no image column {image_column!r} (columns: {', '.join(names)})")
+                raise InvalidInput(f"{path} has no image column {image_column!r} (columns: {', '.join(names)})")
             columns = columns or names
             rg_file += [k] * meta.num_row_groups
             rg_group += list(range(meta.num_row_groups))
@@ -422,14 +416,14 @@ def open_dataset(path: str | Path, image_column: str = "image", caption_column: 
             return TarShards(names)
         if suffixes == {".parquet"}:
             return parquet(names)
-        raise ValueError(f"{text}: a pattern must name only .tar or only .parquet files")
+        raise InvalidInput(f"{text}: a pattern must name only .tar or only .parquet files")
     p = Path(path)
     if p.is_file():
         if p.suffix.lower() == ".tar":
             return TarShards([p])
         if p.suffix.lower() == ".parquet":
             return parquet([p])
-        raise ValueError(f"{p}: not a dataset (want a folder, .tar shards or .parquet files)")
+        raise InvalidInput(f"{p}: not a dataset (want a folder, .tar shards or .parquet files)")
     if not p.is_dir():
         raise FileNotFoundError(f"no such dataset: {p}")
     if (p / CAPTIONS).exists():
@@ -441,7 +435,7 @@ def open_dataset(path: str | Path, image_column: str = "image", caption_column: 
         return parquet(parquets)
     if any(q.suffix.lower() in IMAGE_EXTENSIONS for q in p.iterdir()):
         return FolderDataset(p)
-    raise ValueError(f"{p}: no {CAPTIONS}, images, .tar shards or .parquet files")
+    raise InvalidInput(f"{p}: no {CAPTIONS}, images, .tar shards or .parquet files")
 
 
 # ------------------------------------------------------------------------------------------------- sampling
@@ -518,7 +512,7 @@ def load_batch(dataset: Dataset, indices: np.ndarray, size: int,
 
 def _bad(what: str, error: Exception, on_bad_image: str) -> str:
     if on_bad_image == "fail":
-        raise ValueError(f"bad image {what}: {error}") from error
+        raise BadImage(f"bad image {what}: {error} (--on-bad-image skip skips it)") from None
     return what
 
 
@@ -647,7 +641,7 @@ def write_shards(src: Dataset, out_dir: str | Path, shard_size: int = 10_000, pr
     possible), ``KEY.txt`` (caption), ``KEY.json`` (key + extra fields), each shard written to a temp file then
     renamed, and indexed."""
     if shard_size <= 0:
-        raise ValueError(f"shard size must be positive, got {shard_size}")
+        raise InvalidInput(f"shard size must be positive, got {shard_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if any(out.glob("*.tar")):  # stale shards would join the new ones when the dir is opened
@@ -665,7 +659,7 @@ def write_shards(src: Dataset, out_dir: str | Path, shard_size: int = 10_000, pr
                 sample = src.read(i)
                 key = sample.key.replace(".", "_")  # a dot would end the key (webdataset's rule)
                 if key in seen:
-                    raise ValueError(f"duplicate sample key {key!r} ({sample.source})")
+                    raise InvalidInput(f"duplicate sample key {key!r} ({sample.source})")
                 seen.add(key)
                 ext, data = _image_member(sample.image)
                 _add(tf, f"{key}.{ext}", data)
