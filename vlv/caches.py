@@ -28,6 +28,7 @@ from safetensors import safe_open
 
 from vlv.data import to_tensor
 from vlv.datasets import Dataset, row_loader
+from vlv.errors import InvalidInput
 from vlv.modeling import atomic_save_file, write_json
 
 CACHE_FILE = "cache.json"
@@ -84,8 +85,8 @@ def _refuse(folder: Path, have: dict[str, Any], want: dict[str, Any]) -> None:
     diff = key_differences(have, want)
     if diff:
         detail = ", ".join(f"{k} {have.get(k)!r} != {want.get(k)!r}" for k in diff)
-        raise ValueError(f"{folder}: this {want['kind']} cache was made from other inputs ({detail}); "
-                         f"precompute it again for these")
+        raise InvalidInput(f"{folder}: this {want['kind']} cache was made from other inputs ({detail}); "
+                           f"precompute it again for these")
 
 
 # ---------------------------------------------------------------------------------------------------- write
@@ -120,7 +121,7 @@ def write_cache(folder: str | Path, key: dict[str, Any], dataset: Dataset, compu
         meta = json.loads(meta_path.read_text())
         _refuse(folder, meta["key"], key)
         if meta["shard_rows"] != shard_rows:
-            raise ValueError(f"{folder} was started with {meta['shard_rows']} rows per shard, not {shard_rows}")
+            raise InvalidInput(f"{folder} was started with {meta['shard_rows']} rows per shard, not {shard_rows}")
     elif rank == 0:
         write_json(meta_path, {"key": key, "rows": n, "shard_rows": shard_rows})
     n_shards = -(-n // shard_rows)
@@ -163,7 +164,7 @@ def latents_rows(vae: torch.nn.Module) -> Compute:
 def vision_rows(encoder: torch.nn.Module) -> Compute:
     """v' (B, Nv, D) of the frozen tower, in eval mode as in training (no drop-path); refuses what fp16 cannot hold."""
     if not encoder.vision_frozen:
-        raise ValueError("this encoder's vision tower trains, so its features change every step: nothing to cache")
+        raise InvalidInput("this encoder's vision tower trains, so its features change every step: nothing to cache")
     device = next(encoder.parameters()).device
 
     def compute(images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -173,7 +174,7 @@ def vision_rows(encoder: torch.nn.Module) -> Compute:
             v = encoder.image_features(encoder.normalize(to_tensor(images.numpy()).to(device)))  # (B, Nv, D)
         encoder.train(was_training)
         if not torch.isfinite(v).all() or v.abs().max() > torch.finfo(torch.float16).max:
-            raise ValueError("vision features do not fit fp16: they cannot be cached")
+            raise InvalidInput("vision features do not fit fp16: they cannot be cached")
         return {"features": v}
 
     return compute
@@ -195,8 +196,8 @@ class Cache:
         paths = [_shard_path(self.folder, s) for s in range(-(-self.rows // self.shard_rows))]
         missing = [p.name for p in paths if _shard_key(p) != self.key]
         if missing:
-            raise ValueError(f"{self.folder}: cache unfinished, {len(missing)} of {len(paths)} shards missing "
-                             f"(first {missing[0]}); run the precompute again to finish it")
+            raise InvalidInput(f"{self.folder}: cache unfinished, {len(missing)} of {len(paths)} shards missing "
+                               f"(first {missing[0]}); run the precompute again to finish it")
         self._files = [safe_open(str(p), framework="pt") for p in paths]
         self.names = [k for k in self._files[0].keys() if k != "ok"]
         self._slices = [{k: f.get_slice(k) for k in self.names} for f in self._files]

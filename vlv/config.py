@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from vlv.errors import InvalidInput
+
 CONFIGS = Path(__file__).parent / "configs"  # architecture JSONs, by stem (open_clip's model_configs)
 
 
@@ -66,12 +68,12 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         if self.trainable != "all":
             if isinstance(self.trainable, str) or not self.trainable:
-                raise ValueError(f"trainable must be 'all' or a non-empty list of prefixes, got {self.trainable!r}")
+                raise InvalidInput(f"trainable must be 'all' or a non-empty list of prefixes, got {self.trainable!r}")
             self.trainable = list(self.trainable)
         if self.num_queries <= 0 or self.text_dim <= 0 or self.image_size <= 0:
-            raise ValueError("num_queries, text_dim and image_size must be positive")
+            raise InvalidInput("num_queries, text_dim and image_size must be positive")
         if self.phi_init_gain is not None and self.phi_init_gain <= 0:
-            raise ValueError(f"phi_init_gain must be positive, got {self.phi_init_gain}")
+            raise InvalidInput(f"phi_init_gain must be positive, got {self.phi_init_gain}")
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
         if self.prompt_ids is not None:
             self.prompt_ids = [int(i) for i in self.prompt_ids]
@@ -88,8 +90,8 @@ class EncoderConfig:
     def named(cls, name: str, text_dim: int, **overrides) -> EncoderConfig:
         """A named encoder (``vlv/configs/encoder-<name>.json``) for a decoder of width ``text_dim``, with overrides."""
         if name not in list_encoders():
-            raise ValueError(f"unknown encoder {name!r}; choose from {', '.join(list_encoders())} or give a "
-                             "local Florence-2 dir")
+            raise InvalidInput(f"unknown encoder {name!r}; choose from {', '.join(list_encoders())} or give a "
+                               "local Florence-2 dir")
         return cls(text_dim=text_dim, **{**read_config(f"encoder-{name}"), **overrides})
 
 
@@ -132,12 +134,12 @@ class CaptionerConfig:
 
     def __post_init__(self) -> None:
         if self.trainable not in TRAINABLE_LEVELS:
-            raise ValueError(f"trainable must be one of {', '.join(TRAINABLE_LEVELS)}, got {self.trainable!r}")
+            raise InvalidInput(f"trainable must be one of {', '.join(TRAINABLE_LEVELS)}, got {self.trainable!r}")
         if self.text_dim <= 0 or self.max_new_tokens <= 0 or self.num_beams <= 0:
-            raise ValueError("text_dim, max_new_tokens and num_beams must be positive")
+            raise InvalidInput("text_dim, max_new_tokens and num_beams must be positive")
         check_lora(self.trainable, self.lora_rank)
         if self.postprocess not in POSTPROCESS:
-            raise ValueError(f"postprocess must be one of {POSTPROCESS}, got {self.postprocess!r}")
+            raise InvalidInput(f"postprocess must be one of {POSTPROCESS}, got {self.postprocess!r}")
 
     @property
     def lora(self) -> bool:
@@ -147,6 +149,6 @@ class CaptionerConfig:
 def check_lora(trainable: str, lora_rank: int) -> None:
     """LoRA replaces full LLM training, so it needs a level that trains the LLM."""
     if lora_rank < 0:
-        raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
+        raise InvalidInput(f"lora_rank must be >= 0, got {lora_rank}")
     if lora_rank and "llm" not in trainable:
-        raise ValueError(f"LoRA adapts the LLM: use it with level mlp+llm or mlp+llm+encoder, not {trainable}")
+        raise InvalidInput(f"LoRA adapts the LLM: use it with level mlp+llm or mlp+llm+encoder, not {trainable}")

@@ -35,6 +35,7 @@ from torch import nn
 from transformers import Florence2Config, Florence2ForConditionalGeneration
 
 from vlv.config import CONFIGS, IMAGENET_MEAN, IMAGENET_STD, EncoderConfig, list_configs, read_config
+from vlv.errors import InvalidInput
 from vlv.modeling import atomic_save_file, in_run_dir, load_trainable_state, trainable_state, write_json
 from vlv.shipped import is_shipped, resolve_encoder, resolve_florence2_name
 
@@ -51,7 +52,7 @@ def florence2_config(source: str | dict) -> Florence2Config:
     if isinstance(source, dict):
         return Florence2Config.from_dict(source)
     if source not in list_florence2_configs():
-        raise ValueError(f"unknown Florence-2 config {source!r}; choose from {', '.join(list_florence2_configs())}")
+        raise InvalidInput(f"unknown Florence-2 config {source!r}; choose from {', '.join(list_florence2_configs())}")
     return Florence2Config.from_dict(read_config(source))
 
 
@@ -136,10 +137,10 @@ class VLVEncoder(nn.Module):
         text = self.florence.config.text_config
         d = text.d_model  # D
         if config.num_queries > text.max_position_embeddings:
-            raise ValueError(f"num_queries {config.num_queries} > the BART decoder's "
-                             f"{text.max_position_embeddings} positions")
+            raise InvalidInput(f"num_queries {config.num_queries} > the BART decoder's "
+                               f"{text.max_position_embeddings} positions")
         if self.florence.config.vision_config.projection_dim != d:
-            raise ValueError("vision_config.projection_dim must equal text_config.d_model")
+            raise InvalidInput("vision_config.projection_dim must equal text_config.d_model")
         self.config = replace(config, prompt_ids=_prompt_ids(config, self.florence))  # resolved ids are saved
         self.register_buffer("prompt_ids", torch.tensor(self.config.prompt_ids, dtype=torch.long), persistent=False)
         self.queries = nn.Parameter(torch.randn(1, config.num_queries, d))  # q ~ N(0, 1), (1, Nq, D)
@@ -162,7 +163,7 @@ class VLVEncoder(nn.Module):
         if trainable != "all":
             for prefix in trainable:
                 if not any(n == prefix or n.startswith(prefix + ".") for n in names):
-                    raise ValueError(f"trainable prefix {prefix!r} matches no parameter")
+                    raise InvalidInput(f"trainable prefix {prefix!r} matches no parameter")
         for n, p in self.named_parameters():
             p.requires_grad_(trainable == "all" or any(n == x or n.startswith(x + ".") for x in trainable))
 
@@ -259,7 +260,7 @@ class VLVEncoder(nn.Module):
             raise FileNotFoundError(f"{path} has no {FROZEN_FILE} and its Florence-2 source {config.florence2!r} "
                                     f"is a random-init config: the frozen weights cannot be rebuilt")
         model = cls(config, florence)
-        load_trainable_state(model, load_file(path / TRAINABLE_FILE))
+        load_trainable_state(model, load_file(path / TRAINABLE_FILE), source=path / TRAINABLE_FILE)
         if has_frozen:
-            load_trainable_state(model, load_file(path / FROZEN_FILE), trainable=False)
+            load_trainable_state(model, load_file(path / FROZEN_FILE), trainable=False, source=path / FROZEN_FILE)
         return model

@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from vlv.config import CONFIGS, read_config
+from vlv.errors import InvalidInput
 from vlv.shipped import resolve_lm_name
 
 IGNORE = -100  # the label transformers' cross-entropy skips
@@ -48,9 +49,9 @@ def lm_config(source: str | dict) -> PreTrainedConfig:
     elif source in list_lm_configs():
         data = read_config(source)
     else:
-        raise ValueError(f"unknown LM config {source!r}; choose from {', '.join(list_lm_configs())} or give a dir")
+        raise InvalidInput(f"unknown LM config {source!r}; choose from {', '.join(list_lm_configs())} or give a dir")
     if "model_type" not in data:
-        raise ValueError("an LM config dict needs a 'model_type' (e.g. 'qwen2')")
+        raise InvalidInput("an LM config dict needs a 'model_type' (e.g. 'qwen2')")
     return AutoConfig.for_model(**data)
 
 
@@ -72,8 +73,8 @@ def build_lm(source: str | dict) -> PreTrainedModel:
 def load_tokenizer(source: str | dict) -> PreTrainedTokenizerBase:
     """The checkpoint dir's own tokenizer; a random-init source has none, so its caller must bring one."""
     if not is_lm_dir(source):
-        raise ValueError(f"the LM source {source if isinstance(source, str) else 'dict'!r} is a random-init config "
-                         "with no tokenizer: pass a tokenizer")
+        raise InvalidInput(f"the LM source {source if isinstance(source, str) else 'dict'!r} is a random-init config "
+                           "with no tokenizer: pass a tokenizer")
     source = resolve_lm_name(source)
     # transformers 5's AutoTokenizer builds an EMPTY tokenizer from config.json when a dir has no tokenizer
     # files, instead of raising (``vlv.encoder`` checks the same).

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from transformers import BartConfig, BartTokenizer, Florence2Config, Florence2ForConditionalGeneration
 
-from vlv.modeling import write_json
+from vlv.errors import InvalidInput
+from vlv.modeling import load_torch_file, write_json
 
 REMOTE_WEIGHTS = "pytorch_model.bin"
 # Added by the remote Florence2Processor.__init__ (microsoft/Florence-2-large processing_florence2.py), in order.
@@ -71,23 +72,23 @@ def native_config(remote_config: dict) -> Florence2Config:
     try:
         text, vision = dict(remote_config["text_config"]), remote_config["vision_config"]
     except KeyError as e:
-        raise ValueError(f"not a remote-code Florence-2 config: no {e.args[0]}") from None
+        raise InvalidInput(f"not a remote-code Florence-2 config: no {e.args[0]}") from None
     if "dim_embed" not in vision:
-        raise ValueError("not a remote-code Florence-2 config: vision_config has no dim_embed "
-                         "(a native config has embed_dim: use the dir as it is)")
+        raise InvalidInput("not a remote-code Florence-2 config: vision_config has no dim_embed "
+                           "(a native config has embed_dim: use the dir as it is)")
     for key, default in LEGACY_BART.items():
         if text.get(key, default) != default:
-            raise ValueError(f"text_config.{key}={text[key]!r}: native BART supports only {default!r}")
+            raise InvalidInput(f"text_config.{key}={text[key]!r}: native BART supports only {default!r}")
     fields = set(BartConfig.__dataclass_fields__)
     text = {k: v for k, v in text.items() if k in fields}  # generation settings live in generation_config.json
     sources = vision.get("image_feature_source", ["spatial_avg_pool", "temporal_avg_pool"])
     if list(sources) != ["spatial_avg_pool", "temporal_avg_pool"]:
-        raise ValueError(f"vision_config.image_feature_source={sources!r}: native Florence-2 implements only "
-                         "['spatial_avg_pool', 'temporal_avg_pool']")
+        raise InvalidInput(f"vision_config.image_feature_source={sources!r}: native Florence-2 implements only "
+                           "['spatial_avg_pool', 'temporal_avg_pool']")
     pos, temporal = vision.get("image_pos_embed", {}), vision.get("visual_temporal_embedding", {})
     if pos.get("type", "learned_abs_2d") != "learned_abs_2d" or temporal.get("type", "COSINE") != "COSINE":
-        raise ValueError(f"image_pos_embed {pos!r} / visual_temporal_embedding {temporal!r}: native Florence-2 "
-                         "implements learned_abs_2d and COSINE only")
+        raise InvalidInput(f"image_pos_embed {pos!r} / visual_temporal_embedding {temporal!r}: native Florence-2 "
+                           "implements learned_abs_2d and COSINE only")
     projection = vision.get("projection_dim", remote_config.get("projection_dim"))
     native_vision = {
         "model_type": "florence_vision", "embed_dim": list(vision["dim_embed"]),
@@ -111,7 +112,7 @@ def native_key(remote_key: str) -> str | None:
     for pattern, repl in RULES:
         if re.fullmatch(pattern, remote_key):
             return re.sub(pattern, repl, remote_key)
-    raise ValueError(f"unexpected key {remote_key!r} in the remote-code Florence-2 weights: no rule maps it")
+    raise InvalidInput(f"unexpected key {remote_key!r} in the remote-code Florence-2 weights: no rule maps it")
 
 
 def group_of(native: str) -> str:
@@ -131,15 +132,15 @@ def native_state_dict(remote_state: dict[str, torch.Tensor]) -> dict[str, torch.
         if name is not None:
             native[name] = value.t().contiguous() if key == "image_projection" else value
     if SHARED not in native:
-        raise ValueError("missing key 'language_model.model.shared.weight' in the remote-code Florence-2 weights")
+        raise InvalidInput("missing key 'language_model.model.shared.weight' in the remote-code Florence-2 weights")
     shared = native[SHARED]
     for name in TIED:
         if name in native and not torch.equal(native[name], shared):
-            raise ValueError(f"{name} differs from {SHARED}: native Florence-2 ties them")
+            raise InvalidInput(f"{name} differs from {SHARED}: native Florence-2 ties them")
         native[name] = shared
     if REMOTE_LM_HEAD in remote_state and not torch.equal(remote_state[REMOTE_LM_HEAD], shared):
-        raise ValueError(f"{REMOTE_LM_HEAD} differs from language_model.model.shared.weight: native Florence-2 "
-                         "ties them")
+        raise InvalidInput(f"{REMOTE_LM_HEAD} differs from language_model.model.shared.weight: native Florence-2 "
+                           "ties them")
     native["lm_head.weight"] = shared
     return native
 
@@ -160,12 +161,12 @@ def check_native_state(native: dict[str, torch.Tensor], config: Florence2Config)
         expected = {k: v.shape for k, v in Florence2ForConditionalGeneration(config).state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(native)), sorted(set(native) - set(expected))
     if missing:
-        raise ValueError(f"missing key {missing[0]!r} for native Florence-2 ({len(missing)} missing in all)")
+        raise InvalidInput(f"missing key {missing[0]!r} for native Florence-2 ({len(missing)} missing in all)")
     if unexpected:
-        raise ValueError(f"unexpected key {unexpected[0]!r} for native Florence-2 ({len(unexpected)} in all)")
+        raise InvalidInput(f"unexpected key {unexpected[0]!r} for native Florence-2 ({len(unexpected)} in all)")
     for k, shape in expected.items():
         if native[k].shape != shape:
-            raise ValueError(f"{k}: shape {tuple(native[k].shape)} does not fit native Florence-2's {tuple(shape)}")
+            raise InvalidInput(f"{k}: shape {tuple(native[k].shape)} does not fit native Florence-2's {tuple(shape)}")
 
 
 def native_model(remote_config: dict, remote_state: dict[str, torch.Tensor]) -> Florence2ForConditionalGeneration:
@@ -216,20 +217,20 @@ def convert_florence2(src_dir: str | Path, out_dir: str | Path) -> dict[str, int
     """
     src, out = Path(src_dir), Path(out_dir)
     if not is_remote_dir(src):
-        raise ValueError(f"{src} is not a remote-code Florence-2 dir (its config.json has no auto_map): "
-                         "a native dir needs no conversion")
+        raise InvalidInput(f"{src} is not a remote-code Florence-2 dir (its config.json has no auto_map): "
+                           "a native dir needs no conversion")
     if not (src / REMOTE_WEIGHTS).is_file():
         raise FileNotFoundError(f"no {REMOTE_WEIGHTS} in {src}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty dir: refusing to overwrite it")
     remote_config = json.loads((src / "config.json").read_text())
-    remote_state = torch.load(src / REMOTE_WEIGHTS, map_location="cpu", weights_only=True)
+    remote_state = load_torch_file(src / REMOTE_WEIGHTS)
     counts = mapped_counts(remote_state)
     model = native_model(remote_config, remote_state)
     tok = load_remote_tokenizer(src)
     if len(tok) > model.config.text_config.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tok)} tokens, more than the model's vocabulary "
-                         f"({model.config.text_config.vocab_size})")
+        raise InvalidInput(f"the tokenizer has {len(tok)} tokens, more than the model's vocabulary "
+                           f"({model.config.text_config.vocab_size})")
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -29,6 +29,8 @@ from transformers import AutoTokenizer
 from vlv.config import DEFAULT_TRAINABLE, EncoderConfig
 from vlv.decoder import DiffusionDecoder
 from vlv.encoder import VLVEncoder, load_florence2
+from vlv.errors import InvalidInput
+from vlv.modeling import load_torch_file
 from vlv.official.florence2 import convert_florence2, group_of, is_remote_dir, native_key, native_state_dict, prompt_ids
 
 CONSOLIDATED = "pytorch_model.bin"
@@ -48,12 +50,12 @@ def load_stage1_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
         path = path / CONSOLIDATED
     if not path.is_file():
         raise FileNotFoundError(f"no such checkpoint: {path}")
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = load_torch_file(path)
     if isinstance(data, dict) and "model_state_dict" in data:
         data = data["model_state_dict"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ValueError(f"{path} is not an official stage-1 checkpoint (neither a state dict nor a dict with "
-                         "model_state_dict)")
+        raise InvalidInput(f"{path} is not an official stage-1 checkpoint (neither a state dict nor a dict with "
+                           "model_state_dict)")
     return dict(data)
 
 
@@ -71,15 +73,15 @@ def check_frozen(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], nam
     key and value for value; one ValueError naming the first key that is not."""
     missing, extra = sorted(set(ref) - set(got)), sorted(set(got) - set(ref))
     if missing:
-        raise ValueError(f"missing key '{name}.{missing[0]}' in the {kind} checkpoint (the decoder dir "
-                         f"{decoder_dir} has it; {len(missing)} missing in all)")
+        raise InvalidInput(f"missing key '{name}.{missing[0]}' in the {kind} checkpoint (the decoder dir "
+                           f"{decoder_dir} has it; {len(missing)} missing in all)")
     if extra:
-        raise ValueError(f"the decoder dir {decoder_dir} does not match the checkpoint: {name}.{extra[0]} is "
-                         "not in the decoder dir")
+        raise InvalidInput(f"the decoder dir {decoder_dir} does not match the checkpoint: {name}.{extra[0]} is "
+                           "not in the decoder dir")
     for k, v in got.items():
         if v.shape != ref[k].shape or not torch.equal(v.to(ref[k].dtype), ref[k]):
-            raise ValueError(f"the decoder dir {decoder_dir} does not match the checkpoint: {name}.{k} differs "
-                             "(use the base Stable Diffusion dir the official run was trained with)")
+            raise InvalidInput(f"the decoder dir {decoder_dir} does not match the checkpoint: {name}.{k} differs "
+                               "(use the base Stable Diffusion dir the official run was trained with)")
     return len(got)
 
 
@@ -101,7 +103,7 @@ def read_processor(florence_dir: Path) -> dict:
     if isinstance(size, int):
         size = {"height": size, "width": size}
     if not size or size.get("height") != size.get("width"):
-        raise ValueError(f"{file}: the processor's size {size!r} is not square")
+        raise InvalidInput(f"{file}: the processor's size {size!r} is not square")
     return {"image_size": int(size["height"]), "image_mean": tuple(data.get("image_mean", (0.485, 0.456, 0.406))),
             "image_std": tuple(data.get("image_std", (0.229, 0.224, 0.225)))}
 
@@ -154,17 +156,17 @@ def encoder_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
         elif top == "model":
             florence[key[len("model."):]] = value
         else:
-            raise ValueError(f"unexpected key {key!r} in the stage-1 checkpoint")
+            raise InvalidInput(f"unexpected key {key!r} in the stage-1 checkpoint")
     for key in florence:
         try:
             name = native_key(key)
         except ValueError:
-            raise ValueError(f"unexpected key 'model.{key}' in the stage-1 checkpoint: no Florence-2 rule maps it"
+            raise InvalidInput(f"unexpected key 'model.{key}' in the stage-1 checkpoint: no Florence-2 rule maps it"
                              ) from None
         counts["dropped" if name is None else f"florence.{group_of(name)}"] += 1
     if florence:
         if "language_model.model.shared.weight" not in florence:
-            raise ValueError("missing key 'model.language_model.model.shared.weight' in the stage-1 checkpoint")
+            raise InvalidInput("missing key 'model.language_model.model.shared.weight' in the stage-1 checkpoint")
         out.update({f"florence.{k}": v for k, v in native_state_dict(florence).items()})  # lm_head tied to shared
     return out, counts
 
@@ -174,14 +176,14 @@ def load_into(encoder: VLVEncoder, state: dict[str, torch.Tensor], florence_dir:
     target = encoder.state_dict()
     missing, extra = sorted(set(target) - set(state)), sorted(set(state) - set(target))
     if missing:
-        raise ValueError(f"missing key {_official_name(missing[0])!r} in the stage-1 checkpoint "
-                         f"({len(missing)} missing in all)")
+        raise InvalidInput(f"missing key {_official_name(missing[0])!r} in the stage-1 checkpoint "
+                           f"({len(missing)} missing in all)")
     if extra:
-        raise ValueError(f"unexpected key {_official_name(extra[0])!r} in the stage-1 checkpoint")
+        raise InvalidInput(f"unexpected key {_official_name(extra[0])!r} in the stage-1 checkpoint")
     for k, v in state.items():
         if v.shape != target[k].shape:
-            raise ValueError(f"{_official_name(k)}: shape {tuple(v.shape)} in the checkpoint, but the encoder "
-                             f"(from the Florence-2 and decoder dirs) needs {tuple(target[k].shape)}")
+            raise InvalidInput(f"{_official_name(k)}: shape {tuple(v.shape)} in the checkpoint, but the encoder "
+                               f"(from the Florence-2 and decoder dirs) needs {tuple(target[k].shape)}")
     # Tied names (embed_tokens, lm_head -> shared) share the trainable parameter: list every name.
     trainable = {n for n, p in encoder.named_parameters(remove_duplicate=False) if p.requires_grad}
     with torch.no_grad():
@@ -189,8 +191,8 @@ def load_into(encoder: VLVEncoder, state: dict[str, torch.Tensor], florence_dir:
             if k in trainable:
                 target[k].copy_(v)
             elif not torch.equal(v.to(target[k].dtype), target[k]):
-                raise ValueError(f"the Florence-2 dir {florence_dir} does not match the checkpoint: "
-                                 f"{_official_name(k)} (frozen in stage 1) differs from the base weights")
+                raise InvalidInput(f"the Florence-2 dir {florence_dir} does not match the checkpoint: "
+                                   f"{_official_name(k)} (frozen in stage 1) differs from the base weights")
 
 
 def _official_name(name: str) -> str:
@@ -219,7 +221,7 @@ def import_stage1(ckpt: str | Path, florence2_dir: str | Path, decoder_dir: str 
     mapped, counts = encoder_state(state)  # strict on names before any work
     for key in ("queries", "phi.0.weight", "phi.2.weight"):
         if key not in mapped:
-            raise ValueError(f"missing key {_official_name(key)!r} in the stage-1 checkpoint")
+            raise InvalidInput(f"missing key {_official_name(key)!r} in the stage-1 checkpoint")
     decoder = DiffusionDecoder.from_pretrained(decoder_dir)
     checked = check_decoder_parts(state, decoder, decoder_dir)
     counts.update({f"{k} (== decoder, dropped)": n for k, n in checked.items()})

@@ -32,7 +32,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from vlv.captioner import Captioner
 from vlv.config import CaptionerConfig
 from vlv.encoder import VLVEncoder, load_florence2
+from vlv.errors import InvalidInput
 from vlv.lm import build_lm, load_tokenizer
+from vlv.modeling import load_torch_file
 from vlv.official.stage1 import (
     check_frozen,
     encoder_state,
@@ -62,14 +64,14 @@ def load_stage2_state(model_pt: str | Path) -> dict[str, torch.Tensor]:
         path = path / "model.pt"
     if not path.is_file():
         raise FileNotFoundError(f"no such checkpoint: {path}")
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = load_torch_file(path)
     if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ValueError(f"{path} is not an official stage-2 checkpoint (a plain state dict of CLIPDecoder)")
+        raise InvalidInput(f"{path} is not an official stage-2 checkpoint (a plain state dict of CLIPDecoder)")
     state = {}
     for key, value in data.items():
         name = key[len(MODULE):] if key.startswith(MODULE) else key
         if name in state:
-            raise ValueError(f"{path}: key {name!r} appears both with and without the {MODULE!r} prefix")
+            raise InvalidInput(f"{path}: key {name!r} appears both with and without the {MODULE!r} prefix")
         state[name] = value
     return state
 
@@ -90,14 +92,14 @@ def split_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict, dict]
         elif key.startswith(VLV + TEXT_ENCODER + "."):
             text[key[len(VLV + TEXT_ENCODER) + 1:]] = value
         else:
-            raise ValueError(f"unexpected key {key!r} in the stage-2 checkpoint (CLIPDecoder holds qwen2_model.*, "
-                             f"mlp.layers.{{0,2}}.*, VLV_model.{{query_embed,language_proj,model,text_encoder}}.*)")
+            raise InvalidInput(f"unexpected key {key!r} in the stage-2 checkpoint (CLIPDecoder holds qwen2_model.*, "
+                               f"mlp.layers.{{0,2}}.*, VLV_model.{{query_embed,language_proj,model,text_encoder}}.*)")
     for k in PSI_KEYS:
         if k not in psi:
-            raise ValueError(f"missing key '{PSI}{k}' in the stage-2 checkpoint")
+            raise InvalidInput(f"missing key '{PSI}{k}' in the stage-2 checkpoint")
     for group, part in ((lm, LM), (text, VLV + TEXT_ENCODER + ".")):
         if not group:
-            raise ValueError(f"missing keys '{part}*' in the stage-2 checkpoint")
+            raise InvalidInput(f"missing keys '{part}*' in the stage-2 checkpoint")
     return lm, psi, encoder, text
 
 
@@ -124,22 +126,22 @@ def check_lm_state(state: dict[str, torch.Tensor], lm_dir: Path) -> tuple[dict[s
         if head in state:
             if embed in state and (state[head].shape != state[embed].shape
                                    or not torch.equal(state[head], state[embed])):
-                raise ValueError(f"{LM}{head} differs from {LM}{embed}, but {lm_dir}'s config ties them "
-                                 "(tie_word_embeddings): the LM dir does not match the checkpoint")
+                raise InvalidInput(f"{LM}{head} differs from {LM}{embed}, but {lm_dir}'s config ties them "
+                                   "(tie_word_embeddings): the LM dir does not match the checkpoint")
             del state[head]
             dropped = 1
         expected = {k: v for k, v in expected.items() if k != head}
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing:
-        raise ValueError(f"missing key '{LM}{missing[0]}' in the stage-2 checkpoint for the LM of {lm_dir} "
-                         f"({config.model_type}, {len(missing)} missing in all): the LM dir does not match")
+        raise InvalidInput(f"missing key '{LM}{missing[0]}' in the stage-2 checkpoint for the LM of {lm_dir} "
+                           f"({config.model_type}, {len(missing)} missing in all): the LM dir does not match")
     if extra:
-        raise ValueError(f"unexpected key '{LM}{extra[0]}' in the stage-2 checkpoint: the LM of {lm_dir} "
-                         f"({config.model_type}) has no such weight ({len(extra)} in all)")
+        raise InvalidInput(f"unexpected key '{LM}{extra[0]}' in the stage-2 checkpoint: the LM of {lm_dir} "
+                           f"({config.model_type}) has no such weight ({len(extra)} in all)")
     for k, shape in expected.items():
         if state[k].shape != shape:
-            raise ValueError(f"{LM}{k}: shape {tuple(state[k].shape)} in the checkpoint, but the LM of {lm_dir} "
-                             f"needs {tuple(shape)}: the LM dir does not match")
+            raise InvalidInput(f"{LM}{k}: shape {tuple(state[k].shape)} in the checkpoint, but the LM of {lm_dir} "
+                               f"needs {tuple(shape)}: the LM dir does not match")
     return state, dropped
 
 
@@ -147,8 +149,8 @@ def check_psi(psi: dict[str, torch.Tensor], d_t: int, d_lm: int) -> None:
     shapes = {"0.weight": (d_lm, d_t), "0.bias": (d_lm,), "2.weight": (d_lm, d_lm), "2.bias": (d_lm,)}
     for k, shape in shapes.items():
         if tuple(psi[k].shape) != shape:
-            raise ValueError(f"{PSI}{k}: shape {tuple(psi[k].shape)} in the checkpoint, but psi from d_T = {d_t} "
-                             f"(the decoder's text encoder) to d_LM = {d_lm} (the LM) needs {shape}")
+            raise InvalidInput(f"{PSI}{k}: shape {tuple(psi[k].shape)} in the checkpoint, but psi from d_T = {d_t} "
+                               f"(the decoder's text encoder) to d_LM = {d_lm} (the LM) needs {shape}")
 
 
 # ----------------------------------------------------------------------------------- text encoder
@@ -167,7 +169,7 @@ def _encoder(state: dict[str, torch.Tensor], florence2_dir, text_dim: int, out: 
     try:
         load_into(encoder, state, native_dir)
     except ValueError as e:  # named by the dir the caller gave, not the converted copy (removed on error)
-        raise ValueError(_stage2_message(e, where).replace(str(native_dir), str(florence2_dir))) from None
+        raise InvalidInput(_stage2_message(e, where).replace(str(native_dir), str(florence2_dir))) from None
     encoder.save_pretrained(out)
     return encoder
 
@@ -200,11 +202,11 @@ def import_stage2(model_pt: str | Path, florence2_dir: str | Path, decoder_dir: 
     try:
         mapped, counts = encoder_state(vlv_state)
     except ValueError as e:
-        raise ValueError(_stage2_message(e, where)) from None
+        raise InvalidInput(_stage2_message(e, where)) from None
     for key, official in (("queries", "query_embed"), ("phi.0.weight", "language_proj.0.weight"),
                           ("phi.2.weight", "language_proj.2.weight")):
         if key not in mapped:
-            raise ValueError(f"missing key '{VLV}{official}' in the stage-2 checkpoint")
+            raise InvalidInput(f"missing key '{VLV}{official}' in the stage-2 checkpoint")
     lm_state, lm_dropped = check_lm_state(lm_state, lm_dir)
     text_encoder = load_text_encoder(decoder_dir)
     d_t = text_encoder.config.hidden_size

@@ -8,6 +8,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from vlv.data import CAPTIONS
+from vlv.errors import InvalidInput
 from vlv.modeling import atomic_write_text, write_json
 from vlv.shapes import world
 
@@ -15,9 +16,9 @@ from vlv.shapes import world
 def write_shapes(out: Path, n: int, seed: int = 0, split: world.SplitName = "train", progress: bool = True) -> Path:
     """Render n scenes of a split into ``out`` (PNGs + captions.jsonl); deterministic from (seed, split, n)."""
     if n <= 0:
-        raise ValueError(f"--n must be positive, got {n}")
+        raise InvalidInput(f"--n must be positive, got {n}")
     if split not in world.SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose from {', '.join(world.SPLITS)}")
+        raise InvalidInput(f"unknown split {split!r}; choose from {', '.join(world.SPLITS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     width = max(6, len(str(n - 1)))

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vlv.errors import InvalidInput
 from vlv.modeling import write_json
 from vlv.shapes.data import write_shapes
 from vlv.shapes.evaluate import EvalSettings, evaluate_run, finished
@@ -45,7 +46,7 @@ def demo_recipe(name: str) -> dict[str, Any]:
     recipe = load_recipe(name, "demo")
     missing = [s for s in STAGES if s not in recipe.get("stages", {})]
     if missing:
-        raise ValueError(f"demo recipe {name!r} names no recipe for {', '.join(missing)}")
+        raise InvalidInput(f"demo recipe {name!r} names no recipe for {', '.join(missing)}")
     return recipe
 
 
@@ -114,9 +115,10 @@ def run_demo(out: Path, recipe: str = "default", minutes: float | None = None) -
     total = minutes if minutes is not None else demo.get("minutes")
     reserve = demo.get("reserve_minutes", 0.0)
     if total is not None and "share" not in demo["stages"]["stage1"]:
-        raise ValueError(f"demo recipe {demo['name']!r} has no time shares for its stages: it cannot run on --minutes")
+        raise InvalidInput(f"demo recipe {demo['name']!r} has no time shares for its stages: it cannot run on "
+                           "--minutes")
     if total is not None and total <= reserve:
-        raise ValueError(f"--minutes must exceed the {reserve} minutes data and evaluation take")
+        raise InvalidInput(f"--minutes must exceed the {reserve} minutes data and evaluation take")
     run.mkdir(parents=True, exist_ok=True)
     train_minutes = None if total is None else total - reserve
     meta_file = run / "metrics.json"

@@ -14,7 +14,6 @@ Florence-2-large.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -26,9 +25,10 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import Florence2Config, Florence2ForConditionalGeneration, PreTrainedTokenizerFast
 
 from vlv.config import read_config
-from vlv.data import CAPTIONS
+from vlv.data import CAPTIONS, read_records
 from vlv.datasets import step_indices
 from vlv.encoder import pixel_values
+from vlv.errors import InvalidInput
 from vlv.modeling import write_json
 from vlv.shapes import world
 from vlv.shapes.config import DetectionSettings
@@ -109,10 +109,16 @@ def read_scenes(folder: Path) -> list[world.Scene]:
     path = Path(folder) / CAPTIONS
     if not path.is_file():
         raise FileNotFoundError(f"no {CAPTIONS} in {folder}: make shapes data with `vlv data shapes`")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not rows or any("scene" not in r for r in rows):
-        raise ValueError(f"{path}: every row needs a 'scene' (shapes data from `vlv data shapes`)")
-    return [world.Scene.from_json(r["scene"]) for r in rows]
+    records = read_records(Path(folder))
+    if any(r.scene is None for r in records):
+        raise InvalidInput(f"{path}: every row needs a 'scene' (shapes data from `vlv data shapes`)")
+    scenes = []
+    for i, r in enumerate(records, 1):
+        try:
+            scenes.append(world.Scene.from_json(r.scene))
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidInput(f"{path}: row {i} ({r.image}): not a shapes scene ({e})") from None
+    return scenes
 
 
 class DetectionTask:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from vlv.errors import InvalidInput
 from vlv.modeling import atomic_write_text
 
 REPORT_FILE = "report.html"
@@ -23,7 +25,7 @@ REPORT_FILE = "report.html"
 def contact_sheet(images: list[Image.Image], cols: int = 8, pad: int = 2, scale: int = 2) -> Image.Image:
     """Tile images on a white sheet, each scaled up by ``scale`` (nearest, so pixels stay exact)."""
     if not images:
-        raise ValueError("no images to tile")
+        raise InvalidInput("no images to tile")
     w, h = images[0].size
     w, h = w * scale, h * scale
     rows = (len(images) + cols - 1) // cols
@@ -36,11 +38,15 @@ def contact_sheet(images: list[Image.Image], cols: int = 8, pad: int = 2, scale:
 
 def save_contact_sheet(folder: Path, out: Path, n: int = 64, cols: int = 8) -> Path:
     """Contact sheet of the first n images of an image-caption folder."""
-    from vlv.data import read_records
+    from vlv.data import open_image, read_records
 
     records = read_records(folder)[:n]
-    images = [Image.open(Path(folder) / r.image) for r in records]
-    contact_sheet(images, cols=cols).save(out)
+    images = [open_image(Path(folder) / r.image) for r in records]  # a bad file names itself
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    contact_sheet(images, cols=cols).save(tmp, format="PNG")
+    os.replace(tmp, out)
     return out
 
 

@@ -21,6 +21,7 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -189,18 +190,26 @@ def save_teacher(pipe: StableDiffusionPipeline, out: Path, cfg: TeacherConfig, r
 
 
 def train_teacher(data: Path, out: Path, cfg: TeacherConfig, recipe: TeacherRecipe, val: Path | None = None,
-                  max_minutes: float | None = None, progress: bool = True, command: str | None = None) -> Path | None:
+                  max_minutes: float | None = None, progress: bool = True, command: str | None = None,
+                  on_bad_image: Literal["skip", "fail"] = "skip") -> Path | None:
     """Train VAE, cache latents, train text encoder + UNet; export SD layout into ``out``.
 
     Resumable: state lives in out/training/ (checkpoints, latent cache, logs). Returns ``out`` when
-    finished, None when the time budget ran out first (re-run to continue).
+    finished, None when the time budget ran out first (re-run to continue). Unreadable images are skipped and
+    counted (``on_bad_image="fail"``: the first raises, naming it).
     """
     out, work = Path(out), Path(out) / "training"
+    skip = on_bad_image == "skip"
+    train_data = ImageCaptionFolder(data, cfg.image_size, progress=progress, skip_bad=skip)
+    train_data.captions  # noqa: B018 -- a folder without captions fails now, not after the VAE phase
+    test_data = ImageCaptionFolder(val, cfg.image_size, limit=recipe.eval_n, skip_bad=skip) if val else None
+    for folder in (train_data, test_data):
+        if folder is not None and folder.bad:
+            print(f"[teacher] {len(folder.bad)} unreadable image(s) skipped in {folder.folder} "
+                  f"(first {folder.bad[0]})")
     work.mkdir(parents=True, exist_ok=True)
     write_json(work / "recipe.json", {"config": asdict(cfg), "recipe": asdict(recipe)})
     torch.manual_seed(recipe.seed)
-    train_data = ImageCaptionFolder(data, cfg.image_size, progress=progress)
-    test_data = ImageCaptionFolder(val, cfg.image_size, limit=recipe.eval_n) if val else None
     t0 = time.perf_counter()
 
     # Phase 1: the VAE.
