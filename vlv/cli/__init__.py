@@ -1,7 +1,8 @@
 """The ``vlv`` command line: thin argparse front ends over the library, one subcommand per job.
 
-User mistakes (bad arguments, missing folders) print one line and exit 2, never a traceback;
-set VLV_DEBUG=1 to see the traceback anyway. The parser imports no torch (flags come from the config
+User mistakes (bad arguments, inputs, missing folders: :class:`vlv.errors.UserError`) print one line and exit 2;
+anything else is a bug and shows its traceback (``vlv --quiet``: one line, exit 1). VLV_DEBUG=1 shows every
+traceback. The parser imports no torch (flags come from the config
 dataclasses), so ``--help`` and argument errors are instant.
 """
 
@@ -42,10 +43,13 @@ from vlv.cli.flags import (
     positive_int,
     recipe_arg,
     writable_dir,
+    writable_file,
+    writable_path,
 )
-from vlv.errors import NonFiniteLoss
+from vlv.errors import NonFiniteLoss, UserError
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+# A user's mistake: an input vlv checked (UserError), or a path the system refused; any other error is a bug.
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 
 
 class Parser(argparse.ArgumentParser):
@@ -62,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = Parser(prog="vlv", description="Vision-Language-Vision auto-encoder.")
     parser.add_argument("--version", action="version", version=f"vlv {__version__}")
+    parser.add_argument("--quiet", dest="quiet_errors", action="store_true",
+                        help="before the command: an unexpected error (a bug) prints one line and exits 1, "
+                             "not a traceback")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="make or inspect image-caption folders")
@@ -75,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_shapes)
     p = data_sub.add_parser("sheet", help="contact sheet of a folder's first images")
     p.add_argument("data", type=Path, help="image-caption folder")
-    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    p.add_argument("--out", type=writable_file, required=True, help="PNG to write")
     p.add_argument("--n", type=positive_int, default=64)
     p.add_argument("--cols", type=positive_int, default=8)
     p.set_defaults(func=cmd_data_sheet)
@@ -95,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", type=Path, default=None, help="held-out (val split) folder for periodic accuracy")
     p.add_argument("--minutes", type=positive_float, default=None, help="stop (resumably) after this long")
     p.add_argument("--tiny", action="store_true", help="tiny architecture (tests, plumbing)")
+    p.add_argument("--on-bad-image", choices=["skip", "fail"], default="skip",
+                   help="an unreadable image: skip it (counted) or stop naming it (default skip)")
     recipe_arg(p, "teacher", "shapes-teacher")
     add_fields(p, TeacherRecipe, "recipe overrides")
     p.set_defaults(func=cmd_teacher_train)
@@ -108,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", help="one caption")
     g.add_argument("--captions", type=Path, help="text file, one caption a line")
-    p.add_argument("--out", type=Path, required=True, help="PNG file (one prompt) or folder")
+    p.add_argument("--out", type=writable_path, required=True, help="PNG file (one prompt) or folder")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--steps", type=positive_int, default=20)
     p.add_argument("--sampler", choices=["fast", "paper"], default="fast")
@@ -173,13 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("caption", help="caption images with a stage-2 run (one JSON line per image)")
     p.add_argument("images", nargs="+", type=Path, help="image files or folders")
     p.add_argument("--model", default="shapes-stage2", help="stage-2 run dir or shipped name (default shapes-stage2)")
-    p.add_argument("--out", type=Path, required=True, help="captions.jsonl to write")
+    p.add_argument("--out", type=writable_file, required=True, help="captions.jsonl to write")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--num-beams", type=positive_int, default=None, help="default: the run's")
     p.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: the run's")
     p.add_argument("--postprocess", choices=["official", "none"], default=None,
                    help="caption clean-up: official (cut after the last '.', drop repeated sentences: the official "
                         "Caption_inference.process_caption) or none (default: the run's)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable image files (counted) instead of "
+                   "stopping at the first")
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("reconstruct", help="redraw images from their VLV embeddings through the decoder")
@@ -189,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=writable_dir, required=True, help="output folder (file names kept)")
     p.add_argument("--batch-size", type=positive_int, default=64)
     add_sampling_args(p)
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable image files (counted) instead of "
+                   "stopping at the first")
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("embed", help="the caption embeddings z of images (optionally T(z)), as safetensors")
@@ -196,9 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", required=True, help="stage-1 run dir or shipped name (shapes-stage1)")
     p.add_argument("--decoder", default=None, help="Stable Diffusion dir or shipped name: also write T(z) "
                    "(its text encoder's output)")
-    p.add_argument("--out", type=Path, required=True, help="safetensors file: z (N, Nq, d_T) [and T_z], the "
+    p.add_argument("--out", type=writable_file, required=True, help="safetensors file: z (N, Nq, d_T) [and T_z], the "
                    "image paths in its metadata")
     p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable image files (counted) instead of "
+                   "stopping at the first")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("compose", help="one image from the first k embeddings of two images (paper Fig. 6)")
@@ -207,15 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", required=True, help="stage-1 run dir or shipped name (shapes-stage1)")
     p.add_argument("--decoder", required=True, help="Stable Diffusion dir or shipped name (shapes-teacher)")
     p.add_argument("--k", type=positive_int, default=None, help="embeddings kept from each (default Nq/2)")
-    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    p.add_argument("--out", type=writable_file, required=True, help="PNG to write")
     add_sampling_args(p)
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable image files (counted) instead of "
+                   "stopping at the first")
     p.set_defaults(func=cmd_compose)
 
     imp = sub.add_parser("import-official", help="import checkpoints of the official VLV code into vlv's dirs")
     imp_sub = imp.add_subparsers(dest="import_command", required=True, metavar="WHAT")
     p = imp_sub.add_parser("florence2", help="a remote-code Florence-2 dir -> a native transformers Florence-2 dir")
     p.add_argument("src", type=Path, help="Florence-2 dir in the remote-code layout (config.json with auto_map)")
-    p.add_argument("--out", type=Path, required=True, help="native Florence-2 dir to write (absent or empty)")
+    p.add_argument("--out", type=writable_dir, required=True, help="native Florence-2 dir to write (absent or empty)")
     p.set_defaults(func=cmd_import_florence2)
     p = imp_sub.add_parser("stage1", help="an official stage-1 checkpoint -> a vlv stage-1 run dir")
     p.add_argument("ckpt", type=Path, help="checkpoint_<N>.pt, a consolidated pytorch_model.bin, or a DeepSpeed "
@@ -223,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--florence2", type=Path, required=True,
                    help="the base Florence-2 dir (remote-code layout, converted into RUN/florence2; or native)")
     p.add_argument("--decoder", type=Path, required=True, help="the base Stable Diffusion dir of the official run")
-    p.add_argument("--out", type=Path, required=True, help="run dir to write (absent or empty)")
+    p.add_argument("--out", type=writable_dir, required=True, help="run dir to write (absent or empty)")
     p.set_defaults(func=cmd_import_stage1)
     p = imp_sub.add_parser("stage2", help="an official stage-2 model.pt (CLIPDecoder) -> a vlv stage-2 run dir")
     p.add_argument("model_pt", type=Path, help="model.pt of the official stage 2 (a CLIPDecoder state dict)")
@@ -233,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the base Stable Diffusion dir of the official run (its text encoder is T)")
     p.add_argument("--lm", type=Path, required=True,
                    help="the base LLM dir of the official run (Qwen2.5-3B: architecture and tokenizer)")
-    p.add_argument("--out", type=Path, required=True, help="run dir to write (absent or empty)")
+    p.add_argument("--out", type=writable_dir, required=True, help="run dir to write (absent or empty)")
     p.set_defaults(func=cmd_import_stage2)
 
     p = sub.add_parser("demo", help="the main job on the embedded shapes world")
@@ -254,24 +271,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=positive_int, default=1, help="caption beams (default 1: greedy)")
     p.set_defaults(func=cmd_evaluate)
     return parser
+def _drop_torchvision_notice() -> None:
+    """transformers warns, once per image-processor class, that torchvision is absent and it falls back to PIL:
+    vlv preprocesses with PIL + numpy and never uses either. Only that record is dropped; every other transformers
+    warning (weights not initialised, ...) still shows."""
+    import logging
+
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        lambda record: "requires torchvision (not installed)" not in record.getMessage())
+
+
 def main(argv: list[str] | None = None) -> int:
-    # transformers warns on import that torchvision is absent; vlv never uses it (PIL + numpy instead).
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    _drop_torchvision_notice()
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(os.environ.get("VLV_DEBUG"))
     try:
         args.func(args)
-    except USER_ERRORS as e:
-        if os.environ.get("VLV_DEBUG"):
+    except USER_ERRORS as e:  # the user's input: say what is wrong with it, in one line
+        if debug:
             raise
-        print(f"vlv: error: {e}", file=sys.stderr)
+        print(f"vlv: error: {one_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
-        if os.environ.get("VLV_DEBUG"):
+        if debug:
             raise
         print(f"vlv: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("vlv: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: the traceback is what a report needs, unless asked for quiet
+        if not args.quiet_errors or debug:
+            raise
+        print(f"vlv: internal error: {type(e).__name__}: {one_line(e)} (run without --quiet for the traceback)",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def one_line(error: BaseException) -> str:
+    """The message itself: a DataLoader worker's error arrives wrapped in its worker's traceback."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        return lines[-1].split(": ", 1)[-1]
+    return " ".join(line.strip() for line in lines) or type(error).__name__

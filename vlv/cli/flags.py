@@ -13,17 +13,30 @@ from pathlib import Path
 from typing import Any, Literal
 
 
-def writable_dir(text: str) -> Path:
-    """argparse type: a directory we can create and write into."""
-    path = Path(text)
+def _writable(text: str, is_dir: bool | None) -> Path:
+    from vlv.checks import check_out
+    from vlv.errors import UserError
+
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".vlv-write-probe"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise argparse.ArgumentTypeError(f"cannot write to {path}: {e.strerror or e}") from None
-    return path
+        return check_out(text, flag="", is_dir=is_dir)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def writable_dir(text: str) -> Path:
+    """argparse type: a folder we can create (or that exists) and write into; nothing is created yet, so a
+    command that refuses its other inputs leaves no folder behind."""
+    return _writable(text, is_dir=True)
+
+
+def writable_file(text: str) -> Path:
+    """argparse type: a file we can write (its folder exists or can be made); written later, atomically."""
+    return _writable(text, is_dir=False)
+
+
+def writable_path(text: str) -> Path:
+    """argparse type: a file or a folder we can write (the command decides which)."""
+    return _writable(text, is_dir=None)
 
 
 # --------------------------------------------------------------------------- flags from config dataclasses
