@@ -1,0 +1,206 @@
+"""Bad or odd inputs, one class each: a user's mistake is one line naming it and exit status 2, refused before any
+model loads or any output appears; a bug is a traceback; odd but valid images work.
+
+The commands run in-process (``vlv.cli.main``) on the shipped shapes weights: seconds each.
+"""
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlv.cli import main
+
+WEIGHTS = Path(__file__).parent.parent / "vlv" / "weights"
+
+
+def _error(capsys) -> str:
+    """The command's stderr as a terminal shows it (a progress bar erased by \\r is gone): one line."""
+    err = capsys.readouterr().err.replace("\r\n", "\n")
+    shown = [line.rsplit("\r", 1)[-1] for line in err.split("\n")]
+    shown = [line for line in shown if line.strip()]
+    assert len(shown) == 1, err
+    return shown[0]
+
+
+@pytest.fixture
+def scenes(tmp_path):
+    """Four shapes scenes: an image-caption folder."""
+    from vlv.shapes.data import write_shapes
+
+    return write_shapes(tmp_path / "scenes", n=4, seed=0, split="val", progress=False)
+
+
+@pytest.fixture
+def bad_images(tmp_path, scenes):
+    """A zero-byte, a truncated and a not-an-image file with image names, beside one good image."""
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    shutil.copy(scenes / "000000.png", folder / "good.png")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "torn.png").write_bytes((scenes / "000001.png").read_bytes()[:120])
+    (folder / "text.jpg").write_text("not an image")
+    return folder
+
+
+def test_bad_image_files_are_named_or_skipped(bad_images, scenes, tmp_path, capsys):
+    for name in ("empty.png", "torn.png", "text.jpg"):
+        out = tmp_path / f"rec-{name}"
+        assert main(["reconstruct", str(bad_images / "good.png"), str(bad_images / name), "--encoder",
+                     "shapes-stage1", "--decoder", "shapes-teacher", "--out", str(out)]) == 2
+        assert name in _error(capsys) and not out.exists()
+    assert main(["caption", str(bad_images), "--out", str(tmp_path / "c.jsonl")]) == 2
+    assert "empty.png" in _error(capsys) and not (tmp_path / "c.jsonl").exists()
+    # --skip-bad: the good image is captioned, the three bad ones counted
+    assert main(["caption", str(bad_images), "--out", str(tmp_path / "c.jsonl"), "--skip-bad"]) == 0
+    assert "skipped 3 unreadable image(s) of 4" in capsys.readouterr().out
+    assert [json.loads(r)["image"] for r in (tmp_path / "c.jsonl").read_text().splitlines()] == ["good.png"]
+    # training: a held-out folder with a torn image; the teacher under --on-bad-image fail
+    shutil.copy(bad_images / "torn.png", scenes / "000002.png")
+    assert main(["train", "stage1", "--decoder", "shapes-teacher", "--data", str(scenes), "--val", str(scenes),
+                 "--out", str(tmp_path / "s1")]) == 2
+    assert "000002.png" in _error(capsys) and not (tmp_path / "s1").exists()
+    assert main(["teacher", "train", "--data", str(scenes), "--out", str(tmp_path / "t"), "--tiny",
+                 "--on-bad-image", "fail"]) == 2
+    assert "000002.png" in _error(capsys) and not (tmp_path / "t").exists()
+
+
+def test_bad_images_in_training_data_are_skipped_and_counted(bad_images, tmp_path):
+    from vlv.data import ImageCaptionFolder
+
+    folder = ImageCaptionFolder(bad_images, 16, skip_bad=True)
+    assert len(folder) == 1 and sorted(folder.bad) == ["empty.png", "text.jpg", "torn.png"]
+
+
+def test_odd_but_valid_images_load(tmp_path):
+    from vlv.data import load_image
+
+    grey = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))  # (64, 64)
+    rgba = np.zeros((64, 64, 4), np.uint8)  # fully transparent black: composited on white
+    odd = {"rgba.png": Image.fromarray(rgba), "l.png": Image.fromarray(grey),
+           "la.png": Image.fromarray(grey).convert("LA"), "p.png": Image.fromarray(grey).convert("P"),
+           "i16.png": Image.fromarray(grey.astype(np.uint16) * 257),
+           "cmyk.jpg": Image.new("CMYK", (40, 30), (0, 255, 255, 0)), "one.png": Image.new("RGB", (1, 1), (9, 9, 9)),
+           "wide.png": Image.new("RGB", (5000, 2)), "tall.png": Image.new("L", (3, 4000))}
+    for name, im in odd.items():
+        im.save(tmp_path / name)
+        x = load_image(tmp_path / name, 32)
+        assert x.shape == (32, 32, 3) and x.dtype == np.uint8, name
+    assert (load_image(tmp_path / "rgba.png", 32) == 255).all()
+    assert np.abs(load_image(tmp_path / "i16.png", 32).astype(int) - load_image(tmp_path / "l.png", 32)).max() <= 1
+    assert load_image(tmp_path / "cmyk.jpg", 32)[..., 0].mean() > 200  # red survives CMYK
+
+
+def test_torn_or_foreign_weights_are_named(tmp_path, scenes, capsys):
+    torn = tmp_path / "torn-encoder"
+    shutil.copytree(WEIGHTS / "shapes-stage1", torn)
+    (torn / "model.safetensors").write_bytes((WEIGHTS / "shapes-stage1" / "model.safetensors").read_bytes()[:4000])
+    assert main(["reconstruct", str(scenes / "000000.png"), "--encoder", str(torn), "--decoder", "shapes-teacher",
+                 "--out", str(tmp_path / "rec")]) == 2
+    assert "torn-encoder/model.safetensors" in _error(capsys) and not (tmp_path / "rec").exists()
+    pickled = tmp_path / "pickled-captioner"
+    shutil.copytree(WEIGHTS / "shapes-stage2", pickled)
+    (pickled / "captioner.safetensors").write_bytes(pickle.dumps({"weight": [1.0]}))
+    assert main(["caption", str(scenes), "--model", str(pickled), "--out", str(tmp_path / "c.jsonl")]) == 2
+    assert "captioner.safetensors" in _error(capsys) and not (tmp_path / "c.jsonl").exists()
+    # a run dir whose checkpoint was torn: resuming says so, and what to do
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "trainer.json").write_text(json.dumps({"step": 1}))
+    (run / "checkpoint" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    assert main(["train", "stage1", "--decoder", "shapes-teacher", "--data", str(scenes), "--out", str(run)]) == 2
+    err = _error(capsys)
+    assert "cannot resume" in err and "checkpoint" in err and "delete it" in err
+
+
+def test_incomplete_stable_diffusion_dir_is_refused(tmp_path, scenes, capsys):
+    sd = tmp_path / "sd"
+    shutil.copytree(WEIGHTS / "shapes-teacher", sd, ignore=shutil.ignore_patterns("unet"))
+    assert main(["teacher", "sample", str(sd), "--prompt", "a red circle", "--out", str(tmp_path / "a.png")]) == 2
+    assert "no unet/" in _error(capsys) and not (tmp_path / "a.png").exists()
+    assert main(["train", "stage1", "--decoder", str(sd), "--data", str(scenes), "--out", str(tmp_path / "s1")]) == 2
+    assert "no unet/" in _error(capsys) and not (tmp_path / "s1").exists()
+
+
+def test_captions_rows_of_the_wrong_types_name_their_line(tmp_path, scenes, capsys):
+    rows = (scenes / "captions.jsonl").read_text().splitlines()
+    rows[2] = json.dumps({"image": 7, "caption": "a red circle"})
+    (scenes / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    for argv in (["train", "stage1", "--decoder", "shapes-teacher", "--data", str(scenes)],
+                 ["teacher", "train", "--data", str(scenes), "--tiny"], ["data", "shards", str(scenes)]):
+        assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+        err = _error(capsys)
+        assert "captions.jsonl:3" in err and '"image"' in err and not (tmp_path / "out").exists(), err
+
+
+def test_empty_prompt_samples(tmp_path, capsys):
+    out = tmp_path / "empty.png"
+    assert main(["teacher", "sample", "shapes-teacher", "--prompt", "", "--steps", "2", "--out", str(out)]) == 0
+    assert Image.open(out).size == (64, 64)
+
+
+def test_inputs_are_checked_before_models_load_or_outputs_appear(tmp_path, scenes, capsys):
+    empty, captionless = tmp_path / "empty", tmp_path / "captionless"
+    empty.mkdir()
+    captionless.mkdir()
+    shutil.copy(scenes / "000000.png", captionless / "a.png")
+    out = tmp_path / "out"
+    cases = [(["teacher", "train", "--data", str(tmp_path / "missing"), "--out", str(out)], "missing"),
+             (["teacher", "train", "--data", str(empty), "--out", str(out)], "empty"),
+             (["teacher", "train", "--data", str(captionless), "--out", str(out)], "no caption"),
+             (["train", "stage1", "--decoder", "shapes-teacher", "--data", str(scenes), "--encoder", "nosuch",
+               "--out", str(out)], "nosuch"),
+             (["train", "stage1", "--decoder", "shapes-teacher", "--data", str(scenes), "--lr", "-1",
+               "--out", str(out)], "lr"),
+             (["train", "stage1", "--decoder", "shapes-teacher", "--data", str(scenes), "--nq", "500",
+               "--out", str(out)], "--nq 500"),
+             (["compose", str(scenes / "000000.png"), str(scenes / "000001.png"), "--encoder", "shapes-stage1",
+               "--decoder", "shapes-teacher", "--k", "99", "--out", str(out / "ab.png")], "--k 99")]
+    for argv, named in cases:
+        assert main(argv) == 2, argv
+        err = _error(capsys)  # one line: no loading bars or warnings before it
+        assert named in err and not out.exists(), (argv, err)
+
+
+def test_unwritable_out_names_the_argument(tmp_path, scenes, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for argv in (["caption", str(scenes)], ["train", "stage1", "--decoder", "shapes-teacher", "--data", str(scenes)]):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--out", str(blocker / "out")])
+        assert e.value.code == 2
+        err = _error(capsys)
+        assert "argument --out" in err and "a-file is a file" in err
+
+
+def test_only_user_errors_are_one_line(tmp_path, scenes, monkeypatch, capsys):
+    from vlv.errors import UserError
+
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    assert main(["data", "sheet", str(scenes), "--out", str(tmp_path / "sheet.png")]) == 0
+    assert "TRANSFORMERS_VERBOSITY" not in os.environ  # transformers' own warnings are left on
+    capsys.readouterr()
+
+    def bug(args):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr("vlv.cli.cmd_data_sheet", bug)
+    argv = ["data", "sheet", str(scenes), "--out", str(tmp_path / "x.png")]
+    with pytest.raises(ValueError, match="internal bug"):  # a bug: the traceback, not a "user error"
+        main(argv)
+    assert main(["--quiet", *argv]) == 1 and "internal bug" in _error(capsys)
+    monkeypatch.setattr("vlv.cli.cmd_data_sheet", lambda args: (_ for _ in ()).throw(UserError("your mistake")))
+    assert main(argv) == 2 and _error(capsys) == "vlv: error: your mistake"
+
+
+def test_a_folder_named_like_a_preset_is_ambiguous(tmp_path, scenes, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shapes").mkdir()
+    assert main(["train", "stage1", "--decoder", "shapes-teacher", "--data", str(scenes), "--encoder", "shapes",
+                 "--out", "run"]) == 2
+    assert "./shapes" in _error(capsys) and not (tmp_path / "run").exists()
