@@ -115,8 +115,12 @@ def cmd_teacher_train(args: argparse.Namespace) -> None:
 def cmd_teacher_export(args: argparse.Namespace) -> None:
     import torch
 
+    from vlv.checks import safetensors_keys
     from vlv.shapes.teacher import export_checkpoint
 
+    check_checkpoints(args.teacher)
+    if (args.teacher / "training" / "latents.safetensors").is_file():
+        safetensors_keys(args.teacher / "training" / "latents.safetensors")
     export_checkpoint(args.teacher, args.out, dtype=torch.float16 if args.fp16 else torch.float32)
     print(f"exported to {args.out}")
 
