@@ -191,8 +191,9 @@ def test_only_user_errors_are_one_line(tmp_path, scenes, monkeypatch, capsys):
 
     monkeypatch.setattr("vlv.cli.cmd_data_sheet", bug)
     argv = ["data", "sheet", str(scenes), "--out", str(tmp_path / "x.png")]
-    with pytest.raises(ValueError, match="internal bug"):  # a bug: the traceback, not a "user error"
-        main(argv)
+    assert main(argv) == 1  # a bug: the traceback, not a "user error"
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last)") and "ValueError: an internal bug" in err
     assert main(["--quiet", *argv]) == 1 and "internal bug" in _error(capsys)
     monkeypatch.setattr("vlv.cli.cmd_data_sheet", lambda args: (_ for _ in ()).throw(UserError("your mistake")))
     assert main(argv) == 2 and _error(capsys) == "vlv: error: your mistake"
@@ -204,3 +205,19 @@ def test_a_folder_named_like_a_preset_is_ambiguous(tmp_path, scenes, monkeypatch
     assert main(["train", "stage1", "--decoder", "shapes-teacher", "--data", str(scenes), "--encoder", "shapes",
                  "--out", "run"]) == 2
     assert "./shapes" in _error(capsys) and not (tmp_path / "run").exists()
+
+
+def test_training_on_bad_image_fail_names_it_and_exits(bad_images, scenes, tmp_path):
+    """Through decoding workers too: the worker's error arrives as one line, and the workers (which ignore a
+    group SIGTERM) do not keep the process from exiting."""
+    import subprocess
+    import sys
+
+    shutil.copy(bad_images / "text.jpg", scenes / "000003.png")
+    r = subprocess.run([sys.executable, "-m", "vlv.cli", "train", "stage1", "--decoder", "shapes-teacher", "--data",
+                        str(scenes), "--out", str(tmp_path / "s1"), "--nq", "4", "--steps", "2", "--batch-size", "4",
+                        "--num-workers", "2", "--no-cache-vision", "--no-cache-latents", "--on-bad-image", "fail"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().split("\n")[-1]
+    assert last.startswith("vlv: error: bad image 000003") and "000003.png" in last, r.stderr[-2000:]

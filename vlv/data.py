@@ -110,7 +110,7 @@ def open_image(source: str | Path | bytes | Image.Image, name: str | None = None
     if name is None and not isinstance(source, bytes):
         name = str(source)
     prefix = f"{name}: " if name else ""  # bytes: the caller names the sample
-    if not isinstance(source, bytes) and Path(source).is_file() and Path(source).stat().st_size == 0:
+    if source == b"" or not isinstance(source, bytes) and Path(source).is_file() and Path(source).stat().st_size == 0:
         raise BadImage(f"{prefix}empty file, not an image")
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
@@ -123,8 +123,9 @@ def open_image(source: str | Path | bytes | Image.Image, name: str | None = None
 
 
 def _reason(error: Exception) -> str:
-    text = str(error).split(" '")[0] if isinstance(error, UnidentifiedImageError) else str(error)
-    return text or type(error).__name__
+    if isinstance(error, UnidentifiedImageError):  # its message names a temp object, not the file
+        return "not an image format PIL reads"
+    return str(error) or type(error).__name__
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

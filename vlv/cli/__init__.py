@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from vlv.cli.commands import (
@@ -285,29 +286,38 @@ def main(argv: list[str] | None = None) -> int:
     _drop_torchvision_notice()
     parser = build_parser()
     args = parser.parse_args(argv)
-    debug = bool(os.environ.get("VLV_DEBUG"))
+    debug = bool(os.environ.get("VLV_DEBUG"))  # every error raises, with its traceback
     try:
         args.func(args)
-    except USER_ERRORS as e:  # the user's input: say what is wrong with it, in one line
-        if debug:
-            raise
-        print(f"vlv: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:
-        if debug:
-            raise
-        print(f"vlv: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("vlv: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # a bug: the traceback is what a report needs, unless asked for quiet
-        if not args.quiet_errors or debug:
+    except Exception as e:
+        if debug:
             raise
-        print(f"vlv: internal error: {type(e).__name__}: {one_line(e)} (run without --quiet for the traceback)",
-              file=sys.stderr)
-        return 1
+        if isinstance(e, USER_ERRORS):  # the user's input: what is wrong with it, in one line
+            status, text = 2, f"vlv: error: {one_line(e)}"
+        elif isinstance(e, NonFiniteLoss):
+            status, text = 1, f"vlv: error: {e}"
+        elif args.quiet_errors:
+            status, text = 1, (f"vlv: internal error: {type(e).__name__}: {one_line(e)} (run without --quiet for "
+                               "the traceback)")
+        else:  # a bug: its traceback is what a report needs
+            status, text = 1, "".join(traceback.format_exception(e)).rstrip()
+        _release(e)
+        print(text, file=sys.stderr)
+        return status
     return 0
+
+
+def _release(error: BaseException) -> None:
+    """Free what the error's traceback holds, now: a DataLoader iterator caught in it keeps its workers, which
+    ignore SIGTERM (they leave a stop to the trainer), so the exit would wait on them forever. Progress bars
+    freed with it close before the message is printed."""
+    import gc
+
+    error.__traceback__ = None
+    gc.collect()
 
 
 def one_line(error: BaseException) -> str:

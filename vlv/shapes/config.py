@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vlv.errors import InvalidInput
+
 
 @dataclass
 class TeacherConfig:
@@ -73,6 +75,20 @@ class TeacherRecipe:
     eval_guidance: tuple[float, ...] = _f((2.0, 4.0), "guidance scales evaluated")
     seed: int = _f(0, "seed")
     extra: dict = field(default_factory=dict, metadata={"cli": False})
+
+    def __post_init__(self) -> None:
+        """Refused here, before data load: each phase's loop would refuse it only once the phase starts."""
+        positive = ("vae_steps", "vae_batch", "vae_lr", "unet_steps", "unet_batch", "unet_lr", "eval_n")
+        if bad := [f for f in positive if not getattr(self, f) > 0]:
+            raise InvalidInput(f"{', '.join(bad)} must be positive, got "
+                               f"{', '.join(str(getattr(self, f)) for f in bad)}")
+        if bad := [f for f in ("vae_warmup", "unet_warmup", "eval_every", "vae_eval_every") if getattr(self, f) < 0]:
+            raise InvalidInput(f"{', '.join(bad)} must be >= 0")
+        shares = ("vae_min_lr_ratio", "unet_min_lr_ratio", "caption_dropout", "high_noise_fraction")
+        if bad := [f for f in shares if not 0.0 <= getattr(self, f) <= 1.0]:
+            raise InvalidInput(f"{', '.join(bad)} must be in [0, 1]")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise InvalidInput(f"ema_decay must be in (0, 1), got {self.ema_decay}")
 
 
 @dataclass
