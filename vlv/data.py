@@ -100,10 +100,13 @@ def load_image(path: Path | Image.Image, size: int) -> np.ndarray:
     return _square(open_image(path), size)
 
 
-def open_image(source: str | Path | bytes | Image.Image, name: str | None = None) -> Image.Image:
+def open_image(source: str | Path | bytes | Image.Image, name: str | None = None, check_only: bool = False
+               ) -> Image.Image:
     """The one way vlv reads a user's image: decoded whole, upright (EXIF orientation), as 8-bit RGB.
 
     A file that is empty, truncated or not an image raises :class:`BadImage` naming it (``name``, else the path).
+    ``check_only``: just prove it decodes, a JPEG at 1/8 scale (its whole stream is still read), for a check of
+    many files before the real work.
     """
     if isinstance(source, Image.Image):
         return to_rgb(ImageOps.exif_transpose(source))
@@ -114,6 +117,8 @@ def open_image(source: str | Path | bytes | Image.Image, name: str | None = None
         raise BadImage(f"{prefix}empty file, not an image")
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            if check_only:
+                im.draft("RGB", (1, 1))
             im.load()  # decode now: a truncated file fails here, not somewhere in the pipeline
             return to_rgb(ImageOps.exif_transpose(im))
     except FileNotFoundError:

@@ -36,7 +36,7 @@ def _images(paths: list[Path], skip_bad: bool) -> list[Path]:
     found, bad = list_images(paths), []
     for p in found:
         try:
-            open_image(p)
+            open_image(p, check_only=True)
         except BadImage as e:
             if not skip_bad:
                 raise BadImage(f"{e} (--skip-bad skips unreadable images)") from None
