@@ -65,8 +65,9 @@ def load_torch_file(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InvalidInput(f"{path}: not a readable PyTorch checkpoint ({reason[:200]})") from None
+        reason = ("it holds objects other than tensors, which vlv does not unpickle" if "Unsupported global" in str(e)
+                  else "torn, or not a torch.save file")
+        raise InvalidInput(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
 
 
 def trainable_state(module: torch.nn.Module, trainable: bool = True) -> dict[str, torch.Tensor]:
