@@ -64,6 +64,18 @@ def test_rerun_skips_finished_stages(demo_run, capsys):
     assert before == after
 
 
+def test_a_run_dir_of_one_recipe_is_refused_by_another(demo_run, capsys):
+    """The quick run's 6-step stages are never reported (nor resumed) as the default recipe's."""
+    from vlv.cli import main
+
+    m = json.loads((demo_run / "metrics.json").read_text())
+    assert m["stages"] == {"lm": "demo-quick", "stage1": "demo-quick", "stage2": "demo-quick"}
+    assert main(["demo", "--out", str(demo_run)]) == 2
+    err = capsys.readouterr().err
+    assert "lm by 'demo-quick'" in err and "stage2 by 'demo-quick'" in err and "not 'demo'" in err, err
+    assert json.loads((demo_run / "metrics.json").read_text()) == m  # nothing touched
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

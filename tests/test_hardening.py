@@ -221,3 +221,20 @@ def test_training_on_bad_image_fail_names_it_and_exits(bad_images, scenes, tmp_p
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().split("\n")[-1]
     assert last.startswith("vlv: error: bad image 000003") and "000003.png" in last, r.stderr[-2000:]
+
+
+def test_a_resumed_run_refuses_changed_settings_unless_overridden(tmp_path, scenes, capsys):
+    """A run dir with a checkpoint resumes with the settings it started with: another lr or seed is named and
+    refused, a changed time limit is not a change, and --resume override goes on with the new settings."""
+    out = tmp_path / "lm"
+    base = ["train", "lm", "--data", str(scenes), "--out", str(out), "--steps", "4", "--batch-size", "2"]
+    assert main([*base, "--stop-after", "2"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--lr", "5e-4", "--seed", "3"]) == 2
+    err = _error(capsys)
+    assert "train.lr" in err and "train.seed" in err and "--resume override" in err, err
+    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["step"] == 2  # untouched
+    assert main([*base, "--minutes", "30", "--stop-after", "1"]) == 0  # how it stops is free
+    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["step"] == 3
+    assert main([*base, "--lr", "5e-4", "--resume", "override"]) == 0
+    assert json.loads((out / "lm.json").read_text())["train"]["lr"] == 5e-4

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="tiny architecture (tests, plumbing)")
     p.add_argument("--on-bad-image", choices=["skip", "fail"], default="skip",
                    help="an unreadable image: skip it (counted) or stop naming it (default skip)")
+    p.add_argument("--resume", choices=["check", "override"], default="check",
+                   help="check: a started OUT resumes only with the recipe it was started with (the differing "
+                        "fields are named); override: resume with these settings anyway")
     recipe_arg(p, "teacher", "shapes-teacher")
     add_fields(p, TeacherRecipe, "recipe overrides")
     p.set_defaults(func=cmd_teacher_train)

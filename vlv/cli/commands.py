@@ -108,7 +108,8 @@ def cmd_teacher_train(args: argparse.Namespace) -> None:
         recipe = section(load_recipe(args.recipe, "teacher"), "settings", TeacherRecipe, given(args, TeacherRecipe))
     check_checkpoints(args.out)
     done = train_teacher(args.data, args.out, TINY if args.tiny else TeacherConfig(), recipe, val=args.val,
-                         max_minutes=args.minutes, command=command_line(), on_bad_image=args.on_bad_image)
+                         max_minutes=args.minutes, command=command_line(), on_bad_image=args.on_bad_image,
+                         resume_override=args.resume == "override")
     print(f"teacher saved to {done}" if done else f"time budget reached; run the same command to resume ({args.out})")
 
 

@@ -109,6 +109,17 @@ def _data(run: Path, demo: dict[str, Any]) -> None:
             write_shapes(folder, n=n, seed=0, split=split)
 
 
+def _check_stages(run: Path, meta: dict[str, Any], name: str) -> None:
+    """A run dir holds one demo recipe's stages: a stage another recipe made (finished or not) is never reused
+    or resumed by this one, since its numbers would be reported as this recipe's."""
+    made = {s: meta.get("stages", {}).get(s) or (meta.get("recipe") if finished(run, s) else None) for s in STAGES}
+    other = {s: r for s, r in made.items() if r is not None and r != name}
+    if other:
+        stages = ", ".join(f"{s} by {r!r}" for s, r in other.items())
+        raise InvalidInput(f"{run} holds stages another demo recipe made ({stages}), not {name!r}: use another "
+                           "--out, or run that recipe")
+
+
 def run_demo(out: Path, recipe: str = "default", minutes: float | None = None) -> dict[str, Any]:
     """Run (or resume) the demo recipe ``recipe`` into ``out``; returns the metrics written to out/metrics.json."""
     demo, run = demo_recipe(recipe), Path(out)
@@ -119,9 +130,10 @@ def run_demo(out: Path, recipe: str = "default", minutes: float | None = None) -
                            "--minutes")
     if total is not None and total <= reserve:
         raise InvalidInput(f"--minutes must exceed the {reserve} minutes data and evaluation take")
+    meta_file = run / "metrics.json"
+    _check_stages(run, _read(meta_file), demo["name"])
     run.mkdir(parents=True, exist_ok=True)
     train_minutes = None if total is None else total - reserve
-    meta_file = run / "metrics.json"
     timings: dict[str, float] = _read(meta_file).get("timings", {})
 
     def timed(name: str, fn) -> None:
@@ -144,6 +156,9 @@ def run_demo(out: Path, recipe: str = "default", minutes: float | None = None) -
             print(f"[{i}/{len(plan) + 1}] {name}: finished earlier, skipped")
             continue
         print(f"[{i}/{len(plan) + 1}] {name}" + (eta.line(name) if eta else ""), flush=True)
+        if name in STAGES:  # which recipe made it, before it starts: a later run with another recipe refuses it
+            meta = _read(meta_file)
+            write_json(meta_file, {**meta, "stages": {**meta.get("stages", {}), name: demo["name"]}})
         try:
             timed(name, fn)
         except InterruptedError as e:

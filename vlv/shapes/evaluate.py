@@ -176,7 +176,7 @@ def evaluate_run(run: Path, settings: EvalSettings | None = None, progress: bool
     metrics["curves"] = loss_curves(run)
     metrics["shipped"] = shipped_metrics()
     old = json.loads((run / METRICS_FILE).read_text()) if (run / METRICS_FILE).is_file() else {}
-    metrics = {**{k: old[k] for k in ("timings", "recipe") if k in old}, **metrics}
+    metrics = {**{k: old[k] for k in ("timings", "recipe", "stages", "budget_minutes") if k in old}, **metrics}
     write_json(run / METRICS_FILE, metrics)
     return metrics
 

@@ -37,7 +37,7 @@ from vlv.modeling import load_trainable_state, write_json
 from vlv.shapes.config import TeacherConfig, TeacherRecipe
 from vlv.shapes.metrics import sample_accuracy, vae_accuracy
 from vlv.shapes.tokenizers import build_tokenizer
-from vlv.training.loop import TrainConfig, has_checkpoint, train
+from vlv.training.loop import TrainConfig, check_resume, ema_by_name, has_checkpoint, train
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -191,14 +191,17 @@ def save_teacher(pipe: StableDiffusionPipeline, out: Path, cfg: TeacherConfig, r
 
 def train_teacher(data: Path, out: Path, cfg: TeacherConfig, recipe: TeacherRecipe, val: Path | None = None,
                   max_minutes: float | None = None, progress: bool = True, command: str | None = None,
-                  on_bad_image: Literal["skip", "fail"] = "skip") -> Path | None:
+                  on_bad_image: Literal["skip", "fail"] = "skip", resume_override: bool = False) -> Path | None:
     """Train VAE, cache latents, train text encoder + UNet; export SD layout into ``out``.
 
     Resumable: state lives in out/training/ (checkpoints, latent cache, logs). Returns ``out`` when
     finished, None when the time budget ran out first (re-run to continue). Unreadable images are skipped and
-    counted (``on_bad_image="fail"``: the first raises, naming it).
+    counted (``on_bad_image="fail"``: the first raises, naming it). A started run resumes only with the config
+    and recipe it was started with, unless ``resume_override``.
     """
     out, work = Path(out), Path(out) / "training"
+    check_resume(work, "recipe.json", {"config": asdict(cfg), "recipe": asdict(recipe)}, resume_override,
+                 checkpoint_dir=work / "vae")
     skip = on_bad_image == "skip"
     train_data = ImageCaptionFolder(data, cfg.image_size, progress=progress, skip_bad=skip)
     train_data.captions  # noqa: B018 -- a folder without captions fails now, not after the VAE phase
@@ -275,13 +278,11 @@ def export_checkpoint(teacher_dir: Path, out: Path, dtype: torch.dtype = torch.f
     vae.register_to_config(scaling_factor=float(1.0 / latents["mean"].float().std()))
     tokenizer = build_tokenizer(cfg.max_length)
     model = TextToImage(build_text_encoder(cfg, tokenizer), build_unet(cfg))
-    ema = load_file(work / "unet" / "checkpoint" / "ema.safetensors")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if len(ema) != len(params):
-        raise ValueError(f"EMA holds {len(ema)} tensors for {len(params)} parameters")
+    ckpt = work / "unet" / "checkpoint"
+    shadow = ema_by_name(model, load_file(ckpt / "ema.safetensors"), ckpt)
     with torch.no_grad():
-        for i, p in enumerate(params):
-            p.copy_(ema[str(i)])
+        for p, v in zip((p for p in model.parameters() if p.requires_grad), shadow, strict=True):
+            p.copy_(v)
     meta = {k: json.loads((work / k / "checkpoint" / "trainer.json").read_text()) for k in ("vae", "unet")}
     record = {"exported_from": str(teacher_dir), "recipe": spec["recipe"], "unet_step": meta["unet"]["step"],
               "unet_steps_planned": meta["unet"]["config"]["steps"], "vae_step": meta["vae"]["step"],

@@ -54,6 +54,9 @@ class TrainConfig:
                                             "overrides --steps")
     stop_after: int | None = _f(None, "stop (with a checkpoint) after this many steps in this invocation")
     seed: int = _f(0, "seed of the batches, the noise and the random init")
+    resume: Literal["check", "override"] = _f(
+        "check", "check: a run dir with a checkpoint resumes only with the settings it was started with (the "
+                 "differing ones are named); override: resume with these settings anyway")
     progress: bool = _f(True, "progress bar", cli=False)
 
     def __post_init__(self) -> None:
@@ -65,6 +68,8 @@ class TrainConfig:
             raise ValueError("warmup_steps, weight_decay and grad_clip must be >= 0")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"unknown schedule {self.schedule!r}")
+        if self.resume not in ("check", "override"):
+            raise ValueError(f"resume must be check or override, got {self.resume!r}")
         if self.sharding not in ("ddp", "fsdp2", "zero2"):
             raise ValueError(f"sharding must be ddp, fsdp2 or zero2, got {self.sharding!r}")
         if self.sharding != "ddp" and self.ema_decay:

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from vlv.diffusion import Draws
-from vlv.errors import NonFiniteLoss
+from vlv.errors import InvalidInput, NonFiniteLoss
 from vlv.modeling import load_trainable_state, trainable_state
 from vlv.training import sharding
 from vlv.training.config import TrainConfig
@@ -205,7 +205,7 @@ def load_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimize
     meta = json.loads((ckpt / "trainer.json").read_text())
     sharded = sharding.is_sharded(model)
     if bool(meta.get("sharded")) != sharded:
-        raise ValueError(f"{ckpt} was written {'with' if meta.get('sharded') else 'without'} sharding: resume "
+        raise InvalidInput(f"{ckpt} was written {'with' if meta.get('sharded') else 'without'} sharding: resume "
                          f"with the --sharding it was trained with ({meta['config'].get('sharding', 'ddp')})")
     if sharded:
         sharding.load_shards(ckpt / sharding.SHARDS, model, opt)
@@ -214,7 +214,7 @@ def load_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimize
     if opt is not None and not sharded:
         _optimizer_from_tensors(opt, load_file(ckpt / "optimizer.safetensors"), meta["optimizer"])
     if ema is not None and (ckpt / "ema.safetensors").exists():
-        ema.shadow_params = _ema_by_name(model, load_file(ckpt / "ema.safetensors"), ckpt)
+        ema.shadow_params = ema_by_name(model, load_file(ckpt / "ema.safetensors"), ckpt)
         ema.optimization_step = meta["ema_step"]
     return TrainState(step=meta["step"], elapsed_s=meta["elapsed_s"], history=meta["history"],
                       planned_steps=meta.get("planned_steps"))
@@ -225,7 +225,7 @@ def _trainable_names(model: torch.nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _ema_by_name(model: torch.nn.Module, shadow: dict[str, torch.Tensor], ckpt: Path) -> list[torch.Tensor]:
+def ema_by_name(model: torch.nn.Module, shadow: dict[str, torch.Tensor], ckpt: Path) -> list[torch.Tensor]:
     """The EMA weights in the model's trainable order, matched by name and shape (a checkpoint of an older vlv,
     keyed 0, 1, ..., by position, when its count and shapes fit)."""
     names = _trainable_names(model)
@@ -235,13 +235,46 @@ def _ema_by_name(model: torch.nn.Module, shadow: dict[str, torch.Tensor], ckpt: 
     missing, unexpected = sorted(set(names) - set(shadow)), sorted(set(shadow) - set(names))
     bad = [n for n in names if n in shadow and shadow[n].shape != params[n].shape]
     if missing or unexpected or bad:
-        raise ValueError(f"{ckpt}: its EMA weights do not match the model (missing {missing[:3]}, unexpected "
+        raise InvalidInput(f"{ckpt}: its EMA weights do not match the model (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}, other shapes {bad[:3]})")
     return [shadow[n] for n in names]
 
 
 def has_checkpoint(run: Path) -> bool:
     return (Path(run) / CHECKPOINT / "trainer.json").exists()
+
+
+# Settings a resumed run may change: how it reports, checkpoints, stops and reads data, not what it computes.
+FREE_ON_RESUME = frozenset({"progress", "max_minutes", "stop_after", "checkpoint_minutes", "checkpoint_every",
+                            "log_every", "eval_every", "resume", "num_workers", "on_bad_image"})
+
+
+def changed_settings(saved: dict[str, dict], requested: dict[str, dict]) -> list[str]:
+    """``section.field`` of every setting that differs between a run's record and a new request."""
+    out = []
+    for section, fields in requested.items():
+        old = saved.get(section, {})
+        free = FREE_ON_RESUME | ({"steps"} if fields.get("budget_minutes") else set())  # a budget plans its steps
+        out += [f"{section}.{k}" for k, v in fields.items() if k not in free and k in old and _json(old[k]) != _json(v)]
+    return out
+
+
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value))  # tuples and lists alike, as the record stores them
+
+
+def check_resume(run: Path, record_file: str, requested: dict[str, dict], override: bool = False,
+                 checkpoint_dir: Path | None = None) -> None:
+    """A run dir with a checkpoint resumes only with the settings its record holds (unless ``resume=override``):
+    a changed lr, batch, seed or recipe would otherwise go on silently from weights trained another way."""
+    run = Path(run)
+    record = run / record_file
+    if override or not has_checkpoint(checkpoint_dir or run) or not record.is_file():
+        return
+    diff = changed_settings(json.loads(record.read_text()), requested)
+    if diff:
+        raise InvalidInput(f"{run} was started with other settings ({', '.join(diff)}): run its command again to "
+                         f"resume, use another --out, or pass --resume override")
 
 
 # ------------------------------------------------------------------------------------------- loop
@@ -291,7 +324,7 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
     run = Path(run)
     accelerator = accelerator or make_accelerator(cfg)
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ValueError(f"launched with accelerate's {accelerator.distributed_type.value} plugin: vlv shards itself "
+        raise InvalidInput(f"launched with accelerate's {accelerator.distributed_type.value} plugin: vlv shards itself "
                          "(--sharding fsdp2 or zero2) under a plain launch (launch/ddp-*.yaml or torchrun)")
     if accelerator.gradient_accumulation_steps != cfg.grad_accum:
         raise ValueError(f"the Accelerator accumulates {accelerator.gradient_accumulation_steps} micro-steps, the "

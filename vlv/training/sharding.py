@@ -26,13 +26,15 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+from vlv.errors import InvalidInput
+
 SHARDS = "shards"  # the distributed checkpoint inside run/checkpoint
 
 
 def mesh_for(device: torch.device) -> DeviceMesh:
     """One data-parallel dimension over every process (the launcher's process group)."""
     if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("sharded training needs several processes: launch with torchrun or accelerate launch")
+        raise InvalidInput("sharded training needs several processes: launch with torchrun or accelerate launch")
     return init_device_mesh(device.type, (dist.get_world_size(),))
 
 
