@@ -238,3 +238,19 @@ def test_a_resumed_run_refuses_changed_settings_unless_overridden(tmp_path, scen
     assert json.loads((out / "checkpoint" / "trainer.json").read_text())["step"] == 3
     assert main([*base, "--lr", "5e-4", "--resume", "override"]) == 0
     assert json.loads((out / "lm.json").read_text())["train"]["lr"] == 5e-4
+
+
+def test_kill_soak_short_form(tmp_path):
+    """benchmarks/kill_soak.py, short: `vlv train lm` SIGKILLed three times at random moments (checkpointing every
+    step), resumed each time, ends with the uninterrupted run's weights, and no killed state is unloadable."""
+    import random
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    from kill_soak import commands, soak
+
+    from vlv.shapes.data import write_shapes
+
+    data = write_shapes(tmp_path / "data", n=48, seed=0, split="train", progress=False)
+    row = soak("lm", commands(data, tmp_path / "unused")["lm"], tmp_path, kills=3, rng=random.Random(0))
+    assert row["kills"] == 3 and row["equal"] and row["files"] and not row["unloadable"], row
