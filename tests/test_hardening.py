@@ -159,6 +159,8 @@ def test_inputs_are_checked_before_models_load_or_outputs_appear(tmp_path, scene
                "--out", str(out)], "lr"),
              (["train", "stage1", "--decoder", "shapes-teacher", "--data", str(scenes), "--nq", "500",
                "--out", str(out)], "--nq 500"),
+             (["train", "stage1", "--decoder", "shapes-teacher", "--data", str(scenes), "--sharding", "fsdp2",
+               "--out", str(out)], "several processes"),
              (["compose", str(scenes / "000000.png"), str(scenes / "000001.png"), "--encoder", "shapes-stage1",
                "--decoder", "shapes-teacher", "--k", "99", "--out", str(out / "ab.png")], "--k 99")]
     for argv, named in cases:

@@ -19,7 +19,7 @@ from vlv.datasets import step_indices
 from vlv.lm import IGNORE, build_lm, encode_documents, load_tokenizer, pad_id
 from vlv.modeling import write_json
 from vlv.training.config import LMSettings, TrainConfig
-from vlv.training.loop import Draws, across_ranks, check_resume, train
+from vlv.training.loop import Draws, across_ranks, check_request, train
 
 LM_FILE = "lm.json"
 
@@ -85,7 +85,7 @@ def train_lm(settings: LMSettings, cfg: TrainConfig, out: Path, tokenizer: PreTr
     ``AutoTokenizer.from_pretrained(out)`` load it, and stage 2 takes it as its LM source.
     """
     out = Path(out)
-    check_resume(out, LM_FILE, {"settings": asdict(settings), "train": asdict(cfg)}, cfg.resume == "override")
+    check_request(out, LM_FILE, {"settings": asdict(settings), "train": asdict(cfg)}, cfg)
     out.mkdir(parents=True, exist_ok=True)
     captions = read_captions(settings.data)
     val = read_captions(settings.val, limit=settings.eval_n) if settings.val else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -261,6 +262,15 @@ def changed_settings(saved: dict[str, dict], requested: dict[str, dict]) -> list
 
 def _json(value: Any) -> Any:
     return json.loads(json.dumps(value))  # tuples and lists alike, as the record stores them
+
+
+def check_request(run: Path, record_file: str, requested: dict[str, dict], cfg: TrainConfig) -> None:
+    """What a training command checks before it loads anything: the launch fits the sharding, and a started run
+    dir is resumed with its own settings."""
+    if cfg.sharding != "ddp" and int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        raise InvalidInput(f"--sharding {cfg.sharding} needs several processes: launch with torchrun or "
+                           "accelerate launch")
+    check_resume(run, record_file, requested, cfg.resume == "override")
 
 
 def check_resume(run: Path, record_file: str, requested: dict[str, dict], override: bool = False,

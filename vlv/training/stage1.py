@@ -37,7 +37,7 @@ from vlv.modeling import write_json
 from vlv.shipped import resolve_decoder, resolve_encoder
 from vlv.training.config import Stage1Settings, TrainConfig
 from vlv.training.data import drop_bad_rows, image_source
-from vlv.training.loop import check_resume, global_batch, make_accelerator, train
+from vlv.training.loop import check_request, global_batch, make_accelerator, train
 
 Evaluator = Callable[[VLVEncoder, DiffusionDecoder], dict[str, float]]
 
@@ -227,7 +227,7 @@ def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress
     """
     check_settings(settings)
     out = Path(out)
-    check_resume(out, STAGE1_FILE, {"settings": asdict(settings), "train": asdict(cfg)}, cfg.resume == "override")
+    check_request(out, STAGE1_FILE, {"settings": asdict(settings), "train": asdict(cfg)}, cfg)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg)
     # The frozen decoder never goes through ``prepare`` (nothing of it trains), so it is placed here.

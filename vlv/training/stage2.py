@@ -31,7 +31,7 @@ from vlv.shipped import is_shipped, resolve_decoder, resolve_encoder
 from vlv.text_encoder import load_text_encoder
 from vlv.training.config import Stage2Settings, TrainConfig
 from vlv.training.data import image_source
-from vlv.training.loop import Draws, across_ranks, check_resume, global_batch, make_accelerator, train
+from vlv.training.loop import Draws, across_ranks, check_request, global_batch, make_accelerator, train
 from vlv.training.sharding import shard
 
 STAGE2_FILE = "stage2.json"
@@ -116,12 +116,12 @@ def train_stage2(settings: Stage2Settings, cfg: TrainConfig, out: Path, progress
     ``tokenizer`` is needed only for a random-init LM source; ``recipe`` is recorded in stage2.json.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     # Shipped names stay names and dirs become absolute paths, so the run dir loads from anywhere.
     settings = replace(settings, decoder=_portable(settings.decoder, resolve_decoder),
                        encoder=_portable(settings.encoder, resolve_encoder),
                        lm=_portable(settings.lm, Path) if is_lm_dir(settings.lm) else settings.lm)
-    check_resume(out, STAGE2_FILE, {"settings": asdict(settings), "train": asdict(cfg)}, cfg.resume == "override")
+    check_request(out, STAGE2_FILE, {"settings": asdict(settings), "train": asdict(cfg)}, cfg)
+    out.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg)
     captioner = build_captioner(settings, cfg.seed, tokenizer)
     size = captioner.encoder.config.image_size
