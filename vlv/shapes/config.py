@@ -74,6 +74,7 @@ class TeacherRecipe:
     eval_n: int = _f(200, "held-out scenes per evaluation")
     eval_guidance: tuple[float, ...] = _f((2.0, 4.0), "guidance scales evaluated")
     seed: int = _f(0, "seed")
+    checkpoint_every: int = _f(500, "steps between checkpoints of each phase (also every 5 minutes)")
     extra: dict = field(default_factory=dict, metadata={"cli": False})
 
     def __post_init__(self) -> None:

@@ -220,7 +220,8 @@ def train_teacher(data: Path, out: Path, cfg: TeacherConfig, recipe: TeacherReci
     vae_cfg = TrainConfig(steps=recipe.vae_steps, batch_size=recipe.vae_batch, lr=recipe.vae_lr,
                           warmup_steps=recipe.vae_warmup,
                           eval_every=recipe.vae_eval_every if test_data else 0, max_minutes=max_minutes,
-                          seed=recipe.seed, progress=progress, min_lr_ratio=recipe.vae_min_lr_ratio)
+                          seed=recipe.seed, progress=progress, min_lr_ratio=recipe.vae_min_lr_ratio,
+                          checkpoint_every=recipe.checkpoint_every)
     vae_state = train(VAETask(vae, train_data, test_data, seed=recipe.seed), vae_cfg, work / "vae")
     if vae_state.step < recipe.vae_steps:
         return None
@@ -250,7 +251,7 @@ def train_teacher(data: Path, out: Path, cfg: TeacherConfig, recipe: TeacherReci
     unet_cfg = TrainConfig(steps=recipe.unet_steps, batch_size=recipe.unet_batch, lr=recipe.unet_lr,
                            warmup_steps=recipe.unet_warmup, ema_decay=recipe.ema_decay, eval_every=recipe.eval_every
                            if test_data else 0, max_minutes=remaining, seed=recipe.seed, progress=progress,
-                           min_lr_ratio=recipe.unet_min_lr_ratio)
+                           min_lr_ratio=recipe.unet_min_lr_ratio, checkpoint_every=recipe.checkpoint_every)
     unet_state = train(task, unet_cfg, work / "unet")
     if unet_state.step < recipe.unet_steps:
         return None
