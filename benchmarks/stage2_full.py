@@ -49,7 +49,7 @@ TIMED_TRAIN = {"mixed_precision": "no", "grad_clip": 0.0}
 TIMED_SETTINGS = {"gradient_checkpointing": False}
 
 
-def train_step(captioner: Captioner, opt: torch.optim.Optimizer, grad_clip: float, ids: torch.Tensor,
+def train_step(captioner: torch.nn.Module, opt: torch.optim.Optimizer, grad_clip: float, ids: torch.Tensor,
                mask: torch.Tensor, z: torch.Tensor, precision: str, _step: int) -> None:
     """One optimizer step of the captioner's loss over its trainable set."""
     with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -109,7 +109,7 @@ def sharded_child(args: argparse.Namespace) -> None:
     b, vocab = args.batch_sizes[0], captioner.lm.config.vocab_size
     z = torch.randn(b, args.nq, text_encoder.config.hidden_size, device=dev)
     ids = torch.randint(3, vocab - 3, (b, args.caption_tokens), device=dev)
-    step = partial(train_step_model, model, opt, ids, torch.ones_like(ids), z, precision)
+    step = partial(train_step, model, opt, 0.0, ids, torch.ones_like(ids), z, precision)  # no clipping
     times = time_steps(step, args.steps, dev)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         model(input_ids=ids, attention_mask=torch.ones_like(ids), z=z).loss.backward()  # gradients held, as mid-step
@@ -120,15 +120,6 @@ def sharded_child(args: argparse.Namespace) -> None:
     if dist.get_rank() == 0:
         print(json.dumps(rows))
     dist.destroy_process_group()
-
-
-def train_step_model(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, mask: torch.Tensor,
-                     z: torch.Tensor, precision: str, _step: int) -> None:
-    with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        loss = model(input_ids=ids, attention_mask=mask, z=z).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
 
 
 def sharded_main(args: argparse.Namespace, argv: list[str]) -> int:

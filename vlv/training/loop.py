@@ -106,8 +106,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
 
 
-def step_seed(seed: int, step: int, rank: int = 0) -> int:
-    return (seed * 1_000_003 + step) * 1009 + rank
+def step_seed(seed: int, step: int) -> int:
+    """The generator seed of a micro-step; every rank uses it (each keeps its rows of the draws, see Draws)."""
+    return (seed * 1_000_003 + step) * 1009
 
 
 def across_ranks(count: torch.Tensor) -> torch.Tensor:
@@ -207,13 +208,13 @@ def load_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimize
     sharded = sharding.is_sharded(model)
     if bool(meta.get("sharded")) != sharded:
         raise InvalidInput(f"{ckpt} was written {'with' if meta.get('sharded') else 'without'} sharding: resume "
-                         f"with the --sharding it was trained with ({meta['config'].get('sharding', 'ddp')})")
+                           f"with the --sharding it was trained with ({meta['config'].get('sharding', 'ddp')})")
     if sharded:
         sharding.load_shards(ckpt / sharding.SHARDS, model, opt)
     else:
         load_trainable_state(model, load_file(ckpt / "model.safetensors"))
-    if opt is not None and not sharded:
-        _optimizer_from_tensors(opt, load_file(ckpt / "optimizer.safetensors"), meta["optimizer"])
+        if opt is not None:
+            _optimizer_from_tensors(opt, load_file(ckpt / "optimizer.safetensors"), meta["optimizer"])
     if ema is not None and (ckpt / "ema.safetensors").exists():
         ema.shadow_params = ema_by_name(model, load_file(ckpt / "ema.safetensors"), ckpt)
         ema.optimization_step = meta["ema_step"]
@@ -237,7 +238,7 @@ def ema_by_name(model: torch.nn.Module, shadow: dict[str, torch.Tensor], ckpt: P
     bad = [n for n in names if n in shadow and shadow[n].shape != params[n].shape]
     if missing or unexpected or bad:
         raise InvalidInput(f"{ckpt}: its EMA weights do not match the model (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}, other shapes {bad[:3]})")
+                           f"{unexpected[:3]}, other shapes {bad[:3]})")
     return [shadow[n] for n in names]
 
 
@@ -284,7 +285,7 @@ def check_resume(run: Path, record_file: str, requested: dict[str, dict], overri
     diff = changed_settings(json.loads(record.read_text()), requested)
     if diff:
         raise InvalidInput(f"{run} was started with other settings ({', '.join(diff)}): run its command again to "
-                         f"resume, use another --out, or pass --resume override")
+                           f"resume, use another --out, or pass --resume override")
 
 
 # ------------------------------------------------------------------------------------------- loop
@@ -334,8 +335,8 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
     run = Path(run)
     accelerator = accelerator or make_accelerator(cfg)
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise InvalidInput(f"launched with accelerate's {accelerator.distributed_type.value} plugin: vlv shards itself "
-                         "(--sharding fsdp2 or zero2) under a plain launch (launch/ddp-*.yaml or torchrun)")
+        raise InvalidInput(f"launched with accelerate's {accelerator.distributed_type.value} plugin: vlv shards "
+                           "itself (--sharding fsdp2 or zero2) under a plain launch (launch/ddp-*.yaml or torchrun)")
     if accelerator.gradient_accumulation_steps != cfg.grad_accum:
         raise ValueError(f"the Accelerator accumulates {accelerator.gradient_accumulation_steps} micro-steps, the "
                          f"config {cfg.grad_accum}: build it with make_accelerator(cfg)")
