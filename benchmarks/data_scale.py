@@ -78,9 +78,10 @@ def child_step_time(source: str, data: str, steps: int, batch: int, workers: int
     from vlv.data import ImageCaptionFolder
     from vlv.datasets import open_dataset
     from vlv.decoder import DiffusionDecoder
+    from vlv.training.caches import run_caches
     from vlv.training.config import Stage1Settings, TrainConfig
     from vlv.training.loop import make_accelerator, train
-    from vlv.training.stage1 import Stage1Task, build_encoder, stage1_caches
+    from vlv.training.stage1 import Stage1Task, build_encoder
 
     cfg = TrainConfig(steps=steps, batch_size=batch, progress=False, log_every=1, checkpoint_every=10**9)
     settings = Stage1Settings(decoder="shapes-teacher", data=data, encoder="shapes", num_queries=16,
@@ -88,8 +89,8 @@ def child_step_time(source: str, data: str, steps: int, batch: int, workers: int
     decoder = DiffusionDecoder.from_pretrained("shapes-teacher")
     encoder = build_encoder(settings, decoder.text_dim, 0)
     accelerator = make_accelerator(cfg)
-    latents, _ = stage1_caches(settings, decoder, encoder, open_dataset(data), decoder.image_size, out / "cache",
-                               accelerator, progress=False)
+    latents, _ = run_caches(settings, decoder, encoder, open_dataset(data), decoder.image_size, out / "cache",
+                            accelerator, progress=False)
     images = ImageCaptionFolder(Path(data), decoder.image_size) if source == "ram" else open_dataset(data)
     task = Stage1Task(encoder, decoder, images, latents, seed=0, num_workers=workers)
     state = train(task, cfg, out / "run", accelerator)

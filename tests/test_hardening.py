@@ -191,13 +191,13 @@ def test_only_user_errors_are_one_line(tmp_path, scenes, monkeypatch, capsys):
     def bug(args):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr("vlv.cli.cmd_data_sheet", bug)
+    monkeypatch.setattr("vlv.cli.data.cmd_data_sheet", bug)
     argv = ["data", "sheet", str(scenes), "--out", str(tmp_path / "x.png")]
     assert main(argv) == 1  # a bug: the traceback, not a "user error"
     err = capsys.readouterr().err
     assert err.startswith("Traceback (most recent call last)") and "ValueError: an internal bug" in err
     assert main(["--quiet", *argv]) == 1 and "internal bug" in _error(capsys)
-    monkeypatch.setattr("vlv.cli.cmd_data_sheet", lambda args: (_ for _ in ()).throw(UserError("your mistake")))
+    monkeypatch.setattr("vlv.cli.data.cmd_data_sheet", lambda args: (_ for _ in ()).throw(UserError("your mistake")))
     assert main(argv) == 2 and _error(capsys) == "vlv: error: your mistake"
 
 

@@ -10,9 +10,16 @@ Names load lazily, so ``vlv --help`` does not import torch.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING
 
 from vlv.version import __version__ as __version__
+
+# transformers notes, once per image-processor class, that torchvision is absent and it falls back to PIL: vlv
+# preprocesses with PIL + numpy and never uses either. Only that record is dropped; every other transformers
+# warning (weights not initialised, ...) still shows.
+logging.getLogger("transformers.utils.import_utils").addFilter(
+    lambda record: "requires torchvision (not installed)" not in record.getMessage())
 
 _EXPORTS = {
     "VLVEncoder": "vlv.encoder", "EncoderConfig": "vlv.config",

@@ -237,11 +237,14 @@ class Captioner(nn.Module):
                                 eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)  # (B, T)
 
     def generate(self, z: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                 num_beams: int | None = None, max_new_tokens: int | None = None) -> list[str]:
+                 num_beams: int | None = None, max_new_tokens: int | None = None,
+                 postprocess_rule: str | None = None) -> list[str]:
         """Captions of z (B, Nq, d_T) or of images (pixel_values); generation stops on EOS, then the text goes
-        through ``config.postprocess`` (None, the default: nothing is trimmed; 'official': ``official_postprocess``)."""
+        through ``postprocess_rule`` ('none': nothing is trimmed; 'official': ``official_postprocess``), by default
+        ``config.postprocess``. Every option left None is the run's own."""
         ids = self.generate_ids(z, pixel_values, num_beams=num_beams, max_new_tokens=max_new_tokens)  # (B, T)
-        return postprocess(self.tokenizer.batch_decode(ids, skip_special_tokens=True), self.config.postprocess)
+        rule = self.config.postprocess if postprocess_rule is None else postprocess_rule
+        return postprocess(self.tokenizer.batch_decode(ids, skip_special_tokens=True), None if rule == "none" else rule)
 
     # ------------------------------------------------------------------------------------- save/load
     def save_pretrained(self, out: str | Path) -> Path:

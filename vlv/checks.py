@@ -99,6 +99,16 @@ def text_length(sd_dir: str | Path) -> int:
     return int(config.get("max_position_embeddings", 77))
 
 
+def text_width(sd_dir: str | Path) -> int:
+    """d_T, the width z must have, read from the text encoder's config (no model is built)."""
+    return int(_json(Path(sd_dir) / "text_encoder" / "config.json")["hidden_size"])
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON object file a user handed in (a config, a run record), or one line naming what is wrong."""
+    return _json(Path(path))
+
+
 def check_checkpoints(run: str | Path) -> None:
     """A run dir's resume checkpoints (``checkpoint/``, and a teacher's per phase) read, or one line says what to do.
 
@@ -130,6 +140,26 @@ def check_out(path: str | Path, flag: str = "--out", is_dir: bool | None = False
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InvalidInput(f"{name}: cannot write to {parent} (permission denied)")
     return path
+
+
+def require_dirs(*folders: str | Path | None) -> None:
+    """Each given folder exists (None: not given)."""
+    for folder in folders:
+        if folder is not None and not Path(folder).is_dir():
+            raise FileNotFoundError(f"no such folder: {folder}")
+
+
+def require_data(data: str | Path | None) -> None:
+    """A dataset is a folder, a .tar / .parquet file or a brace pattern of them (checked when opened)."""
+    if data is not None and "{" not in str(data) and not Path(data).exists():
+        raise FileNotFoundError(f"no such dataset: {data}")
+
+
+def require_empty(out: str | Path) -> None:
+    """An output dir that is absent or empty: an import never mixes its files with others'."""
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out} exists and is not an empty dir: refusing to overwrite it")
 
 
 def check_name_or_path(value: str, names: Iterable[str], kind: str, flag: str = "") -> None:

@@ -36,6 +36,19 @@ def list_lm_configs() -> list[str]:
                   if any(a.endswith("ForCausalLM") for a in read_config(p.stem).get("architectures", [])))
 
 
+def check_lm_source(source: str) -> None:
+    """An LM source a user named: a config stem (random init), or an LM dir whose weights read; never both."""
+    from vlv.checks import check_name_or_path, check_weights_in
+
+    check_name_or_path(source, list_lm_configs(), "LM config", "--lm")
+    if is_lm_dir(source):
+        path = Path(resolve_lm_name(source))
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"--lm {source}: no causal LM there (no config.json), nor an LM config of "
+                                    f"{', '.join(list_lm_configs())}")
+        check_weights_in(path)
+
+
 def is_lm_dir(source: str | dict) -> bool:
     """True when the source is a checkpoint dir (pretrained weights; the shipped ``shapes-lm`` is one), not a
     config stem or a dict (random init)."""

@@ -38,6 +38,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_save_png(image, path: Path) -> None:
+    """A PIL image as PNG to a temp name, then renamed: a failure never leaves a torn file under the final name."""
+    path = Path(path)
+    tmp = _temp_for(path)
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 

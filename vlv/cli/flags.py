@@ -130,6 +130,14 @@ def command_line() -> str:
     return "vlv " + " ".join(sys.argv[1:])
 
 
+def add_images(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    """The image inputs of an inference command: files or folders, and what to do with an unreadable one."""
+    if positional:
+        p.add_argument("images", nargs="+", type=Path, help="image files or folders")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable image files (counted) instead of "
+                   "stopping at the first")
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=["fast", "paper"], default="fast",
                    help="fast: DPM-Solver++ 20 steps; paper: DDPM 50 steps")

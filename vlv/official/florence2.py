@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from transformers import BartConfig, BartTokenizer, Florence2Config, Florence2ForConditionalGeneration
 
+from vlv.checks import require_dirs
 from vlv.errors import InvalidInput
 from vlv.modeling import load_torch_file, write_json
 
@@ -216,6 +217,7 @@ def convert_florence2(src_dir: str | Path, out_dir: str | Path) -> dict[str, int
     ``out_dir`` may exist only if empty. Returns the mapped counts per part (:func:`mapped_counts`).
     """
     src, out = Path(src_dir), Path(out_dir)
+    require_dirs(src)
     if not is_remote_dir(src):
         raise InvalidInput(f"{src} is not a remote-code Florence-2 dir (its config.json has no auto_map): "
                            "a native dir needs no conversion")

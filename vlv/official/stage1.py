@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from vlv.checks import check_sd_dir, require_dirs
 from vlv.config import DEFAULT_TRAINABLE, EncoderConfig
 from vlv.decoder import DiffusionDecoder
 from vlv.encoder import VLVEncoder, load_florence2
@@ -212,9 +213,10 @@ def import_stage1(ckpt: str | Path, florence2_dir: str | Path, decoder_dir: str 
     dir used in place); ``decoder_dir`` the base Stable Diffusion dir. ``out`` must be absent or empty.
     """
     out = Path(out)
-    for p in (florence2_dir, decoder_dir):
-        if not Path(p).is_dir():
-            raise FileNotFoundError(f"no such folder: {p}")
+    if not Path(ckpt).exists():
+        raise FileNotFoundError(f"no such checkpoint: {ckpt}")
+    require_dirs(*(florence2_dir, decoder_dir))
+    check_sd_dir(decoder_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty dir: refusing to overwrite it")
     state = load_stage1_state(ckpt)

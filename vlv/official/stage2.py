@@ -30,6 +30,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from vlv.captioner import Captioner
+from vlv.checks import check_sd_dir, require_dirs
 from vlv.config import CaptionerConfig
 from vlv.encoder import VLVEncoder, load_florence2
 from vlv.errors import InvalidInput
@@ -190,9 +191,10 @@ def import_stage2(model_pt: str | Path, florence2_dir: str | Path, decoder_dir: 
     absent or empty; nothing half-made is left behind on an error.
     """
     out = Path(out)
-    for p in (florence2_dir, decoder_dir, lm_dir):
-        if not Path(p).is_dir():
-            raise FileNotFoundError(f"no such folder: {p}")
+    if not Path(model_pt).exists():
+        raise FileNotFoundError(f"no such checkpoint: {model_pt}")
+    require_dirs(*(florence2_dir, decoder_dir, lm_dir))
+    check_sd_dir(decoder_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty dir: refusing to overwrite it")
     decoder_dir, lm_dir = Path(decoder_dir).resolve(), Path(lm_dir).resolve()

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vlv.checks import check_checkpoints
 from vlv.errors import InvalidInput
 from vlv.modeling import write_json
 from vlv.shapes.data import write_shapes
@@ -123,6 +124,7 @@ def _check_stages(run: Path, meta: dict[str, Any], name: str) -> None:
 def run_demo(out: Path, recipe: str = "default", minutes: float | None = None) -> dict[str, Any]:
     """Run (or resume) the demo recipe ``recipe`` into ``out``; returns the metrics written to out/metrics.json."""
     demo, run = demo_recipe(recipe), Path(out)
+    check_checkpoints(run)
     total = minutes if minutes is not None else demo.get("minutes")
     reserve = demo.get("reserve_minutes", 0.0)
     if total is not None and "share" not in demo["stages"]["stage1"]:

@@ -33,7 +33,7 @@ from vlv.inference import caption_images, compose_images, reconstruct_images
 from vlv.modeling import write_json
 from vlv.shapes import world
 from vlv.shapes.data import write_shapes
-from vlv.shipped import SHIPPED, installed
+from vlv.shipped import SHIPPED, installed, resolve_decoder, resolve_encoder, resolve_stage2
 
 METRICS_FILE, ASSETS = "metrics.json", "report"
 STAGES = ("lm", "stage1", "stage2")
@@ -120,11 +120,22 @@ def shipped_metrics() -> dict[str, Any]:
 
 
 @torch.no_grad()
+def check_run(run: Path) -> None:
+    """A demo run dir: its teacher complete, and each stage it holds readable (nothing is loaded)."""
+    if not (run / "teacher" / "model_index.json").is_file():
+        raise FileNotFoundError(f"{run} is not a VLV run dir (no teacher/model_index.json)")
+    resolve_decoder(run / "teacher")
+    for part, resolve in (("stage1", resolve_encoder), ("stage2", resolve_stage2)):
+        if (run / part).is_dir():
+            resolve(run / part)
+
+
 def evaluate_run(run: Path, settings: EvalSettings | None = None, progress: bool = True) -> dict[str, Any]:
     """Measure every finished stage of ``run``; write run/metrics.json (keeping its timings) and run/report/."""
     from tqdm.auto import tqdm
 
     settings, run = settings or EvalSettings(), Path(run)
+    check_run(run)
     assets = run / ASSETS
     assets.mkdir(parents=True, exist_ok=True)
     decoder = DiffusionDecoder.from_pretrained(run / "teacher")

@@ -24,6 +24,7 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import Florence2Config, Florence2ForConditionalGeneration, PreTrainedTokenizerFast
 
+from vlv.checks import check_checkpoints, require_dirs
 from vlv.config import read_config
 from vlv.data import CAPTIONS, read_records
 from vlv.datasets import step_indices
@@ -193,6 +194,8 @@ def train_florence2(settings: DetectionSettings, cfg: TrainConfig, out: Path, re
     at it) reads as it reads Florence-2-large.
     """
     out = Path(out)
+    require_dirs(settings.data, settings.val)
+    check_checkpoints(out)
     scenes = read_scenes(Path(settings.data))
     val = read_scenes(Path(settings.val))[: settings.eval_n] if settings.val else None
     out.mkdir(parents=True, exist_ok=True)

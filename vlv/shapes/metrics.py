@@ -13,7 +13,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from vlv.captioner import Captioner
-from vlv.data import ImageCaptionFolder, to_pil, to_tensor
+from vlv.checks import require_dirs
+from vlv.data import ImageCaptionFolder, open_image, read_records, require_captions, to_pil, to_tensor
 from vlv.decoder import DiffusionDecoder
 from vlv.diffusion import Sampler, sample
 from vlv.encoder import VLVEncoder
@@ -64,8 +65,19 @@ def caption_scores(captioner: Captioner, data: ImageCaptionFolder, num_beams: in
 
 
 # ------------------------------------------------------------------------------ evaluators for the tasks
+def check_val(val: Path, n: int) -> None:
+    """A held-out folder an evaluator reads later: captioned, its first ``n`` images decode (checked now, before a
+    training run loads anything)."""
+    require_dirs(val)
+    records = read_records(Path(val))
+    require_captions(records, val)
+    for r in records[:n]:
+        open_image(Path(val) / r.image)
+
+
 def stage1_evaluator(val: Path, n: int, sampler: Sampler = "fast"):
     """``evaluator(encoder, decoder)`` for ``train_stage1``: reconstruction accuracy on ``n`` val scenes."""
+    check_val(val, n)
     cache: dict[int, ImageCaptionFolder] = {}
 
     def evaluate(encoder: VLVEncoder, decoder: DiffusionDecoder) -> dict[str, float]:
@@ -80,6 +92,7 @@ def stage1_evaluator(val: Path, n: int, sampler: Sampler = "fast"):
 
 def stage2_evaluator(val: Path, n: int, num_beams: int = 1):
     """``evaluator(captioner)`` for ``train_stage2``: caption accuracy on ``n`` val scenes (greedy: cheaper)."""
+    check_val(val, n)
     cache: dict[int, ImageCaptionFolder] = {}
 
     def evaluate(captioner: Captioner) -> dict[str, float]:

@@ -30,13 +30,27 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from vlv.data import ImageCaptionFolder, cached_latents, to_tensor
+from vlv.checks import check_checkpoints, require_dirs, safetensors_keys
+from vlv.data import ImageCaptionFolder, cached_latents, read_captions, to_tensor
 from vlv.datasets import step_indices
-from vlv.diffusion import Draws, Random, diffusion_loss, make_pipeline, posterior_sample, sample_latents, tokenize
-from vlv.modeling import load_trainable_state, write_json
+from vlv.diffusion import (
+    Draws,
+    Random,
+    Sampler,
+    diffusion_loss,
+    load_pipeline,
+    make_pipeline,
+    posterior_sample,
+    sample,
+    sample_latents,
+    tokenize,
+)
+from vlv.errors import InvalidInput
+from vlv.modeling import atomic_save_png, load_trainable_state, write_json
 from vlv.shapes.config import TeacherConfig, TeacherRecipe
 from vlv.shapes.metrics import sample_accuracy, vae_accuracy
 from vlv.shapes.tokenizers import build_tokenizer
+from vlv.shipped import resolve_decoder
 from vlv.training.loop import TrainConfig, check_resume, ema_by_name, has_checkpoint, train
 
 
@@ -200,6 +214,11 @@ def train_teacher(data: Path, out: Path, cfg: TeacherConfig, recipe: TeacherReci
     and recipe it was started with, unless ``resume_override``.
     """
     out, work = Path(out), Path(out) / "training"
+    require_dirs(data, val)
+    for folder in (data, val):  # the text-to-image teacher learns from captions: a folder without fails now
+        if folder is not None:
+            read_captions(folder)
+    check_checkpoints(out)
     check_resume(work, "recipe.json", {"config": asdict(cfg), "recipe": asdict(recipe)}, resume_override,
                  checkpoint_dir=work / "vae")
     skip = on_bad_image == "skip"
@@ -269,8 +288,10 @@ def export_checkpoint(teacher_dir: Path, out: Path, dtype: torch.dtype = torch.f
     For shipping or benchmarking a teacher mid-schedule; the record says which step it is.
     """
     work = Path(teacher_dir) / "training"
+    check_checkpoints(teacher_dir)
     if not has_checkpoint(work / "vae") or not has_checkpoint(work / "unet"):
         raise FileNotFoundError(f"{teacher_dir} has no VAE and UNet checkpoints under training/")
+    safetensors_keys(work / "latents.safetensors")
     spec = json.loads((work / "recipe.json").read_text())
     cfg = TeacherConfig(**spec["config"])
     vae = build_vae(cfg)
@@ -291,3 +312,24 @@ def export_checkpoint(teacher_dir: Path, out: Path, dtype: torch.dtype = torch.f
               "history": {k: m["history"] for k, m in meta.items()}}
     pipe = make_pipeline(vae, model.text_encoder, tokenizer, model.unet, build_scheduler(cfg))
     return save_teacher(pipe, out, cfg, record, dtype=dtype)
+
+
+def sample_files(teacher: str | Path, prompts: list[str], out: Path, guidance_scale: float = 3.0, steps: int = 20,
+                 sampler: Sampler = "fast", seed: int = 0) -> int:
+    """Draw one image per caption into ``out``: a PNG file for one caption (``out`` with a suffix), else a folder
+    of ``000000.png``, ...; returns the count."""
+    path = resolve_decoder(teacher)
+    out = Path(out)
+    single = len(prompts) == 1 and bool(out.suffix) and not out.is_dir()
+    if not single and out.is_file():
+        raise InvalidInput(f"--out {out}: a file, but {len(prompts)} captions need a folder")
+    images = sample(load_pipeline(path), prompts, guidance_scale=guidance_scale, steps=steps, sampler=sampler,
+                    seed=seed)
+    if single:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_png(images[0], out)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(images):
+            atomic_save_png(im, out / f"{i:06d}.png")
+    return len(images)

@@ -70,3 +70,11 @@ def build_shapes_tokenizer() -> Qwen2Tokenizer:
     tokens = dict.fromkeys([*LM_SPECIAL, *pieces, *alphabet, *(a + b for a, b in merges)])
     return Qwen2Tokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, unk_token="<unk>",
                           bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def tokenizer_for(lm: str) -> PreTrainedTokenizerFast | None:
+    """The tokenizer a command brings for an LM source: an LM dir has its own (None); a random-init LM config has
+    none, and the command line's random-init LMs are the shapes world's."""
+    from vlv.lm import is_lm_dir
+
+    return None if is_lm_dir(lm) else build_shapes_tokenizer()

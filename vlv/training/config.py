@@ -10,6 +10,11 @@ from typing import Any, Literal
 
 from vlv.config import check_lora
 
+# Caches of what stage 1 freezes (vlv.training.caches): images per forward of the frozen part, and rows per shard
+# (a multiple of every batch size, so batches never straddle shards).
+CACHE_BATCH_SIZE = {"latents": 128, "vision": 32}
+CACHE_SHARD_ROWS = 4096
+
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
     """A dataclass field with its help text: the CLI builds its flags from these (one declaration per setting)."""
@@ -126,7 +131,7 @@ class Stage1Settings:
                 "schedule (same architecture; a smaller --nq takes its first Nq queries)"})
     phi_init_gain: float | None = field(default=None, metadata={
         "help": "scale phi's output layer by this at init, so z starts at the large norm trained encoders reach; "
-                "none: PyTorch's init"})
+                "none: PyTorch's init; a recipe's value does not apply with --init", "moot_with": "init"})
 
     def __post_init__(self) -> None:
         _check_data(self.num_workers, self.on_bad_image)

@@ -8,15 +8,16 @@ reads that dir exactly as it would read a hub checkpoint dir.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from vlv.checks import check_checkpoints, require_dirs
 from vlv.data import read_captions
 from vlv.datasets import step_indices
-from vlv.lm import IGNORE, build_lm, encode_documents, load_tokenizer, pad_id
+from vlv.lm import IGNORE, build_lm, check_lm_source, encode_documents, load_tokenizer, pad_id
 from vlv.modeling import write_json
 from vlv.training.config import LMSettings, TrainConfig
 from vlv.training.loop import Draws, across_ranks, check_request, train
@@ -76,25 +77,56 @@ class LMTask:
         return {"val_loss": total / count, **self.judge(samples)}
 
 
-def train_lm(settings: LMSettings, cfg: TrainConfig, out: Path, tokenizer: PreTrainedTokenizerBase | None = None,
+@dataclass
+class LMPlan:
+    """An LM pre-training run whose inputs are all checked: what :func:`run_lm` trains."""
+
+    settings: LMSettings
+    train: TrainConfig
+    out: Path
+    captions: list[str]
+    val_captions: list[str] | None
+    tokenizer: PreTrainedTokenizerBase | None = None
+    judge: Callable[[list[str]], dict[str, float]] | None = None
+    recipe: dict | None = None
+
+
+def prepare_lm(settings: LMSettings, cfg: TrainConfig, out: str | Path,
+               tokenizer: PreTrainedTokenizerBase | None = None,
+               judge: Callable[[list[str]], dict[str, float]] | None = None, recipe: dict | None = None) -> LMPlan:
+    """Check every input of an LM run and read its captions, before the LM is built (nothing is created)."""
+    out = Path(out)
+    require_dirs(settings.data, settings.val)
+    check_lm_source(settings.lm)
+    captions = read_captions(settings.data)
+    val = read_captions(settings.val, limit=settings.eval_n) if settings.val else None
+    check_checkpoints(out)
+    check_request(out, LM_FILE, {"settings": asdict(settings), "train": asdict(cfg)}, cfg)
+    return LMPlan(settings, cfg, out, captions, val, tokenizer, judge, recipe)
+
+
+def train_lm(settings: LMSettings, cfg: TrainConfig, out: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
              judge: Callable[[list[str]], dict[str, float]] | None = None,
              recipe: dict | None = None) -> PreTrainedModel | None:
-    """Pre-train (or resume) a causal LM on caption text; returns it, or None if stopped early (re-run resumes).
+    """Check (:func:`prepare_lm`), then pre-train (or resume) a causal LM on caption text; returns it, or None if
+    stopped early (a re-run resumes).
 
     ``out`` ends up a standard checkpoint dir: ``AutoModelForCausalLM.from_pretrained(out)`` and
     ``AutoTokenizer.from_pretrained(out)`` load it, and stage 2 takes it as its LM source.
     """
-    out = Path(out)
-    check_request(out, LM_FILE, {"settings": asdict(settings), "train": asdict(cfg)}, cfg)
+    return run_lm(prepare_lm(settings, cfg, out, tokenizer, judge, recipe))
+
+
+def run_lm(plan: LMPlan) -> PreTrainedModel | None:
+    """Pre-train (or resume) a prepared LM run; returns the LM, or None if stopped early."""
+    settings, cfg, out = plan.settings, plan.train, plan.out
     out.mkdir(parents=True, exist_ok=True)
-    captions = read_captions(settings.data)
-    val = read_captions(settings.val, limit=settings.eval_n) if settings.val else None
     torch.manual_seed(cfg.seed)  # same random init on resume
-    lm, tokenizer = build_lm(settings.lm), tokenizer or load_tokenizer(settings.lm)
+    lm, tokenizer = build_lm(settings.lm), plan.tokenizer or load_tokenizer(settings.lm)
     write_json(out / LM_FILE, {"settings": asdict(settings), "train": asdict(cfg),
-                               **({"recipe": recipe} if recipe else {})})
-    state = train(LMTask(lm, tokenizer, captions, val, seed=cfg.seed, judge=judge), cfg, out)
-    if not state.done:
+                               **({"recipe": plan.recipe} if plan.recipe else {})})
+    task = LMTask(lm, tokenizer, plan.captions, plan.val_captions, seed=cfg.seed, judge=plan.judge)
+    if not train(task, cfg, out).done:
         return None
     lm.save_pretrained(out)
     tokenizer.save_pretrained(out)

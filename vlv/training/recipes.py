@@ -8,10 +8,14 @@ dir saves the resolved recipe beside its weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
+
+from vlv.errors import InvalidInput, UserError
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 
@@ -44,15 +48,20 @@ def section(recipe: dict[str, Any], name: str, cls: type, overrides: dict[str, A
             **required: Any) -> Any:
     """``cls`` built from the recipe's section ``name``, then ``overrides`` (fields not None), then ``required``.
 
-    Unknown keys in the recipe are an error, so a misspelt setting never goes silently unused.
+    Unknown keys in the recipe are an error, so a misspelt setting never goes silently unused. A field whose
+    metadata names ``moot_with`` keeps its recipe value only while that other field is not given.
     """
     known = {f.name for f in fields(cls)}
     values = dict(recipe.get(name, {}))
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"recipe {recipe.get('name')!r}, section {name!r}: unknown fields {', '.join(unknown)}")
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None and k in known})
-    values.update(required)
+    given = {k: v for k, v in {**(overrides or {}), **required}.items() if v is not None and k in known}
+    for f in fields(cls):  # a recipe's default that another given field makes moot is dropped, not applied
+        other = f.metadata.get("moot_with")
+        if other and given.get(other) is not None and f.name not in given:
+            values.pop(f.name, None)
+    values.update(given)
     return cls(**values)
 
 
@@ -60,3 +69,26 @@ def resolved(recipe: dict[str, Any], **sections: Any) -> dict[str, Any]:
     """The recipe as it ran: its name and description with each section's final values (for the run dir)."""
     return {"name": recipe.get("name"), "task": recipe["task"], "description": recipe.get("description"),
             **{k: asdict(v) for k, v in sections.items()}}
+
+
+@contextlib.contextmanager
+def user_input() -> Iterator[None]:
+    """Settings built from what a user gave (a recipe file, flags): a ValueError or TypeError raised while
+    building them is about that input, since nothing else has been read yet, so it becomes InvalidInput."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise InvalidInput(str(e)) from None
+
+
+def load_sections(name_or_file: str | Path, task: str, settings_type: type, settings: dict[str, Any] | None = None,
+                  train: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any, Any]:
+    """(recipe, settings, loop config) of a training run: the recipe's two sections, each given field on top."""
+    from vlv.training.config import TrainConfig
+
+    with user_input():
+        recipe = load_recipe(name_or_file, task)
+        return (recipe, section(recipe, "settings", settings_type, settings),
+                section(recipe, "train", TrainConfig, train))

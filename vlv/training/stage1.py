@@ -14,34 +14,37 @@ run (``--latents-cache`` / ``--vision-cache`` name caches made by ``vlv precompu
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import PartialState
 
-from vlv.caches import Cache, latents_key, latents_rows, vision_key, vision_rows, write_cache
-from vlv.config import DEFAULT_TRAINABLE, EncoderConfig
+from vlv.caches import Cache
+from vlv.checks import check_checkpoints, check_name_or_path, require_data, require_dirs, text_length, text_width
+from vlv.config import DEFAULT_TRAINABLE, EncoderConfig, list_encoders
 from vlv.data import ImageCaptionFolder, to_tensor
 from vlv.datasets import Dataset, open_dataset, step_indices
 from vlv.decoder import DiffusionDecoder
-from vlv.diffusion import Draws, sample_latents
+from vlv.diffusion import Draws, load_pipeline, sample_latents
 from vlv.encoder import CONFIG_FILE as ENCODER_FILE
 from vlv.encoder import VLVEncoder, resolved_florence2
+from vlv.errors import InvalidInput
 from vlv.modeling import write_json
 from vlv.shipped import resolve_decoder, resolve_encoder
-from vlv.training.config import Stage1Settings, TrainConfig
+from vlv.training.caches import KINDS, Kind, build_cache, run_caches
+from vlv.training.config import CACHE_SHARD_ROWS, Stage1Settings, TrainConfig
 from vlv.training.data import drop_bad_rows, image_source
 from vlv.training.loop import check_request, global_batch, make_accelerator, train
+from vlv.training.recipes import user_input
 
 Evaluator = Callable[[VLVEncoder, DiffusionDecoder], dict[str, float]]
 
-STAGE1_FILE, LATENTS_DIR, VISION_DIR = "stage1.json", "latents", "vision"
+STAGE1_FILE = "stage1.json"
 
 
 class TensorRows:
@@ -151,18 +154,26 @@ def encoder_config(settings: Stage1Settings, text_dim: int) -> EncoderConfig:
     return EncoderConfig.named(settings.encoder, text_dim, **overrides)
 
 
-def check_settings(settings: Stage1Settings) -> None:
-    """Refuse settings that cannot work, before minutes of loading and caching."""
-    if (settings.cache_vision or settings.vision_cache) and encoder_config(settings, text_dim=1).trains_vision:
+def check_settings(settings: Stage1Settings, config: EncoderConfig) -> None:
+    """Refuse settings that cannot work together, before minutes of loading and caching."""
+    if settings.init and settings.phi_init_gain is not None:
+        raise InvalidInput(f"phi_init_gain scales phi's freshly initialised weights, but init {settings.init} "
+                           "overwrites them with trained ones; pass one or the other")
+    if (settings.cache_vision or settings.vision_cache) and config.trains_vision:
         flag = "--vision-cache" if settings.vision_cache else "--cache-vision"
-        raise ValueError(f"{flag}: the vision tower of this encoder trains (trainable {settings.trainable!r}"
-                         f" for {settings.encoder!r}), so its features cannot be cached")
+        raise InvalidInput(f"{flag}: the vision tower of this encoder trains (trainable {settings.trainable!r}"
+                           f" for {settings.encoder!r}), so its features cannot be cached")
 
 
 def build_encoder(settings: Stage1Settings, text_dim: int, seed: int) -> VLVEncoder:
+    """The encoder a run with these settings trains, before training."""
+    return seeded_encoder(encoder_config(settings, text_dim), seed)
+
+
+def seeded_encoder(config: EncoderConfig, seed: int) -> VLVEncoder:
     """Same seed, same frozen random weights: a resumed run rebuilds the encoder it checkpointed."""
     torch.manual_seed(seed)
-    return VLVEncoder(encoder_config(settings, text_dim))
+    return VLVEncoder(config)
 
 
 def init_from(encoder: VLVEncoder, init: str) -> None:
@@ -189,62 +200,79 @@ def init_from(encoder: VLVEncoder, init: str) -> None:
     encoder.load_state_dict(state, strict=True)
 
 
-def stage1_caches(settings: Stage1Settings, decoder: DiffusionDecoder, encoder: VLVEncoder, dataset: Dataset,
-                  size: int, out: Path, accelerator: Accelerator, progress: bool = True
-                  ) -> tuple[Cache | None, Cache | None]:
-    """The run's latents and vision caches: a given one (``--latents-cache`` / ``--vision-cache``) is only checked
-    against this run's key, else it is computed into the run dir (finished shards kept: a killed run goes on)."""
-    def one(kind: str, given: str | None, wanted: bool, key_of, rows_of, batch_size: int, autocast: bool
-            ) -> Cache | None:
-        if not (given or wanted):
-            return None
-        folder = Path(given) if given else out / (LATENTS_DIR if kind == "latents" else VISION_DIR)
-        key = key_of()
-        if not given:
-            with accelerator.autocast() if autocast else contextlib.nullcontext():  # vision: a step's precision
-                write_cache(folder, key, dataset, rows_of(), batch_size, rank=accelerator.process_index,
-                            world_size=accelerator.num_processes, num_workers=settings.num_workers,
-                            on_bad_image=settings.on_bad_image, progress=progress)
-            accelerator.wait_for_everyone()
-        return Cache(folder, want=key)
+@dataclass
+class Stage1Plan:
+    """A stage-1 run whose inputs are all checked: what :func:`run_stage1` trains, nothing left to resolve."""
 
-    latents = one("latents", settings.latents_cache, settings.cache_latents,
-                  lambda: latents_key(decoder.vae, dataset, size), lambda: latents_rows(decoder.vae), 128, False)
-    vision = None
-    if settings.cache_vision or settings.vision_cache:
-        encoder.to(accelerator.device)
-        vision = one("vision", settings.vision_cache, settings.cache_vision,
-                     lambda: vision_key(encoder, dataset, size), lambda: vision_rows(encoder), 32, True)
-    return latents, vision
+    settings: Stage1Settings
+    train: TrainConfig
+    out: Path
+    decoder: Path  # the Stable Diffusion dir
+    dataset: Dataset  # opened (indexed, rows typed) once
+    encoder: EncoderConfig  # the architecture the run trains
+    evaluator: Evaluator | None = None
+    recipe: dict | None = None
 
 
-def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress: bool = True,
-                 evaluator: Evaluator | None = None, recipe: dict | None = None) -> VLVEncoder | None:
-    """Train (or resume) a stage-1 run; returns the trained encoder, or None if stopped early (re-run resumes).
-
-    ``evaluator(encoder, decoder)`` measures held-out data every ``cfg.eval_every`` steps; ``recipe`` (the
-    resolved recipe the settings came from) is recorded in stage1.json.
-    """
-    check_settings(settings)
+def prepare_stage1(settings: Stage1Settings, cfg: TrainConfig, out: str | Path, evaluator: Evaluator | None = None,
+                   recipe: dict | None = None) -> Stage1Plan:
+    """Check every input of a stage-1 run, reading only configs, headers and the data's index (no model loads,
+    nothing is created): a mistake is one line before minutes of loading. ``evaluator(encoder, decoder)`` measures
+    held-out data every ``cfg.eval_every`` steps; ``recipe`` (the resolved recipe) is recorded in stage1.json."""
     out = Path(out)
+    decoder = resolve_decoder(settings.decoder)
+    if settings.init:
+        init_queries = json.loads((resolve_encoder(settings.init) / ENCODER_FILE).read_text())["config"]["num_queries"]
+        if settings.num_queries > init_queries:
+            raise InvalidInput(f"--nq {settings.num_queries}: more queries than --init {settings.init} has "
+                               f"({init_queries}); a warm start keeps its first Nq")
+    require_data(settings.data)
+    for cache in (settings.latents_cache, settings.vision_cache):
+        if cache is not None:
+            require_dirs(cache)
+            Cache(cache)  # made and finished: what it was made from is checked once the models load
+    check_name_or_path(settings.encoder, list_encoders(), "named encoder", "--encoder")
+    limit = text_length(decoder)
+    if settings.num_queries > limit:
+        raise InvalidInput(f"--nq {settings.num_queries}: the decoder's text encoder has only {limit} positions")
+    with user_input():
+        config = encoder_config(settings, text_width(decoder))  # an unknown encoder name fails here
+    check_settings(settings, config)
+    dataset = open_dataset(settings.data, settings.image_column, settings.caption_column)
+    if not len(dataset):
+        raise InvalidInput(f"{settings.data}: no samples")
+    check_checkpoints(out)
     check_request(out, STAGE1_FILE, {"settings": asdict(settings), "train": asdict(cfg)}, cfg)
+    return Stage1Plan(settings, cfg, out, decoder, dataset, config, evaluator, recipe)
+
+
+def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: str | Path, progress: bool = True,
+                 evaluator: Evaluator | None = None, recipe: dict | None = None) -> VLVEncoder | None:
+    """Check (:func:`prepare_stage1`), then train or resume a stage-1 run; returns the trained encoder, or None
+    if stopped early (a re-run resumes)."""
+    return run_stage1(prepare_stage1(settings, cfg, out, evaluator, recipe), progress)
+
+
+def run_stage1(plan: Stage1Plan, progress: bool = True) -> VLVEncoder | None:
+    """Train (or resume) a prepared stage-1 run; returns the trained encoder, or None if stopped early."""
+    settings, cfg, out = plan.settings, plan.train, plan.out
     out.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg)
     # The frozen decoder never goes through ``prepare`` (nothing of it trains), so it is placed here.
-    decoder = DiffusionDecoder.from_pretrained(resolve_decoder(settings.decoder)).to(accelerator.device)
+    decoder = DiffusionDecoder(load_pipeline(plan.decoder)).to(accelerator.device)  # resolved by prepare_stage1
     if settings.gradient_checkpointing:
         decoder.unet.enable_gradient_checkpointing()
     size = settings.image_size or decoder.image_size
-    dataset = open_dataset(settings.data, settings.image_column, settings.caption_column)
-    encoder = build_encoder(settings, decoder.text_dim, cfg.seed)
+    encoder = seeded_encoder(plan.encoder, cfg.seed)
     if settings.init:  # a resumed run's checkpoint then overwrites these weights with its own
         init_from(encoder, settings.init)
     batch = global_batch(cfg, accelerator)
     write_json(out / STAGE1_FILE, {"settings": asdict(settings), "train": asdict(cfg), "image_size": size,
-                                   "samples": len(dataset), "global_batch": batch,
-                                   **({"recipe": recipe} if recipe else {})})
-    latents, vision = stage1_caches(settings, decoder, encoder, dataset, size, out, accelerator, progress)
-    task = Stage1Task(encoder, decoder, dataset, latents, seed=cfg.seed,
+                                   "samples": len(plan.dataset), "global_batch": batch,
+                                   **({"recipe": plan.recipe} if plan.recipe else {})})
+    latents, vision = run_caches(settings, decoder, encoder, plan.dataset, size, out, accelerator, progress)
+    evaluator = plan.evaluator
+    task = Stage1Task(encoder, decoder, plan.dataset, latents, seed=cfg.seed,
                       evaluator=(lambda model: evaluator(model, decoder)) if evaluator else None,
                       high_noise_fraction=settings.high_noise_fraction, vision=vision, image_size=size,
                       num_workers=settings.num_workers, on_bad_image=settings.on_bad_image)
@@ -257,3 +285,66 @@ def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: Path, progress
         return None
     encoder.save_pretrained(out)
     return encoder
+
+
+# ------------------------------------------------------------------------------------------ precompute
+@dataclass
+class Precomputed:
+    """What one process of a precompute did."""
+
+    rank: int
+    world: int
+    samples: int
+    image_size: int
+    bad: int
+
+
+def precompute(kind: Kind, decoder: str | Path, data: str, out: str | Path, encoder: str | None = None,
+               trainable: str = "config", seed: int = 0, image_size: int | None = None, batch_size: int | None = None,
+               shard_rows: int = CACHE_SHARD_ROWS, num_workers: int = 2,
+               on_bad_image: Literal["skip", "fail"] = "skip", precision: Literal["no", "bf16"] = "no",
+               image_column: str = "image", caption_column: str = "caption", progress: bool = True) -> Precomputed:
+    """Cache what a stage-1 run keeps frozen, once, for any number of runs (this process's shards).
+
+    ``encoder`` (vision only) is a stage-1 run dir, or a named encoder / Florence-2 dir built as a stage-1 run with
+    this ``trainable`` and ``seed`` builds it. Every input is checked before a model loads.
+    """
+    if kind not in KINDS:
+        raise InvalidInput(f"nothing to precompute of {kind!r}: choose {' or '.join(KINDS)}")
+    if num_workers < 0:
+        raise InvalidInput(f"--num-workers must be >= 0, got {num_workers}")
+    decoder_dir = resolve_decoder(decoder)
+    require_data(data)
+    vision_config = _vision_encoder_config(encoder, decoder, data, trainable, decoder_dir) if kind == "vision" else None
+    dataset = open_dataset(data, image_column, caption_column)
+    if not len(dataset):
+        raise InvalidInput(f"{data}: no samples")
+    state = PartialState()
+    model = DiffusionDecoder.from_pretrained(decoder_dir)
+    size = image_size or model.image_size
+    vision = None
+    if kind == "vision":
+        vision = (VLVEncoder.from_pretrained(encoder) if vision_config is None
+                  else seeded_encoder(vision_config, seed)).to(state.device)
+        model = None  # only its VAE's resolution was needed
+    else:
+        model.vae.to(state.device)
+    autocast = torch.autocast(state.device.type, dtype=torch.bfloat16) if kind == "vision" and precision == "bf16" \
+        else None
+    bad = build_cache(kind, out, dataset, size, state, model, vision, batch_size=batch_size, shard_rows=shard_rows,
+                      num_workers=num_workers, on_bad_image=on_bad_image, autocast=autocast, progress=progress)
+    return Precomputed(state.process_index, state.num_processes, len(dataset), size, bad)
+
+
+def _vision_encoder_config(encoder: str | None, decoder: str | Path, data: str, trainable: str,
+                           decoder_dir: Path) -> EncoderConfig | None:
+    """None for a stage-1 run dir (it loads as it is); else the config a stage-1 run would build from the name."""
+    if encoder is None:
+        raise InvalidInput("precompute vision needs --encoder")
+    if (Path(encoder) / ENCODER_FILE).is_file() or encoder == "shapes-stage1":
+        resolve_encoder(encoder)
+        return None
+    check_name_or_path(encoder, list_encoders(), "named encoder", "--encoder")
+    with user_input():
+        settings = Stage1Settings(decoder=str(decoder), data=str(data), encoder=encoder, trainable=trainable)
+        return encoder_config(settings, text_width(decoder_dir))

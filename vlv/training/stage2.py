@@ -14,7 +14,7 @@ captioner weights, so the stage-1 encoder that reconstructs images stays as it w
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -22,10 +22,12 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from vlv.captioner import Captioner, CaptionerConfig
+from vlv.checks import check_checkpoints, require_data
 from vlv.data import ImageCaptionFolder, to_tensor
 from vlv.datasets import Dataset, FolderDataset, open_dataset
 from vlv.encoder import VLVEncoder
-from vlv.lm import is_lm_dir
+from vlv.errors import InvalidInput
+from vlv.lm import check_lm_source, is_lm_dir
 from vlv.modeling import write_json
 from vlv.shipped import is_shipped, resolve_decoder, resolve_encoder
 from vlv.text_encoder import load_text_encoder
@@ -108,29 +110,62 @@ def build_captioner(settings: Stage2Settings, seed: int,
     return captioner
 
 
-def train_stage2(settings: Stage2Settings, cfg: TrainConfig, out: Path, progress: bool = True,
-                 evaluator: Evaluator | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
-                 recipe: dict | None = None) -> Captioner | None:
-    """Train (or resume) a stage-2 run; returns the trained captioner, or None if stopped early (re-run resumes).
+@dataclass
+class Stage2Plan:
+    """A stage-2 run whose inputs are all checked: what :func:`run_stage2` trains."""
+
+    settings: Stage2Settings  # sources portable: shipped names as names, dirs as absolute paths
+    train: TrainConfig
+    out: Path
+    dataset: Dataset  # opened once; every sample has a caption
+    evaluator: Evaluator | None = None
+    tokenizer: PreTrainedTokenizerBase | None = None
+    recipe: dict | None = None
+
+
+def prepare_stage2(settings: Stage2Settings, cfg: TrainConfig, out: str | Path, evaluator: Evaluator | None = None,
+                   tokenizer: PreTrainedTokenizerBase | None = None, recipe: dict | None = None) -> Stage2Plan:
+    """Check every input of a stage-2 run before any model loads (nothing is created).
 
     ``tokenizer`` is needed only for a random-init LM source; ``recipe`` is recorded in stage2.json.
     """
     out = Path(out)
+    require_data(settings.data)
+    check_lm_source(settings.lm)
     # Shipped names stay names and dirs become absolute paths, so the run dir loads from anywhere.
     settings = replace(settings, decoder=_portable(settings.decoder, resolve_decoder),
                        encoder=_portable(settings.encoder, resolve_encoder),
                        lm=_portable(settings.lm, Path) if is_lm_dir(settings.lm) else settings.lm)
+    dataset = open_dataset(settings.data, settings.image_column, settings.caption_column)
+    if not len(dataset):
+        raise InvalidInput(f"{settings.data}: no samples")
+    if dataset.read(0).caption is None:
+        raise InvalidInput(f"{settings.data}: no captions (sample {dataset.where(0)} has none); stage 2 needs them")
+    check_checkpoints(out)
     check_request(out, STAGE2_FILE, {"settings": asdict(settings), "train": asdict(cfg)}, cfg)
+    return Stage2Plan(settings, cfg, out, dataset, evaluator, tokenizer, recipe)
+
+
+def train_stage2(settings: Stage2Settings, cfg: TrainConfig, out: str | Path, progress: bool = True,
+                 evaluator: Evaluator | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+                 recipe: dict | None = None) -> Captioner | None:
+    """Check (:func:`prepare_stage2`), then train or resume a stage-2 run; returns the trained captioner, or None
+    if stopped early (a re-run resumes)."""
+    return run_stage2(prepare_stage2(settings, cfg, out, evaluator, tokenizer, recipe))
+
+
+def run_stage2(plan: Stage2Plan) -> Captioner | None:
+    """Train (or resume) a prepared stage-2 run; returns the trained captioner, or None if stopped early."""
+    settings, cfg, out = plan.settings, plan.train, plan.out
     out.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg)
-    captioner = build_captioner(settings, cfg.seed, tokenizer)
+    captioner = build_captioner(settings, cfg.seed, plan.tokenizer)
     size = captioner.encoder.config.image_size
-    dataset = open_dataset(settings.data, settings.image_column, settings.caption_column)
     write_json(out / STAGE2_FILE, {"settings": asdict(settings), "train": asdict(cfg), "image_size": size,
-                                   "samples": len(dataset), "global_batch": global_batch(cfg, accelerator),
-                                   **({"recipe": recipe} if recipe else {})})
-    task = Stage2Task(captioner, dataset, seed=cfg.seed, evaluator=evaluator, num_workers=settings.num_workers,
-                      on_bad_image=settings.on_bad_image)
+                                   "samples": len(plan.dataset), "global_batch": global_batch(cfg, accelerator),
+                                   **({"recipe": plan.recipe} if plan.recipe else {})})
+    task = Stage2Task(captioner, plan.dataset, seed=cfg.seed, evaluator=plan.evaluator,
+                      num_workers=settings.num_workers, on_bad_image=settings.on_bad_image)
     try:
         state = train(task, cfg, out, accelerator)
     finally:

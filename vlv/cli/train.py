@@ -1,0 +1,196 @@
+"""``vlv train ...`` and ``vlv teacher ...``: each command parses its recipe and flags into settings and calls the
+library, which checks every input before anything loads."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from vlv.cli.flags import (
+    add_fields,
+    command_line,
+    given,
+    positive_float,
+    positive_int,
+    recipe_arg,
+    writable_dir,
+    writable_path,
+)
+from vlv.errors import InvalidInput
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from vlv.shapes.config import DetectionSettings, TeacherRecipe
+    from vlv.training.config import LMSettings, Stage1Settings, Stage2Settings, TrainConfig
+
+    teacher = sub.add_parser("teacher", help="train or sample the shapes text-to-image teacher")
+    t_sub = teacher.add_subparsers(dest="teacher_command", required=True, metavar="TEACHER_COMMAND")
+    p = t_sub.add_parser("train", help="train a teacher (resumes when OUT holds a checkpoint)")
+    p.add_argument("--data", type=Path, required=True, help="training image-caption folder")
+    p.add_argument("--out", type=writable_dir, required=True, help="teacher dir (Stable Diffusion layout)")
+    p.add_argument("--val", type=Path, default=None, help="held-out (val split) folder for periodic accuracy")
+    p.add_argument("--minutes", type=positive_float, default=None, help="stop (resumably) after this long")
+    p.add_argument("--tiny", action="store_true", help="tiny architecture (tests, plumbing)")
+    p.add_argument("--on-bad-image", choices=["skip", "fail"], default="skip",
+                   help="an unreadable image: skip it (counted) or stop naming it (default skip)")
+    p.add_argument("--resume", choices=["check", "override"], default="check",
+                   help="check: a started OUT resumes only with the recipe it was started with (the differing "
+                        "fields are named); override: resume with these settings anyway")
+    recipe_arg(p, "teacher", "shapes-teacher")
+    add_fields(p, TeacherRecipe, "recipe overrides")
+    p.set_defaults(func=cmd_teacher_train)
+    p = t_sub.add_parser("export", help="export a teacher still training (latest EMA checkpoint) in SD layout")
+    p.add_argument("teacher", type=Path, help="teacher dir being trained (holds training/)")
+    p.add_argument("--out", type=writable_dir, required=True)
+    p.add_argument("--fp16", action="store_true", help="UNet and VAE in fp16 (the text encoder stays fp32)")
+    p.set_defaults(func=cmd_teacher_export)
+    p = t_sub.add_parser("sample", help="draw images from captions")
+    p.add_argument("teacher", help="teacher dir or shipped name (shapes-teacher)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="one caption")
+    g.add_argument("--captions", type=Path, help="text file, one caption a line")
+    p.add_argument("--out", type=writable_path, required=True, help="PNG file (one prompt) or folder")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=positive_int, default=20)
+    p.add_argument("--sampler", choices=["fast", "paper"], default="fast")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_teacher_sample)
+
+    train = sub.add_parser("train", help="train a VLV stage")
+    train_sub = train.add_subparsers(dest="train_command", required=True, metavar="STAGE")
+
+    def stage(name: str, help_text: str, out_help: str, settings: type, settings_title: str, func,
+              val_help: str | None = None, defaults: dict | None = None) -> None:
+        """A recipe-driven training command: --out, --recipe, then a flag per field of its settings and loop."""
+        p = train_sub.add_parser(name, help=help_text)
+        p.add_argument("--out", type=writable_dir, required=True, help=out_help)
+        if val_help:
+            p.add_argument("--val", type=Path, default=None, help=val_help)
+            p.add_argument("--eval-n", type=positive_int, default=200, help="val scenes per evaluation (default 200)")
+        recipe_arg(p, name, f"shapes-{name}")
+        add_fields(p, settings, f"{settings_title} (recipe section 'settings')", defaults=defaults)
+        add_fields(p, TrainConfig, "training loop (recipe section 'train')")
+        p.set_defaults(func=func, settings_type=settings)
+
+    run_dir = "run dir (resumes when it holds a checkpoint)"
+    stage("stage1", "distil a frozen diffusion decoder into the VLV encoder (images only)", run_dir, Stage1Settings,
+          "inputs and method", cmd_train_stage1, val_help="shapes folder for periodic reconstruction accuracy")
+    stage("lm", "pre-train the small shapes language model on caption text", "LM dir (transformers layout)",
+          LMSettings, "inputs", cmd_train_lm)
+    stage("florence2", "pre-train the small shapes Florence-2 on object detection (<OD>)",
+          "Florence-2 dir (transformers' native layout)", DetectionSettings, "inputs", cmd_train_florence2)
+    stage("stage2", "teach a causal LM to read stage-1 embeddings out as captions", run_dir, Stage2Settings,
+          "inputs and method", cmd_train_stage2, val_help="shapes folder for periodic caption accuracy",
+          defaults={"decoder": "shapes-teacher"})
+
+
+# ------------------------------------------------------------------------------------------- train
+def _sections(args: argparse.Namespace, task: str):
+    """(recipe, settings, loop config) of a training command: the recipe's sections, each flag given on top."""
+    from vlv.training.config import TrainConfig
+    from vlv.training.recipes import load_sections
+
+    train = given(args, TrainConfig)
+    if args.budget_minutes:  # a budgeted run plans its own step count after a few steps
+        train["steps"] = 10**9
+    return load_sections(args.recipe, task, args.settings_type, given(args, args.settings_type), train)
+
+
+def _saved(done: bool, what: str, out: str) -> None:
+    if int(os.environ.get("RANK", 0)):  # one line per run, not per process
+        return
+    print(f"{what} saved to {out}" if done else f"stopped early; run the same command to resume ({out})")
+
+
+def cmd_train_stage1(args: argparse.Namespace) -> None:
+    from vlv.training.recipes import resolved
+    from vlv.training.stage1 import train_stage1
+
+    recipe, settings, cfg = _sections(args, "stage1")
+    evaluator = None
+    if args.val:
+        from vlv.shapes.metrics import stage1_evaluator
+
+        evaluator = stage1_evaluator(args.val, args.eval_n)
+    done = train_stage1(settings, cfg, args.out, evaluator=evaluator,
+                        recipe=resolved(recipe, train=cfg, settings=settings))
+    _saved(done is not None, "encoder", args.out)
+
+
+def cmd_train_stage2(args: argparse.Namespace) -> None:
+    from vlv.shapes.tokenizers import tokenizer_for
+    from vlv.training.recipes import resolved
+    from vlv.training.stage2 import train_stage2
+
+    recipe, settings, cfg = _sections(args, "stage2")
+    evaluator = None
+    if args.val:
+        from vlv.shapes.metrics import stage2_evaluator
+
+        evaluator = stage2_evaluator(args.val, args.eval_n)
+    done = train_stage2(settings, cfg, args.out, evaluator=evaluator, tokenizer=tokenizer_for(settings.lm),
+                        recipe=resolved(recipe, train=cfg, settings=settings))
+    _saved(done is not None, "captioner", args.out)
+
+
+def cmd_train_lm(args: argparse.Namespace) -> None:
+    from vlv.shapes.metrics import lm_judge
+    from vlv.shapes.tokenizers import tokenizer_for
+    from vlv.training.lm import train_lm
+    from vlv.training.recipes import resolved
+
+    recipe, settings, cfg = _sections(args, "lm")
+    done = train_lm(settings, cfg, args.out, tokenizer=tokenizer_for(settings.lm),
+                    judge=lm_judge if settings.val else None, recipe=resolved(recipe, train=cfg, settings=settings))
+    _saved(done is not None, "language model", args.out)
+
+
+def cmd_train_florence2(args: argparse.Namespace) -> None:
+    from vlv.shapes.florence2 import train_florence2
+    from vlv.training.recipes import resolved
+
+    recipe, settings, cfg = _sections(args, "florence2")
+    done = train_florence2(settings, cfg, args.out, recipe=resolved(recipe, train=cfg, settings=settings))
+    _saved(done is not None, "Florence-2", args.out)
+
+
+# ----------------------------------------------------------------------------------------- teacher
+def cmd_teacher_train(args: argparse.Namespace) -> None:
+    from vlv.shapes.config import TINY, TeacherConfig, TeacherRecipe
+    from vlv.shapes.teacher import train_teacher
+    from vlv.training.recipes import load_recipe, section, user_input
+
+    with user_input():
+        recipe = section(load_recipe(args.recipe, "teacher"), "settings", TeacherRecipe, given(args, TeacherRecipe))
+    done = train_teacher(args.data, args.out, TINY if args.tiny else TeacherConfig(), recipe, val=args.val,
+                         max_minutes=args.minutes, command=command_line(), on_bad_image=args.on_bad_image,
+                         resume_override=args.resume == "override")
+    print(f"teacher saved to {done}" if done else f"time budget reached; run the same command to resume ({args.out})")
+
+
+def cmd_teacher_export(args: argparse.Namespace) -> None:
+    import torch
+
+    from vlv.shapes.teacher import export_checkpoint
+
+    export_checkpoint(args.teacher, args.out, dtype=torch.float16 if args.fp16 else torch.float32)
+    print(f"exported to {args.out}")
+
+
+def cmd_teacher_sample(args: argparse.Namespace) -> None:
+    from vlv.shapes.teacher import sample_files
+
+    if args.prompt is not None:  # "" is a valid caption: the unconditional one CFG guides against
+        prompts = [args.prompt]
+    else:
+        try:
+            text = Path(args.captions).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInput(f"--captions {args.captions}: not a UTF-8 text file") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise InvalidInput(f"--captions {args.captions}: no captions in it")
+    n = sample_files(args.teacher, prompts, args.out, guidance_scale=args.cfg, steps=args.steps,
+                     sampler=args.sampler, seed=args.seed)
+    print(f"wrote {n} image(s) to {args.out}")
