@@ -184,7 +184,7 @@ def test_launch_configs_load_in_accelerate_as_ddp_leaving_precision_to_the_recip
     mpirun), so the 2-process tests here go through torchrun, the same loop."""
     from accelerate.commands.config.config_args import load_config_from_file
 
-    configs = sorted((Path(__file__).parent.parent / "launch").glob("*.yaml"))
+    configs = sorted((Path(__file__).parents[2] / "launch").glob("*.yaml"))
     assert [c.name for c in configs] == ["ddp-1node.yaml", "ddp-multinode.yaml"]
     for path in configs:
         cfg = load_config_from_file(str(path))

@@ -16,7 +16,7 @@ from PIL import Image
 
 from vlv.cli import main
 
-WEIGHTS = Path(__file__).parent.parent / "vlv" / "weights"
+WEIGHTS = Path(__file__).parents[2] / "vlv" / "weights"
 
 
 def _error(capsys) -> str:
@@ -248,7 +248,7 @@ def test_kill_soak_short_form(tmp_path):
     import random
     import sys
 
-    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
     from kill_soak import commands, soak
 
     from vlv.shapes.data import write_shapes

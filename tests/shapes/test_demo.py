@@ -13,7 +13,7 @@ from vlv.shipped import installed
 
 pytestmark = pytest.mark.skipif(not installed("shapes-teacher"),
                                 reason="the shipped shapes teacher is not in this checkout")
-ARTIFACTS = Path(os.environ.get("VLV_TEST_ARTIFACTS", Path(__file__).parent.parent / "runs" / "test-artifacts"))
+ARTIFACTS = Path(os.environ.get("VLV_TEST_ARTIFACTS", Path(__file__).parents[2] / "runs" / "test-artifacts"))
 
 
 @pytest.fixture(scope="module")

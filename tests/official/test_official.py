@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "official-04bbfbb"
+FIXTURES = Path(__file__).parents[3] / "shared" / "fixtures" / "official-04bbfbb"
 if not FIXTURES.is_dir():
     pytest.skip(f"official fixtures absent ({FIXTURES})", allow_module_level=True)
 
