@@ -209,6 +209,7 @@ def test_a_folder_named_like_a_preset_is_ambiguous(tmp_path, scenes, monkeypatch
     assert "./shapes" in _error(capsys) and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_training_on_bad_image_fail_names_it_and_exits(bad_images, scenes, tmp_path):
     """Through decoding workers too: the worker's error arrives as one line, and the workers (which ignore a
     group SIGTERM) do not keep the process from exiting."""
@@ -242,6 +243,7 @@ def test_a_resumed_run_refuses_changed_settings_unless_overridden(tmp_path, scen
     assert json.loads((out / "lm.json").read_text())["train"]["lr"] == 5e-4
 
 
+@pytest.mark.slow
 def test_kill_soak_short_form(tmp_path):
     """benchmarks/kill_soak.py, short: `vlv train lm` SIGKILLed three times at random moments (checkpointing every
     step), resumed each time, ends with the uninterrupted run's weights, and no killed state is unloadable."""

@@ -30,9 +30,6 @@ CAPTIONS = ["a small red circle at the top left",
             "circle at the bottom right"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @pytest.fixture(scope="module")
 def text_encoder(tiny_teacher):
     return load_text_encoder(tiny_teacher)

@@ -11,8 +11,9 @@ import pytest
 
 from vlv.shipped import installed
 
-pytestmark = pytest.mark.skipif(not installed("shapes-teacher"),
-                                reason="the shipped shapes teacher is not in this checkout")
+pytestmark = [pytest.mark.slow,  # the quick demo end to end, then Chromium
+              pytest.mark.skipif(not installed("shapes-teacher"),
+                                 reason="the shipped shapes teacher is not in this checkout")]
 ARTIFACTS = Path(os.environ.get("VLV_TEST_ARTIFACTS", Path(__file__).parents[2] / "runs" / "test-artifacts"))
 
 

@@ -46,7 +46,6 @@ def test_parse_ignores_what_is_not_an_object():
     assert parse_detections("pink circle<loc_2><loc_7><loc_24><loc_29>") == set()
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_a_training_run_writes_a_native_florence2_dir(tmp_path, shapes_data):
     cfg = TrainConfig(steps=3, batch_size=4, warmup_steps=0, progress=False)
     settings = DetectionSettings(data=str(shapes_data["train"]), val=str(shapes_data["val"]), eval_n=4)

@@ -79,6 +79,7 @@ def _cli(*args):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_stage1_reconstruct_compose(tiny_teacher, shapes_data, tmp_path):
     run = tmp_path / "s1"
     r = _cli("train", "stage1", "--decoder", tiny_teacher, "--data", shapes_data["train"], "--out", run,
@@ -111,6 +112,7 @@ def test_cli_stage1_reconstruct_compose(tiny_teacher, shapes_data, tmp_path):
     assert r.returncode == 2 and "--init" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+@pytest.mark.dist
 def test_two_processes_agree(tiny_teacher, shapes_data, tmp_path):
     """Under torchrun (2 CPU processes, gloo), DDP keeps both ranks' weights identical."""
     from pathlib import Path
