@@ -245,16 +245,15 @@ def test_a_resumed_run_refuses_changed_settings_unless_overridden(tmp_path, scen
 
 @pytest.mark.slow
 def test_kill_soak_short_form(tmp_path):
-    """benchmarks/kill_soak.py, short: `vlv train lm` SIGKILLed three times at random moments (checkpointing every
-    step), resumed each time, ends with the uninterrupted run's weights, and no killed state is unloadable."""
+    """The kill soak (``vlv.cli.soak``; benchmarks/kill_soak.py runs it on every command), short: `vlv train lm`
+    SIGKILLed three times at random moments (checkpointing every step), resumed each time, ends with the
+    uninterrupted run's weights, and no killed state is unloadable."""
     import random
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
-    from kill_soak import commands, soak
-
+    from vlv.cli.soak import soak
     from vlv.shapes.data import write_shapes
 
     data = write_shapes(tmp_path / "data", n=48, seed=0, split="train", progress=False)
-    row = soak("lm", commands(data, tmp_path / "unused")["lm"], tmp_path, kills=3, rng=random.Random(0))
+    argv = ["train", "lm", "--data", str(data), "--steps", "120", "--batch-size", "4", "--checkpoint-every", "1"]
+    row = soak("lm", argv, tmp_path, kills=3, rng=random.Random(0))
     assert row["kills"] == 3 and row["equal"] and row["files"] and not row["unloadable"], row
