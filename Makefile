@@ -17,7 +17,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest
 
+# The inner loop: no subprocess CLI runs, demo, shipped-weight runs, kills or torchrun (`make test` runs all).
+test-fast: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -m "not slow and not dist"
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-fast lint

@@ -3,22 +3,12 @@ import os
 import pytest
 
 # Tiny models: one thread per process beats two (thread overhead dominates; 2-core CI machine). Set before
-# torch is imported so CLI and torchrun subprocesses inherit it.
+# torch is imported (this file loads before any test module), so torch.get_num_threads() is 1 in every test and
+# CLI and torchrun subprocesses inherit it; a value set outside is kept.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tensors in tests are tiny: one thread is ~30x faster than two on a busy 2-core machine (no spin-waiting)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,6 @@ from vlv.training.lm import train_lm
 from vlv.training.stage1 import build_encoder
 from vlv.training.stage2 import train_stage2
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.fixture(scope="module")
 def shipped(tiny_teacher, shapes_data, tmp_path_factory):

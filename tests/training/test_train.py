@@ -101,6 +101,7 @@ def _ranks(stdout: str) -> list[tuple[int, int, bool]]:
     return [(int(s), int(p), d == "True") for _, s, p, d in sorted(rows)]
 
 
+@pytest.mark.dist
 def test_a_signal_to_one_rank_stops_both_at_one_step_with_one_checkpoint(tmp_path):
     """Two processes on different clocks, a budget, a checkpoint due on every tick and a SIGTERM to rank 1 only:
     both ranks stop at the same step with one checkpoint (no hang), and a re-run resumes both to the same end."""
@@ -137,6 +138,7 @@ def _every_task(data: Path, out: Path, processes: int, inputs: Path | None = Non
 TASKS = ("teacher-vae", "teacher-unet", "lm", "stage1", "stage2")
 
 
+@pytest.mark.dist
 def test_every_task_trains_on_two_processes_as_on_one_at_the_same_global_batch(shapes_data, tmp_path):
     """Teacher VAE and UNet, LM, stage 1 and stage 2, each through its own entry point on 2 processes (DDP, gloo):
     both ranks end with the same weights (a forward outside the wrapped module would let them drift), and those
@@ -184,7 +186,7 @@ def test_launch_configs_load_in_accelerate_as_ddp_leaving_precision_to_the_recip
     mpirun), so the 2-process tests here go through torchrun, the same loop."""
     from accelerate.commands.config.config_args import load_config_from_file
 
-    configs = sorted((Path(__file__).parent.parent / "launch").glob("*.yaml"))
+    configs = sorted((Path(__file__).parents[2] / "launch").glob("*.yaml"))
     assert [c.name for c in configs] == ["ddp-1node.yaml", "ddp-multinode.yaml"]
     for path in configs:
         cfg = load_config_from_file(str(path))

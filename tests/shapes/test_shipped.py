@@ -15,9 +15,6 @@ def _shipped(name: str):
     return pytest.mark.skipif(not presets.installed(name), reason=f"{name} not shipped in this checkout")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @_shipped("shapes-lm")
 def test_shipped_lm_loads_strictly_and_speaks_the_grammar():
     from transformers import AutoModelForCausalLM
@@ -54,6 +51,7 @@ def test_shipped_encoder_loads_strictly_by_name():
 
 
 @_shipped("shapes-stage1")
+@pytest.mark.slow
 def test_shipped_encoder_reconstructs_held_out_scenes(tmp_path):
     """Through the shipped teacher, the shipped encoder's embeddings redraw most held-out scenes exactly.
 
@@ -88,6 +86,7 @@ def test_shipped_captioner_names_its_shipped_parts():
 
 
 @_shipped("shapes-stage2")
+@pytest.mark.slow
 def test_shipped_captioner_captions_held_out_scenes(tmp_path):
     """The shipped captioner writes the exact caption of most held-out scenes (metrics.json: 99.4% of 500);
     the floor (3/4 of 32) catches broken weights or a changed pipeline, not a point of accuracy."""

@@ -16,7 +16,7 @@ from PIL import Image
 
 from vlv.cli import main
 
-WEIGHTS = Path(__file__).parent.parent / "vlv" / "weights"
+WEIGHTS = Path(__file__).parents[2] / "vlv" / "weights"
 
 
 def _error(capsys) -> str:
@@ -209,6 +209,7 @@ def test_a_folder_named_like_a_preset_is_ambiguous(tmp_path, scenes, monkeypatch
     assert "./shapes" in _error(capsys) and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_training_on_bad_image_fail_names_it_and_exits(bad_images, scenes, tmp_path):
     """Through decoding workers too: the worker's error arrives as one line, and the workers (which ignore a
     group SIGTERM) do not keep the process from exiting."""
@@ -242,17 +243,17 @@ def test_a_resumed_run_refuses_changed_settings_unless_overridden(tmp_path, scen
     assert json.loads((out / "lm.json").read_text())["train"]["lr"] == 5e-4
 
 
+@pytest.mark.slow
 def test_kill_soak_short_form(tmp_path):
-    """benchmarks/kill_soak.py, short: `vlv train lm` SIGKILLed three times at random moments (checkpointing every
-    step), resumed each time, ends with the uninterrupted run's weights, and no killed state is unloadable."""
+    """The kill soak (``vlv.cli.soak``; benchmarks/kill_soak.py runs it on every command), short: `vlv train lm`
+    SIGKILLed three times at random moments (checkpointing every step), resumed each time, ends with the
+    uninterrupted run's weights, and no killed state is unloadable."""
     import random
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
-    from kill_soak import commands, soak
-
+    from vlv.cli.soak import soak
     from vlv.shapes.data import write_shapes
 
     data = write_shapes(tmp_path / "data", n=48, seed=0, split="train", progress=False)
-    row = soak("lm", commands(data, tmp_path / "unused")["lm"], tmp_path, kills=3, rng=random.Random(0))
+    argv = ["train", "lm", "--data", str(data), "--steps", "120", "--batch-size", "4", "--checkpoint-every", "1"]
+    row = soak("lm", argv, tmp_path, kills=3, rng=random.Random(0))
     assert row["kills"] == 3 and row["equal"] and row["files"] and not row["unloadable"], row

@@ -30,7 +30,8 @@ def test_train_stage1_run_dir_describes_itself(tiny_teacher, shapes_data, tmp_pa
     assert meta["settings"]["decoder"] == str(tiny_teacher) and (run / "latents" / "cache.json").exists()
     assert meta["recipe"] == recipe
     evals = [r["eval"] for r in json.loads((run / "checkpoint" / "trainer.json").read_text())["history"] if "eval" in r]
-    assert evals and 0.0 <= evals[-1]["recon_scene_accuracy"] <= 1.0
+    # A 4-step teacher draws noise, so accuracy is 0 trained or not (no floor fits): the eval ran once, at the end.
+    assert [e["step"] for e in evals] == [3] and {"recon_scene_accuracy", "recon_object_f1"} <= set(evals[-1])
     loaded = VLVEncoder.from_pretrained(run).eval()
     assert loaded.config.phi_init_gain == 4.0  # the run's setting reached the encoder it built
     x = torch.rand(2, 3, 64, 64) * 2 - 1
@@ -79,6 +80,7 @@ def _cli(*args):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_stage1_reconstruct_compose(tiny_teacher, shapes_data, tmp_path):
     run = tmp_path / "s1"
     r = _cli("train", "stage1", "--decoder", tiny_teacher, "--data", shapes_data["train"], "--out", run,
@@ -111,6 +113,7 @@ def test_cli_stage1_reconstruct_compose(tiny_teacher, shapes_data, tmp_path):
     assert r.returncode == 2 and "--init" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+@pytest.mark.dist
 def test_two_processes_agree(tiny_teacher, shapes_data, tmp_path):
     """Under torchrun (2 CPU processes, gloo), DDP keeps both ranks' weights identical."""
     from pathlib import Path

@@ -92,6 +92,7 @@ def test_shipped_teacher_loads_strictly():
         assert set(built.state_dict()) == set(loaded.state_dict())
 
 
+@pytest.mark.slow
 def test_cli_sample_writes_images(tiny_teacher, tmp_path):
     import subprocess
     import sys

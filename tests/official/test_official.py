@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "official-04bbfbb"
+FIXTURES = Path(__file__).parents[3] / "shared" / "fixtures" / "official-04bbfbb"
 if not FIXTURES.is_dir():
     pytest.skip(f"official fixtures absent ({FIXTURES})", allow_module_level=True)
 
@@ -33,9 +33,6 @@ BASE_F2, BASE_SD = FIXTURES / "bases" / "florence2", FIXTURES / "bases" / "sd"
 PLAIN, DEEPSPEED = FIXTURES / "stage1" / "plain" / "checkpoint_3.pt", FIXTURES / "stage1" / "deepspeed"
 ATOL = 1e-5  # measured max abs differences: 1.2e-6 (image features) .. 9.0e-6 (BART decoder output)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def close(actual, expected, atol=ATOL):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
 
@@ -51,14 +48,14 @@ def decoder():
 
 
 @pytest.fixture(scope="module")
-def native_f2(tmp_path_factory, one_thread):
+def native_f2(tmp_path_factory):
     out = tmp_path_factory.mktemp("f2") / "native"
     counts = convert_florence2(BASE_F2, out)
     return out, counts
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, native_f2, one_thread):
+def runs(tmp_path_factory, native_f2):
     """Both official formats: the plain checkpoint with the remote-code base (converted into the run dir), the
     DeepSpeed dir with the already-native base (used in place)."""
     root = tmp_path_factory.mktemp("runs")
@@ -250,6 +247,7 @@ def _cli(*args):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_import_then_reconstruct(tmp_path):
     from vlv.cli import main
 

@@ -2,7 +2,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from vlv.data import read_records
+
+pytestmark = pytest.mark.slow  # CLI subprocesses
 
 
 def _cli(*args):

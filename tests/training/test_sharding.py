@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -15,6 +16,8 @@ from vlv.shapes.tokenizers import build_shapes_tokenizer
 from vlv.training.config import LMSettings, Stage1Settings, TrainConfig
 from vlv.training.lm import train_lm
 from vlv.training.stage1 import train_stage1
+
+pytestmark = pytest.mark.dist  # torchrun, 2 processes
 
 
 def test_fsdp2_stage2_equals_ddp_resumes_exactly_and_loads_on_one_process(tiny_teacher, shapes_data, tmp_path):

@@ -133,6 +133,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny_teacher, shards, tm
     assert _equal(_weights(tmp_path / "whole"), _weights(tmp_path / "resumed"))
 
 
+@pytest.mark.slow
 def test_a_sigkilled_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_teacher, shards, tmp_path):
     """SIGKILL (no handler runs) to the training process and its decoding workers mid-run; the same command then
     resumes from the last checkpoint and ends bit-identical to a run never killed."""
@@ -205,6 +206,7 @@ def test_a_precomputed_latents_cache_holds_the_vae_posterior_in_fp16(tiny_teache
     torch.testing.assert_close(rows["std"].float(), dist.std, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_training_reads_a_cache_from_vlv_precompute_and_refuses_a_wrong_key(tiny_teacher, shapes_data, shards,
                                                                               tmp_path):
     def cli(*args):

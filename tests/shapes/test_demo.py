@@ -11,9 +11,10 @@ import pytest
 
 from vlv.shipped import installed
 
-pytestmark = pytest.mark.skipif(not installed("shapes-teacher"),
-                                reason="the shipped shapes teacher is not in this checkout")
-ARTIFACTS = Path(os.environ.get("VLV_TEST_ARTIFACTS", Path(__file__).parent.parent / "runs" / "test-artifacts"))
+pytestmark = [pytest.mark.slow,  # the quick demo end to end, then Chromium
+              pytest.mark.skipif(not installed("shapes-teacher"),
+                                 reason="the shipped shapes teacher is not in this checkout")]
+ARTIFACTS = Path(os.environ.get("VLV_TEST_ARTIFACTS", Path(__file__).parents[2] / "runs" / "test-artifacts"))
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +32,16 @@ def test_quick_demo_leaves_a_self_describing_run_dir(demo_run):
         assert (demo_run / part).is_file(), part
     m = json.loads((demo_run / "metrics.json").read_text())
     for key in ("teacher", "reconstruction", "captions", "caption_to_image"):
-        assert 0.0 <= m[key]["scene_accuracy"] <= 1.0 and m[key]["n"] == 16
+        assert 0.0 <= m[key]["scene_accuracy"] <= 1.0 and m[key]["n"] == 16  # 6-step stages: 0.0 measured
+    # The shipped teacher copied into the run draws the true captions (shipped: 97.0% of 500 scenes; measured 16 of
+    # 16): a broken copy, sampler or scorer falls far below.
+    assert m["teacher"]["scene_accuracy"] >= 0.75, m["teacher"]
     assert set(m["timings"]) >= {"data", "teacher", "lm", "stage1", "stage2", "evaluate"}
     assert set(m["curves"]) == {"lm", "stage1", "stage2"}
     assert len(m["examples"]) == 4 and all("predicted" in ex for ex in m["examples"])
     if installed("shapes-stage2"):  # the shipped weights redraw and caption the same examples beside the run's
-        assert all(ex["shipped_predicted"] for ex in m["examples"])
+        # shipped: 99.4% exact captions of 500 scenes; measured 4 of 4 here
+        assert sum(ex["shipped_predicted"] == ex["caption"] for ex in m["examples"]) >= 3, m["examples"]
         assert all((demo_run / "report" / f"shipped_recon_{ex['index']}.png").is_file() for ex in m["examples"])
 
 

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import math
 
 import numpy as np
 import pytest
@@ -28,9 +29,6 @@ TINY_LM = dict(model_type="qwen2", vocab_size=336, hidden_size=32, intermediate_
 CAPTIONS = ["a small red circle at the top left",
             "a large blue square at the top right, a small cyan triangle at the bottom left and a large green "
             "circle at the bottom right"]
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +158,7 @@ def test_trained_captioner_says_its_caption_and_stops(text_encoder):
     for beams in (1, 4):
         assert cap.generate(z=z, num_beams=beams) == CAPTIONS
     ids = cap.generate_ids(z=z, num_beams=1)  # (B, T): no prompt positions, EOS then padding
-    assert ids.shape[1] < 40
+    assert ids.shape[1] == max(len(cap.tokenizer(c).input_ids) for c in CAPTIONS) + 1  # the longest's EOS, not 40
     for row, caption in zip(ids.tolist(), CAPTIONS, strict=True):
         n = len(cap.tokenizer(caption).input_ids)
         assert row[n] == cap.eos_token_id and cap.eos_token_id not in row[:n]
@@ -266,7 +264,10 @@ def test_train_lm_writes_a_standard_checkpoint_dir(lm_dir, shapes_data):
     assert (lm.config.eos_token_id, lm.config.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
     history = json.loads((lm_dir / "checkpoint" / "trainer.json").read_text())["history"]
     evals = [r["eval"] for r in history if "eval" in r]
-    assert evals and evals[-1]["val_loss"] > 0 and 0 <= evals[-1]["sample_well_formed"] <= 1
+    # 3 steps take the held-out loss well below a uniform guess over the vocabulary (ln 336 = 5.82; measured
+    # 5.06); the untrained LM scores 5.79, near the guess.
+    assert [e["step"] for e in evals] == [3] and "sample_well_formed" in evals[-1]
+    assert evals[-1]["val_loss"] < 0.95 * math.log(len(tok)), evals[-1]
 
 
 def test_train_stage2_writes_a_loadable_run(tiny_teacher, stage1_dir, lm_dir, shapes_data, tmp_path):
@@ -283,7 +284,9 @@ def test_train_stage2_writes_a_loadable_run(tiny_teacher, stage1_dir, lm_dir, sh
     meta = json.loads((run / "stage2.json").read_text())
     assert meta["settings"]["encoder"] == str(stage1_dir.resolve()) and meta["settings"]["lm"] == str(lm_dir.resolve())
     evals = [r["eval"] for r in json.loads((run / "checkpoint" / "trainer.json").read_text())["history"] if "eval" in r]
-    assert evals and 0.0 <= evals[-1]["scene_accuracy"] <= 1.0
+    # After 2 steps every caption score is 0 (no floor fits): the eval ran once, at the end, and scored captions.
+    assert [e["step"] for e in evals] == [2]
+    assert {"caption_exact", "well_formed", "scene_accuracy", "object_f1"} <= set(evals[-1])
     loaded = Captioner.from_pretrained(run).eval()  # alone: its config names T's and the encoder's dirs
     px = cap.encoder.normalize(torch.rand(2, 3, 64, 64) * 2 - 1)
     cap.eval()

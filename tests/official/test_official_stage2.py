@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "official-04bbfbb"
+FIXTURES = Path(__file__).parents[3] / "shared" / "fixtures" / "official-04bbfbb"
 if not FIXTURES.is_dir():
     pytest.skip(f"official fixtures absent ({FIXTURES})", allow_module_level=True)
 
@@ -32,9 +32,6 @@ BASE_F2, BASE_SD, BASE_LM = (FIXTURES / "bases" / n for n in ("florence2", "sd",
 MODEL_PT = FIXTURES / "stage2" / "step_3" / "model.pt"
 ATOL = 1e-5
 IGNORE = -100
-
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def close(actual, expected, atol=ATOL):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
@@ -52,7 +49,7 @@ def official():
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, one_thread):
+def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("stage2") / "run"
     return out, import_stage2(MODEL_PT, BASE_F2, BASE_SD, BASE_LM, out)
 
@@ -289,6 +286,7 @@ def _cli(*args):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_import_then_caption(tmp_path):
     from vlv.cli import main
 

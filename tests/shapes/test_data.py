@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from vlv.data import ImageCaptionFolder, read_records
 from vlv.shapes import world as shapes
 from vlv.shapes.data import write_shapes
@@ -37,6 +39,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "vlv.cli", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_writes_a_folder(tmp_path):
     r = _cli("data", "shapes", "--out", str(tmp_path / "x"), "--n", "5", "--quiet")
     assert r.returncode == 0, r.stderr
@@ -44,6 +47,7 @@ def test_cli_writes_a_folder(tmp_path):
     assert len(rows) == 5 and all((tmp_path / "x" / row["image"]).exists() for row in rows)
 
 
+@pytest.mark.slow
 def test_cli_bad_arguments_print_one_line(tmp_path):
     for args in (["--out", str(tmp_path / "y"), "--n", "-3"],
                  ["--out", "/proc/vlv-cannot-write-here", "--n", "3"],
@@ -53,6 +57,7 @@ def test_cli_bad_arguments_print_one_line(tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1 and "error" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_help():
     for cmd in ([], ["data"], ["data", "shapes"], ["teacher", "train"], ["teacher", "sample"], ["demo"],
                 ["train", "stage1"], ["train", "lm"], ["train", "stage2"], ["reconstruct"], ["compose"], ["caption"]):

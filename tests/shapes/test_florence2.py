@@ -46,13 +46,13 @@ def test_parse_ignores_what_is_not_an_object():
     assert parse_detections("pink circle<loc_2><loc_7><loc_24><loc_29>") == set()
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_a_training_run_writes_a_native_florence2_dir(tmp_path, shapes_data):
     cfg = TrainConfig(steps=3, batch_size=4, warmup_steps=0, progress=False)
     settings = DetectionSettings(data=str(shapes_data["train"]), val=str(shapes_data["val"]), eval_n=4)
     model = train_florence2(settings, cfg, tmp_path / "f2")
     record = json.loads((tmp_path / "f2" / RECORD_FILE).read_text())
-    assert record["train"]["steps"] == 3 and 0.0 <= record["val"]["scene_accuracy"] <= 1.0
+    # 3 steps detect nothing yet (scene accuracy 0, no floor fits): the held-out eval read eval_n = 4 val scenes.
+    assert record["train"]["steps"] == 3 and record["val"]["n"] == 4 and "scene_accuracy" in record["val"]
 
     loaded = Florence2ForConditionalGeneration.from_pretrained(tmp_path / "f2")
     tok = AutoTokenizer.from_pretrained(tmp_path / "f2")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-_spec = importlib.util.spec_from_file_location("ship", Path(__file__).parents[1] / "scripts" / "ship.py")
+_spec = importlib.util.spec_from_file_location("ship", Path(__file__).parents[2] / "scripts" / "ship.py")
 ship = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ship)
 
