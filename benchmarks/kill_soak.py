@@ -3,7 +3,7 @@
     python benchmarks/kill_soak.py [--kills 10] [--commands teacher lm stage1 stage2 precompute] [--seed 0]
                                    [--out results/kill_soak.json]
 
-For each command on tiny data (made here) the soak of ``vlv.cli.soak``: one uninterrupted run, then the same
+For each command on tiny data (made here) the soak of ``vlv.testing``: one uninterrupted run, then the same
 command started again and again, its process group SIGKILLed at a random moment (the training commands checkpoint
 every step, so kills land in start-up, in steps and in checkpoint writes) until ``--kills`` kills have happened,
 then once more to the end; every killed state must load and the results must equal the uninterrupted run's.
@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from vlv.cli.soak import soak
+from vlv.testing import soak
 
 EVERY_STEP = ["--batch-size", "4", "--checkpoint-every", "1"]
 

@@ -245,13 +245,13 @@ def test_a_resumed_run_refuses_changed_settings_unless_overridden(tmp_path, scen
 
 @pytest.mark.slow
 def test_kill_soak_short_form(tmp_path):
-    """The kill soak (``vlv.cli.soak``; benchmarks/kill_soak.py runs it on every command), short: `vlv train lm`
+    """The kill soak (``vlv.testing``; benchmarks/kill_soak.py runs it on every command), short: `vlv train lm`
     SIGKILLed three times at random moments (checkpointing every step), resumed each time, ends with the
     uninterrupted run's weights, and no killed state is unloadable."""
     import random
 
-    from vlv.cli.soak import soak
     from vlv.shapes.data import write_shapes
+    from vlv.testing import soak
 
     data = write_shapes(tmp_path / "data", n=48, seed=0, split="train", progress=False)
     argv = ["train", "lm", "--data", str(data), "--steps", "120", "--batch-size", "4", "--checkpoint-every", "1"]

@@ -1,4 +1,7 @@
-"""Kill soak: a ``vlv`` command SIGKILLed at random moments and resumed ends where an uninterrupted run does.
+"""Test helpers shipped with the package (as ``torch.testing`` and accelerate's ``test_utils`` are), for the
+suite and the benchmarks alike.
+
+Kill soak: a ``vlv`` command SIGKILLed at random moments and resumed ends where an uninterrupted run does.
 
 :func:`soak` runs the command once to the end (the reference), then starts it again and again in another dir,
 SIGKILLing its process group after a random delay (uniform over 0.05-0.6 of the reference's wall time, so kills
