@@ -156,7 +156,7 @@ def ablation(args: argparse.Namespace) -> dict:
     """One stage-1 run per Nq, equal steps: from scratch (the paper's Table 4-left), or with --init from a trained
     encoder's first Nq queries, whose z is exactly the first Nq positions of the trained z (the query decoder is
     causal); that truncation is then measured untrained too, as the runs' common starting point."""
-    from vlv.training.loop import load_checkpoint
+    from vlv.training.checkpoint import load_checkpoint
     from vlv.training.recipes import resolved
     from vlv.training.stage1 import train_stage1
 

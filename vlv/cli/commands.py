@@ -195,12 +195,14 @@ def cmd_train_stage1(args: argparse.Namespace) -> None:
     if args.init and args.phi_init_gain is not None:
         raise InvalidInput(f"--phi-init-gain scales phi's freshly initialised weights, but --init {args.init}"
                            " overwrites them with trained ones; pass one or the other")
+    from dataclasses import replace
+
     from vlv.training.recipes import resolved
     from vlv.training.stage1 import Stage1Settings, check_settings, encoder_config, train_stage1
 
-    # A budgeted run plans its own step count after a few steps.
-    recipe, settings, cfg = _recipe_settings(args, "stage1", Stage1Settings,
-                                             {"steps": 10**9} if args.budget_minutes else None)
+    recipe, settings, cfg = _recipe_settings(args, "stage1", Stage1Settings)
+    if args.budget_minutes:  # a budgeted run plans its own step count after a few steps
+        cfg = replace(cfg, steps=None)
     _check_stage1(settings, decoder)
     with checking():
         check_settings(settings)
