@@ -229,3 +229,26 @@ def test_ema_weights_are_saved_by_name_and_a_mismatch_is_refused(tmp_path):
     save_file({"0.weight": shadow["0.weight"], "1.weight": shadow["0.weight"].clone()}, path)
     with pytest.raises(ValueError, match="EMA weights do not match.*other shapes \\['1.weight'\\]"):
         train(TwoWeights(), cfg, tmp_path / "run")
+
+
+def test_a_checkpoint_of_an_older_vlv_resumes_exactly(tmp_path):
+    """An older vlv flattened the AdamW moments into optimizer.safetensors, their param groups in trainer.json."""
+    from safetensors.torch import save_file
+
+    cfg = TrainConfig(steps=6, batch_size=4, lr=1e-2, progress=False)
+    torch.manual_seed(0)
+    full = TwoWeights()
+    train(full, cfg, tmp_path / "full")
+    torch.manual_seed(0)
+    train(TwoWeights(), replace(cfg, stop_after=3), tmp_path / "parts")
+    ckpt = tmp_path / "parts" / "checkpoint"
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    save_file({f"{pid}.{k}": v for pid, st in saved["state"].items() for k, v in st.items()},
+              ckpt / "optimizer.safetensors")
+    meta = json.loads((ckpt / "trainer.json").read_text())
+    (ckpt / "trainer.json").write_text(json.dumps({**meta, "optimizer": {"param_groups": saved["param_groups"]}}))
+    (ckpt / "optimizer.pt").unlink()
+    resumed = TwoWeights()  # another random init: the weights come from the checkpoint
+    assert train(resumed, cfg, tmp_path / "parts").done
+    for (n, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n

@@ -88,7 +88,7 @@ def global_mean(loss: torch.Tensor, count: torch.Tensor | int, world_size: int) 
     count, no host sync; one process returns the loss untouched (bit for bit)."""
     if world_size == 1:
         return loss
-    count = torch.as_tensor(count, dtype=torch.float32, device=loss.device)
+    count = count.float() if torch.is_tensor(count) else torch.full((), float(count), device=loss.device)
     total = count.clone()
     torch.distributed.all_reduce(total)
     return loss * (count * world_size / total)
