@@ -85,7 +85,7 @@ def speed(args: argparse.Namespace) -> dict:
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = task.loss(enc, task.batch(step, 0, cfg.batch_size, torch.device("cpu")),
-                             torch.Generator().manual_seed(step))
+                             torch.Generator().manual_seed(step)).mean
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(enc.parameters(), cfg.grad_clip)
@@ -99,7 +99,7 @@ def speed(args: argparse.Namespace) -> dict:
     batch = cached.batch(0, 0, b, torch.device("cpu"))
 
     def cached_step() -> None:
-        cached.loss(enc, batch, torch.Generator().manual_seed(0)).backward()
+        cached.loss(enc, batch, torch.Generator().manual_seed(0)).mean.backward()
         opt.zero_grad()
 
     step_flops = flops(cached_step)
