@@ -85,7 +85,7 @@ def speed(args: argparse.Namespace) -> dict:
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = task.loss(enc, task.batch(step, 0, cfg.batch_size, torch.device("cpu")),
-                             torch.Generator().manual_seed(step))
+                             torch.Generator().manual_seed(step)).mean
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(enc.parameters(), cfg.grad_clip)
@@ -99,7 +99,7 @@ def speed(args: argparse.Namespace) -> dict:
     batch = cached.batch(0, 0, b, torch.device("cpu"))
 
     def cached_step() -> None:
-        cached.loss(enc, batch, torch.Generator().manual_seed(0)).backward()
+        cached.loss(enc, batch, torch.Generator().manual_seed(0)).mean.backward()
         opt.zero_grad()
 
     step_flops = flops(cached_step)
@@ -156,7 +156,7 @@ def ablation(args: argparse.Namespace) -> dict:
     """One stage-1 run per Nq, equal steps: from scratch (the paper's Table 4-left), or with --init from a trained
     encoder's first Nq queries, whose z is exactly the first Nq positions of the trained z (the query decoder is
     causal); that truncation is then measured untrained too, as the runs' common starting point."""
-    from vlv.training.loop import load_checkpoint
+    from vlv.training.checkpoint import load_checkpoint
     from vlv.training.recipes import resolved
     from vlv.training.stage1 import train_stage1
 

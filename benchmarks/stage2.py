@@ -22,6 +22,7 @@ import re
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +77,8 @@ def _train_variant(tag: str, args: argparse.Namespace, encoder: str, trainable: 
     recipe = load_recipe(args.recipe, "stage2")
     settings = section(recipe, "settings", Stage2Settings, {"trainable": trainable, "lora_rank": lora_rank},
                        decoder=args.teacher, encoder=encoder, lm=args.lm, data=str(args.data))
-    cfg = train_config(recipe, ABLATION_TRAIN, {"lr": args.lr, "batch_size": args.batch_size},
-                       {"steps": 10**9, "budget_minutes": args.minutes, "seed": args.seed})  # it plans its steps
+    cfg = replace(train_config(recipe, ABLATION_TRAIN, {"lr": args.lr, "batch_size": args.batch_size},
+                               {"budget_minutes": args.minutes, "seed": args.seed}), steps=None)  # it plans its steps
     tokenizer = None
     if not is_lm_dir(settings.lm):  # a random-init LM config: the shapes world's tokenizer
         from vlv.shapes.tokenizers import build_shapes_tokenizer

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -109,6 +110,15 @@ def read_json(path: str | Path) -> dict:
     return _json(Path(path))
 
 
+def _torch_archive(path: Path) -> None:
+    """A ``torch.save`` file is a zip whose directory sits at its end: a torn one fails here, unread."""
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except zipfile.BadZipFile as e:
+        raise InvalidInput(f"{path}: not a readable torch.save file ({e})") from None
+
+
 def check_checkpoints(run: str | Path) -> None:
     """A run dir's resume checkpoints (``checkpoint/``, and a teacher's per phase) read, or one line says what to do.
 
@@ -120,6 +130,8 @@ def check_checkpoints(run: str | Path) -> None:
             _json(ckpt / "trainer.json")
             for f in sorted(ckpt.glob("*.safetensors")):
                 safetensors_keys(f)
+            for f in sorted(ckpt.glob("*.pt")):  # the optimizer state
+                _torch_archive(f)
         except (UserError, OSError) as e:
             raise InvalidInput(f"cannot resume from {ckpt}: it is unreadable ({e}); delete it to start the run "
                                "over, or restore it from a copy") from None

@@ -16,7 +16,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -108,42 +108,41 @@ def with_sampler(pipe: StableDiffusionPipeline, sampler: Sampler) -> StableDiffu
 
 
 # ---------------------------------------------------------------------------------------------- draws
-@dataclass(frozen=True)
-class Draws:
-    """A micro-step's random draws per sample, made for the whole global batch and sliced to this process's rows.
+class RandomDraws(Protocol):
+    """Where a loss's random draws come from, per sample: the three calls the core makes. Training passes its
+    per-sample draws over the global batch (``vlv.training.draws.Draws``); anything else a plain generator."""
 
-    Sample j of a step's global batch then gets the same t and noise whether one process holds the batch or N
-    do (each rank holds rows rank*b .. rank*b + b - 1, as ``vlv.datasets.step_indices`` lays them out), so N
-    processes train as one does. One process draws exactly what a plain generator would.
-    """
+    def randn(self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype | None = None
+              ) -> torch.Tensor: ...
+
+    def randint(self, low: int, high: int, b: int, device: torch.device | str) -> torch.Tensor: ...
+
+    def rand(self, b: int, device: torch.device | str) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class GeneratorDraws:
+    """A plain generator (None: the global RNG) drawing for its own batch alone."""
 
     generator: torch.Generator | None = None
-    rank: int = 0
-    world_size: int = 1
-
-    def _mine(self, full: torch.Tensor, b: int) -> torch.Tensor:
-        return full if self.world_size == 1 else full[self.rank * b : (self.rank + 1) * b]
 
     def randn(self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype | None = None
               ) -> torch.Tensor:
-        b = shape[0]
-        full = torch.randn((b * self.world_size, *shape[1:]), generator=self.generator, device=device, dtype=dtype)
-        return self._mine(full, b)
+        return torch.randn(shape, generator=self.generator, device=device, dtype=dtype)
 
     def randint(self, low: int, high: int, b: int, device: torch.device | str) -> torch.Tensor:
-        full = torch.randint(low, high, (b * self.world_size,), generator=self.generator, device=device)
-        return self._mine(full, b)
+        return torch.randint(low, high, (b,), generator=self.generator, device=device)
 
     def rand(self, b: int, device: torch.device | str) -> torch.Tensor:
-        return self._mine(torch.rand(b * self.world_size, generator=self.generator, device=device), b)
+        return torch.rand(b, generator=self.generator, device=device)
 
 
-Random = torch.Generator | Draws | None
+Random = torch.Generator | RandomDraws | None
 
 
-def as_draws(random: Random) -> Draws:
-    """A plain generator (or None: the global RNG) draws for its own batch alone."""
-    return random if isinstance(random, Draws) else Draws(random)
+def as_draws(random: Random) -> RandomDraws:
+    """Draws as given, or a plain generator's (None: the global RNG's)."""
+    return GeneratorDraws(random) if random is None or isinstance(random, torch.Generator) else random
 
 
 def posterior_sample(posterior, random: Random = None) -> torch.Tensor:

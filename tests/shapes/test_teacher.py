@@ -52,7 +52,7 @@ def test_loss_decreases_on_a_fixed_batch():
     batch = task.batch(0, 0, 16, torch.device("cpu"))
     losses = []
     for _ in range(40):
-        loss = task.loss(task.model, batch, torch.Generator().manual_seed(0))  # same noise, same t
+        loss = task.loss(task.model, batch, torch.Generator().manual_seed(0)).mean  # same noise, same t
         loss.backward()
         opt.step()
         opt.zero_grad()

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlv.training import loop
 from vlv.training.config import TrainConfig
-from vlv.training.loop import PLAN_AFTER, plan_steps, train
+from vlv.training.loop import train
+from vlv.training.stop import PLAN_AFTER, plan_steps
 
 
 class Regression:
@@ -31,9 +31,9 @@ class Regression:
         x = torch.randn(batch_size, 1, generator=g)
         return x, 3 * x
 
-    def loss(self, model, batch, generator):
+    def loss(self, model, batch, draws):
         x, y = batch
-        return torch.nn.functional.mse_loss(model(x), y)
+        return torch.nn.functional.mse_loss(model(x), y), len(x)
 
     def evaluate(self, model):
         return {}
@@ -50,44 +50,62 @@ class Clock:
     def __init__(self):
         self.now = 0.0
 
-    def perf_counter(self) -> float:
+    def __call__(self) -> float:
         return self.now
 
 
-class SlowStart(Regression):
-    """The toy task paced like a CPU run: its first PLAN_AFTER steps are slower than the rest."""
+class Paced(Regression):
+    """The toy task paced like a CPU run: each step takes ``first`` seconds until PLAN_AFTER, then ``then``."""
 
-    def __init__(self, clock: Clock):
+    def __init__(self, clock: Clock, first: float, then: float):
         super().__init__()
-        self.clock = clock
+        self.clock, self.first, self.then = clock, first, then
 
     def batch(self, step, rank, batch_size, device, world_size=1):
-        self.clock.now += 0.02 if step < PLAN_AFTER else 0.005
+        self.clock.now += self.first if step < PLAN_AFTER else self.then
         return super().batch(step, rank, batch_size, device)
 
 
-def test_a_budgeted_run_keeps_replanning_so_it_fills_its_budget(tmp_path, monkeypatch):
+def test_steps_none_needs_a_budget():
+    with pytest.raises(ValueError, match="needs budget_minutes"):
+        TrainConfig(steps=None)
+    assert TrainConfig(steps=None, budget_minutes=1.0).steps is None
+    assert TrainConfig(steps=1500, budget_minutes=1.0).steps is None  # a recipe's steps yield to a budget
+
+
+def test_a_budgeted_run_keeps_replanning_so_it_fills_its_budget(tmp_path):
     # 20 ms steps plan ~120 steps for a 2.4 s budget; from step 20 on a step takes 5 ms, so the re-plans (every
     # REPLAN_EVERY steps, from the average pace) let the run use its budget instead of stopping at ~1 s.
     clock = Clock()
-    monkeypatch.setattr(loop, "time", clock)
-    cfg = TrainConfig(steps=10**9, batch_size=4, lr=1e-2, budget_minutes=0.04, warmup_steps=10, progress=False)
-    state = train(SlowStart(clock), cfg, tmp_path / "run")
+    cfg = TrainConfig(steps=None, batch_size=4, lr=1e-2, budget_minutes=0.04, warmup_steps=10, progress=False)
+    state = train(Paced(clock, 0.02, 0.005), cfg, tmp_path / "run", clock=clock)
     assert state.done and state.step == state.planned_steps > 300
     assert 0.8 < state.elapsed_s / (60 * cfg.budget_minutes) < 1.2
 
 
 def test_a_finished_budgeted_run_keeps_its_length_on_a_rerun(tmp_path):
-    cfg = TrainConfig(steps=10**9, batch_size=4, lr=1e-2, budget_minutes=0.01, warmup_steps=PLAN_AFTER,
+    # 10 ms steps and a 0.6 s budget: planned at step 20 for 20 + 0.4 s / 10 ms steps.
+    clock = Clock()
+    cfg = TrainConfig(steps=None, batch_size=4, lr=1e-2, budget_minutes=0.01, warmup_steps=PLAN_AFTER,
                       progress=False)
-    task = Regression()
-    state = train(task, cfg, tmp_path / "run")
-    assert state.done and state.planned_steps is not None and state.step == state.planned_steps >= PLAN_AFTER
+    state = train(Paced(clock, 0.01, 0.01), cfg, tmp_path / "run", clock=clock)
+    assert state.done and state.step == state.planned_steps and abs(state.step - (PLAN_AFTER + 40)) <= 1
     meta = json.loads((tmp_path / "run" / "checkpoint" / "trainer.json").read_text())
-    assert meta["planned_steps"] == state.planned_steps
+    assert meta["planned_steps"] == state.planned_steps == meta["config"]["steps"]
     # A re-run finds the plan in the checkpoint: nothing left to do, same length, no re-planning.
-    again = train(Regression(), cfg, tmp_path / "run")
+    again = train(Paced(clock, 0.01, 0.01), cfg, tmp_path / "run", clock=clock)
     assert again.done and again.step == state.planned_steps == again.planned_steps
+
+
+def test_max_minutes_stops_this_invocation_with_a_checkpoint_and_a_rerun_finishes(tmp_path):
+    # 1 s steps and a 0.1 minute limit: past 6 s after step 7, checked at every logged step.
+    clock = Clock()
+    cfg = TrainConfig(steps=10, batch_size=4, lr=1e-2, max_minutes=0.1, log_every=1, progress=False)
+    state = train(Paced(clock, 1.0, 1.0), cfg, tmp_path / "run", clock=clock)
+    assert not state.done and state.step == 7
+    assert json.loads((tmp_path / "run" / "checkpoint" / "trainer.json").read_text())["step"] == 7
+    again = train(Paced(clock, 1.0, 1.0), cfg, tmp_path / "run", clock=clock)
+    assert again.done and again.step == 10
 
 
 def _torchrun(*args, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -164,9 +182,9 @@ class Diverges(Regression):
         self.step = step
         return super().batch(step, rank, batch_size, device)
 
-    def loss(self, model, batch, generator):
-        loss = super().loss(model, batch, generator)
-        return loss * float("nan") if self.step >= 24 else loss
+    def loss(self, model, batch, draws):
+        loss, count = super().loss(model, batch, draws)
+        return (loss * float("nan") if self.step >= 24 else loss), count
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
@@ -214,3 +232,26 @@ def test_ema_weights_are_saved_by_name_and_a_mismatch_is_refused(tmp_path):
     save_file({"0.weight": shadow["0.weight"], "1.weight": shadow["0.weight"].clone()}, path)
     with pytest.raises(ValueError, match="EMA weights do not match.*other shapes \\['1.weight'\\]"):
         train(TwoWeights(), cfg, tmp_path / "run")
+
+
+def test_a_checkpoint_of_an_older_vlv_resumes_exactly(tmp_path):
+    """An older vlv flattened the AdamW moments into optimizer.safetensors, their param groups in trainer.json."""
+    from safetensors.torch import save_file
+
+    cfg = TrainConfig(steps=6, batch_size=4, lr=1e-2, progress=False)
+    torch.manual_seed(0)
+    full = TwoWeights()
+    train(full, cfg, tmp_path / "full")
+    torch.manual_seed(0)
+    train(TwoWeights(), replace(cfg, stop_after=3), tmp_path / "parts")
+    ckpt = tmp_path / "parts" / "checkpoint"
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    save_file({f"{pid}.{k}": v for pid, st in saved["state"].items() for k, v in st.items()},
+              ckpt / "optimizer.safetensors")
+    meta = json.loads((ckpt / "trainer.json").read_text())
+    (ckpt / "trainer.json").write_text(json.dumps({**meta, "optimizer": {"param_groups": saved["param_groups"]}}))
+    (ckpt / "optimizer.pt").unlink()
+    resumed = TwoWeights()  # another random init: the weights come from the checkpoint
+    assert train(resumed, cfg, tmp_path / "parts").done
+    for (n, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n

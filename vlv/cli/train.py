@@ -91,10 +91,8 @@ def _sections(args: argparse.Namespace, task: str):
     from vlv.training.config import TrainConfig
     from vlv.training.recipes import load_sections
 
-    train = given(args, TrainConfig)
-    if args.budget_minutes:  # a budgeted run plans its own step count after a few steps
-        train["steps"] = 10**9
-    return load_sections(args.recipe, task, args.settings_type, given(args, args.settings_type), train)
+    return load_sections(args.recipe, task, args.settings_type, given(args, args.settings_type),
+                         given(args, TrainConfig))
 
 
 def _saved(done: bool, what: str, out: str) -> None:

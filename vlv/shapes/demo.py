@@ -57,7 +57,7 @@ def stage_recipe(demo: dict[str, Any], stage: str, budget: float | None) -> tupl
     recipe = load_recipe(entry["recipe"], stage)  # the stages are named as the tasks
     train = {**recipe.get("train", {}), **entry.get("train", {})}
     if budget:  # a budgeted run plans its own count after a few steps
-        train.update(steps=10**9, budget_minutes=budget)
+        train.update(budget_minutes=budget)
     recipe = {**recipe, "train": train, "settings": {**recipe.get("settings", {}), **entry.get("settings", {})}}
     return recipe, section(recipe, "train", TrainConfig)
 

@@ -33,7 +33,9 @@ from vlv.errors import InvalidInput
 from vlv.modeling import write_json
 from vlv.shapes import world
 from vlv.shapes.config import DetectionSettings
-from vlv.training.loop import TrainConfig, train
+from vlv.training.config import TrainConfig
+from vlv.training.draws import Draws
+from vlv.training.loop import Loss, train
 
 RECORD_FILE = "florence2.json"
 LOC_BINS = world.SIZE  # one location token per pixel of the 64-px canvas
@@ -154,8 +156,9 @@ class DetectionTask:
         labels = enc.input_ids.masked_fill(enc.attention_mask == 0, IGNORE)  # (B, L)
         return {**self.inputs(scenes, device), "labels": labels.to(device)}
 
-    def loss(self, model, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        return model(**batch).loss
+    def loss(self, model, batch: dict[str, torch.Tensor], draws: Draws) -> Loss:
+        """Cross-entropy, a mean over the label tokens: the loop weighs every token of the global batch the same."""
+        return Loss(model(**batch).loss, (batch["labels"] != IGNORE).sum())
 
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:

@@ -34,7 +34,6 @@ from vlv.checks import check_checkpoints, require_dirs, safetensors_keys
 from vlv.data import ImageCaptionFolder, cached_latents, read_captions, to_tensor
 from vlv.datasets import step_indices
 from vlv.diffusion import (
-    Draws,
     Random,
     Sampler,
     diffusion_loss,
@@ -51,7 +50,11 @@ from vlv.shapes.config import TeacherConfig, TeacherRecipe
 from vlv.shapes.metrics import sample_accuracy, vae_accuracy
 from vlv.shapes.tokenizers import build_tokenizer
 from vlv.shipped import resolve_decoder
-from vlv.training.loop import TrainConfig, check_resume, ema_by_name, has_checkpoint, train
+from vlv.training.checkpoint import ema_by_name, has_checkpoint
+from vlv.training.config import TrainConfig
+from vlv.training.draws import Draws
+from vlv.training.loop import Loss, train
+from vlv.training.resume import check_resume
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -124,9 +127,11 @@ class VAETask:
         idx = step_indices(len(self.train_data), self.seed, step, rank, world_size, batch_size)
         return to_tensor(self.train_data.images[idx]).to(device)
 
-    def loss(self, model, images: torch.Tensor, draws: Draws) -> torch.Tensor:
+    def loss(self, model, images: torch.Tensor, draws: Draws) -> Loss:
+        """L1 + L2 reconstruction + a light KL, a mean over the batch's images."""
         recon, kl = model(images, draws)
-        return F.l1_loss(recon, images) + F.mse_loss(recon, images) + self.kl_weight * kl.mean() / images[0].numel()
+        loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + self.kl_weight * kl.mean() / images[0].numel()
+        return Loss(loss, len(images))
 
     def evaluate(self, model) -> dict[str, float]:
         if self.test_data is None:
@@ -175,10 +180,11 @@ class UNetTask:
         return {"mean": self.latents["mean"][idx].float().to(device),
                 "std": self.latents["std"][idx].float().to(device), "ids": ids.to(device)}
 
-    def loss(self, model, batch: dict[str, torch.Tensor], draws: Draws) -> torch.Tensor:
+    def loss(self, model, batch: dict[str, torch.Tensor], draws: Draws) -> Loss:
+        """The diffusion loss, a mean over the batch's samples."""
         latents = sample_latents(batch["mean"], batch["std"], self.scaling_factor, draws)  # (B, C, h, w)
-        return diffusion_loss(lambda noisy, t: model(noisy, t, batch["ids"]), self.scheduler, latents, draws,
-                              self.high_noise_fraction)
+        return Loss(diffusion_loss(lambda noisy, t: model(noisy, t, batch["ids"]), self.scheduler, latents, draws,
+                                   self.high_noise_fraction), len(latents))
 
     def evaluate(self, model) -> dict[str, float]:
         return self.evaluator(model) if self.evaluator is not None else {}

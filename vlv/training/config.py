@@ -32,7 +32,7 @@ def _check_data(num_workers: int, on_bad_image: str) -> None:
 class TrainConfig:
     """How the loop trains: optimiser, schedule, precision, and when it logs, evaluates, checkpoints and stops."""
 
-    steps: int = _f(1000, "optimiser steps (a budgeted run plans its own)")
+    steps: int | None = _f(1000, "optimiser steps (none: a budgeted run plans its own; a budget overrides it)")
     batch_size: int = _f(64, "batch size per process (per micro-step with --grad-accum)")
     grad_accum: int = _f(1, "gradient accumulation: micro-batches per optimiser step, so a global batch of "
                             "batch_size x processes x grad_accum fits fewer GPUs")
@@ -65,7 +65,11 @@ class TrainConfig:
     progress: bool = _f(True, "progress bar", cli=False)
 
     def __post_init__(self) -> None:
-        if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
+        if self.budget_minutes is not None:  # the budget plans the count: a recipe's steps do not apply
+            self.steps = None
+        if self.steps is None and self.budget_minutes is None:
+            raise ValueError("steps: none needs budget_minutes (a budgeted run plans its own step count)")
+        if (self.steps is not None and self.steps <= 0) or self.batch_size <= 0 or self.grad_accum <= 0:
             raise ValueError("steps, batch_size and grad_accum must be positive")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")

@@ -20,7 +20,9 @@ from vlv.datasets import step_indices
 from vlv.lm import IGNORE, build_lm, check_lm_source, encode_documents, load_tokenizer, pad_id
 from vlv.modeling import write_json
 from vlv.training.config import LMSettings, TrainConfig
-from vlv.training.loop import Draws, across_ranks, check_request, train
+from vlv.training.draws import Draws
+from vlv.training.loop import Loss, train
+from vlv.training.resume import check_request
 
 LM_FILE = "lm.json"
 
@@ -48,10 +50,10 @@ class LMTask:
         docs = encode_documents(self.tokenizer, [self.captions[i] for i in idx])
         return {k: v.to(device) for k, v in docs.items()}  # (B, L) each
 
-    def loss(self, model, batch: dict[str, torch.Tensor], draws: Draws) -> torch.Tensor:
-        """Cross-entropy per predicted token of the global batch (every token weighs the same on any world size)."""
-        items = None if draws.world_size == 1 else across_ranks((batch["labels"][:, 1:] != IGNORE).sum())
-        return model(**batch, num_items_in_batch=items).loss * draws.world_size
+    def loss(self, model, batch: dict[str, torch.Tensor], draws: Draws) -> Loss:
+        """Next-token cross-entropy, a mean over the predicted tokens: the loop weighs every token of the global
+        batch the same on any world size."""
+        return Loss(model(**batch).loss, (batch["labels"][:, 1:] != IGNORE).sum())
 
     def evaluate(self, model) -> dict[str, float]:
         """Held-out token loss, and the judge's verdict on sampled texts when one is given."""

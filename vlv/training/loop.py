@@ -1,40 +1,49 @@
 """One accelerate training loop for every stage: teacher VAE, teacher UNet, stage 1, the LM, stage 2.
 
-A stage is a :class:`Task`: it names its trainable module and computes ``loss(model, batch)``.
-The loop owns everything else: AdamW, warmup + cosine schedule, gradient clipping, mixed precision,
-EMA, progress bar, time budget, and checkpoints that survive a kill.
+A stage is a :class:`Task`: it names its trainable module and computes ``loss(model, batch, draws)``. The loop
+owns everything else: AdamW, warmup + cosine schedule, gradient clipping, mixed precision, EMA, progress bar,
+when to stop (:mod:`vlv.training.stop`) and checkpoints that survive a kill (:mod:`vlv.training.checkpoint`).
 
 Determinism: the batch of step k on process r is a pure function of (seed, k, r), and its random draws (noise,
-timesteps) of (seed, k) and the sample's place in the global batch, so a run resumed from a checkpoint takes
-exactly the steps an uninterrupted run would have taken (the checkpoint needs only weights, optimizer moments and
-the step count), and N processes take the steps one process would at the same global batch.
+timesteps) of (seed, k) and the sample's place in the global batch (:mod:`vlv.training.draws`), so a run
+resumed from a checkpoint takes exactly the steps an uninterrupted run would have taken (the checkpoint needs
+only weights, optimizer moments and the step count), and N processes take the steps one process would at the
+same global batch: a task's loss is a mean over its items, weighted over all ranks' items by the loop.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import signal
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from accelerate import Accelerator, DistributedType
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from vlv.diffusion import Draws
 from vlv.errors import InvalidInput, NonFiniteLoss
-from vlv.modeling import load_trainable_state, trainable_state
 from vlv.training import sharding
+from vlv.training.checkpoint import (
+    TrainState,
+    has_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from vlv.training.config import TrainConfig
+from vlv.training.draws import Draws, step_draws
+from vlv.training.stop import Clock, StopFlag, StopPolicy
 
-CHECKPOINT = "checkpoint"
+
+class Loss(NamedTuple):
+    """What a task's loss returns: this rank's mean loss over ``count`` items (samples, or tokens)."""
+
+    mean: torch.Tensor
+    count: torch.Tensor | int
 
 
 class Task(Protocol):
@@ -50,9 +59,9 @@ class Task(Protocol):
         samples are ``vlv.datasets.step_indices``' (an epoch reads each once, ranks never overlap). The loop asks
         for steps in order; with gradient accumulation A, optimiser step k reads micro-steps k*A ... k*A + A-1."""
 
-    def loss(self, model: torch.nn.Module, batch: Any, draws: Draws) -> torch.Tensor:
-        """Scalar loss; ``model`` is the (possibly DDP-wrapped) trainable module. Random draws come from ``draws``
-        (per sample of the global batch); a loss averaged over tokens averages over all ranks' (``across_ranks``)."""
+    def loss(self, model: torch.nn.Module, batch: Any, draws: Draws) -> Loss | tuple[torch.Tensor, Any]:
+        """(mean loss, item count) on this rank; ``model`` is the (possibly DDP-wrapped) trainable module. Random
+        draws come from ``draws`` (per sample of the global batch). The loop weighs ranks by their counts."""
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Metrics on held-out data with the given weights (EMA when the loop keeps one)."""
@@ -61,66 +70,28 @@ class Task(Protocol):
     # def shard(self, mesh, policy, reshard_after_forward: bool) -> None: fully_shard the trainable module in place
 
 
-@dataclass
-class TrainState:
-    step: int = 0
-    elapsed_s: float = 0.0
-    history: list[dict] = field(default_factory=list)  # loss and eval rows, for curves
-    planned_steps: int | None = None  # the step count a budgeted run fixed for itself
-    done: bool = False  # reached its last step (not stopped by a signal or a time limit)
-
-
-# A budgeted run times steps 2..PLAN_AFTER (step 1 pays one-off costs), then plans its length, and re-plans every
-# REPLAN_EVERY steps from its average pace since step 1: a CPU's pace drifts over a run, either way, so no single
-# early plan holds. The cosine follows the current plan; a re-plan moves the schedule's progress by the plan's
-# relative change.
-PLAN_AFTER = 20
-REPLAN_EVERY = 50
-
-
-def plan_steps(budget_minutes: float, elapsed_s: float, seconds_per_step: float, min_steps: int) -> int:
-    """How many steps fill the budget at the measured pace: faster hardware simply trains further.
-
-    The count is saved with the checkpoint, so a resume continues the same schedule and a finished run's re-run
-    does nothing; it never drops below the steps already taken.
-    """
-    remaining = max(0.0, 60 * budget_minutes - elapsed_s)
-    return max(min_steps, min_steps + int(remaining / max(seconds_per_step, 1e-6)))
-
-
-def _plan_due(state: TrainState, start_step: int) -> bool:
-    """Whether a budgeted run (re)plans its length after this step: PLAN_AFTER steps into this process, then
-    every REPLAN_EVERY steps."""
-    done = state.step - start_step
-    return done == PLAN_AFTER if state.planned_steps is None else done > PLAN_AFTER and done % REPLAN_EVERY == 0
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine or linear decay to lr * min_lr_ratio (or constant)."""
+def lr_at(step: int, cfg: TrainConfig, total: int | None) -> float:
+    """Linear warmup, then cosine or linear decay over ``total`` steps to lr * min_lr_ratio (or constant); a
+    budgeted run that has not planned its ``total`` yet stays at the peak."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    progress = 0.0 if total is None else min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     decay = 1 - progress if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The generator seed of a micro-step; every rank uses it (each keeps its rows of the draws, see Draws)."""
-    return (seed * 1_000_003 + step) * 1009
-
-
-def across_ranks(count: torch.Tensor) -> torch.Tensor:
-    """A per-rank count summed over all ranks (one device all-reduce, no host sync); itself on one process.
-
-    A loss that is a mean over a variable number of items (tokens) divides by this and multiplies by the world
-    size: DDP then averages gradients to the global per-item mean, as one process would compute it.
-    """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        count = count.clone()
-        torch.distributed.all_reduce(count)
-    return count
+def global_mean(loss: torch.Tensor, count: torch.Tensor | int, world_size: int) -> torch.Tensor:
+    """A rank's mean over its ``count`` items, weighted by count x world size / all ranks' count: DDP's gradient
+    average is then the mean over every rank's items, as one process takes it. One device all-reduce of the
+    count, no host sync; one process returns the loss untouched (bit for bit)."""
+    if world_size == 1:
+        return loss
+    count = count.float() if torch.is_tensor(count) else torch.full((), float(count), device=loss.device)
+    total = count.clone()
+    torch.distributed.all_reduce(total)
+    return loss * (count * world_size / total)
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -136,184 +107,188 @@ def global_batch(cfg: TrainConfig, accelerator: Accelerator) -> dict[str, int]:
             "global": cfg.batch_size * n * cfg.grad_accum}
 
 
-# ------------------------------------------------------------------------------------- checkpoints
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors = {f"{pid}.{k}": v.contiguous() for pid, st in sd["state"].items() for k, v in st.items()}
-    return tensors, {"param_groups": sd["param_groups"]}
+@dataclass
+class _Run:
+    """What the steps work on, built once by :func:`train`."""
+
+    task: Task
+    cfg: TrainConfig
+    dir: Path
+    accelerator: Accelerator
+    model: torch.nn.Module  # as prepared: DDP-wrapped, or sharded in place
+    opt: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    ema: EMAModel | None
+    policy: StopPolicy
+
+    @property
+    def sharded(self) -> bool:
+        return self.cfg.sharding != "ddp"
 
 
-def _optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, v in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+@dataclass
+class _Marks:
+    """The last checkpoint (step, clock time) and the first step with a non-finite loss (on the device, -1)."""
+
+    step: int
+    time: float
+    bad: torch.Tensor
 
 
-def save_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMAModel | None,
-                    state: TrainState, cfg: TrainConfig, task_name: str) -> Path:
-    """Write run/checkpoint atomically: build checkpoint.tmp, then swap it in with renames."""
-    tmp = run / (CHECKPOINT + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), tmp / "model.safetensors")
-    opt_tensors, opt_meta = _optimizer_tensors(opt)
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
+def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | None = None,
+          clock: Clock = time.perf_counter) -> TrainState:
+    """Train ``task`` into ``run`` (resuming from run/checkpoint when present); returns the final state.
+
+    On return the trainable module holds the final weights, or the EMA weights when cfg.ema_decay is set.
+    ``clock`` times the run (limits, budget, time-based checkpoints): tests pass a fake one.
+    """
+    run, accelerator = Path(run), accelerator or make_accelerator(cfg)
+    _check_launch(accelerator, cfg)
+    # 1. The trainable module (sharded in place when asked), AdamW over what trains, and its EMA.
+    model = _trainable(task, cfg, accelerator)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4) if cfg.ema_decay else None
+    # 2. Resume: weights, moments, EMA, the step count and a budget's plan.
+    state = load_checkpoint(run, model, opt, ema) if has_checkpoint(run) else TrainState()
+    run.mkdir(parents=True, exist_ok=True)
+    model, opt = _prepare(accelerator, model, opt, ema, sharded=cfg.sharding != "ddp")
+    r = _Run(task, cfg, run, accelerator, model, opt, params, ema, StopPolicy.of(cfg, state.planned_steps, clock))
+    _announce(r, state)
+    # 3. Steps until the policy, a signal or a non-finite loss ends the run.
+    bar = tqdm(total=r.policy.total, initial=state.step, desc=task.name, unit="step",
+               disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
+    marks = _Marks(state.step, clock(), torch.full((), -1, dtype=torch.long, device=accelerator.device))
+    r.policy.start(state.step, state.elapsed_s)
+    running = None  # the smoothed loss, kept on the device between log steps
+    with StopFlag() as flag:
+        while not r.policy.finished(state.step):
+            # 3a. One optimiser step over grad_accum micro-steps, with no host sync.
+            r.policy.step_begins(state.step)
+            value = _optimizer_step(r, state.step)
+            state.step += 1
+            marks.bad = torch.where((marks.bad < 0) & ~torch.isfinite(value), state.step, marks.bad)
+            state.elapsed_s = r.policy.elapsed_s()
+            running = value if running is None else 0.95 * running + 0.05 * value
+            bar.update(1)
+            # 3b. At decision steps: log; stop, checkpoint and plan, decided once for all ranks.
+            save, stop = _decide(r, state, marks, running, flag.stop, bar)
+            # 3c. Evaluate (EMA weights when kept).
+            if cfg.eval_every and (state.step % cfg.eval_every == 0 or r.policy.finished(state.step)):
+                _record_eval(r, state, bar)
+            # 3d. Checkpoint when due, before stopping, and at the end.
+            if save or stop or r.policy.finished(state.step):
+                _save(r, state)
+                marks.step, marks.time = state.step, clock()
+            if stop:
+                break
+    bar.close()
+    # 4. The final weights: the EMA's when kept.
+    state.done = r.policy.finished(state.step)
     if ema is not None:
-        save_file(dict(zip(_trainable_names(model), (p.contiguous() for p in ema.shadow_params), strict=True)),
-                  tmp / "ema.safetensors")
-    meta = _trainer_meta(state, cfg, task_name, optimizer=opt_meta,
-                         ema_step=ema.optimization_step if ema is not None else None)
-    (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
-    return _swap_in(run, tmp)
+        ema.copy_to([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad])
+    return state
 
 
-def _trainer_meta(state: TrainState, cfg: TrainConfig, task_name: str, **extra: Any) -> dict:
-    return {"task": task_name, "step": state.step, "elapsed_s": state.elapsed_s, "config": asdict(cfg),
-            "history": state.history, "planned_steps": state.planned_steps, **extra}
+def _check_launch(accelerator: Accelerator, cfg: TrainConfig) -> None:
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise InvalidInput(f"launched with accelerate's {accelerator.distributed_type.value} plugin: vlv shards "
+                           "itself (--sharding fsdp2 or zero2) under a plain launch (launch/ddp-*.yaml or torchrun)")
+    if accelerator.gradient_accumulation_steps != cfg.grad_accum:
+        raise ValueError(f"the Accelerator accumulates {accelerator.gradient_accumulation_steps} micro-steps, the "
+                         f"config {cfg.grad_accum}: build it with make_accelerator(cfg)")
 
 
-def _swap_in(run: Path, tmp: Path) -> Path:
-    """Replace run/checkpoint by the finished tmp with renames: a kill leaves the old or the new one, whole."""
-    final, old = run / CHECKPOINT, run / (CHECKPOINT + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+def _trainable(task: Task, cfg: TrainConfig, accelerator: Accelerator) -> torch.nn.Module:
+    """The task's trainable module; sharded in place before the optimizer sees it, so that holds only shards."""
+    model = task.trainable()
+    if cfg.sharding != "ddp":
+        model.to(accelerator.device)
+        shard = getattr(task, "shard", None) or (lambda *a, **k: sharding.shard(model, *a, **k))
+        shard(sharding.mesh_for(accelerator.device), sharding.precision_policy(cfg.mixed_precision),
+              reshard_after_forward=cfg.sharding == "fsdp2")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"{task.name}: nothing to train")
+    return model
 
 
-def save_sharded_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: TrainState,
-                            cfg: TrainConfig, task_name: str, accelerator: Accelerator) -> Path:
-    """Collective: every rank writes its shards into checkpoint.tmp, then rank 0 adds trainer.json and swaps it in."""
-    tmp = run / (CHECKPOINT + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    sharding.save_shards(tmp / sharding.SHARDS, model, opt)
-    if accelerator.is_main_process:
-        meta = _trainer_meta(state, cfg, task_name, sharded=True, processes=accelerator.num_processes)
-        (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
-        _swap_in(run, tmp)
-    accelerator.wait_for_everyone()
-    return run / CHECKPOINT
-
-
-def load_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None,
-                    ema: EMAModel | None) -> TrainState:
-    ckpt = run / CHECKPOINT
-    meta = json.loads((ckpt / "trainer.json").read_text())
-    sharded = sharding.is_sharded(model)
-    if bool(meta.get("sharded")) != sharded:
-        raise InvalidInput(f"{ckpt} was written {'with' if meta.get('sharded') else 'without'} sharding: resume "
-                           f"with the --sharding it was trained with ({meta['config'].get('sharding', 'ddp')})")
+def _prepare(accelerator: Accelerator, model: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMAModel | None,
+             sharded: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """accelerate's wrap; sharded, FSDP2 syncs gradients itself and only the optimizer goes through accelerate
+    (accumulation, precision)."""
     if sharded:
-        sharding.load_shards(ckpt / sharding.SHARDS, model, opt)
+        model, opt = model, accelerator.prepare(opt)
     else:
-        load_trainable_state(model, load_file(ckpt / "model.safetensors"))
-        if opt is not None:
-            _optimizer_from_tensors(opt, load_file(ckpt / "optimizer.safetensors"), meta["optimizer"])
-    if ema is not None and (ckpt / "ema.safetensors").exists():
-        ema.shadow_params = ema_by_name(model, load_file(ckpt / "ema.safetensors"), ckpt)
-        ema.optimization_step = meta["ema_step"]
-    return TrainState(step=meta["step"], elapsed_s=meta["elapsed_s"], history=meta["history"],
-                      planned_steps=meta.get("planned_steps"))
+        model, opt = accelerator.prepare(model, opt)
+    if ema is not None:
+        ema.to(accelerator.device)
+    return model, opt
 
 
-def _trainable_names(model: torch.nn.Module) -> list[str]:
-    """The names of the parameters the optimizer and the EMA hold, in their order."""
-    return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
-def ema_by_name(model: torch.nn.Module, shadow: dict[str, torch.Tensor], ckpt: Path) -> list[torch.Tensor]:
-    """The EMA weights in the model's trainable order, matched by name and shape (a checkpoint of an older vlv,
-    keyed 0, 1, ..., by position, when its count and shapes fit)."""
-    names = _trainable_names(model)
-    if set(shadow) == {str(i) for i in range(len(shadow))}:
-        shadow = {n: shadow[str(i)] for i, n in enumerate(names) if str(i) in shadow}
-    params = dict(model.named_parameters())
-    missing, unexpected = sorted(set(names) - set(shadow)), sorted(set(shadow) - set(names))
-    bad = [n for n in names if n in shadow and shadow[n].shape != params[n].shape]
-    if missing or unexpected or bad:
-        raise InvalidInput(f"{ckpt}: its EMA weights do not match the model (missing {missing[:3]}, unexpected "
-                           f"{unexpected[:3]}, other shapes {bad[:3]})")
-    return [shadow[n] for n in names]
-
-
-def has_checkpoint(run: Path) -> bool:
-    return (Path(run) / CHECKPOINT / "trainer.json").exists()
-
-
-# Settings a resumed run may change: how it reports, checkpoints, stops and reads data, not what it computes.
-FREE_ON_RESUME = frozenset({"progress", "max_minutes", "stop_after", "checkpoint_minutes", "checkpoint_every",
-                            "log_every", "eval_every", "resume", "num_workers", "on_bad_image"})
-
-
-def changed_settings(saved: dict[str, dict], requested: dict[str, dict]) -> list[str]:
-    """``section.field`` of every setting that differs between a run's record and a new request."""
-    out = []
-    for section, fields in requested.items():
-        old = saved.get(section, {})
-        free = FREE_ON_RESUME | ({"steps"} if fields.get("budget_minutes") else set())  # a budget plans its steps
-        out += [f"{section}.{k}" for k, v in fields.items() if k not in free and k in old and _json(old[k]) != _json(v)]
-    return out
-
-
-def _json(value: Any) -> Any:
-    return json.loads(json.dumps(value))  # tuples and lists alike, as the record stores them
-
-
-def check_request(run: Path, record_file: str, requested: dict[str, dict], cfg: TrainConfig) -> None:
-    """What a training command checks before it loads anything: the launch fits the sharding, and a started run
-    dir is resumed with its own settings."""
-    if cfg.sharding != "ddp" and int(os.environ.get("WORLD_SIZE", 1)) < 2:
-        raise InvalidInput(f"--sharding {cfg.sharding} needs several processes: launch with torchrun or "
-                           "accelerate launch")
-    check_resume(run, record_file, requested, cfg.resume == "override")
-
-
-def check_resume(run: Path, record_file: str, requested: dict[str, dict], override: bool = False,
-                 checkpoint_dir: Path | None = None) -> None:
-    """A run dir with a checkpoint resumes only with the settings its record holds (unless ``resume=override``):
-    a changed lr, batch, seed or recipe would otherwise go on silently from weights trained another way."""
-    run = Path(run)
-    record = run / record_file
-    if override or not has_checkpoint(checkpoint_dir or run) or not record.is_file():
+def _announce(r: _Run, state: TrainState) -> None:
+    if not r.accelerator.is_main_process:
         return
-    diff = changed_settings(json.loads(record.read_text()), requested)
-    if diff:
-        raise InvalidInput(f"{run} was started with other settings ({', '.join(diff)}): run its command again to "
-                           f"resume, use another --out, or pass --resume override")
+    cfg, sizes = r.cfg, global_batch(r.cfg, r.accelerator)
+    total = r.policy.total if r.policy.total is not None else "(planned from the budget)"
+    print(f"[{r.task.name}] {sum(p.numel() for p in r.params) / 1e6:.2f} M trainable parameters; step "
+          f"{state.step}/{total}; global batch {sizes['global']} = {cfg.batch_size} per process x "
+          f"{sizes['processes']} process(es) x {cfg.grad_accum} accumulation step(s)")
 
 
-# ------------------------------------------------------------------------------------------- loop
-class _StopFlag:
-    """SIGTERM / SIGINT set a flag; the loop checkpoints after the current step and returns."""
+def _optimizer_step(r: _Run, step: int) -> torch.Tensor:
+    """Optimiser step ``step`` over its grad_accum micro-steps (and the EMA's); returns its mean loss (device)."""
+    cfg, accelerator = r.cfg, r.accelerator
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    for group in r.opt.param_groups:
+        group["lr"] = lr_at(step, cfg, r.policy.total)
+    value = torch.zeros((), device=device)
+    for micro in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
+        draws = step_draws(cfg.seed, micro, rank, world, device)
+        batch = r.task.batch(micro, rank, cfg.batch_size, device, world_size=world)
+        with accelerator.accumulate(r.model):  # syncs and steps only on the last micro-step
+            if r.sharded:
+                r.model.set_requires_gradient_sync(accelerator.sync_gradients)
+            with accelerator.autocast():
+                loss = global_mean(*r.task.loss(r.model, batch, draws), world)
+            accelerator.backward(loss)  # the loss / grad_accum
+            if cfg.grad_clip and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(r.params, cfg.grad_clip)
+            r.opt.step()
+            r.opt.zero_grad(set_to_none=True)
+        value += loss.detach().float() / cfg.grad_accum
+    if r.ema is not None:
+        r.ema.step(r.params)
+    return value
 
-    def __init__(self) -> None:
-        self.stop = False
-        self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
+def _decide(r: _Run, state: TrainState, marks: _Marks, running: torch.Tensor, signalled: bool, bar: tqdm
+            ) -> tuple[bool, bool]:
+    """(checkpoint due, stop) after a step. Steps between decision points run without a host sync; decisions are
+    taken at step numbers every rank knows, once for all ranks (see :func:`_agree`). A checkpoint is only ever
+    written at a decision step, so a non-finite loss is always seen before it could be saved."""
+    cfg, policy, step = r.cfg, r.policy, state.step
+    log, plan_due = step % cfg.log_every == 0 or policy.finished(step), policy.plan_due(step)
+    due, stop = step - marks.step >= cfg.checkpoint_every, policy.steps_out(step)
+    if not (log or plan_due or due or stop):
+        return False, False
+    shown = running.item()
+    bar.set_postfix(loss=f"{shown:.4f}", lr=f"{r.opt.param_groups[0]['lr']:.2e}")
+    if log:
+        state.history.append({"step": step, "loss": shown, "elapsed_s": round(state.elapsed_s, 2)})
+    now = policy.clock()
+    planned = policy.plan(step, state.elapsed_s, now) if plan_due else None
+    signal, late, due_now, planned, bad = _agree(r.accelerator, int(marks.bad), signalled, policy.time_out(now),
+                                                 now - marks.time > 60 * cfg.checkpoint_minutes, planned)
+    if bad >= 0:
+        raise NonFiniteLoss(f"{r.task.name}: the loss is not finite at step {bad}; stopped, the checkpoint of step "
+                            f"{marks.step} is kept (lower the lr, or check the data)")
+    if planned is not None:
+        state.planned_steps = policy.planned = bar.total = planned
+    return due or due_now, stop or late or signal
 
-    def _handle(self, signum, frame) -> None:
-        self.stop = True
 
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-def _decide(accelerator: Accelerator, bad_step: int, stop: bool, out_of_time: bool, checkpoint_due: bool,
-            planned: int | None) -> tuple[bool, bool, bool, int | None, int]:
+def _agree(accelerator: Accelerator, bad_step: int, stop: bool, out_of_time: bool, checkpoint_due: bool,
+           planned: int | None) -> tuple[bool, bool, bool, int | None, int]:
     """The step's control-flow decisions, the same on every rank: a signal to any rank stops all, and so does a
     non-finite loss on any rank (its first step); the time limit, the time-based checkpoint and a budgeted run's
     plan are rank 0's (its clock). One small all-reduce."""
@@ -327,135 +302,22 @@ def _decide(accelerator: Accelerator, bad_step: int, stop: bool, out_of_time: bo
     return bool(stop_all), bool(late), bool(due), (plan if plan >= 0 else None), bad
 
 
-def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | None = None) -> TrainState:
-    """Train ``task`` into ``run`` (resuming from run/checkpoint when present); returns the final state.
+def _record_eval(r: _Run, state: TrainState, bar: tqdm) -> None:
+    metrics = _evaluate(r.task, r.accelerator.unwrap_model(r.model), r.ema)
+    metrics.update(step=state.step, elapsed_s=round(state.elapsed_s, 2))
+    state.history.append({"eval": metrics})
+    bar.write(f"[{r.task.name}] step {state.step}: " + json.dumps(metrics))
 
-    On return the trainable module holds the final weights, or the EMA weights when cfg.ema_decay is set.
-    """
-    run = Path(run)
-    accelerator = accelerator or make_accelerator(cfg)
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise InvalidInput(f"launched with accelerate's {accelerator.distributed_type.value} plugin: vlv shards "
-                           "itself (--sharding fsdp2 or zero2) under a plain launch (launch/ddp-*.yaml or torchrun)")
-    if accelerator.gradient_accumulation_steps != cfg.grad_accum:
-        raise ValueError(f"the Accelerator accumulates {accelerator.gradient_accumulation_steps} micro-steps, the "
-                         f"config {cfg.grad_accum}: build it with make_accelerator(cfg)")
-    model = task.trainable()
-    sharded = cfg.sharding != "ddp"
-    if sharded:  # in place, before the optimizer sees the parameters: it then holds only this rank's shards
-        model.to(accelerator.device)
-        shard = getattr(task, "shard", None) or (lambda *a, **k: sharding.shard(model, *a, **k))
-        shard(sharding.mesh_for(accelerator.device), sharding.precision_policy(cfg.mixed_precision),
-              reshard_after_forward=cfg.sharding == "fsdp2")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"{task.name}: nothing to train")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4) if cfg.ema_decay else None
-    state = load_checkpoint(run, model, opt, ema) if has_checkpoint(run) else TrainState()
-    if state.planned_steps is not None:
-        cfg = replace(cfg, steps=state.planned_steps)
-    run.mkdir(parents=True, exist_ok=True)
-    if sharded:  # FSDP2 syncs gradients itself; the optimizer is still accelerate's (accumulation, precision)
-        wrapped, opt = model, accelerator.prepare(opt)
-    else:
-        wrapped, opt = accelerator.prepare(model, opt)
-    if ema is not None:
-        ema.to(accelerator.device)
-    n_params = sum(p.numel() for p in params)
-    sizes = global_batch(cfg, accelerator)
-    if accelerator.is_main_process:
-        print(f"[{task.name}] {n_params / 1e6:.2f} M trainable parameters; step {state.step}/{cfg.steps}; global "
-              f"batch {sizes['global']} = {cfg.batch_size} per process x {sizes['processes']} process(es) x "
-              f"{cfg.grad_accum} accumulation step(s)")
 
-    rank, device = accelerator.process_index, accelerator.device
-    t_start, last_ckpt, last_ckpt_time = time.perf_counter(), state.step, time.perf_counter()
-    elapsed0, start_step = state.elapsed_s, state.step
-    bar = tqdm(total=cfg.steps, initial=state.step, desc=task.name, unit="step",
-               disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
-    running, pace_t0 = None, None  # running: the smoothed loss, kept on the device between log steps
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
-    with _StopFlag() as flag:
-        while state.step < cfg.steps:
-            if cfg.budget_minutes and state.step - start_step == 1:
-                pace_t0 = time.perf_counter()  # after the first step's one-off costs
-            for group in opt.param_groups:
-                group["lr"] = lr_at(state.step, cfg)
-            value = torch.zeros((), device=device)
-            for micro in range(state.step * cfg.grad_accum, (state.step + 1) * cfg.grad_accum):
-                gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, micro))
-                draws = Draws(gen, rank, accelerator.num_processes)
-                batch = task.batch(micro, rank, cfg.batch_size, device, world_size=accelerator.num_processes)
-                with accelerator.accumulate(wrapped):  # syncs and steps only on the last micro-step
-                    if sharded:
-                        wrapped.set_requires_gradient_sync(accelerator.sync_gradients)
-                    with accelerator.autocast():
-                        loss = task.loss(wrapped, batch, draws)
-                    accelerator.backward(loss)  # the loss / grad_accum
-                    if cfg.grad_clip and accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(params, cfg.grad_clip)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                value += loss.detach().float() / cfg.grad_accum
-            if ema is not None:
-                ema.step(params)
-            state.step += 1
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(value), state.step, bad_step)
-            state.elapsed_s = elapsed0 + time.perf_counter() - t_start
-            running = value if running is None else 0.95 * running + 0.05 * value
-            bar.update(1)
-            # Steps between decision points run without a host sync; the decisions (stop, checkpoint, plan) are
-            # taken at step numbers every rank knows, once for all ranks (see _decide). A checkpoint is only ever
-            # written at a decision step, so a non-finite loss is always seen before it could be saved.
-            plan_due = pace_t0 is not None and _plan_due(state, start_step)
-            final = state.step == cfg.steps
-            due = state.step - last_ckpt >= cfg.checkpoint_every
-            out_of_time = cfg.stop_after is not None and state.step - start_step >= cfg.stop_after
-            stop = False
-            if state.step % cfg.log_every == 0 or final or plan_due or due or out_of_time:
-                shown = running.item()
-                bar.set_postfix(loss=f"{shown:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
-                if state.step % cfg.log_every == 0 or final:
-                    state.history.append({"step": state.step, "loss": shown, "elapsed_s": round(state.elapsed_s, 2)})
-                now = time.perf_counter()
-                planned = None
-                if plan_due:
-                    pace = (now - pace_t0) / (state.step - start_step - 1)
-                    planned = plan_steps(cfg.budget_minutes, state.elapsed_s, pace, state.step)
-                stop, late, due_now, planned, bad = _decide(
-                    accelerator, int(bad_step), flag.stop,
-                    cfg.max_minutes is not None and now - t_start > 60 * cfg.max_minutes,
-                    now - last_ckpt_time > 60 * cfg.checkpoint_minutes, planned)
-                if bad >= 0:
-                    raise NonFiniteLoss(f"{task.name}: the loss is not finite at step {bad}; stopped, the checkpoint "
-                                        f"of step {last_ckpt} is kept (lower the lr, or check the data)")
-                out_of_time, due = out_of_time or late, due or due_now
-                if planned is not None:
-                    state.planned_steps = planned
-                    cfg = replace(cfg, steps=planned)
-                    bar.total = cfg.steps
-                    final = state.step == cfg.steps
-            if cfg.eval_every and (state.step % cfg.eval_every == 0 or final):
-                metrics = _evaluate(task, accelerator.unwrap_model(wrapped), ema)
-                metrics.update(step=state.step, elapsed_s=round(state.elapsed_s, 2))
-                state.history.append({"eval": metrics})
-                bar.write(f"[{task.name}] step {state.step}: " + json.dumps(metrics))
-            if due or out_of_time or stop or final:
-                if sharded:
-                    save_sharded_checkpoint(run, wrapped, opt, state, cfg, task.name, accelerator)
-                elif accelerator.is_main_process:
-                    save_checkpoint(run, accelerator.unwrap_model(wrapped), opt, ema, state, cfg, task.name)
-                accelerator.wait_for_everyone()
-                last_ckpt, last_ckpt_time = state.step, time.perf_counter()
-            if out_of_time or stop:
-                break
-    bar.close()
-    state.done = state.step >= cfg.steps
-    model = accelerator.unwrap_model(wrapped)
-    if ema is not None:
-        ema.copy_to([p for p in model.parameters() if p.requires_grad])
-    return state
+def _save(r: _Run, state: TrainState) -> None:
+    """Collective: the checkpoint (sharded: every rank writes its shards; else rank 0 writes it), the config as
+    the run now stands (a budget's plan for its steps)."""
+    cfg = replace(r.cfg, steps=r.policy.total)
+    if r.sharded:
+        save_sharded_checkpoint(r.dir, r.model, r.opt, state, cfg, r.task.name, r.accelerator)
+    elif r.accelerator.is_main_process:
+        save_checkpoint(r.dir, r.accelerator.unwrap_model(r.model), r.opt, r.ema, state, cfg, r.task.name)
+    r.accelerator.wait_for_everyone()
 
 
 def _evaluate(task: Task, model: torch.nn.Module, ema: EMAModel | None) -> dict[str, float]:

@@ -30,7 +30,7 @@ from vlv.config import DEFAULT_TRAINABLE, EncoderConfig, list_encoders
 from vlv.data import ImageCaptionFolder, to_tensor
 from vlv.datasets import Dataset, open_dataset, step_indices
 from vlv.decoder import DiffusionDecoder
-from vlv.diffusion import Draws, load_pipeline, sample_latents
+from vlv.diffusion import load_pipeline, sample_latents
 from vlv.encoder import CONFIG_FILE as ENCODER_FILE
 from vlv.encoder import VLVEncoder, resolved_florence2
 from vlv.errors import InvalidInput
@@ -39,8 +39,10 @@ from vlv.shipped import resolve_decoder, resolve_encoder
 from vlv.training.caches import KINDS, Kind, build_cache, run_caches
 from vlv.training.config import CACHE_SHARD_ROWS, Stage1Settings, TrainConfig
 from vlv.training.data import drop_bad_rows, image_source
-from vlv.training.loop import check_request, global_batch, make_accelerator, train
+from vlv.training.draws import Draws
+from vlv.training.loop import Loss, global_batch, make_accelerator, train
 from vlv.training.recipes import user_input
+from vlv.training.resume import check_request
 
 Evaluator = Callable[[VLVEncoder, DiffusionDecoder], dict[str, float]]
 
@@ -118,7 +120,8 @@ class Stage1Task:
             batch["vision"] = self.vision[idx]["features"].float().to(device)  # (B, Nv, D)
         return batch
 
-    def loss(self, model, batch: dict[str, torch.Tensor], draws: Draws) -> torch.Tensor:
+    def loss(self, model, batch: dict[str, torch.Tensor], draws: Draws) -> Loss:
+        """The diffusion loss, a mean over the batch's samples."""
         if "vision" in batch:
             z = model(image_features=batch["vision"])  # (B, Nq, d_T)
         else:
@@ -127,7 +130,7 @@ class Stage1Task:
             latents = sample_latents(batch["mean"], batch["std"], self.decoder.vae.config.scaling_factor, draws)
         else:
             latents = self.decoder.latents(batch["images"], draws)  # (B, C, h, w)
-        return self.decoder.loss(latents, z, draws, high_noise_fraction=self.high_noise_fraction)
+        return Loss(self.decoder.loss(latents, z, draws, high_noise_fraction=self.high_noise_fraction), len(z))
 
     def evaluate(self, model) -> dict[str, float]:
         return self.evaluator(model) if self.evaluator is not None else {}

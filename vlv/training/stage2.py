@@ -33,7 +33,9 @@ from vlv.shipped import is_shipped, resolve_decoder, resolve_encoder
 from vlv.text_encoder import load_text_encoder
 from vlv.training.config import Stage2Settings, TrainConfig
 from vlv.training.data import image_source
-from vlv.training.loop import Draws, across_ranks, check_request, global_batch, make_accelerator, train
+from vlv.training.draws import Draws
+from vlv.training.loop import Loss, global_batch, make_accelerator, train
+from vlv.training.resume import check_request
 from vlv.training.sharding import shard
 
 STAGE2_FILE = "stage2.json"
@@ -75,13 +77,13 @@ class Stage2Task:
         batch["images"] = to_tensor(got["images"].numpy())  # (B, 3, H, W) in [-1, 1]
         return {k: v.to(device) for k, v in batch.items()}
 
-    def loss(self, model, batch: dict[str, torch.Tensor], draws: Draws) -> torch.Tensor:
-        """Cross-entropy per caption token of the global batch (every token weighs the same on any world size)."""
+    def loss(self, model, batch: dict[str, torch.Tensor], draws: Draws) -> Loss:
+        """Cross-entropy, a mean over the caption tokens (+ EOS): the loop weighs every token of the global batch
+        the same on any world size."""
         pixel_values = self.captioner.encoder.normalize(batch["images"])  # (B, 3, S, S)
-        items = None if draws.world_size == 1 else across_ranks(batch["attention_mask"].sum())
         loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     pixel_values=pixel_values, num_items_in_batch=items).loss
-        return loss * draws.world_size
+                     pixel_values=pixel_values).loss
+        return Loss(loss, batch["attention_mask"].sum())
 
     def evaluate(self, model) -> dict[str, float]:
         return self.evaluator(model) if self.evaluator is not None else {}
