@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from vlv.training.config import TrainConfig
 from vlv.training.loop import train
+from vlv.training.recipes import section
 from vlv.training.stop import PLAN_AFTER, plan_steps
 
 
@@ -70,7 +71,9 @@ def test_steps_none_needs_a_budget():
     with pytest.raises(ValueError, match="needs budget_minutes"):
         TrainConfig(steps=None)
     assert TrainConfig(steps=None, budget_minutes=1.0).steps is None
-    assert TrainConfig(steps=1500, budget_minutes=1.0).steps is None  # a recipe's steps yield to a budget
+    recipe = {"name": "r", "train": {"steps": 1500}}
+    assert section(recipe, "train", TrainConfig, {"budget_minutes": 1.0}).steps is None  # a recipe's steps are moot
+    assert section(recipe, "train", TrainConfig, {"budget_minutes": 1.0, "steps": 9}).steps == 9  # given: kept
 
 
 def test_a_budgeted_run_keeps_replanning_so_it_fills_its_budget(tmp_path):

@@ -56,10 +56,9 @@ def stage_recipe(demo: dict[str, Any], stage: str, budget: float | None) -> tupl
     entry = demo["stages"][stage]
     recipe = load_recipe(entry["recipe"], stage)  # the stages are named as the tasks
     train = {**recipe.get("train", {}), **entry.get("train", {})}
-    if budget:  # a budgeted run plans its own count after a few steps
-        train.update(budget_minutes=budget)
     recipe = {**recipe, "train": train, "settings": {**recipe.get("settings", {}), **entry.get("settings", {})}}
-    return recipe, section(recipe, "train", TrainConfig)
+    # A budgeted run plans its own count after a few steps: the recipe's steps are moot.
+    return recipe, section(recipe, "train", TrainConfig, {"budget_minutes": budget})
 
 
 def _stage_lm(run: Path, demo: dict[str, Any], budget: float | None) -> None:

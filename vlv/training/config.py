@@ -32,7 +32,8 @@ def _check_data(num_workers: int, on_bad_image: str) -> None:
 class TrainConfig:
     """How the loop trains: optimiser, schedule, precision, and when it logs, evaluates, checkpoints and stops."""
 
-    steps: int | None = _f(1000, "optimiser steps (none: a budgeted run plans its own; a budget overrides it)")
+    steps: int | None = _f(1000, "optimiser steps (none: a budgeted run plans its own; a budget overrides it)",
+                           moot_with="budget_minutes")
     batch_size: int = _f(64, "batch size per process (per micro-step with --grad-accum)")
     grad_accum: int = _f(1, "gradient accumulation: micro-batches per optimiser step, so a global batch of "
                             "batch_size x processes x grad_accum fits fewer GPUs")
@@ -65,8 +66,6 @@ class TrainConfig:
     progress: bool = _f(True, "progress bar", cli=False)
 
     def __post_init__(self) -> None:
-        if self.budget_minutes is not None:  # the budget plans the count: a recipe's steps do not apply
-            self.steps = None
         if self.steps is None and self.budget_minutes is None:
             raise ValueError("steps: none needs budget_minutes (a budgeted run plans its own step count)")
         if (self.steps is not None and self.steps <= 0) or self.batch_size <= 0 or self.grad_accum <= 0:

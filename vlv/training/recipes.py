@@ -49,7 +49,7 @@ def section(recipe: dict[str, Any], name: str, cls: type, overrides: dict[str, A
     """``cls`` built from the recipe's section ``name``, then ``overrides`` (fields not None), then ``required``.
 
     Unknown keys in the recipe are an error, so a misspelt setting never goes silently unused. A field whose
-    metadata names ``moot_with`` keeps its recipe value only while that other field is not given.
+    metadata names ``moot_with`` keeps its recipe value only while that other field is not given (else None).
     """
     known = {f.name for f in fields(cls)}
     values = dict(recipe.get(name, {}))
@@ -57,10 +57,10 @@ def section(recipe: dict[str, Any], name: str, cls: type, overrides: dict[str, A
     if unknown:
         raise ValueError(f"recipe {recipe.get('name')!r}, section {name!r}: unknown fields {', '.join(unknown)}")
     given = {k: v for k, v in {**(overrides or {}), **required}.items() if v is not None and k in known}
-    for f in fields(cls):  # a recipe's default that another given field makes moot is dropped, not applied
+    for f in fields(cls):  # a recipe's value that another given field makes moot is unset (None), not applied
         other = f.metadata.get("moot_with")
         if other and given.get(other) is not None and f.name not in given:
-            values.pop(f.name, None)
+            values[f.name] = None
     values.update(given)
     return cls(**values)
 
