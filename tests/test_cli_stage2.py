@@ -2,7 +2,7 @@ import json
 import subprocess
 import sys
 
-from vlv.data import read_records
+from vlv.data.records import read_records
 
 
 def _cli(*args):

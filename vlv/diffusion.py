@@ -32,7 +32,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from vlv.config import CONFIGS
-from vlv.data import to_pil
+from vlv.data.images import to_pil
 
 Sampler = Literal["paper", "fast"]
 DEFAULT_STEPS = {"paper": 50, "fast": 20}  # paper: DDPM 50 steps (official default); fast: DPM-Solver++(2M)
@@ -113,7 +113,7 @@ class Draws:
     """A micro-step's random draws per sample, made for the whole global batch and sliced to this process's rows.
 
     Sample j of a step's global batch then gets the same t and noise whether one process holds the batch or N
-    do (each rank holds rows rank*b .. rank*b + b - 1, as ``vlv.datasets.step_indices`` lays them out), so N
+    do (each rank holds rows rank*b .. rank*b + b - 1, as ``vlv.data.sampling.step_indices`` lays them out), so N
     processes train as one does. One process draws exactly what a plain generator would.
     """
 

@@ -1,6 +1,6 @@
 """Inference with trained VLV parts, batched: images -> z (embed), z -> images (reconstruct), images -> captions.
 
-Images are tensors (N, 3, H, W) in [-1, 1] (``vlv.data.to_tensor``); each function moves its batches to the
+Images are tensors (N, 3, H, W) in [-1, 1] (``vlv.data.images.to_tensor``); each function moves its batches to the
 model's device and returns CPU-side results in input order. The models load alone from their run dirs or
 shipped names: ``VLVEncoder.from_pretrained``, ``DiffusionDecoder.from_pretrained``,
 ``Captioner.from_pretrained``.

@@ -30,7 +30,7 @@ def checking() -> Iterator[None]:
 def _images(paths: list[Path], skip_bad: bool) -> list[Path]:
     """The image files of the arguments, each decoded once now, so a bad one stops the command before any model
     loads (or, with --skip-bad, is left out and counted)."""
-    from vlv.data import list_images, open_image
+    from vlv.data.images import list_images, open_image
     from vlv.errors import BadImage
 
     found, bad = list_images(paths), []
@@ -61,7 +61,8 @@ def _require_folder(folder, captions: bool = False, images: int = 0) -> None:
     first ``images`` images decode."""
     if folder is None:
         return
-    from vlv.data import open_image, read_records, require_captions
+    from vlv.data.images import open_image
+    from vlv.data.records import read_records, require_captions
 
     records = read_records(Path(folder))
     if captions:
@@ -87,7 +88,8 @@ def cmd_data_sheet(args: argparse.Namespace) -> None:
 
 
 def cmd_data_shards(args: argparse.Namespace) -> None:
-    from vlv.datasets import open_dataset, write_shards
+    from vlv.data.datasets import open_dataset
+    from vlv.data.shards import write_shards
 
     t0 = time.perf_counter()
     src = open_dataset(args.src, image_column=args.image_column, caption_column=args.caption_column)
@@ -188,7 +190,7 @@ def cmd_train_stage1(args: argparse.Namespace) -> None:
     _require_folder(args.val, captions=True, images=args.eval_n)
     for cache in (args.latents_cache, args.vision_cache):
         if cache is not None:
-            from vlv.caches import Cache
+            from vlv.data.caches import Cache
 
             _require_dirs(cache)
             Cache(cache)  # made and finished: what it was made from is checked once the models load
@@ -239,7 +241,7 @@ def _check_stage1(settings, decoder: Path) -> None:
 def _open_data(data: str, image_column: str = "image", caption_column: str = "caption", captions: bool = False):
     """The dataset opened once now (a folder's rows are read and typed, shards indexed, parquet columns checked),
     so a bad one fails before any model loads."""
-    from vlv.datasets import open_dataset
+    from vlv.data.datasets import open_dataset
 
     dataset = open_dataset(data, image_column=image_column, caption_column=caption_column)
     if not len(dataset):
@@ -291,8 +293,8 @@ def cmd_precompute(args: argparse.Namespace) -> None:
     _open_data(args.data, args.image_column, args.caption_column)
     import torch
 
-    from vlv.caches import latents_key, latents_rows, rank_and_world, vision_key, vision_rows, write_cache
-    from vlv.datasets import open_dataset
+    from vlv.data.caches import latents_key, latents_rows, rank_and_world, vision_key, vision_rows, write_cache
+    from vlv.data.datasets import open_dataset
     from vlv.decoder import DiffusionDecoder
 
     rank, world = rank_and_world()
@@ -343,7 +345,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from vlv.data import load_image, to_pil, to_tensor
+    from vlv.data.images import load_image, to_pil, to_tensor
     from vlv.inference import reconstruct_images
 
     encoder, decoder = _load_encoder_decoder(args)
@@ -372,7 +374,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
     import torch
     from tqdm.auto import tqdm
 
-    from vlv.data import load_image, to_tensor
+    from vlv.data.images import load_image, to_tensor
     from vlv.encoder import VLVEncoder
     from vlv.inference import embed_images
     from vlv.modeling import atomic_save_file
@@ -412,7 +414,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
                            f"and the 2k of both images must fit the decoder's {positions} text positions)")
     import numpy as np
 
-    from vlv.data import load_image, to_pil, to_tensor
+    from vlv.data.images import load_image, to_pil, to_tensor
     from vlv.inference import compose_images
 
     encoder, decoder = _load_encoder_decoder(args)
@@ -546,7 +548,7 @@ def cmd_caption(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from vlv.captioner import Captioner
-    from vlv.data import load_image, to_tensor
+    from vlv.data.images import load_image, to_tensor
     from vlv.inference import caption_images
     from vlv.modeling import atomic_write_text
 

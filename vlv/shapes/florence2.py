@@ -25,8 +25,8 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import Florence2Config, Florence2ForConditionalGeneration, PreTrainedTokenizerFast
 
 from vlv.config import read_config
-from vlv.data import CAPTIONS, read_records
-from vlv.datasets import step_indices
+from vlv.data.records import CAPTIONS, read_records
+from vlv.data.sampling import step_indices
 from vlv.encoder import pixel_values
 from vlv.errors import InvalidInput
 from vlv.modeling import write_json

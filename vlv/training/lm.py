@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from vlv.data import read_captions
-from vlv.datasets import step_indices
+from vlv.data.records import read_captions
+from vlv.data.sampling import step_indices
 from vlv.lm import IGNORE, build_lm, encode_documents, load_tokenizer, pad_id
 from vlv.modeling import write_json
 from vlv.training.config import LMSettings, TrainConfig

@@ -11,13 +11,15 @@ model's config, a checksum of the weights that computed it, the data's fingerpri
 keys), the resolution and the dtype. Training compares that key with the one its own models and data give and
 refuses a cache that differs, naming the fields: a cache of other weights or other data never trains silently.
 A row whose image could not be read is zeros with ``ok`` 0; training skips it as a bad sample.
+
+A dataset held in memory (:class:`vlv.data.datasets.InMemory`, small data trained on whole) can cache its
+posteriors in one file instead (:func:`posteriors_file`), keyed and refused the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -25,9 +27,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
-from vlv.data import to_tensor
-from vlv.datasets import Dataset, row_loader
+from vlv.data.datasets import Dataset, InMemory
+from vlv.data.images import to_tensor
+from vlv.data.loader import row_loader
 from vlv.errors import InvalidInput
 from vlv.modeling import atomic_save_file, write_json
 
@@ -81,12 +85,12 @@ def key_differences(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
     return [k for k in KEY_FIELDS if have.get(k) != want.get(k)]
 
 
-def _refuse(folder: Path, have: dict[str, Any], want: dict[str, Any]) -> None:
+def _refuse(folder: Path, have: dict[str, Any], want: dict[str, Any], remedy: str = "precompute it again") -> None:
     diff = key_differences(have, want)
     if diff:
         detail = ", ".join(f"{k} {have.get(k)!r} != {want.get(k)!r}" for k in diff)
         raise InvalidInput(f"{folder}: this {want['kind']} cache was made from other inputs ({detail}); "
-                           f"precompute it again for these")
+                           f"{remedy} for these")
 
 
 # ---------------------------------------------------------------------------------------------------- write
@@ -220,5 +224,33 @@ def is_cache(folder: str | Path) -> bool:
 
 
 def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the world size under torchrun / accelerate launch (0, 1 alone)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    """This process's rank and the world size under torchrun / accelerate launch (0, 1 alone), as accelerate
+    sees them: the precompute splits its shards over the same processes training runs on."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes
+
+
+# ------------------------------------------------------------------------------------------ one file, in memory
+def posteriors(vae: torch.nn.Module, data: InMemory, batch_size: int = 128) -> dict[str, torch.Tensor]:
+    """:func:`latents_rows` over an in-memory dataset, in order: fp32 (mean, std), each (N, C, h, w)."""
+    compute = latents_rows(vae)
+    parts = []
+    for idx in data.batches(batch_size):
+        rows = compute(torch.from_numpy(data.images[idx]))
+        parts.append({k: v.cpu() for k, v in rows.items()})
+    return {k: torch.cat([p[k] for p in parts]) for k in ("mean", "std")}
+
+
+def posteriors_file(vae: torch.nn.Module, data: InMemory, path: str | Path, batch_size: int = 128
+                    ) -> dict[str, torch.Tensor]:
+    """:func:`posteriors` as fp16, computed once into ``path`` (atomically: a killed run recomputes it whole, never
+    reads a torn file) under the key of :func:`latents_key`, then read back; a file of another VAE or other data
+    is refused, naming what differs."""
+    path, want = Path(path), latents_key(vae, data, data.size)
+    if not path.exists():
+        tensors = {k: v.half().contiguous() for k, v in posteriors(vae, data, batch_size).items()}
+        atomic_save_file(tensors, path, metadata={"vlv_cache": json.dumps(want)})
+    _refuse(path, _shard_key(path) or {}, want, remedy="delete it to compute it again")
+    return load_file(path)
