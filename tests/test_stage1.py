@@ -79,6 +79,15 @@ def test_the_teachers_latent_file_is_fp16_keyed_and_refuses_other_inputs(tiny_te
         posteriors_file(decoder.vae, data, tmp_path / "old.safetensors")
 
 
+def test_a_models_config_hash_is_the_same_in_every_process():
+    """diffusers' ``_use_default_values`` lists a set (its order differs per process): not part of the key."""
+    from vlv.data.caches import config_hash
+
+    a = {"latent_channels": 4, "_use_default_values": ["act_fn", "force_upcast"], "_name_or_path": "/a"}
+    b = {"latent_channels": 4, "_use_default_values": ["force_upcast", "act_fn"], "_name_or_path": "/b"}
+    assert config_hash(a) == config_hash(b) != config_hash({**a, "latent_channels": 8})
+
+
 def test_gradient_checkpointing_is_active_on_the_frozen_unet(tiny_teacher):
     """With checkpointing the frozen UNet keeps far fewer activations for backward, and gradients agree."""
     decoder = DiffusionDecoder.from_pretrained(tiny_teacher)

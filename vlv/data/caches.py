@@ -55,7 +55,10 @@ def tensors_checksum(modules: Iterable[torch.nn.Module]) -> str:
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """The model's fields only: diffusers' ``_``-keys are bookkeeping that differs between processes
+    (``_use_default_values`` is a set's order) or places (``_name_or_path``)."""
+    fields = {k: v for k, v in config.items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def data_fingerprint(dataset: Dataset) -> str:
