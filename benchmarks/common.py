@@ -18,22 +18,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from vlv.data import ImageCaptionFolder
+    from vlv.data.datasets import InMemory
     from vlv.encoder import VLVEncoder
 
 
 # ------------------------------------------------------------------------------------------- shapes data
-def test_scenes(n: int, size: int, split: str = "test", seed: int = 0) -> ImageCaptionFolder:
+def test_scenes(n: int, size: int, split: str = "test", seed: int = 0) -> InMemory:
     """``n`` scenes of a shapes split (the test split unless told), held in memory at ``size`` px.
 
     They are rendered into a temporary dir that is removed before this returns: the folder's images and
     captions are all in memory by then, so nothing is left behind on disk.
     """
-    from vlv.data import ImageCaptionFolder
+    from vlv.data.datasets import InMemory
     from vlv.shapes.data import write_shapes
 
     with tempfile.TemporaryDirectory(prefix=f"vlv-{split}-") as tmp:
-        return ImageCaptionFolder(write_shapes(Path(tmp) / split, n=n, seed=seed, split=split, progress=False), size)
+        return InMemory.of(write_shapes(Path(tmp) / split, n=n, seed=seed, split=split, progress=False), size)
 
 
 # ----------------------------------------------------------------------------------------------- recipes

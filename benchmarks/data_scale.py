@@ -9,7 +9,7 @@
    (``loader.make_jpeg``) repeated under distinct keys, so N costs disk, not minutes. Today's in-RAM folder would
    hold N x px x px x 3 bytes; the streamed run holds an index of N keys and offsets.
 2. Stage-1 step time on the shapes world (``--shapes-n`` scenes, the teacher's resolution, latents cached as the
-   recipe does): fed from shards by 2 workers vs from RAM (an ImageCaptionFolder), the same batches; the ratio
+   recipe does): fed from shards by 2 workers vs from RAM (an InMemory), the same batches; the ratio
    RAM / shards is the throughput kept (1.0: streaming costs nothing).
 
 Each measurement runs in its own process (``--child``), so one's peak RSS never leaks into another's.
@@ -75,8 +75,7 @@ def child_rss(data: str, steps: int, batch: int, workers: int, out: Path) -> dic
 
 def child_step_time(source: str, data: str, steps: int, batch: int, workers: int, out: Path) -> dict:
     """Seconds per step of stage 1 (latents cached) after two warm-up steps, from RAM or streamed."""
-    from vlv.data import ImageCaptionFolder
-    from vlv.datasets import open_dataset
+    from vlv.data.datasets import InMemory, open_dataset
     from vlv.decoder import DiffusionDecoder
     from vlv.training.caches import run_caches
     from vlv.training.config import Stage1Settings, TrainConfig
@@ -91,7 +90,7 @@ def child_step_time(source: str, data: str, steps: int, batch: int, workers: int
     accelerator = make_accelerator(cfg)
     latents, _ = run_caches(settings, decoder, encoder, open_dataset(data), decoder.image_size, out / "cache",
                             accelerator, progress=False)
-    images = ImageCaptionFolder(Path(data), decoder.image_size) if source == "ram" else open_dataset(data)
+    images = InMemory.of(Path(data), decoder.image_size) if source == "ram" else open_dataset(data)
     task = Stage1Task(encoder, decoder, images, latents, seed=0, num_workers=workers)
     state = train(task, cfg, out / "run", accelerator)
     task.close()
@@ -144,7 +143,7 @@ def main() -> None:
             rss[n] = _child(["rss", str(shards), str(args.steps), str(args.batch), str(args.workers),
                              str(root / f"run{n}")])
             rss[n]["shards_s"] = round(made, 1)
-            rss[n]["in_ram_gib"] = round(n * args.px * args.px * 3 / 2**30, 2)  # what ImageCaptionFolder would hold
+            rss[n]["in_ram_gib"] = round(n * args.px * args.px * 3 / 2**30, 2)  # what InMemory would hold
             print(f"{n} images at {args.px} px: peak RSS {rss[n]['rss_gib']:.3f} GiB (workers "
                   f"{rss[n]['workers_rss_gib']:.3f} GiB; in RAM the images alone: {rss[n]['in_ram_gib']} GiB), "
                   f"run {rss[n]['seconds']}s", flush=True)
@@ -153,7 +152,8 @@ def main() -> None:
         result["rss"] = {str(k): v for k, v in rss.items()} | {"ratio_large_small": round(ratio, 3)}
         print(f"peak RSS {large} / {small} images: {ratio:.3f}x", flush=True)
 
-        from vlv.datasets import FolderDataset, write_shards
+        from vlv.data.datasets import FolderDataset
+        from vlv.data.shards import write_shards
         from vlv.shapes.data import write_shapes
 
         folder = write_shapes(root / "shapes", n=args.shapes_n, seed=0, split="train", progress=False)

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the kill delays")
     p.add_argument("--out", type=Path, default=None, help="results JSON")
     args = p.parse_args(argv)
-    from vlv.datasets import FolderDataset, write_shards
+    from vlv.data.datasets import FolderDataset
+    from vlv.data.shards import write_shards
     from vlv.shapes.data import write_shapes
 
     rng = random.Random(args.seed)

@@ -3,7 +3,7 @@
     python benchmarks/loader.py [--n 512] [--workers 1 2] [--batch 32] [--out results/loader.json]
 
 Makes its own data in a temporary dir (random JPEGs: smooth noise + a few shapes, so they compress like photos
-more than like flat colour), then iterates ``vlv.datasets.StepLoader`` over one epoch per (format, workers) and
+more than like flat colour), then iterates ``vlv.data.loader.StepLoader`` over one epoch per (format, workers) and
 reports images/s, in all and per worker. The first batch (worker start-up) is timed apart: steady throughput is
 what a long run sees.
 """
@@ -46,7 +46,8 @@ def make_data(root: Path, n: int, size: int, shard_size: int, row_group: int) ->
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vlv.datasets import FolderDataset, write_shards
+    from vlv.data.datasets import FolderDataset
+    from vlv.data.shards import write_shards
 
     rng = np.random.default_rng(0)
     folder = root / "folder"
@@ -66,7 +67,8 @@ def make_data(root: Path, n: int, size: int, shard_size: int, row_group: int) ->
 
 def throughput(path: Path, size: int, batch: int, workers: int, steps: int) -> dict[str, float]:
     """Images/s over ``steps`` batches of one rank, the first batch (start-up) timed apart."""
-    from vlv.datasets import StepLoader, open_dataset
+    from vlv.data.datasets import open_dataset
+    from vlv.data.loader import StepLoader
 
     loader = StepLoader(open_dataset(path), size, seed=0, batch_size=batch, steps=steps, num_workers=workers,
                         prefetch_factor=2)

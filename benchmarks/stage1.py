@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from common import adamw, flops, stage1_settings, test_scenes, train_config, write_result  # benchmarks/
 
-from vlv.caches import vision_rows
-from vlv.data import cache_latents, to_tensor
+from vlv.data.caches import posteriors, vision_rows
+from vlv.data.images import to_tensor
 from vlv.decoder import DiffusionDecoder
 from vlv.encoder import VLVEncoder
 from vlv.shapes.metrics import reconstruction_scores, sample_accuracy
@@ -66,13 +66,13 @@ def speed(args: argparse.Namespace) -> dict:
     enc = build_encoder(settings, decoder.text_dim, seed=0)
     opt = adamw((q for q in enc.parameters() if q.requires_grad), cfg)
     hnf = settings.high_noise_fraction
-    cached = Stage1Task(enc, decoder, data, cache_latents(decoder.vae, data), high_noise_fraction=hnf)
+    cached = Stage1Task(enc, decoder, data, posteriors(decoder.vae, data), high_noise_fraction=hnf)
     variants = {"cached": (cached, False),
                 "online": (Stage1Task(enc, decoder, data, None, high_noise_fraction=hnf), False)}
     if enc.vision_frozen:  # the recipe's DaViT is frozen: time the step that reads its cached features too
         feats = torch.cat([vision_rows(enc)(torch.from_numpy(data.images[i:i + 64]))["features"]
                            for i in range(0, len(data.images), 64)]).half()  # fp16, as the cache stores them
-        variants["cached+vision"] = (Stage1Task(enc, decoder, data, cache_latents(decoder.vae, data),
+        variants["cached+vision"] = (Stage1Task(enc, decoder, data, posteriors(decoder.vae, data),
                                                 high_noise_fraction=hnf, vision=TensorRows({"features": feats})),
                                      False)
     if args.bf16:

@@ -30,7 +30,7 @@ import torch
 from common import fresh_encoder, test_scenes, train_config, write_result  # benchmarks/
 
 from vlv.captioner import Captioner
-from vlv.data import to_tensor
+from vlv.data.images import to_tensor
 from vlv.inference import caption_images
 from vlv.shapes import world
 from vlv.shapes.metrics import caption_scores, image_scores, truths

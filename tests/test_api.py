@@ -10,7 +10,8 @@ from PIL import Image
 from vlv import shipped as presets
 from vlv.api import VLV
 from vlv.captioner import Captioner
-from vlv.data import load_image, read_records, to_tensor
+from vlv.data.images import load_image, to_tensor
+from vlv.data.records import read_records
 from vlv.decoder import DiffusionDecoder
 from vlv.inference import caption_images, reconstruct_images
 from vlv.shapes.tokenizers import build_shapes_tokenizer

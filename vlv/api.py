@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from vlv.captioner import Captioner
-from vlv.data import load_image, to_pil, to_tensor
+from vlv.data.images import load_image, to_pil, to_tensor
 from vlv.decoder import DiffusionDecoder
 from vlv.encoder import VLVEncoder
 from vlv.inference import caption_images, embed_images, reconstruct_images

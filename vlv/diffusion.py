@@ -32,7 +32,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from vlv.config import CONFIGS
-from vlv.data import to_pil
+from vlv.data.images import to_pil
 
 Sampler = Literal["paper", "fast"]
 DEFAULT_STEPS = {"paper": 50, "fast": 20}  # paper: DDPM 50 steps (official default); fast: DPM-Solver++(2M)

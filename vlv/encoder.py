@@ -187,7 +187,7 @@ class VLVEncoder(nn.Module):
         """v' = projector(DaViT(pixel_values)): (B, 3, S, S) -> (B, Nv, D), the pooled token + H*W tokens.
 
         The frozen DaViT is the largest frozen cost at full scale (docs/performance.md): no graph through it when
-        nothing there trains, and stage 1 can cache its output per image (``vlv.caches.vision_rows``).
+        nothing there trains, and stage 1 can cache its output per image (``vlv.data.caches.vision_rows``).
         """
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_frozen):
             return self.florence.model.get_image_features(pixel_values).pooler_output  # (B, Nv, D)
@@ -217,7 +217,8 @@ class VLVEncoder(nn.Module):
         return pixel_values(images, self.config.image_size, self.config.image_mean, self.config.image_std)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] (the VAE's range, ``vlv.data.to_tensor``) -> pixel_values (B, 3, S, S)."""
+        """Images (B, 3, H, W) in [-1, 1] (the VAE's range, ``vlv.data.images.to_tensor``) -> pixel_values
+        (B, 3, S, S)."""
         size = self.config.image_size
         x = (images + 1) / 2  # (B, 3, H, W) in [0, 1]
         if x.shape[-2:] != (size, size):

@@ -1,7 +1,7 @@
 """Inference with trained VLV parts, batched: images -> z (embed), z -> images (reconstruct), images -> captions.
 
-Images are tensors (N, 3, H, W) in [-1, 1] (``vlv.data.to_tensor``); each function moves its batches to the
-model's device and returns CPU-side results in input order. The ``*_files`` jobs (what ``vlv caption``,
+Images are tensors (N, 3, H, W) in [-1, 1] (``vlv.data.images.to_tensor``); each function moves its batches to
+the model's device and returns CPU-side results in input order. The ``*_files`` jobs (what ``vlv caption``,
 ``reconstruct``, ``embed`` and ``compose`` run) check every input before a model loads, then write their outputs
 atomically. The models load alone from their run dirs or
 shipped names: ``VLVEncoder.from_pretrained``, ``DiffusionDecoder.from_pretrained``,
@@ -20,7 +20,7 @@ import torch
 
 from vlv.captioner import POSTPROCESSORS, Captioner
 from vlv.checks import read_json, text_length
-from vlv.data import list_images, load_image, open_image, to_pil, to_tensor
+from vlv.data.images import list_images, load_image, open_image, to_pil, to_tensor
 from vlv.decoder import DiffusionDecoder, compose
 from vlv.diffusion import Sampler
 from vlv.encoder import CONFIG_FILE as ENCODER_FILE

@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from vlv.config import read_config
-from vlv.data import ImageCaptionFolder, read_records, to_tensor
+from vlv.data.datasets import InMemory
+from vlv.data.images import to_tensor
+from vlv.data.records import read_records
 from vlv.encoder import VLVEncoder
 from vlv.shapes import world as shapes
 from vlv.training.config import Stage1Settings
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         v = enc.image_features(enc.normalize(x))  # (B, 1+HW, D)
         return head(v.flatten(1) if args.mode == "flat" else v.mean(1))
 
-    data, val = ImageCaptionFolder(args.train, 64, progress=False), ImageCaptionFolder(args.val, 64, limit=256)
+    data, val = InMemory.of(args.train, 64, progress=False), InMemory.of(args.val, 64, limit=256)
     y, yv = labels(args.train), labels(args.val)[: len(val)]
     opt = torch.optim.AdamW(params, lr=args.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))

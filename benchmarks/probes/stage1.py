@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared helpers
 from common import test_scenes, write_result  # noqa: E402
 
-from vlv.data import to_tensor  # noqa: E402
+from vlv.data.images import to_tensor  # noqa: E402
 from vlv.decoder import DiffusionDecoder  # noqa: E402
 from vlv.diffusion import diffusion_loss  # noqa: E402
 from vlv.encoder import VLVEncoder  # noqa: E402

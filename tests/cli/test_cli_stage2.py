@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from vlv.data import read_records
+from vlv.data.records import read_records
 
 pytestmark = pytest.mark.slow  # CLI subprocesses
 

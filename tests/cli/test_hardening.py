@@ -71,14 +71,14 @@ def test_bad_image_files_are_named_or_skipped(bad_images, scenes, tmp_path, caps
 
 
 def test_bad_images_in_training_data_are_skipped_and_counted(bad_images, tmp_path):
-    from vlv.data import ImageCaptionFolder
+    from vlv.data.datasets import InMemory
 
-    folder = ImageCaptionFolder(bad_images, 16, skip_bad=True)
-    assert len(folder) == 1 and sorted(folder.bad) == ["empty.png", "text.jpg", "torn.png"]
+    folder = InMemory.of(bad_images, 16, skip_bad=True)
+    assert len(folder) == 1 and sorted(b.split()[0] for b in folder.bad) == ["empty", "text", "torn"]
 
 
 def test_odd_but_valid_images_load(tmp_path):
-    from vlv.data import load_image
+    from vlv.data.images import load_image
 
     grey = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))  # (64, 64)
     rgba = np.zeros((64, 64, 4), np.uint8)  # fully transparent black: composited on white

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vlv.captioner import Captioner, CaptionerConfig
-from vlv.data import ImageCaptionFolder
+from vlv.data.datasets import InMemory
 from vlv.decoder import DiffusionDecoder
 from vlv.encoder import VLVEncoder
 from vlv.lm import lm_config
@@ -192,7 +192,7 @@ def test_frozen_parts_do_not_move_in_a_training_step(level, text_encoder, stage1
     encoder = VLVEncoder.from_pretrained(stage1_dir)
     cap = _captioner(text_encoder, trainable=level, encoder=encoder)
     before = {k: v.clone() for k, v in cap.state_dict().items()}
-    data = ImageCaptionFolder(shapes_data["train"], encoder.config.image_size, limit=8)
+    data = InMemory.of(shapes_data["train"], encoder.config.image_size, limit=8)
     train(Stage2Task(cap, data), TrainConfig(steps=1, batch_size=2, lr=1e-2, progress=False), tmp_path / "run")
     after = cap.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
@@ -211,7 +211,7 @@ def test_lora_trains_adapters_only_and_round_trips(text_encoder, stage1_dir, sha
     assert lora and all(k.startswith("lm.") for k in lora)
     assert {n for n, p in cap.named_parameters() if p.requires_grad and n.startswith("lm.")} == lora
     before = {k: v.clone() for k, v in cap.state_dict().items()}
-    data = ImageCaptionFolder(shapes_data["train"], encoder.config.image_size, limit=8)
+    data = InMemory.of(shapes_data["train"], encoder.config.image_size, limit=8)
     train(Stage2Task(cap, data), TrainConfig(steps=2, batch_size=2, lr=1e-2, progress=False), tmp_path / "run")
     moved = {k for k, v in cap.state_dict().items() if not torch.equal(before[k], v)}
     assert {k for k in moved if k.startswith("lm.")} == lora  # every adapter moved, no base weight did
@@ -259,7 +259,7 @@ def test_save_load_round_trips_with_strict_keys(text_encoder, stage1_dir, tmp_pa
 def test_train_lm_writes_a_standard_checkpoint_dir(lm_dir, shapes_data):
     lm = AutoModelForCausalLM.from_pretrained(lm_dir, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(lm_dir, local_files_only=True)
-    caption = ImageCaptionFolder(shapes_data["val"], 64).captions[0]
+    caption = InMemory.of(shapes_data["val"], 64).captions[0]
     assert tok.decode(tok(caption).input_ids) == caption
     assert (lm.config.eos_token_id, lm.config.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
     history = json.loads((lm_dir / "checkpoint" / "trainer.json").read_text())["history"]

@@ -1,4 +1,5 @@
-"""vlv.datasets: one random-access interface over folders, tar shards and parquet; per-rank step batches."""
+"""vlv.data.datasets, sampling, loader, shards: one random-access interface over folders, tar shards, parquet and
+memory; per-rank step batches."""
 
 import io
 import json
@@ -13,19 +14,11 @@ import torch
 from PIL import Image
 
 from vlv.cli import main
-from vlv.data import ImageCaptionFolder, load_image
-from vlv.datasets import (
-    FolderDataset,
-    ParquetDataset,
-    StepLoader,
-    TarShards,
-    decode,
-    expand_braces,
-    index_path,
-    open_dataset,
-    step_indices,
-    write_shards,
-)
+from vlv.data.datasets import FolderDataset, InMemory, ParquetDataset, TarShards, decode, expand_braces, open_dataset
+from vlv.data.images import load_image
+from vlv.data.loader import StepLoader
+from vlv.data.sampling import step_indices
+from vlv.data.shards import index_path, write_shards
 from vlv.shapes.data import write_shapes
 
 SIZE = 48  # not the shapes images' 64: the resize path is compared too
@@ -39,7 +32,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(folder):
-    return ImageCaptionFolder(folder, SIZE)
+    return InMemory.of(folder, SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +69,9 @@ def test_every_format_reads_the_folders_samples(folder, reference, shards, tmp_p
         assert len(ds) == N, name
         for i in [0, 7, 8, 13, N - 1]:  # both sides of a shard boundary and of row groups
             assert np.array_equal(_pixels(ds, i), reference.images[i]), (name, i)
-            assert ds.read(i).caption == reference.records[i].caption, (name, i)
+            assert ds.read(i).caption == reference.read(i).caption, (name, i)
     assert datasets["tar"].read(3).key == "000003"
-    assert datasets["tar"].read(3).meta["scene"] == reference.records[3].scene
+    assert datasets["tar"].read(3).meta["scene"] == reference.read(3).meta["scene"]
 
 
 def test_shards_keep_the_original_bytes(folder, shards):
@@ -184,6 +177,21 @@ def test_batches_are_the_same_for_any_workers_and_on_resume(shards, reference):
     _same(full[4:], _batches(ds, start_step=4, steps=2, num_workers=1))
 
 
+def test_in_memory_is_a_dataset_served_like_the_others(folder, reference, tmp_path):
+    """The same samples, keys and batches as the folder it holds, its arrays passed through without a copy."""
+    lazy = FolderDataset(folder)
+    assert len(reference) == len(lazy) and reference.sample_keys() == lazy.sample_keys()
+    assert decode(reference.read(3).image, SIZE) is reference.read(3).image
+    assert reference.where(3) == lazy.where(3) and reference.captions[3] == lazy.read(3).caption
+    _same(_batches(reference, steps=4), _batches(lazy, steps=4))
+    with pytest.raises(ValueError, match="decoded at"):  # resizing again would not give the source's pixels
+        decode(reference.read(3).image, 32)
+    with pytest.raises(ValueError, match="loaded at 48 px"):  # refused whole, not skipped as bad samples
+        StepLoader(reference, 32, seed=3, batch_size=6)
+    tars = write_shards(reference, tmp_path / "t", shard_size=N)  # decoded samples are written as PNG
+    assert np.array_equal(_pixels(TarShards(tars), 5), reference.images[5])
+
+
 def test_a_corrupt_image_is_skipped_and_counted_or_named(folder, tmp_path):
     bad = tmp_path / "bad"
     write_shards(FolderDataset(folder), bad, shard_size=N)
@@ -230,7 +238,7 @@ def test_cli_converts_parquet_to_shards(folder, reference, tmp_path, capsys):
     assert main(["data", "shards", str(src), "--out", str(out), "--shard-size", "7", "--quiet"]) == 0
     assert "wrote 20 samples in 3 shard(s)" in capsys.readouterr().out
     ds = open_dataset(out)
-    assert len(ds) == N and ds.read(9).key == "src_9" and ds.read(9).caption == reference.records[9].caption
+    assert len(ds) == N and ds.read(9).key == "src_9" and ds.read(9).caption == reference.read(9).caption
     assert np.array_equal(_pixels(ds, 9), reference.images[9])
     assert all(index_path(s).exists() for s in sorted(out.glob("*.tar")))
     assert main(["data", "shards", str(src), "--out", str(out), "--shard-size", "7"]) == 2  # holds shards already
@@ -242,7 +250,7 @@ def test_workers_leave_a_group_signal_to_the_training_process():
     """SIGTERM to the process group (schedulers, Ctrl-C) must not kill the workers under the training loop."""
     import signal
 
-    from vlv.datasets import _seed_worker
+    from vlv.data.loader import _seed_worker
 
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:

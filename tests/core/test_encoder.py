@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Florence2ForConditionalGeneration
 
 from vlv.config import DEFAULT_TRAINABLE, EncoderConfig
-from vlv.data import to_tensor
+from vlv.data.images import to_tensor
 from vlv.encoder import (
     FROZEN_FILE,
     TRAINABLE_FILE,

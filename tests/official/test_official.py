@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from vlv.data import to_tensor  # noqa: E402
+from vlv.data.images import to_tensor  # noqa: E402
 from vlv.decoder import DiffusionDecoder  # noqa: E402
 from vlv.encoder import VLVEncoder, load_florence2  # noqa: E402
 from vlv.official.florence2 import convert_florence2, prompt_ids  # noqa: E402

@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from vlv.data import ImageCaptionFolder, read_records
+from vlv.data.datasets import InMemory
+from vlv.data.records import read_records
 from vlv.shapes import world as shapes
 from vlv.shapes.data import write_shapes
 
@@ -20,9 +21,10 @@ def test_same_seed_same_files(tmp_path):
 
 def test_rows_describe_their_images(tmp_path):
     folder = write_shapes(tmp_path / "d", n=12, seed=0, split="val", progress=False)
-    data = ImageCaptionFolder(folder, size=64)
-    for rec, img in zip(data.records, data.images, strict=True):
-        s = shapes.Scene.from_json(rec.scene)
+    data = InMemory.of(folder, size=64)
+    for i, img in enumerate(data.images):
+        rec = data.read(i)
+        s = shapes.Scene.from_json(rec.meta["scene"])
         assert rec.caption == shapes.caption(s) and shapes.detect(img) == s.facts
         assert shapes.split_of(s) == "val"
 

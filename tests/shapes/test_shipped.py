@@ -57,7 +57,7 @@ def test_shipped_encoder_reconstructs_held_out_scenes(tmp_path):
 
     metrics.json records 90% on 500 test scenes; the floor here (half of 32) catches broken weights, say a
     bad fp16 cast or a changed architecture, not a point of accuracy."""
-    from vlv.data import ImageCaptionFolder
+    from vlv.data.datasets import InMemory
     from vlv.decoder import DiffusionDecoder
     from vlv.encoder import VLVEncoder
     from vlv.shapes.data import write_shapes
@@ -66,7 +66,7 @@ def test_shipped_encoder_reconstructs_held_out_scenes(tmp_path):
     write_shapes(tmp_path / "test", n=32, split="test", progress=False)
     decoder = DiffusionDecoder.from_pretrained(presets.resolve_decoder("shapes-teacher"))
     enc = VLVEncoder.from_pretrained(presets.resolve_encoder("shapes-stage1")).eval()
-    scores = reconstruction_scores(enc, decoder, ImageCaptionFolder(tmp_path / "test", decoder.image_size),
+    scores = reconstruction_scores(enc, decoder, InMemory.of(tmp_path / "test", decoder.image_size),
                                    sampler="fast")
     assert scores.scene_accuracy >= 0.5, scores
 
@@ -91,12 +91,12 @@ def test_shipped_captioner_captions_held_out_scenes(tmp_path):
     """The shipped captioner writes the exact caption of most held-out scenes (metrics.json: 99.4% of 500);
     the floor (3/4 of 32) catches broken weights or a changed pipeline, not a point of accuracy."""
     from vlv.captioner import Captioner
-    from vlv.data import ImageCaptionFolder
+    from vlv.data.datasets import InMemory
     from vlv.shapes.data import write_shapes
     from vlv.shapes.metrics import caption_scores
 
     captioner = Captioner.from_pretrained("shapes-stage2").eval()
-    data = ImageCaptionFolder(write_shapes(tmp_path / "test", n=32, split="test", progress=False),
+    data = InMemory.of(write_shapes(tmp_path / "test", n=32, split="test", progress=False),
                               captioner.encoder.config.image_size)
     scores = caption_scores(captioner, data, num_beams=1)
     assert scores["well_formed"] == 1.0 and scores["caption_exact"] >= 0.75, scores

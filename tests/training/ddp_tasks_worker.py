@@ -3,15 +3,14 @@
 Every stage's own entry point runs (teacher, LM, stage 1, stage 2); the loop's ``train`` is wrapped where each
 stage module imported it, so after each run every rank writes what its trainable module holds. The global batch
 is fixed: each of N processes takes 1/N of it. With a third argument (an earlier run's out dir), every task after
-the VAE reads that run's inputs (teacher, LM, stage 1; the caller copies its latent cache), so only its own
-training can differ.
+the VAE reads that run's inputs (teacher's latent file, teacher, LM, stage 1), so only its own training can differ.
 """
 
 import os
 import sys
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import vlv.shapes.teacher
 import vlv.training.lm
@@ -38,6 +37,17 @@ def dumping(task, cfg, run, accelerator=None):
 
 for module in (vlv.shapes.teacher, vlv.training.lm, vlv.training.stage1, vlv.training.stage2):
     module.train = dumping
+own_latents = vlv.shapes.teacher.posteriors_file
+
+
+def inputs_latents(vae, data, path, batch_size=128):
+    """The run's own keyed file is made (its VAE differs from the other run's), then the other run's is used."""
+    own_latents(vae, data, path, batch_size)
+    return load_file(inputs / "teacher" / "training" / "latents.safetensors")
+
+
+if inputs != out:
+    vlv.shapes.teacher.posteriors_file = inputs_latents
 
 recipe = TeacherRecipe(vae_steps=3, vae_batch=2 * per, unet_steps=3, unet_batch=2 * per, unet_warmup=0,
                        eval_every=0)

@@ -10,9 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlv.caches import Cache, latents_key, latents_rows, write_cache
-from vlv.data import ImageCaptionFolder, to_tensor
-from vlv.datasets import FolderDataset, TarShards, load_batch, open_dataset, write_shards
+from vlv.data.caches import Cache, latents_key, latents_rows, write_cache
+from vlv.data.datasets import FolderDataset, InMemory, TarShards, open_dataset
+from vlv.data.images import to_tensor
+from vlv.data.loader import load_batch
+from vlv.data.shards import write_shards
 from vlv.decoder import DiffusionDecoder
 from vlv.training.config import LMSettings, Stage1Settings, Stage2Settings, TrainConfig
 from vlv.training.loop import train
@@ -60,13 +62,13 @@ def lm(shapes_data, tmp_path_factory):
 
 # ------------------------------------------------------------------------------------ same numbers as in RAM
 def test_streamed_stage1_trains_the_weights_of_the_in_ram_path(tiny_teacher, shapes_data, tmp_path):
-    """The folder read lazily by workers gives bit-identical weights to the ImageCaptionFolder path."""
+    """The folder read lazily by workers gives bit-identical weights to the InMemory path."""
     cfg = TrainConfig(steps=3, **CFG)
     settings = _settings(tiny_teacher, shapes_data["train"], cache_latents=False, num_workers=2)
     train_stage1(settings, cfg, tmp_path / "streamed")
     decoder = DiffusionDecoder.from_pretrained(tiny_teacher)
     encoder = build_encoder(settings, decoder.text_dim, cfg.seed)
-    task = Stage1Task(encoder, decoder, ImageCaptionFolder(shapes_data["train"], 64), seed=cfg.seed)
+    task = Stage1Task(encoder, decoder, InMemory.of(shapes_data["train"], 64), seed=cfg.seed)
     train(task, cfg, tmp_path / "ram")
     assert _equal(_weights(tmp_path / "streamed"), _weights(tmp_path / "ram"))
     assert _losses(tmp_path / "streamed") == _losses(tmp_path / "ram")
@@ -79,7 +81,7 @@ def test_streamed_stage2_trains_the_weights_of_the_in_ram_path(tiny_teacher, sha
                               data=str(shapes_data["train"]), num_workers=2)
     train_stage2(settings, cfg, tmp_path / "streamed")
     captioner = build_captioner(settings, cfg.seed)
-    data = ImageCaptionFolder(shapes_data["train"], captioner.encoder.config.image_size)
+    data = InMemory.of(shapes_data["train"], captioner.encoder.config.image_size)
     train(Stage2Task(captioner, data, seed=cfg.seed), cfg, tmp_path / "ram")
     assert _equal(_weights(tmp_path / "streamed"), _weights(tmp_path / "ram"))
 
@@ -251,7 +253,7 @@ def test_a_killed_precompute_resumes_by_skipping_finished_shards(tiny_teacher, s
 
 def test_with_both_caches_a_step_decodes_no_image(tiny_teacher, shards, tmp_path):
     """The official trainable set keeps the vision tower frozen: features + posteriors cached, pixels never read."""
-    from vlv.caches import vision_key, vision_rows
+    from vlv.data.caches import vision_key, vision_rows
 
     settings = _settings(tiny_teacher, shards, trainable="official")
     decoder = DiffusionDecoder.from_pretrained(tiny_teacher)
@@ -291,7 +293,7 @@ class _Regression:
         return self.model
 
     def batch(self, step, rank, batch_size, device, world_size=1):
-        from vlv.datasets import step_indices
+        from vlv.data.sampling import step_indices
 
         idx = torch.from_numpy(step_indices(32, 0, step, rank, world_size, batch_size))
         return self.x[idx], self.y[idx]

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlv.data import ImageCaptionFolder, read_records
+from vlv.data.datasets import InMemory
+from vlv.data.records import read_records
 from vlv.decoder import DiffusionDecoder
 from vlv.encoder import VLVEncoder
 from vlv.shapes.metrics import stage1_evaluator
@@ -41,13 +42,51 @@ def test_train_stage1_run_dir_describes_itself(tiny_teacher, shapes_data, tmp_pa
 
 def test_cached_latents_match_the_vae(tiny_teacher, shapes_data, tmp_path):
     decoder = DiffusionDecoder.from_pretrained(tiny_teacher)
-    data = ImageCaptionFolder(shapes_data["train"], 64)
-    from vlv.data import cache_latents, to_tensor
+    data = InMemory.of(shapes_data["train"], 64)
+    from vlv.data.caches import posteriors
+    from vlv.data.images import to_tensor
 
-    cache = cache_latents(decoder.vae, data)
+    cache = posteriors(decoder.vae, data)
     with torch.no_grad():  # the same batch as the cache's, so the same kernels
         dist = decoder.vae.encode(to_tensor(data.images)).latent_dist
     assert torch.allclose(cache["mean"], dist.mean, atol=1e-6) and torch.allclose(cache["std"], dist.std, atol=1e-6)
+
+
+def test_the_teachers_latent_file_is_fp16_keyed_and_refuses_other_inputs(tiny_teacher, shapes_data, tmp_path):
+    """One file (the shapes teacher's cache): fp16 of the posteriors, read back as written; another VAE or other
+    data is refused, naming the field, and so is a file without a key."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from vlv.data.caches import latents_key, posteriors, posteriors_file
+    from vlv.errors import InvalidInput
+
+    decoder = DiffusionDecoder.from_pretrained(tiny_teacher)
+    data, path = InMemory.of(shapes_data["train"], 64), tmp_path / "latents.safetensors"
+    got = posteriors_file(decoder.vae, data, path, batch_size=16)
+    want = posteriors(decoder.vae, data, batch_size=16)
+    assert all(got[k].dtype == torch.float16 and torch.equal(got[k], want[k].half()) for k in ("mean", "std"))
+    assert all(torch.equal(v, got[k]) for k, v in posteriors_file(decoder.vae, data, path).items())  # read, kept
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["vlv_cache"]) == latents_key(decoder.vae, data, 64)
+    with pytest.raises(InvalidInput, match="data"):
+        posteriors_file(decoder.vae, InMemory.of(shapes_data["train"], 64, limit=40), path)
+    with torch.no_grad():
+        decoder.vae.encoder.conv_in.bias.add_(1.0)
+    with pytest.raises(InvalidInput, match="weights"):
+        posteriors_file(decoder.vae, data, path)
+    save_file({k: v.contiguous() for k, v in got.items()}, str(tmp_path / "old.safetensors"))  # as before keys
+    with pytest.raises(InvalidInput, match="delete it"):
+        posteriors_file(decoder.vae, data, tmp_path / "old.safetensors")
+
+
+def test_a_models_config_hash_is_the_same_in_every_process():
+    """diffusers' ``_use_default_values`` lists a set (its order differs per process): not part of the key."""
+    from vlv.data.caches import config_hash
+
+    a = {"latent_channels": 4, "_use_default_values": ["act_fn", "force_upcast"], "_name_or_path": "/a"}
+    b = {"latent_channels": 4, "_use_default_values": ["force_upcast", "act_fn"], "_name_or_path": "/b"}
+    assert config_hash(a) == config_hash(b) != config_hash({**a, "latent_channels": 8})
 
 
 def test_gradient_checkpointing_is_active_on_the_frozen_unet(tiny_teacher):
@@ -183,13 +222,13 @@ def test_cached_vision_features_train_as_the_pixels_do(tiny_teacher, shapes_data
 
 def test_vision_cache_shards_resume_and_read_rows(shapes_data, tmp_path):
     """Shards of a few rows: a lost shard is recomputed alone, and rows across shards read back in any order."""
-    from vlv.caches import Cache, vision_key, vision_rows, write_cache
-    from vlv.datasets import FolderDataset
+    from vlv.data.caches import Cache, vision_key, vision_rows, write_cache
+    from vlv.data.datasets import FolderDataset
     from vlv.encoder import EncoderConfig
 
     torch.manual_seed(0)
     enc = VLVEncoder(EncoderConfig.named("shapes", 32, num_queries=4, trainable=["queries"]))
-    data, ds = ImageCaptionFolder(shapes_data["train"], 64), FolderDataset(shapes_data["train"])
+    data, ds = InMemory.of(shapes_data["train"], 64), FolderDataset(shapes_data["train"])
     key = vision_key(enc, ds, 64)
     write_cache(tmp_path / "v", key, ds, vision_rows(enc), 32, shard_rows=5, progress=False)
     parts = sorted((tmp_path / "v").glob("*.safetensors"))
@@ -200,7 +239,7 @@ def test_vision_cache_shards_resume_and_read_rows(shapes_data, tmp_path):
     assert parts[1].exists() and parts[0].stat().st_mtime_ns == kept
     cache = Cache(tmp_path / "v", want=key)
     idx = np.array([len(data) - 1, 0, 6, 6, 4])
-    from vlv.data import to_tensor
+    from vlv.data.images import to_tensor
 
     with torch.no_grad():
         want = enc.eval().image_features(enc.normalize(to_tensor(data.images[idx])))

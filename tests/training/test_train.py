@@ -1,6 +1,5 @@
 import json
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -145,9 +144,6 @@ def _every_task(data: Path, out: Path, processes: int, inputs: Path | None = Non
                 ) -> dict[str, dict[str, torch.Tensor]]:
     worker = Path(__file__).with_name("ddp_tasks_worker.py")
     out.mkdir()
-    if inputs is not None:  # the UNet phase then reads the other run's latents, not its own VAE's
-        (out / "teacher" / "training").mkdir(parents=True)
-        shutil.copy(inputs / "teacher" / "training" / "latents.safetensors", out / "teacher" / "training")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                         str(processes), str(worker), str(data), str(out), *([str(inputs)] if inputs else [])],
                        capture_output=True, text=True, timeout=600)

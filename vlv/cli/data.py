@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from vlv.cli.flags import add_parquet_columns, positive_int, writable_dir, writable_file
-from vlv.training.config import CACHE_BATCH_SIZE, CACHE_SHARD_ROWS
+from vlv.config import CACHE_BATCH_SIZE, CACHE_SHARD_ROWS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -82,7 +82,8 @@ def cmd_data_sheet(args: argparse.Namespace) -> None:
 
 
 def cmd_data_shards(args: argparse.Namespace) -> None:
-    from vlv.datasets import open_dataset, write_shards
+    from vlv.data.datasets import open_dataset
+    from vlv.data.shards import write_shards
 
     t0 = time.perf_counter()
     src = open_dataset(args.src, image_column=args.image_column, caption_column=args.caption_column)

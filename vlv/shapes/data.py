@@ -1,4 +1,4 @@
-"""Shapes scenes written as an image-caption folder (``vlv.data``'s format), the input of every command."""
+"""Shapes scenes written as an image-caption folder (:mod:`vlv.data.records`' format), the input of every command."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from vlv.data import CAPTIONS
+from vlv.data.records import CAPTIONS
 from vlv.errors import InvalidInput
 from vlv.modeling import atomic_write_text, write_json
 from vlv.shapes import world

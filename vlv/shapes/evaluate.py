@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from vlv.captioner import Captioner
-from vlv.data import ImageCaptionFolder, to_pil, to_tensor
+from vlv.data.datasets import InMemory
+from vlv.data.images import to_pil, to_tensor
 from vlv.decoder import DiffusionDecoder
 from vlv.diffusion import make_pipeline, sample
 from vlv.encoder import VLVEncoder
@@ -59,12 +60,12 @@ def finished(run: Path, stage: str) -> bool:
     return (Path(run) / stage / FINISHED[stage]).is_file()
 
 
-def split_data(run: Path, split: str, n: int, size: int) -> ImageCaptionFolder:
+def split_data(run: Path, split: str, n: int, size: int) -> InMemory:
     """run/data/<split>, made on first use (the demo makes test; another split is rendered on demand)."""
     folder = Path(run) / "data" / split
     if not (folder / "captions.jsonl").is_file():
         write_shapes(folder, n=n, seed=0, split=split, progress=False)
-    data = ImageCaptionFolder(folder, size, limit=n)
+    data = InMemory.of(folder, size, limit=n)
     return data
 
 

@@ -26,8 +26,8 @@ from transformers import Florence2Config, Florence2ForConditionalGeneration, Pre
 
 from vlv.checks import check_checkpoints, require_dirs
 from vlv.config import read_config
-from vlv.data import CAPTIONS, read_records
-from vlv.datasets import step_indices
+from vlv.data.records import CAPTIONS, read_records
+from vlv.data.sampling import step_indices
 from vlv.encoder import pixel_values
 from vlv.errors import InvalidInput
 from vlv.modeling import write_json

@@ -14,7 +14,9 @@ from diffusers import AutoencoderKL
 
 from vlv.captioner import Captioner
 from vlv.checks import require_dirs
-from vlv.data import ImageCaptionFolder, open_image, read_records, require_captions, to_pil, to_tensor
+from vlv.data.datasets import InMemory
+from vlv.data.images import open_image, to_pil, to_tensor
+from vlv.data.records import read_records, require_captions
 from vlv.decoder import DiffusionDecoder
 from vlv.diffusion import Sampler, sample
 from vlv.encoder import VLVEncoder
@@ -22,17 +24,17 @@ from vlv.inference import caption_images, reconstruct_images
 from vlv.shapes import world
 
 
-def truths(data: ImageCaptionFolder) -> list[set]:
+def truths(data: InMemory) -> list[set]:
     return [world.parse_caption(c) for c in data.captions]
 
 
-def image_scores(images: list, data: ImageCaptionFolder) -> world.Scores:
+def image_scores(images: list, data: InMemory) -> world.Scores:
     """The detector on images vs the true captions of ``data``, row by row."""
     return world.score([world.detect(im) for im in images], truths(data))
 
 
 @torch.no_grad()
-def vae_accuracy(vae: AutoencoderKL, data: ImageCaptionFolder, batch_size: int = 256) -> float:
+def vae_accuracy(vae: AutoencoderKL, data: InMemory, batch_size: int = 256) -> float:
     """Scene accuracy of the detector on VAE reconstructions (posterior mode) of a captioned folder."""
     preds = []
     for idx in data.batches(batch_size):
@@ -48,14 +50,14 @@ def sample_accuracy(pipe, captions: list[str], **kwargs) -> world.Scores:
     return world.score([world.detect(im) for im in images], [world.parse_caption(c) for c in captions])
 
 
-def reconstruction_scores(encoder: VLVEncoder, decoder: DiffusionDecoder, data: ImageCaptionFolder,
+def reconstruction_scores(encoder: VLVEncoder, decoder: DiffusionDecoder, data: InMemory,
                           **kwargs) -> world.Scores:
     """Image -> z -> decoder -> detector vs the true captions (stage 1)."""
     recon = reconstruct_images(encoder, decoder, to_tensor(data.images), **kwargs)
     return image_scores(to_pil(recon), data)
 
 
-def caption_scores(captioner: Captioner, data: ImageCaptionFolder, num_beams: int | None = None) -> dict[str, float]:
+def caption_scores(captioner: Captioner, data: InMemory, num_beams: int | None = None) -> dict[str, float]:
     """Exact captions, grammar, and the caption reader's scene accuracy / object F1 vs the truth (stage 2)."""
     preds = caption_images(captioner, to_tensor(data.images), num_beams=num_beams)
     s = world.score([world.parse_caption(p) for p in preds], truths(data))
@@ -78,12 +80,12 @@ def check_val(val: Path, n: int) -> None:
 def stage1_evaluator(val: Path, n: int, sampler: Sampler = "fast"):
     """``evaluator(encoder, decoder)`` for ``train_stage1``: reconstruction accuracy on ``n`` val scenes."""
     check_val(val, n)
-    cache: dict[int, ImageCaptionFolder] = {}
+    cache: dict[int, InMemory] = {}
 
     def evaluate(encoder: VLVEncoder, decoder: DiffusionDecoder) -> dict[str, float]:
         size = decoder.image_size
         if size not in cache:  # read once, at the decoder's resolution
-            cache[size] = ImageCaptionFolder(Path(val), size, limit=n)
+            cache[size] = InMemory.of(Path(val), size, limit=n)
         s = reconstruction_scores(encoder, decoder, cache[size], sampler=sampler)
         return {"recon_scene_accuracy": s.scene_accuracy, "recon_object_f1": s.object_f1}
 
@@ -93,12 +95,12 @@ def stage1_evaluator(val: Path, n: int, sampler: Sampler = "fast"):
 def stage2_evaluator(val: Path, n: int, num_beams: int = 1):
     """``evaluator(captioner)`` for ``train_stage2``: caption accuracy on ``n`` val scenes (greedy: cheaper)."""
     check_val(val, n)
-    cache: dict[int, ImageCaptionFolder] = {}
+    cache: dict[int, InMemory] = {}
 
     def evaluate(captioner: Captioner) -> dict[str, float]:
         size = captioner.encoder.config.image_size
         if size not in cache:  # read once, at the encoder's resolution
-            cache[size] = ImageCaptionFolder(Path(val), size, limit=n)
+            cache[size] = InMemory.of(Path(val), size, limit=n)
         return caption_scores(captioner, cache[size], num_beams=num_beams)
 
     return evaluate

@@ -38,7 +38,8 @@ def contact_sheet(images: list[Image.Image], cols: int = 8, pad: int = 2, scale:
 
 def save_contact_sheet(folder: Path, out: Path, n: int = 64, cols: int = 8) -> Path:
     """Contact sheet of the first n images of an image-caption folder."""
-    from vlv.data import open_image, read_records
+    from vlv.data.images import open_image
+    from vlv.data.records import read_records
 
     records = read_records(folder)[:n]
     images = [open_image(Path(folder) / r.image) for r in records]  # a bad file names itself

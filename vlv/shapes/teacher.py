@@ -31,8 +31,11 @@ from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from vlv.checks import check_checkpoints, require_dirs, safetensors_keys
-from vlv.data import ImageCaptionFolder, cached_latents, read_captions, to_tensor
-from vlv.datasets import step_indices
+from vlv.data.caches import posteriors_file
+from vlv.data.datasets import InMemory
+from vlv.data.images import to_tensor
+from vlv.data.records import read_captions
+from vlv.data.sampling import step_indices
 from vlv.diffusion import (
     Random,
     Sampler,
@@ -114,7 +117,7 @@ class VAETask:
 
     name = "teacher-vae"
 
-    def __init__(self, vae: AutoencoderKL, train: ImageCaptionFolder, test: ImageCaptionFolder | None,
+    def __init__(self, vae: AutoencoderKL, train: InMemory, test: InMemory | None,
                  seed: int = 0, kl_weight: float = 1e-6):
         self.vae, self.train_data, self.test_data, self.seed, self.kl_weight = vae, train, test, seed, kl_weight
         self.model = Autoencode(vae)
@@ -228,13 +231,12 @@ def train_teacher(data: Path, out: Path, cfg: TeacherConfig, recipe: TeacherReci
     check_resume(work, "recipe.json", {"config": asdict(cfg), "recipe": asdict(recipe)}, resume_override,
                  checkpoint_dir=work / "vae")
     skip = on_bad_image == "skip"
-    train_data = ImageCaptionFolder(data, cfg.image_size, progress=progress, skip_bad=skip)
+    train_data = InMemory.of(data, cfg.image_size, progress=progress, skip_bad=skip)
     train_data.captions  # noqa: B018 -- a folder without captions fails now, not after the VAE phase
-    test_data = ImageCaptionFolder(val, cfg.image_size, limit=recipe.eval_n, skip_bad=skip) if val else None
+    test_data = InMemory.of(val, cfg.image_size, limit=recipe.eval_n, skip_bad=skip) if val else None
     for folder in (train_data, test_data):
         if folder is not None and folder.bad:
-            print(f"[teacher] {len(folder.bad)} unreadable image(s) skipped in {folder.folder} "
-                  f"(first {folder.bad[0]})")
+            print(f"[teacher] {len(folder.bad)} unreadable image(s) skipped (first {folder.bad[0]})")
     work.mkdir(parents=True, exist_ok=True)
     write_json(work / "recipe.json", {"config": asdict(cfg), "recipe": asdict(recipe)})
     torch.manual_seed(recipe.seed)
@@ -253,7 +255,7 @@ def train_teacher(data: Path, out: Path, cfg: TeacherConfig, recipe: TeacherReci
     vae.requires_grad_(False).eval()
 
     # Latent cache and scaling factor (1 / std of the latents, as SD chose 0.18215).
-    latents = cached_latents(vae, train_data, work / "latents.safetensors", batch_size=256)
+    latents = posteriors_file(vae, train_data, work / "latents.safetensors", batch_size=256)
     scaling = float(1.0 / latents["mean"].float().std())
     vae.register_to_config(scaling_factor=scaling)
 

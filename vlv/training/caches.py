@@ -1,4 +1,4 @@
-"""What stage 1 keeps frozen, computed once into the keyed, sharded caches of :mod:`vlv.caches`: the VAE's
+"""What stage 1 keeps frozen, computed once into the keyed, sharded caches of :mod:`vlv.data.caches`: the VAE's
 posteriors (``latents``) and the frozen vision tower's features (``vision``).
 
 One operation, :func:`build_cache`, serves both ways a cache is made: ``vlv precompute`` (ahead of any number of
@@ -15,11 +15,12 @@ from typing import Literal
 
 from accelerate import PartialState
 
-from vlv.caches import Cache, latents_key, latents_rows, vision_key, vision_rows, write_cache
-from vlv.datasets import Dataset
+from vlv.config import CACHE_BATCH_SIZE, CACHE_SHARD_ROWS
+from vlv.data.caches import Cache, latents_key, latents_rows, vision_key, vision_rows, write_cache
+from vlv.data.datasets import Dataset
 from vlv.decoder import DiffusionDecoder
 from vlv.encoder import VLVEncoder
-from vlv.training.config import CACHE_BATCH_SIZE, CACHE_SHARD_ROWS, Stage1Settings
+from vlv.training.config import Stage1Settings
 
 Kind = Literal["latents", "vision"]
 KINDS: tuple[Kind, ...] = ("latents", "vision")

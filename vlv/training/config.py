@@ -10,11 +10,6 @@ from typing import Any, Literal
 
 from vlv.config import check_lora
 
-# Caches of what stage 1 freezes (vlv.training.caches): images per forward of the frozen part, and rows per shard
-# (a multiple of every batch size, so batches never straddle shards).
-CACHE_BATCH_SIZE = {"latents": 128, "vision": 32}
-CACHE_SHARD_ROWS = 4096
-
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
     """A dataclass field with its help text: the CLI builds its flags from these (one declaration per setting)."""

@@ -1,23 +1,22 @@
 """Where a task's batches come from: the images (and captions) of step k on rank r, and the bad samples met.
 
-:class:`StepImages` serves a :mod:`vlv.datasets` dataset through :class:`vlv.datasets.StepLoader` (decoding in
-workers, prefetched), started at the first step the loop asks for and restarted whenever it asks for another:
-a resumed run's loader simply starts at the resume step, and a batch depends only on its step, so resume is exact.
-:class:`InRamImages` serves an in-memory :class:`vlv.data.ImageCaptionFolder` the same way (small data, the
-benchmarks' RAM baseline). Both sample with :func:`vlv.datasets.step_indices`, so they give the same batches.
+:class:`StepImages` serves any :mod:`vlv.data.datasets` dataset through :class:`vlv.data.loader.StepLoader`
+(decoding in workers, prefetched), started at the first step the loop asks for and restarted whenever it asks for
+another: a resumed run's loader simply starts at the resume step, and a batch depends only on its step, so resume
+is exact. A dataset held in memory (:class:`vlv.data.datasets.InMemory`) takes the same path, in process: its
+samples are decoded already, so workers would only copy them.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
-import torch
 
-from vlv.data import ImageCaptionFolder
-from vlv.datasets import Dataset, StepLoader, step_indices
+from vlv.data.datasets import Dataset, InMemory
+from vlv.data.loader import StepLoader
 from vlv.modeling import write_json
 
 DATA_FILE = "data.json"
@@ -56,25 +55,15 @@ class BadSamples:
         return count
 
 
-class ImageSource(Protocol):
-    bad: BadSamples
-
-    def __len__(self) -> int: ...
-
-    def get(self, step: int, rank: int, world_size: int, batch_size: int) -> dict[str, Any]:
-        """``images`` uint8 (B', H, W, 3), ``captions``, ``indices`` (B',) int64 of the samples kept."""
-
-    def where(self, i: int) -> str:
-        """Sample i's name, for errors and data.json."""
-
-    def close(self) -> None: ...
-
-
 class StepImages:
-    """A dataset's step batches from a StepLoader, (re)started at the step asked for."""
+    """A dataset's step batches from a StepLoader, (re)started at the step asked for: ``get`` gives ``images`` uint8
+    (B', H, W, 3), ``captions`` and ``indices`` (B',) int64 of the samples kept."""
 
     def __init__(self, dataset: Dataset, size: int, seed: int, num_workers: int = 0,
                  on_bad_image: Literal["skip", "fail"] = "skip"):
+        dataset.require_size(size)  # now, not at the first step
+        if isinstance(dataset, InMemory):
+            num_workers = 0  # decoded already: nothing for workers to do
         self.dataset, self.size, self.seed = dataset, size, seed
         self.num_workers, self.on_bad_image = num_workers, on_bad_image
         self.bad = BadSamples()
@@ -103,37 +92,7 @@ class StepImages:
         self._it, self._next = None, None
 
 
-class InRamImages:
-    """The same batches from an in-memory folder: ``data.images[step_indices(...)]``."""
-
-    def __init__(self, data: ImageCaptionFolder, seed: int):
-        self.data, self.seed, self.bad = data, seed, BadSamples()
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def get(self, step: int, rank: int, world_size: int, batch_size: int) -> dict[str, Any]:
-        idx = step_indices(len(self.data), self.seed, step, rank, world_size, batch_size)
-        return {"images": torch.from_numpy(self.data.images[idx]), "indices": torch.from_numpy(idx),
-                "captions": [self.data.records[i].caption for i in idx.tolist()]}
-
-    def where(self, i: int) -> str:
-        return f"{self.data.records[i].image} ({self.data.folder})"
-
-    def close(self) -> None:
-        pass
-
-
-def image_source(data: ImageCaptionFolder | Dataset, size: int, seed: int, num_workers: int = 0,
-                 on_bad_image: Literal["skip", "fail"] = "skip") -> ImageSource:
-    if isinstance(data, ImageCaptionFolder):
-        if data.size != size:
-            raise ValueError(f"the folder was loaded at {data.size} px, the task wants {size}")
-        return InRamImages(data, seed)
-    return StepImages(data, size, seed, num_workers, on_bad_image)
-
-
-def drop_bad_rows(idx: np.ndarray, ok: np.ndarray, source: ImageSource, step: int, rank: int,
+def drop_bad_rows(idx: np.ndarray, ok: np.ndarray, source: StepImages, step: int, rank: int,
                   on_bad_image: str) -> np.ndarray:
     """Which of ``idx`` a cache holds (``ok``); the rest are bad samples (unreadable when the cache was made)."""
     if ok.all():

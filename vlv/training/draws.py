@@ -17,7 +17,7 @@ class Draws:
     """A micro-step's random draws per sample, made for the whole global batch and sliced to this process's rows.
 
     Sample j of a step's global batch then gets the same t and noise whether one process holds the batch or N
-    do (each rank holds rows rank*b .. rank*b + b - 1, as ``vlv.datasets.step_indices`` lays them out), so N
+    do (each rank holds rows rank*b .. rank*b + b - 1, as ``vlv.data.sampling.step_indices`` lays them out), so N
     processes train as one does. One process draws exactly what a plain generator would. It is the core's
     ``vlv.diffusion.RandomDraws``.
     """

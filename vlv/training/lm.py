@@ -15,8 +15,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from vlv.checks import check_checkpoints, require_dirs
-from vlv.data import read_captions
-from vlv.datasets import step_indices
+from vlv.data.records import read_captions
+from vlv.data.sampling import step_indices
 from vlv.lm import IGNORE, build_lm, check_lm_source, encode_documents, load_tokenizer, pad_id
 from vlv.modeling import write_json
 from vlv.training.config import LMSettings, TrainConfig

@@ -56,7 +56,7 @@ class Task(Protocol):
 
     def batch(self, step: int, rank: int, batch_size: int, device: torch.device, world_size: int = 1) -> Any:
         """The batch of a (micro-)step: a pure function of (step, rank, world_size), so resume is exact; the
-        samples are ``vlv.datasets.step_indices``' (an epoch reads each once, ranks never overlap). The loop asks
+        samples are ``vlv.data.sampling.step_indices``' (an epoch reads each once, ranks never overlap). The loop asks
         for steps in order; with gradient accumulation A, optimiser step k reads micro-steps k*A ... k*A + A-1."""
 
     def loss(self, model: torch.nn.Module, batch: Any, draws: Draws) -> Loss | tuple[torch.Tensor, Any]:

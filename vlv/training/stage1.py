@@ -3,11 +3,11 @@
 The task supplies the loop (``vlv.training.loop``) with the encoder as the trainable module and the paper's
 loss: z = E(x); L = ||UNet(noisy latents, t, T(z)) - target||^2. What is frozen is cached once: the VAE's
 posteriors, so a step never runs the VAE encoder, and, when the vision tower is frozen (the official trainable
-set), its features, so a step never runs the DaViT (:mod:`vlv.caches`: sharded, memory-mapped, keyed).
+set), its features, so a step never runs the DaViT (:mod:`vlv.data.caches`: sharded, memory-mapped, keyed).
 
 A run dir is self-describing: ``stage1.json`` (decoder, data, settings, the resolved recipe), the encoder
 (``encoder.json`` + safetensors, loadable by ``VLVEncoder.from_pretrained(run)``), ``checkpoint/`` while
-training, ``latents/`` / ``vision/`` (:mod:`vlv.caches` shards) when latents / vision features were cached in the
+training, ``latents/`` / ``vision/`` (:mod:`vlv.data.caches` shards) when latents / vision features were cached in the
 run (``--latents-cache`` / ``--vision-cache`` name caches made by ``vlv precompute`` instead), and ``data.json``
 (the bad samples skipped).
 """
@@ -24,11 +24,12 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
-from vlv.caches import Cache
 from vlv.checks import check_checkpoints, check_name_or_path, require_data, require_dirs, text_length, text_width
-from vlv.config import DEFAULT_TRAINABLE, EncoderConfig, list_encoders
-from vlv.data import ImageCaptionFolder, to_tensor
-from vlv.datasets import Dataset, open_dataset, step_indices
+from vlv.config import CACHE_SHARD_ROWS, DEFAULT_TRAINABLE, EncoderConfig, list_encoders
+from vlv.data.caches import Cache
+from vlv.data.datasets import Dataset, InMemory, open_dataset
+from vlv.data.images import to_tensor
+from vlv.data.sampling import step_indices
 from vlv.decoder import DiffusionDecoder
 from vlv.diffusion import load_pipeline, sample_latents
 from vlv.encoder import CONFIG_FILE as ENCODER_FILE
@@ -37,8 +38,8 @@ from vlv.errors import InvalidInput
 from vlv.modeling import write_json
 from vlv.shipped import resolve_decoder, resolve_encoder
 from vlv.training.caches import KINDS, Kind, build_cache, run_caches
-from vlv.training.config import CACHE_SHARD_ROWS, Stage1Settings, TrainConfig
-from vlv.training.data import drop_bad_rows, image_source
+from vlv.training.config import Stage1Settings, TrainConfig
+from vlv.training.data import StepImages, drop_bad_rows
 from vlv.training.draws import Draws
 from vlv.training.loop import Loss, global_batch, make_accelerator, train
 from vlv.training.recipes import user_input
@@ -50,7 +51,8 @@ STAGE1_FILE = "stage1.json"
 
 
 class TensorRows:
-    """In-memory rows ({"mean", "std"} posteriors, or {"features"}: (N, ...)) read like a :class:`vlv.caches.Cache`."""
+    """In-memory rows ({"mean", "std"} posteriors, or {"features"}: (N, ...)), read like a
+    :class:`vlv.data.caches.Cache`."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
@@ -67,22 +69,22 @@ class TensorRows:
 class Stage1Task:
     """Trainable: the encoder. Loss: the decoder's diffusion loss on the encoder's z (paper Eq. 2).
 
-    ``data`` is a :mod:`vlv.datasets` dataset (decoded by workers, ``num_workers``) or an in-memory
-    :class:`ImageCaptionFolder`; ``latents`` / ``vision`` are caches (:class:`vlv.caches.Cache`) of the frozen
-    parts. With both, a step reads only its cache rows and never decodes an image.
+    ``data`` is a :mod:`vlv.data.datasets` dataset (decoded by workers, ``num_workers``; an :class:`InMemory` one
+    is decoded already); ``latents`` / ``vision`` are caches (:class:`vlv.data.caches.Cache`) of the frozen parts.
+    With both, a step reads only its cache rows and never decodes an image.
     """
 
     name = "stage1"
 
-    def __init__(self, encoder: VLVEncoder, decoder: DiffusionDecoder, data: ImageCaptionFolder | Dataset,
+    def __init__(self, encoder: VLVEncoder, decoder: DiffusionDecoder, data: Dataset,
                  latents: Cache | dict[str, torch.Tensor] | None = None, seed: int = 0, evaluator=None,
                  high_noise_fraction: float = 0.0, vision: Cache | None = None, image_size: int | None = None,
                  num_workers: int = 0, on_bad_image: Literal["skip", "fail"] = "skip"):
         self.encoder, self.decoder, self.seed, self.evaluator = encoder, decoder, seed, evaluator
         self.latents = TensorRows(latents) if isinstance(latents, dict) else latents
         self.high_noise_fraction, self.vision, self.on_bad_image = high_noise_fraction, vision, on_bad_image
-        size = image_size or (data.size if isinstance(data, ImageCaptionFolder) else decoder.image_size)
-        self.images = image_source(data, size, seed, num_workers, on_bad_image)
+        size = image_size or (data.size if isinstance(data, InMemory) else decoder.image_size)
+        self.images = StepImages(data, size, seed, num_workers, on_bad_image)
         self.pixel_free = self.latents is not None and vision is not None
         for cache in (self.latents, vision):
             if cache is not None and len(cache) != len(self.images):

@@ -23,8 +23,8 @@ from transformers import PreTrainedTokenizerBase
 
 from vlv.captioner import Captioner, CaptionerConfig
 from vlv.checks import check_checkpoints, require_data
-from vlv.data import ImageCaptionFolder, to_tensor
-from vlv.datasets import Dataset, FolderDataset, open_dataset
+from vlv.data.datasets import Dataset, FolderDataset, InMemory, open_dataset
+from vlv.data.images import to_tensor
 from vlv.encoder import VLVEncoder
 from vlv.errors import InvalidInput
 from vlv.lm import check_lm_source, is_lm_dir
@@ -32,7 +32,7 @@ from vlv.modeling import write_json
 from vlv.shipped import is_shipped, resolve_decoder, resolve_encoder
 from vlv.text_encoder import load_text_encoder
 from vlv.training.config import Stage2Settings, TrainConfig
-from vlv.training.data import image_source
+from vlv.training.data import StepImages
 from vlv.training.draws import Draws
 from vlv.training.loop import Loss, global_batch, make_accelerator, train
 from vlv.training.resume import check_request
@@ -45,22 +45,22 @@ Evaluator = Callable[[Captioner], dict[str, float]]
 class Stage2Task:
     """Trainable: the captioner at its level. Loss: caption + EOS cross-entropy after the prefix psi(T(E(x))).
 
-    ``data`` is a :mod:`vlv.datasets` dataset (decoded by ``num_workers`` workers) or an in-memory
-    :class:`ImageCaptionFolder`; every sample needs a caption.
+    ``data`` is a :mod:`vlv.data.datasets` dataset (decoded by ``num_workers`` workers; an :class:`InMemory` one
+    is decoded already); every sample needs a caption.
     """
 
     name = "stage2"
 
-    def __init__(self, captioner: Captioner, data: ImageCaptionFolder | Dataset, seed: int = 0, evaluator=None,
+    def __init__(self, captioner: Captioner, data: Dataset, seed: int = 0, evaluator=None,
                  num_workers: int = 0, on_bad_image: Literal["skip", "fail"] = "skip"):
         if captioner.encoder is None:
             raise ValueError("stage 2 trains from images: the captioner needs the stage-1 encoder")
-        if isinstance(data, ImageCaptionFolder):
+        if isinstance(data, InMemory):
             data.captions  # noqa: B018 -- raises at once on a folder with images but no captions
         elif isinstance(data, FolderDataset) and any(r.caption is None for r in data.records):
             raise ValueError(f"{data.folder} has images without captions")
         self.captioner, self.seed, self.evaluator = captioner, seed, evaluator
-        self.images = image_source(data, captioner.encoder.config.image_size, seed, num_workers, on_bad_image)
+        self.images = StepImages(data, captioner.encoder.config.image_size, seed, num_workers, on_bad_image)
 
     def trainable(self) -> torch.nn.Module:
         return self.captioner

@@ -11,13 +11,15 @@ model's config, a checksum of the weights that computed it, the data's fingerpri
 keys), the resolution and the dtype. Training compares that key with the one its own models and data give and
 refuses a cache that differs, naming the fields: a cache of other weights or other data never trains silently.
 A row whose image could not be read is zeros with ``ok`` 0; training skips it as a bad sample.
+
+A dataset held in memory (:class:`vlv.data.datasets.InMemory`, small data trained on whole) can cache its
+posteriors in one file instead (:func:`posteriors_file`), keyed and refused the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -25,17 +27,18 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
-from vlv.data import to_tensor
-from vlv.datasets import Dataset, row_loader
+from vlv.config import CACHE_SHARD_ROWS
+from vlv.data.datasets import Dataset, InMemory
+from vlv.data.images import to_tensor
+from vlv.data.loader import row_loader
 from vlv.errors import InvalidInput
 from vlv.modeling import atomic_save_file, write_json
 
 CACHE_FILE = "cache.json"
 CACHE_VERSION = 1
 KEY_FIELDS = ("kind", "model", "weights", "data", "resolution", "dtype", "version")
-# rows per shard: a multiple of every batch size the precomputes use, so batches never straddle shards
-DEFAULT_SHARD_ROWS = 4096
 
 
 # ----------------------------------------------------------------------------------------------------- keys
@@ -51,7 +54,10 @@ def tensors_checksum(modules: Iterable[torch.nn.Module]) -> str:
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """The model's fields only: diffusers' ``_``-keys are bookkeeping that differs between processes
+    (``_use_default_values`` is a set's order) or places (``_name_or_path``)."""
+    fields = {k: v for k, v in config.items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def data_fingerprint(dataset: Dataset) -> str:
@@ -81,12 +87,12 @@ def key_differences(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
     return [k for k in KEY_FIELDS if have.get(k) != want.get(k)]
 
 
-def _refuse(folder: Path, have: dict[str, Any], want: dict[str, Any]) -> None:
+def _refuse(folder: Path, have: dict[str, Any], want: dict[str, Any], remedy: str = "precompute it again") -> None:
     diff = key_differences(have, want)
     if diff:
         detail = ", ".join(f"{k} {have.get(k)!r} != {want.get(k)!r}" for k in diff)
         raise InvalidInput(f"{folder}: this {want['kind']} cache was made from other inputs ({detail}); "
-                           f"precompute it again for these")
+                           f"{remedy} for these")
 
 
 # ---------------------------------------------------------------------------------------------------- write
@@ -106,7 +112,7 @@ Compute = Callable[[torch.Tensor], dict[str, torch.Tensor]]  # uint8 images (B, 
 
 
 def write_cache(folder: str | Path, key: dict[str, Any], dataset: Dataset, compute: Compute, batch_size: int,
-                shard_rows: int = DEFAULT_SHARD_ROWS, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                shard_rows: int = CACHE_SHARD_ROWS, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                 on_bad_image: Literal["skip", "fail"] = "skip", progress: bool = True) -> int:
     """Write this rank's missing shards of ``compute`` over ``dataset`` (decoded at ``key['resolution']``);
     returns the bad rows met. Finished shards (their key matching) are skipped, so a re-run resumes."""
@@ -219,6 +225,25 @@ def is_cache(folder: str | Path) -> bool:
     return (Path(folder) / CACHE_FILE).is_file()
 
 
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the world size under torchrun / accelerate launch (0, 1 alone)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+# ------------------------------------------------------------------------------------------ one file, in memory
+def posteriors(vae: torch.nn.Module, data: InMemory, batch_size: int = 128) -> dict[str, torch.Tensor]:
+    """:func:`latents_rows` over an in-memory dataset, in order: fp32 (mean, std), each (N, C, h, w)."""
+    compute = latents_rows(vae)
+    parts = []
+    for idx in data.batches(batch_size):
+        rows = compute(torch.from_numpy(data.images[idx]))
+        parts.append({k: v.cpu() for k, v in rows.items()})
+    return {k: torch.cat([p[k] for p in parts]) for k in ("mean", "std")}
+
+
+def posteriors_file(vae: torch.nn.Module, data: InMemory, path: str | Path, batch_size: int = 128
+                    ) -> dict[str, torch.Tensor]:
+    """:func:`posteriors` as fp16, computed once into ``path`` (atomically: a killed run recomputes it whole, never
+    reads a torn file) under the key of :func:`latents_key`, then read back; a file of another VAE or other data
+    is refused, naming what differs."""
+    path, want = Path(path), latents_key(vae, data, data.size)
+    if not path.exists():
+        tensors = {k: v.half().contiguous() for k, v in posteriors(vae, data, batch_size).items()}
+        atomic_save_file(tensors, path, metadata={"vlv_cache": json.dumps(want)})
+    _refuse(path, _shard_key(path) or {}, want, remedy="delete it to compute it again")
+    return load_file(path)

@@ -1,0 +1,165 @@
+"""Tar shards (webdataset / img2dataset layout): the per-shard index of member offsets, and writing a dataset.
+
+vlv indexes a shard itself, once, into ``<shard>.idx.json``: webdataset's own library only streams (no random
+access, resume left to the user), and ``wids`` copies shards into a cache; its idea (an index of member offsets,
+then plain seek + read) is what :class:`vlv.data.datasets.TarShards` does, without the dependency.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from vlv.data.images import encoded_format
+from vlv.errors import InvalidInput
+
+if TYPE_CHECKING:  # datasets reads the index; writing only takes one
+    from vlv.data.datasets import Dataset
+
+TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+INDEX_SUFFIX = ".idx.json"
+INDEX_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------------- index
+_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")  # webdataset's rule: key = path up to the basename's first dot
+
+
+def index_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + INDEX_SUFFIX)
+
+
+def build_index(shard: Path) -> dict[str, Any]:
+    """Walk a tar once with ``tarfile``: per sample its key and the (offset, size) of its image, txt and json."""
+    st = shard.stat()
+    samples: dict[str, dict[str, Any]] = {}
+    complete = True
+    with tarfile.open(shard, "r:") as tf:
+        members = iter(tf)
+        while True:
+            try:
+                m = next(members)
+            except StopIteration:
+                break
+            except tarfile.ReadError:  # cut short (an interrupted download): keep the members before the cut
+                complete = False
+                break
+            if m.isfile() and m.offset_data + m.size > st.st_size:
+                complete = False
+                break
+            match = _MEMBER.match(m.name) if m.isfile() else None
+            if match is None:
+                continue
+            key, ext = match.group(1), match.group(2).lower()
+            s = samples.setdefault(key, {})
+            if ext in TAR_IMAGE_EXTENSIONS and "image" not in s:
+                s["image"], s["ext"] = [m.offset_data, m.size], ext
+            elif ext in ("txt", "json"):
+                s[ext] = [m.offset_data, m.size]
+    keys = [k for k, s in samples.items() if "image" in s]  # a key without an image is no sample
+    return {"version": INDEX_VERSION, "shard_bytes": st.st_size, "shard_mtime_ns": st.st_mtime_ns,
+            "truncated": not complete,
+            "keys": keys, "ext": [samples[k]["ext"] for k in keys], "image": [samples[k]["image"] for k in keys],
+            "txt": [samples[k].get("txt") for k in keys], "json": [samples[k].get("json") for k in keys]}
+
+
+def load_index(shard: Path) -> dict[str, Any]:
+    """The shard's saved index when it matches the shard's size and mtime; else built and saved (atomically)."""
+    path = index_path(shard)
+    st = shard.stat()
+    if path.exists():
+        try:
+            index = json.loads(path.read_text())
+            if (index.get("version") == INDEX_VERSION and index.get("shard_bytes") == st.st_size
+                    and index.get("shard_mtime_ns") == st.st_mtime_ns):
+                return _warn_truncated(shard, index)
+        except (json.JSONDecodeError, OSError):
+            pass  # torn or unreadable: rebuild
+    try:
+        index = build_index(shard)
+    except tarfile.TarError as e:
+        raise InvalidInput(f"{shard}: not a readable tar ({e})") from None
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks indexing at once never collide
+    try:
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only dataset: use the index without saving it
+        tmp.unlink(missing_ok=True)
+        warnings.warn(f"cannot save the index of {shard} ({e.strerror or e}); rebuilt on every open", stacklevel=2)
+    return _warn_truncated(shard, index)
+
+
+def _warn_truncated(shard: Path, index: dict[str, Any]) -> dict[str, Any]:
+    if index.get("truncated"):
+        warnings.warn(f"{shard} is truncated: only its {len(index['keys'])} samples before the cut are read",
+                      stacklevel=3)
+    return index
+
+
+# ---------------------------------------------------------------------------------------------------- write
+def _image_member(image: Image.Image | bytes | np.ndarray) -> tuple[str, bytes]:
+    """(extension, bytes): the original encoding where tars keep it, else lossless PNG."""
+    if isinstance(image, bytes):
+        if fmt := encoded_format(image):
+            return fmt, image
+        with Image.open(io.BytesIO(image)) as im:
+            return _image_member(im.convert("RGB") if im.mode not in ("RGB", "RGBA", "L") else im.copy())
+    if isinstance(image, np.ndarray):  # decoded already (an InMemory dataset)
+        image = Image.fromarray(image)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "png", buf.getvalue()
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed mtime: the same source gives the same bytes
+    tf.addfile(info, io.BytesIO(data))
+
+
+def write_shards(src: Dataset, out_dir: str | Path, shard_size: int = 10_000, progress: bool = False) -> list[Path]:
+    """``src`` as webdataset tar shards ``00000.tar``, ... in ``out_dir``: ``KEY.png|jpg|webp`` (original bytes where
+    possible), ``KEY.txt`` (caption), ``KEY.json`` (key + extra fields), each shard written to a temp file then
+    renamed, and indexed."""
+    if shard_size <= 0:
+        raise InvalidInput(f"shard size must be positive, got {shard_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.glob("*.tar")):  # stale shards would join the new ones when the dir is opened
+        raise FileExistsError(f"{out} already holds .tar shards")
+    n_shards = -(-len(src) // shard_size)
+    width = max(5, len(str(n_shards - 1)))
+    seen: set[str] = set()
+    shards = []
+    bar = tqdm(total=len(src), desc="writing shards", unit="img", disable=not progress)
+    for s in range(n_shards):
+        shard = out / f"{s:0{width}d}.tar"
+        tmp = shard.with_name(shard.name + ".tmp")
+        with tarfile.open(tmp, "w") as tf:
+            for i in range(s * shard_size, min(len(src), (s + 1) * shard_size)):
+                sample = src.read(i)
+                key = sample.key.replace(".", "_")  # a dot would end the key (webdataset's rule)
+                if key in seen:
+                    raise InvalidInput(f"duplicate sample key {key!r} ({sample.source})")
+                seen.add(key)
+                ext, data = _image_member(sample.image)
+                _add(tf, f"{key}.{ext}", data)
+                if sample.caption is not None:
+                    _add(tf, f"{key}.txt", sample.caption.encode("utf-8"))
+                _add(tf, f"{key}.json", json.dumps({"key": key, **sample.meta}).encode("utf-8"))
+                bar.update()
+        os.replace(tmp, shard)
+        load_index(shard)
+        shards.append(shard)
+    bar.close()
+    return shards
