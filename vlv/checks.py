@@ -94,6 +94,15 @@ def check_sd_dir(path: str | Path) -> Path:
     return path
 
 
+def check_text_encoder_dir(sd_dir: str | Path) -> Path:
+    """A Stable-Diffusion-layout dir whose text encoder T reads: all a captioner takes from a decoder."""
+    path, folder = Path(sd_dir), Path(sd_dir) / "text_encoder"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no text encoder (no text_encoder/config.json)")
+    check_weights_in(folder)
+    return path
+
+
 def text_length(sd_dir: str | Path) -> int:
     """How many positions the decoder's text encoder has: the most embeddings z may hold (Nq)."""
     config = _json(Path(sd_dir) / "text_encoder" / "config.json")

@@ -20,7 +20,9 @@ import torch
 
 from vlv.captioner import POSTPROCESSORS, Captioner
 from vlv.checks import read_json, text_length
+from vlv.data.datasets import ImageFiles
 from vlv.data.images import list_images, load_image, open_image, to_pil, to_tensor
+from vlv.data.loader import row_loader
 from vlv.decoder import DiffusionDecoder, compose
 from vlv.diffusion import Sampler
 from vlv.encoder import CONFIG_FILE as ENCODER_FILE
@@ -126,11 +128,14 @@ def check_captioner(model: str | Path) -> None:
 
 
 def _batches(paths: list[Path], size: int, batch_size: int, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
-    """(offset, images (B, 3, size, size) in [-1, 1]) of the files, a batch at a time, with a progress bar."""
+    """(offset, images (B, 3, size, size) in [-1, 1]) of the files, streamed through the dataset reader a batch at
+    a time (decoded as training decodes them), with a progress bar. The files were checked already: one that has
+    gone bad since fails naming it."""
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
-        yield start, to_tensor(np.stack([load_image(p, size) for p in paths[start : start + batch_size]]))
+    loader = row_loader(ImageFiles(paths), size, 0, len(paths), batch_size, on_bad_image="fail")
+    for start, batch in zip(range(0, len(paths), batch_size), tqdm(loader, desc=desc, unit="batch"), strict=True):
+        yield start, to_tensor(batch["images"].numpy())
 
 
 def caption_files(images: list[Path], out: Path, model: str | Path = "shapes-stage2", batch_size: int = 64,

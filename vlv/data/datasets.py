@@ -315,6 +315,23 @@ class ParquetDataset(Dataset):
 
 
 # ------------------------------------------------------------------------------------------------ in memory
+class ImageFiles(Dataset):
+    """Image files a user names, in order, without captions: what the inference commands read."""
+
+    def __init__(self, paths: list[str | Path]):
+        self.paths = [Path(p) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, i: int) -> Sample:
+        path = self.paths[self._check(i)]
+        return Sample(str(path), path.read_bytes(), None, {}, str(path))
+
+    def where(self, i: int) -> str:
+        return str(self.paths[self._check(i)])
+
+
 class InMemory(Dataset):
     """Another dataset decoded once at one size, held as uint8 (N, size, size, 3): ``images``.
 

@@ -215,7 +215,7 @@ def import_stage1(ckpt: str | Path, florence2_dir: str | Path, decoder_dir: str 
     out = Path(out)
     if not Path(ckpt).exists():
         raise FileNotFoundError(f"no such checkpoint: {ckpt}")
-    require_dirs(*(florence2_dir, decoder_dir))
+    require_dirs(florence2_dir, decoder_dir)
     check_sd_dir(decoder_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty dir: refusing to overwrite it")

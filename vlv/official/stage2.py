@@ -30,7 +30,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from vlv.captioner import Captioner
-from vlv.checks import check_sd_dir, require_dirs
+from vlv.checks import check_text_encoder_dir, require_dirs
 from vlv.config import CaptionerConfig
 from vlv.encoder import VLVEncoder, load_florence2
 from vlv.errors import InvalidInput
@@ -193,8 +193,8 @@ def import_stage2(model_pt: str | Path, florence2_dir: str | Path, decoder_dir: 
     out = Path(out)
     if not Path(model_pt).exists():
         raise FileNotFoundError(f"no such checkpoint: {model_pt}")
-    require_dirs(*(florence2_dir, decoder_dir, lm_dir))
-    check_sd_dir(decoder_dir)
+    require_dirs(florence2_dir, decoder_dir, lm_dir)
+    check_text_encoder_dir(decoder_dir)  # T is all stage 2 reads of the decoder
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty dir: refusing to overwrite it")
     decoder_dir, lm_dir = Path(decoder_dir).resolve(), Path(lm_dir).resolve()
