@@ -121,9 +121,13 @@ def add_parquet_columns(p: argparse.ArgumentParser) -> None:
     p.add_argument("--caption-column", default="caption", help="parquet data: the caption column (default caption)")
 
 
-def recipe_arg(p: argparse.ArgumentParser, task: str, default: str) -> None:
-    p.add_argument("--recipe", default=default, help=f"named recipe (vlv/recipes/*.json, task {task}) or a JSON "
-                   f"file: how this stage trains; the flags below override single fields (default {default})")
+def recipe_arg(p: argparse.ArgumentParser, task: str, default: str = "shapes") -> None:
+    """--recipe: a name in the task's folder (listed from it, so the help never goes stale) or a JSON file."""
+    from vlv.training.recipes import list_recipes
+
+    p.add_argument("--recipe", default=default, help=f"how this stage trains: a recipe of vlv/recipes/{task}/ "
+                   f"({', '.join(list_recipes(task))}) or a JSON file; the flags below override single fields "
+                   f"(default {default})")
 
 
 def command_line() -> str:

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", choices=["check", "override"], default="check",
                    help="check: a started OUT resumes only with the recipe it was started with (the differing "
                         "fields are named); override: resume with these settings anyway")
-    recipe_arg(p, "teacher", "shapes-teacher")
+    recipe_arg(p, "teacher")
     add_fields(p, TeacherRecipe, "recipe overrides")
     p.set_defaults(func=cmd_teacher_train)
     p = t_sub.add_parser("export", help="export a teacher still training (latest EMA checkpoint) in SD layout")
@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         if val_help:
             p.add_argument("--val", type=Path, default=None, help=val_help)
             p.add_argument("--eval-n", type=positive_int, default=200, help="val scenes per evaluation (default 200)")
-        recipe_arg(p, name, f"shapes-{name}")
+        recipe_arg(p, name)
         add_fields(p, settings, f"{settings_title} (recipe section 'settings')", defaults=defaults)
         add_fields(p, TrainConfig, "training loop (recipe section 'train')")
         p.set_defaults(func=func, settings_type=settings)
