@@ -63,7 +63,7 @@ def train_config(recipe: dict[str, Any], *overrides: dict[str, Any] | None):
 
 
 def fresh_encoder(text_dim: int, num_queries: int | None = None, seed: int = 0,
-                  recipe: str = "shapes-stage1") -> VLVEncoder:
+                  recipe: str = "shapes") -> VLVEncoder:
     """An untrained stage-1 encoder as a run of ``recipe`` starts from (its encoder config, trainable set and
     init settings), with ``num_queries`` queries (None: the recipe's)."""
     from vlv.training.recipes import load_recipe

@@ -25,9 +25,9 @@ EVERY_STEP = ["--batch-size", "4", "--checkpoint-every", "1"]
 def commands(data: Path, shards: Path) -> dict[str, list[str]]:
     """Each command's argument list after ``vlv`` (without --out)."""
     return {
-        "teacher": ["teacher", "train", "--tiny", "--data", str(data), "--vae-steps", "8", "--vae-batch", "4",
-                    "--unet-steps", "8", "--unet-batch", "4", "--unet-warmup", "0", "--eval-every", "0",
-                    "--vae-eval-every", "0", "--checkpoint-every", "1"],
+        "teacher": ["teacher", "train", "--tiny", "--data", str(data), "--vae-steps", "8", "--vae-batch-size", "4",
+                    "--unet-steps", "8", "--unet-batch-size", "4", "--unet-warmup-steps", "0", "--unet-eval-every",
+                    "0", "--vae-eval-every", "0", "--vae-checkpoint-every", "1", "--unet-checkpoint-every", "1"],
         "lm": ["train", "lm", "--data", str(data), "--steps", "120", *EVERY_STEP],
         "stage1": ["train", "stage1", "--decoder", "shapes-teacher", "--data", str(data), "--nq", "8", "--steps", "40",
                    *EVERY_STEP],

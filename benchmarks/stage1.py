@@ -13,7 +13,7 @@ accuracy: reconstruction scene accuracy / object F1 on test scenes, paper (DDPM 
 ablation: trains one stage-1 run per Nq for the same number of steps, then measures each (Table 4-left);
 with --init each starts from a trained encoder's first Nq queries (measured untrained as well).
 
-speed and ablation train as the stage-1 recipe does (--recipe, default shapes-stage1: the encoder, its init,
+speed and ablation train as the stage-1 recipe does (--recipe, default shapes: the encoder, its init,
 the optimiser, schedule and timestep sampling); a flag overrides that one field, and a flag not given (its
 default None) leaves the recipe's value.
 """
@@ -39,7 +39,7 @@ from vlv.shapes.metrics import reconstruction_scores, sample_accuracy
 from vlv.training.recipes import load_recipe
 from vlv.training.stage1 import Stage1Task, TensorRows, build_encoder
 
-RECIPE = "shapes-stage1"
+RECIPE = "shapes"
 
 
 def _decoder(teacher: str | None) -> DiffusionDecoder:
@@ -203,7 +203,7 @@ def ablation(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="mode", required=True)
-    recipe_help = f"stage-1 recipe (vlv/recipes) or JSON file whose settings the runs take (default {RECIPE})"
+    recipe_help = f"stage-1 recipe (vlv/recipes/stage1) or JSON file whose settings the runs take (default {RECIPE})"
     s = sub.add_parser("speed")
     s.add_argument("--teacher", default=None)
     s.add_argument("--recipe", default=RECIPE, help=recipe_help)

@@ -1,6 +1,6 @@
 """Shapes stage 1: held-out reconstruction accuracy against training steps, per recipe and seed.
 
-    python benchmarks/stage1_curves.py --recipes shapes-stage1 shapes-stage1-scratch --seeds 0 1 2 \
+    python benchmarks/stage1_curves.py --recipes shapes shapes-scratch --seeds 0 1 2 \
         --steps 1200 --eval-every 300 --n 500 --out benchmarks/results/stage1_curves.json
 
 Each run trains the recipe (its steps overridden by --steps; a shorter run keeps the recipe's warm-up) against
@@ -63,7 +63,7 @@ def run_one(recipe_name: str, seed: int, args: argparse.Namespace, data: Path, t
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipes", nargs="+", default=["shapes-stage1", "shapes-stage1-scratch"])
+    p.add_argument("--recipes", nargs="+", default=["shapes", "shapes-scratch"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=None, help="default: each recipe's")
     p.add_argument("--batch-size", type=int, default=None, help="default: each recipe's")

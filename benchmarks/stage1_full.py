@@ -7,7 +7,7 @@
     python benchmarks/stage1_full.py --device cpu --count-flops --batch-sizes       # FLOPs counted, no timing
     python benchmarks/stage1_full.py --device cpu --variants lat+vis img+vis --steps 12  # just these two
 
-One optimizer step of the paper-stage1 recipe (its encoder and trainable set: queries, phi, Florence's language
+One optimizer step of the stage1/paper recipe (its encoder and trainable set: queries, phi, Florence's language
 model; its AdamW settings and gradient clipping) on cached-latent-shaped inputs: per batch size and precision
 it prints seconds per step, images/s and peak memory; on a GPU also the MFU against the FLOPs per image
 counted in docs/performance.md (or by --count-flops).
@@ -35,7 +35,7 @@ from vlv.shapes.tokenizers import build_tokenizer
 from vlv.training.recipes import load_recipe
 from vlv.training.stage1 import encoder_config
 
-RECIPE = "paper-stage1"
+RECIPE = "paper"
 # docs/performance.md's counts, no checkpointing: cached latents; minus the frozen DaViT's share when its
 # features are cached too (--count-flops replaces them with torch's FlopCounterMode counts of these very models)
 FLOPS_PER_IMAGE = {"latents": 3.2e12, "lat+vis": 3.2e12 - 1.49e12}

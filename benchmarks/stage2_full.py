@@ -10,7 +10,7 @@
 One optimizer step of the captioner's loss on z-shaped inputs (B, 77, 1024) and captions of --caption-tokens
 tokens: per level, batch size and precision it prints seconds per step, captions/s and peak memory. The
 stage-1 encoder is not in the loop (levels mlp and mlp+llm read z; the encoder level adds stage 1's
-encoder cost, measured by stage1_full.py). AdamW as the paper-stage2 recipe sets it (lr, betas, weight decay)
+encoder cost, measured by stage1_full.py). AdamW as the stage2/paper recipe sets it (lr, betas, weight decay)
 over the trainable set, fp32 master weights; unlike the recipe (TIMED_* below) the step runs without gradient
 clipping, in fp32 and without gradient checkpointing unless --precision bf16 / --gradient-checkpointing. At level
 mlp+llm that is ~16 bytes x 3.1 B parameters (~49 GB) before activations; level mlp+lora (mlp+llm with
@@ -43,7 +43,7 @@ from vlv.shapes.tokenizers import build_shapes_tokenizer, build_tokenizer
 from vlv.training.config import Stage2Settings
 from vlv.training.recipes import load_recipe, section
 
-RECIPE, LM = "paper-stage2", "qwen2.5-3b"  # the paper's LLM, random init from its config in vlv/configs
+RECIPE, LM = "paper", "qwen2.5-3b"  # the paper's LLM, random init from its config in vlv/configs
 # What this benchmark has always timed, kept over the recipe's bf16 autocast, clipping and gradient checkpointing.
 TIMED_TRAIN = {"mixed_precision": "no", "grad_clip": 0.0}
 TIMED_SETTINGS = {"gradient_checkpointing": False}

@@ -23,10 +23,11 @@ def shapes_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory, shapes_data):
     """A tiny shapes teacher trained for a few steps: real SD layout, seconds to build."""
-    from vlv.shapes.config import TINY, TeacherRecipe
+    from vlv.shapes.config import TINY, teacher_recipe
     from vlv.shapes.teacher import train_teacher
 
-    recipe = TeacherRecipe(vae_steps=4, vae_batch=8, unet_steps=4, unet_batch=8, unet_warmup=0, eval_every=0)
+    recipe = teacher_recipe(vae={"steps": 4, "batch_size": 8},
+                            unet={"steps": 4, "batch_size": 8, "warmup_steps": 0, "eval_every": 0})
     out = train_teacher(shapes_data["train"], tmp_path_factory.mktemp("teacher") / "t", TINY, recipe, progress=False)
     assert out is not None
     return out

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=600)
     args = p.parse_args(argv)
 
-    settings = section(load_recipe("shapes-stage1", "stage1"), "settings", Stage1Settings, decoder="", data="")
+    settings = section(load_recipe("shapes", "stage1"), "settings", Stage1Settings, decoder="", data="")
     config = encoder_config(settings, text_dim=128)
     florence = read_config(config.florence2)
     if args.init_std is not None:

@@ -74,10 +74,10 @@ def test_a_run_dir_of_one_recipe_is_refused_by_another(demo_run, capsys):
     from vlv.cli import main
 
     m = json.loads((demo_run / "metrics.json").read_text())
-    assert m["stages"] == {"lm": "demo-quick", "stage1": "demo-quick", "stage2": "demo-quick"}
+    assert m["stages"] == {"lm": "demo/quick", "stage1": "demo/quick", "stage2": "demo/quick"}
     assert main(["demo", "--out", str(demo_run)]) == 2
     err = capsys.readouterr().err
-    assert "lm by 'demo-quick'" in err and "stage2 by 'demo-quick'" in err and "not 'demo'" in err, err
+    assert "lm by 'demo/quick'" in err and "stage2 by 'demo/quick'" in err and "not 'demo/default'" in err, err
     assert json.loads((demo_run / "metrics.json").read_text()) == m  # nothing touched
 
 

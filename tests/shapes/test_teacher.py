@@ -125,3 +125,21 @@ def test_export_checkpoint_equals_the_final_export(tiny_teacher, tmp_path):
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), part
     assert a.vae.config.scaling_factor == b.vae.config.scaling_factor
     assert json.loads((out / "teacher.json").read_text())["training"]["unet_step"] == 4
+
+
+def test_teacher_train_resumes_only_with_its_own_phase_settings(shapes_data, tmp_path, capsys):
+    """A teacher run started with per-phase flags resumes with them: another phase's lr is named and refused,
+    how a phase stops or evaluates is not a change."""
+    from vlv.cli import main
+
+    out = tmp_path / "t"
+    base = ["teacher", "train", "--tiny", "--data", str(shapes_data["train"]), "--out", str(out), "--vae-steps", "4",
+            "--vae-batch-size", "8", "--unet-steps", "2", "--unet-batch-size", "8", "--unet-warmup-steps", "0"]
+    assert main([*base, "--vae-stop-after", "2"]) == 0
+    assert json.loads((out / "training" / "vae" / "checkpoint" / "trainer.json").read_text())["step"] == 2
+    capsys.readouterr()
+    assert main([*base, "--unet-lr", "5e-4"]) == 2
+    assert "unet.lr" in capsys.readouterr().err
+    assert main([*base, "--unet-eval-every", "7"]) == 0
+    record = json.loads((out / "teacher.json").read_text())["training"]["recipe"]
+    assert record["name"] == "teacher/shapes" and (record["vae"]["steps"], record["unet"]["batch_size"]) == (4, 8)

@@ -17,7 +17,7 @@ import vlv.training.lm
 import vlv.training.stage1
 import vlv.training.stage2
 from vlv.modeling import trainable_state
-from vlv.shapes.config import TINY, TeacherRecipe
+from vlv.shapes.config import TINY, teacher_recipe
 from vlv.shapes.tokenizers import build_shapes_tokenizer
 from vlv.training import loop
 from vlv.training.config import LMSettings, Stage1Settings, Stage2Settings, TrainConfig
@@ -49,8 +49,8 @@ def inputs_latents(vae, data, path, batch_size=128):
 if inputs != out:
     vlv.shapes.teacher.posteriors_file = inputs_latents
 
-recipe = TeacherRecipe(vae_steps=3, vae_batch=2 * per, unet_steps=3, unet_batch=2 * per, unet_warmup=0,
-                       eval_every=0)
+recipe = teacher_recipe(vae={"steps": 3, "batch_size": 2 * per},
+                        unet={"steps": 3, "batch_size": 2 * per, "warmup_steps": 0, "eval_every": 0})
 vlv.shapes.teacher.train_teacher(data, out / "teacher", TINY, recipe, progress=False)
 teacher = inputs / "teacher"
 cfg = TrainConfig(steps=3, batch_size=per, lr=1e-3, warmup_steps=0, progress=False)

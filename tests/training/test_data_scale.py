@@ -143,7 +143,7 @@ def test_a_sigkilled_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_tea
     import signal
     import time
 
-    cmd = [sys.executable, "-m", "vlv.cli", "train", "stage1", "--recipe", "shapes-stage1-scratch", "--decoder",
+    cmd = [sys.executable, "-m", "vlv.cli", "train", "stage1", "--recipe", "shapes-scratch", "--decoder",
            str(tiny_teacher), "--data", str(shards), "--nq", "8", "--num-workers", "2", "--no-cache-latents",
            "--steps", "40", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "5", "--checkpoint-every", "2",
            "--log-every", "1"]

@@ -126,7 +126,7 @@ def test_cli_stage1_reconstruct_compose(tiny_teacher, shapes_data, tmp_path):
              "--nq", 8, "--steps", 2, "--batch-size", 3, "--warmup-steps", 0)
     assert r.returncode == 0, r.stderr
     meta = json.loads((run / "stage1.json").read_text())  # the default recipe, with the flags' fields over it
-    assert meta["recipe"]["name"] == "shapes-stage1" and meta["settings"]["encoder"] == "shapes-pretrained"
+    assert meta["recipe"]["name"] == "stage1/shapes" and meta["settings"]["encoder"] == "shapes-pretrained"
     assert meta["settings"]["cache_vision"] and (run / "vision").is_dir()  # the frozen DaViT ran once per image
     assert (meta["train"]["steps"], meta["train"]["warmup_steps"], meta["train"]["lr"]) == (2, 0, 1e-3)
     assert meta["settings"]["num_queries"] == 8 and meta["settings"]["phi_init_gain"] == 16.0
@@ -145,7 +145,7 @@ def test_cli_stage1_reconstruct_compose(tiny_teacher, shapes_data, tmp_path):
              tmp_path / "x")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     r = _cli("train", "stage1", "--decoder", tiny_teacher, "--data", shapes_data["train"], "--out", tmp_path / "v",
-             "--recipe", "shapes-stage1-scratch", "--cache-vision")  # that recipe trains the vision tower
+             "--recipe", "shapes-scratch", "--cache-vision")  # that recipe trains the vision tower
     assert r.returncode == 2 and "vision tower" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = _cli("train", "stage1", "--decoder", tiny_teacher, "--data", shapes_data["train"], "--out", tmp_path / "g",
              "--init", run, "--phi-init-gain", 4)  # the gain would scale weights --init overwrites

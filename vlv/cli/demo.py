@@ -12,8 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded shapes world")
     p.add_argument("--out", type=writable_dir, default=Path("runs/demo"), help="run folder (default runs/demo)")
     p.add_argument("--recipe", "--preset", default="default",
-                   help="demo recipe: default (vlv/recipes/demo.json), quick (demo-quick.json: seconds, plumbing), "
-                        "another name or a JSON file")
+                   help="demo recipe: default (vlv/recipes/demo/default.json), quick (demo/quick.json: seconds, "
+                        "plumbing), another name of vlv/recipes/demo/ or a JSON file")
     p.add_argument("--minutes", type=positive_float, default=None,
                    help="whole-run time target; training fills what data and evaluation leave (default: the "
                         "recipe's)")

@@ -87,11 +87,12 @@ def _field_kwargs(hint: Any) -> dict[str, Any]:
 
 
 def add_fields(p: argparse.ArgumentParser, cls: type, title: str, skip: tuple[str, ...] = (),
-               defaults: dict[str, Any] | None = None) -> None:
+               defaults: dict[str, Any] | None = None, prefix: str = "") -> None:
     """One flag per field of the config dataclass ``cls``, its help from the field's metadata.
 
     Fields without a default are required flags (unless ``defaults`` gives one); the others default to None,
-    meaning "the recipe's value", so a flag overrides a single field of the recipe.
+    meaning "the recipe's value", so a flag overrides a single field of the recipe. A ``prefix`` names one of
+    several sections of the same class (``--vae-steps``, ``--unet-steps``; read back with ``given``).
     """
     hints = typing.get_type_hints(cls)
     group = p.add_argument_group(title)
@@ -106,13 +107,19 @@ def add_fields(p: argparse.ArgumentParser, cls: type, title: str, skip: tuple[st
         if not required:
             known = (defaults or {}).get(f.name)
             help_text += f" (default {known})" if known is not None else " (default: the recipe's)"
-        group.add_argument(f.metadata.get("flag", "--" + f.name.replace("_", "-")), dest=f.name, required=required,
-                           default=(defaults or {}).get(f.name), help=help_text, **kwargs)
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        group.add_argument(f"--{prefix}-{flag[2:]}" if prefix else flag, dest=_dest(f.name, prefix),
+                           required=required, default=(defaults or {}).get(f.name), help=help_text, **kwargs)
 
 
-def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    """The fields of ``cls`` set on the command line (None: not given)."""
-    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+def _dest(name: str, prefix: str) -> str:
+    return f"{prefix}_{name}" if prefix else name
+
+
+def given(args: argparse.Namespace, cls: type, prefix: str = "") -> dict[str, Any]:
+    """The fields of ``cls`` (flags of ``prefix``) set on the command line (None: not given)."""
+    return {f.name: getattr(args, _dest(f.name, prefix)) for f in fields(cls)
+            if getattr(args, _dest(f.name, prefix), None) is not None}
 
 
 def add_parquet_columns(p: argparse.ArgumentParser) -> None:
@@ -121,9 +128,13 @@ def add_parquet_columns(p: argparse.ArgumentParser) -> None:
     p.add_argument("--caption-column", default="caption", help="parquet data: the caption column (default caption)")
 
 
-def recipe_arg(p: argparse.ArgumentParser, task: str, default: str) -> None:
-    p.add_argument("--recipe", default=default, help=f"named recipe (vlv/recipes/*.json, task {task}) or a JSON "
-                   f"file: how this stage trains; the flags below override single fields (default {default})")
+def recipe_arg(p: argparse.ArgumentParser, task: str, default: str = "shapes") -> None:
+    """--recipe: a name in the task's folder (listed from it, so the help never goes stale) or a JSON file."""
+    from vlv.training.recipes import list_recipes
+
+    p.add_argument("--recipe", default=default, help=f"how this stage trains: a recipe of vlv/recipes/{task}/ "
+                   f"({', '.join(list_recipes(task))}) or a JSON file; the flags below override single fields "
+                   f"(default {default})")
 
 
 def command_line() -> str:

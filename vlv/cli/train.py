@@ -21,7 +21,7 @@ from vlv.errors import InvalidInput
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from vlv.shapes.config import DetectionSettings, TeacherRecipe
+    from vlv.shapes.config import PHASES, TEACHER_OWNED, DetectionSettings, TeacherSettings
     from vlv.training.config import LMSettings, Stage1Settings, Stage2Settings, TrainConfig
 
     teacher = sub.add_parser("teacher", help="train or sample the shapes text-to-image teacher")
@@ -37,8 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", choices=["check", "override"], default="check",
                    help="check: a started OUT resumes only with the recipe it was started with (the differing "
                         "fields are named); override: resume with these settings anyway")
-    recipe_arg(p, "teacher", "shapes-teacher")
-    add_fields(p, TeacherRecipe, "recipe overrides")
+    recipe_arg(p, "teacher")
+    add_fields(p, TeacherSettings, "teacher settings (recipe section 'settings')")
+    for phase, what in zip(PHASES, ("phase 1, the VAE", "phase 2, the text encoder + UNet"), strict=True):
+        add_fields(p, TrainConfig, f"{what}: its training loop (recipe section '{phase}')", skip=TEACHER_OWNED,
+                   prefix=phase)
     p.set_defaults(func=cmd_teacher_train)
     p = t_sub.add_parser("export", help="export a teacher still training (latest EMA checkpoint) in SD layout")
     p.add_argument("teacher", type=Path, help="teacher dir being trained (holds training/)")
@@ -68,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         if val_help:
             p.add_argument("--val", type=Path, default=None, help=val_help)
             p.add_argument("--eval-n", type=positive_int, default=200, help="val scenes per evaluation (default 200)")
-        recipe_arg(p, name, f"shapes-{name}")
+        recipe_arg(p, name)
         add_fields(p, settings, f"{settings_title} (recipe section 'settings')", defaults=defaults)
         add_fields(p, TrainConfig, "training loop (recipe section 'train')")
         p.set_defaults(func=func, settings_type=settings)
@@ -155,12 +158,12 @@ def cmd_train_florence2(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------------------- teacher
 def cmd_teacher_train(args: argparse.Namespace) -> None:
-    from vlv.shapes.config import TINY, TeacherConfig, TeacherRecipe
+    from vlv.shapes.config import TINY, TeacherConfig, TeacherSettings, teacher_recipe
     from vlv.shapes.teacher import train_teacher
-    from vlv.training.recipes import load_recipe, section, user_input
+    from vlv.training.config import TrainConfig
 
-    with user_input():
-        recipe = section(load_recipe(args.recipe, "teacher"), "settings", TeacherRecipe, given(args, TeacherRecipe))
+    recipe = teacher_recipe(args.recipe, given(args, TeacherSettings), given(args, TrainConfig, "vae"),
+                            given(args, TrainConfig, "unet"))
     done = train_teacher(args.data, args.out, TINY if args.tiny else TeacherConfig(), recipe, val=args.val,
                          max_minutes=args.minutes, command=command_line(), on_bad_image=args.on_bad_image,
                          resume_override=args.resume == "override")

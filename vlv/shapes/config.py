@@ -1,12 +1,16 @@
-"""The shapes teacher's architecture (:class:`TeacherConfig`) and recipe (:class:`TeacherRecipe`), apart from the
-models so that the command line reads their fields without importing torch.
+"""The shapes teacher's architecture (:class:`TeacherConfig`) and recipe (:class:`TeacherRecipe`: its settings and
+one loop config per phase), apart from the models so that the command line reads their fields without importing
+torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 from vlv.errors import InvalidInput
+from vlv.training.config import TrainConfig
 
 
 @dataclass
@@ -52,44 +56,74 @@ def _f(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
-@dataclass
-class TeacherRecipe:
-    """How a teacher is trained: both phases' loop settings (``vlv/recipes/shapes-teacher.json``)."""
+# Loop fields that are the whole teacher's, not a phase's: one seed for the run (section ``settings``); the
+# time limit, resume policy and progress bar come from the command. Neither a phase section nor a flag sets them.
+TEACHER_OWNED = ("seed", "max_minutes", "budget_minutes", "progress", "resume")
+PHASES = ("vae", "unet")
 
-    vae_steps: int = _f(2000, "VAE steps (phase 1)")
-    vae_batch: int = _f(32, "VAE batch size")
-    vae_lr: float = _f(2e-3, "VAE learning rate")
-    vae_warmup: int = _f(100, "phase-1 warm-up steps")
-    vae_min_lr_ratio: float = _f(0.1, "phase-1 cosine decays to lr * this")
-    unet_steps: int = _f(15000, "text encoder + UNet steps (phase 2)")
-    unet_batch: int = _f(64, "text encoder + UNet batch size")
-    unet_lr: float = _f(1e-3, "text encoder + UNet learning rate")
-    unet_warmup: int = _f(200, "phase-2 warm-up steps")
-    unet_min_lr_ratio: float = _f(0.05, "phase-2 cosine decays to lr * this")
-    ema_decay: float = _f(0.999, "EMA decay of the exported phase-2 weights")
+
+@dataclass
+class TeacherSettings:
+    """The teacher's own method settings (recipe section ``settings``); each phase's loop is a TrainConfig."""
+
     caption_dropout: float = _f(0.1, "share of empty captions, for classifier-free guidance")
     high_noise_fraction: float = _f(0.25, "share of timesteps drawn from the upper (layout) half")
-    eval_every: int = _f(1000, "phase-2 steps between held-out samples (with --val)")
-    vae_eval_every: int = _f(250, "phase-1 steps between held-out VAE reconstructions (with --val)")
     eval_n: int = _f(200, "held-out scenes per evaluation")
     eval_guidance: tuple[float, ...] = _f((2.0, 4.0), "guidance scales evaluated")
-    seed: int = _f(0, "seed")
-    checkpoint_every: int = _f(500, "steps between checkpoints of each phase (also every 5 minutes)")
-    extra: dict = field(default_factory=dict, metadata={"cli": False})
+    seed: int = _f(0, "seed of the init and of both phases' batches and noise")
 
     def __post_init__(self) -> None:
-        """Refused here, before data load: each phase's loop would refuse it only once the phase starts."""
-        positive = ("vae_steps", "vae_batch", "vae_lr", "unet_steps", "unet_batch", "unet_lr", "eval_n")
-        if bad := [f for f in positive if not getattr(self, f) > 0]:
-            raise InvalidInput(f"{', '.join(bad)} must be positive, got "
-                               f"{', '.join(str(getattr(self, f)) for f in bad)}")
-        if bad := [f for f in ("vae_warmup", "unet_warmup", "eval_every", "vae_eval_every") if getattr(self, f) < 0]:
-            raise InvalidInput(f"{', '.join(bad)} must be >= 0")
-        shares = ("vae_min_lr_ratio", "unet_min_lr_ratio", "caption_dropout", "high_noise_fraction")
-        if bad := [f for f in shares if not 0.0 <= getattr(self, f) <= 1.0]:
+        """Refused here, before data load, not once a phase starts."""
+        if not self.eval_n > 0:
+            raise InvalidInput(f"eval_n must be positive, got {self.eval_n}")
+        if bad := [f for f in ("caption_dropout", "high_noise_fraction") if not 0.0 <= getattr(self, f) <= 1.0]:
             raise InvalidInput(f"{', '.join(bad)} must be in [0, 1]")
-        if not 0.0 < self.ema_decay < 1.0:
-            raise InvalidInput(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        self.eval_guidance = tuple(self.eval_guidance)
+
+
+@dataclass
+class TeacherRecipe:
+    """How a teacher is trained (``vlv/recipes/teacher/*.json``): its settings, then one loop per phase: the VAE
+    (section ``vae``), then the text encoder + UNet on cached latents (section ``unet``)."""
+
+    settings: TeacherSettings
+    vae: TrainConfig
+    unet: TrainConfig
+    name: str | None = None  # the recipe it came from, for the record
+
+    def __post_init__(self) -> None:
+        for phase in PHASES:
+            cfg = getattr(self, phase)
+            if cfg.steps is None or cfg.budget_minutes is not None:
+                raise InvalidInput(f"{phase}: a teacher phase trains a fixed number of steps (no budget_minutes)")
+            if not 0.0 <= cfg.min_lr_ratio <= 1.0 or cfg.eval_every < 0:
+                raise InvalidInput(f"{phase}: min_lr_ratio must be in [0, 1] and eval_every >= 0")
+            setattr(self, phase, replace(cfg, seed=self.settings.seed))  # the run's one seed
+        if self.unet.ema_decay is None:
+            raise InvalidInput("unet.ema_decay: the teacher exports the UNet's EMA weights, so its loop keeps one")
+
+    def record(self) -> dict[str, dict[str, Any]]:
+        """The sections as they run, as a run dir records (and a resume compares) them."""
+        return {"settings": asdict(self.settings), **{p: asdict(getattr(self, p)) for p in PHASES}}
+
+
+def teacher_recipe(name_or_file: str | Path = "shapes", settings: dict[str, Any] | None = None,
+                   vae: dict[str, Any] | None = None, unet: dict[str, Any] | None = None) -> TeacherRecipe:
+    """A teacher recipe (name in ``vlv/recipes/teacher/`` or file) with the given fields of each section on top."""
+    from vlv.training.recipes import load_recipe, section, user_input
+
+    with user_input():
+        recipe = load_recipe(name_or_file, "teacher")
+        if extra := sorted(set(recipe) - {"name", "task", "description", "settings", *PHASES}):
+            raise ValueError(f"recipe {recipe['name']!r}: unknown sections {', '.join(extra)} (a teacher recipe "
+                             "has settings, vae and unet)")
+        for phase in PHASES:
+            if owned := sorted(set(recipe.get(phase, {})) & set(TEACHER_OWNED)):
+                raise ValueError(f"recipe {recipe['name']!r}, section {phase!r}: {', '.join(owned)} is not a "
+                                 "phase's (the seed is in section 'settings'; the rest are the command's)")
+        given = {"vae": vae, "unet": unet}
+        return TeacherRecipe(section(recipe, "settings", TeacherSettings, settings),
+                             *(section(recipe, p, TrainConfig, given[p]) for p in PHASES), name=recipe["name"])
 
 
 @dataclass

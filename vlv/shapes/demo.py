@@ -9,7 +9,7 @@ One run dir, one folder per stage, each usable by the other commands as it is::
     RUN/stage2/             the captioner on the frozen stage-1 embeddings (vlv train stage2)
     RUN/metrics.json, RUN/report.html, RUN/report/
 
-What runs is a demo recipe (``vlv/recipes/demo*.json``): scene counts, and per stage a training recipe with
+What runs is a demo recipe (``vlv/recipes/demo/*.json``): scene counts, and per stage a training recipe with
 overrides, fixed step counts included, so a run's numbers are the same on every machine. The recipe's
 ``reference_minutes`` (each part's wall time on the machine README quotes) give the whole run's ETA, rescaled by
 the pace measured so far. With ``--minutes`` the run targets a wall time instead: data and evaluation take a
@@ -35,15 +35,13 @@ from vlv.shapes.evaluate import EvalSettings, evaluate_run, finished
 from vlv.shapes.tokenizers import build_shapes_tokenizer
 from vlv.shipped import resolve_decoder
 from vlv.training.loop import TrainConfig
-from vlv.training.recipes import load_recipe, resolved, section
+from vlv.training.recipes import RENAMED, load_recipe, resolved, section
 
 STAGES = ("lm", "stage1", "stage2")
 
 
 def demo_recipe(name: str) -> dict[str, Any]:
-    """``default`` -> the ``demo`` recipe, ``quick`` -> ``demo-quick``; any other name or file as it is."""
-    if name in ("default", "quick"):
-        name = "demo" if name == "default" else "demo-quick"
+    """A demo recipe by name (``default``, ``quick``: ``vlv/recipes/demo/``) or file; it names one per stage."""
     recipe = load_recipe(name, "demo")
     missing = [s for s in STAGES if s not in recipe.get("stages", {})]
     if missing:
@@ -54,7 +52,7 @@ def demo_recipe(name: str) -> dict[str, Any]:
 def stage_recipe(demo: dict[str, Any], stage: str, budget: float | None) -> tuple[dict[str, Any], TrainConfig]:
     """A stage's training recipe with the demo's overrides, and its loop config (budgeted when ``budget``)."""
     entry = demo["stages"][stage]
-    recipe = load_recipe(entry["recipe"], stage)  # the stages are named as the tasks
+    recipe = load_recipe(entry["recipe"], stage)  # the stages are named as the tasks, so a name is of its folder
     train = {**recipe.get("train", {}), **entry.get("train", {})}
     recipe = {**recipe, "train": train, "settings": {**recipe.get("settings", {}), **entry.get("settings", {})}}
     # A budgeted run plans its own count after a few steps: the recipe's steps are moot.
@@ -113,6 +111,7 @@ def _check_stages(run: Path, meta: dict[str, Any], name: str) -> None:
     """A run dir holds one demo recipe's stages: a stage another recipe made (finished or not) is never reused
     or resumed by this one, since its numbers would be reported as this recipe's."""
     made = {s: meta.get("stages", {}).get(s) or (meta.get("recipe") if finished(run, s) else None) for s in STAGES}
+    made = {s: RENAMED.get(r, r) for s, r in made.items()}  # a run dir from before recipes were named per task
     other = {s: r for s, r in made.items() if r is not None and r != name}
     if other:
         stages = ", ".join(f"{s} by {r!r}" for s, r in other.items())

@@ -19,9 +19,9 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -49,12 +49,11 @@ from vlv.diffusion import (
 )
 from vlv.errors import InvalidInput
 from vlv.modeling import atomic_save_png, load_trainable_state, write_json
-from vlv.shapes.config import TeacherConfig, TeacherRecipe
+from vlv.shapes.config import PHASES, TeacherConfig, TeacherRecipe
 from vlv.shapes.metrics import sample_accuracy, vae_accuracy
 from vlv.shapes.tokenizers import build_tokenizer
 from vlv.shipped import resolve_decoder
 from vlv.training.checkpoint import ema_by_name, has_checkpoint
-from vlv.training.config import TrainConfig
 from vlv.training.draws import Draws
 from vlv.training.loop import Loss, train
 from vlv.training.resume import check_resume
@@ -228,29 +227,27 @@ def train_teacher(data: Path, out: Path, cfg: TeacherConfig, recipe: TeacherReci
         if folder is not None:
             read_captions(folder)
     check_checkpoints(out)
-    check_resume(work, "recipe.json", {"config": asdict(cfg), "recipe": asdict(recipe)}, resume_override,
-                 checkpoint_dir=work / "vae")
+    check_resume(work, "recipe.json", {"config": asdict(cfg), **recipe.record()}, resume_override,
+                 checkpoint_dir=work / "vae", upgrade=upgraded)
     skip = on_bad_image == "skip"
     train_data = InMemory.of(data, cfg.image_size, progress=progress, skip_bad=skip)
     train_data.captions  # noqa: B018 -- a folder without captions fails now, not after the VAE phase
-    test_data = InMemory.of(val, cfg.image_size, limit=recipe.eval_n, skip_bad=skip) if val else None
+    test_data = InMemory.of(val, cfg.image_size, limit=recipe.settings.eval_n, skip_bad=skip) if val else None
     for folder in (train_data, test_data):
         if folder is not None and folder.bad:
             print(f"[teacher] {len(folder.bad)} unreadable image(s) skipped (first {folder.bad[0]})")
     work.mkdir(parents=True, exist_ok=True)
-    write_json(work / "recipe.json", {"config": asdict(cfg), "recipe": asdict(recipe)})
-    torch.manual_seed(recipe.seed)
+    write_json(work / "recipe.json", {"config": asdict(cfg), "name": recipe.name, **recipe.record()})
+    settings = recipe.settings
+    torch.manual_seed(settings.seed)
     t0 = time.perf_counter()
 
     # Phase 1: the VAE.
     vae = build_vae(cfg)
-    vae_cfg = TrainConfig(steps=recipe.vae_steps, batch_size=recipe.vae_batch, lr=recipe.vae_lr,
-                          warmup_steps=recipe.vae_warmup,
-                          eval_every=recipe.vae_eval_every if test_data else 0, max_minutes=max_minutes,
-                          seed=recipe.seed, progress=progress, min_lr_ratio=recipe.vae_min_lr_ratio,
-                          checkpoint_every=recipe.checkpoint_every)
-    vae_state = train(VAETask(vae, train_data, test_data, seed=recipe.seed), vae_cfg, work / "vae")
-    if vae_state.step < recipe.vae_steps:
+    vae_cfg = replace(recipe.vae, eval_every=recipe.vae.eval_every if test_data else 0, max_minutes=max_minutes,
+                      progress=progress)
+    vae_state = train(VAETask(vae, train_data, test_data, seed=settings.seed), vae_cfg, work / "vae")
+    if vae_state.step < vae_cfg.steps:
         return None
     vae.requires_grad_(False).eval()
 
@@ -270,24 +267,47 @@ def train_teacher(data: Path, out: Path, cfg: TeacherConfig, recipe: TeacherReci
         def evaluator(m: TextToImage) -> dict[str, float]:
             pipe = make_pipeline(vae, m.text_encoder, tokenizer, m.unet, scheduler)
             return {f"scene_accuracy_cfg{g:g}": sample_accuracy(pipe, test_data.captions, guidance_scale=g)
-                    .scene_accuracy for g in recipe.eval_guidance}
-    task = UNetTask(model, scheduler, latents, ids, empty, scaling, seed=recipe.seed,
-                    caption_dropout=recipe.caption_dropout, high_noise_fraction=recipe.high_noise_fraction,
+                    .scene_accuracy for g in settings.eval_guidance}
+    task = UNetTask(model, scheduler, latents, ids, empty, scaling, seed=settings.seed,
+                    caption_dropout=settings.caption_dropout, high_noise_fraction=settings.high_noise_fraction,
                     evaluator=evaluator)
     remaining = None if max_minutes is None else max(0.1, max_minutes - (time.perf_counter() - t0) / 60)
-    unet_cfg = TrainConfig(steps=recipe.unet_steps, batch_size=recipe.unet_batch, lr=recipe.unet_lr,
-                           warmup_steps=recipe.unet_warmup, ema_decay=recipe.ema_decay, eval_every=recipe.eval_every
-                           if test_data else 0, max_minutes=remaining, seed=recipe.seed, progress=progress,
-                           min_lr_ratio=recipe.unet_min_lr_ratio, checkpoint_every=recipe.checkpoint_every)
+    unet_cfg = replace(recipe.unet, eval_every=recipe.unet.eval_every if test_data else 0, max_minutes=remaining,
+                       progress=progress)
     unet_state = train(task, unet_cfg, work / "unet")
-    if unet_state.step < recipe.unet_steps:
+    if unet_state.step < unet_cfg.steps:
         return None
     # train() leaves the EMA weights in the model: export those.
     pipe = make_pipeline(vae, model.text_encoder, tokenizer, model.unet, scheduler)
-    record = {"command": command, "config": asdict(cfg), "recipe": asdict(recipe),
+    record = {"command": command, "config": asdict(cfg), "recipe": {"name": recipe.name, **recipe.record()},
               "vae_wall_s": round(vae_state.elapsed_s, 1), "unet_wall_s": round(unet_state.elapsed_s, 1),
               "history": {"vae": vae_state.history, "unet": unet_state.history}}
     return save_teacher(pipe, out, cfg, record)
+
+
+# A run's recipe.json from before the teacher recipe had a section per phase: flat field -> (section, field).
+_FLAT = {"vae_steps": ("vae", "steps"), "vae_batch": ("vae", "batch_size"), "vae_lr": ("vae", "lr"),
+         "vae_warmup": ("vae", "warmup_steps"), "vae_min_lr_ratio": ("vae", "min_lr_ratio"),
+         "vae_eval_every": ("vae", "eval_every"), "unet_steps": ("unet", "steps"), "unet_batch": ("unet", "batch_size"),
+         "unet_lr": ("unet", "lr"), "unet_warmup": ("unet", "warmup_steps"),
+         "unet_min_lr_ratio": ("unet", "min_lr_ratio"), "ema_decay": ("unet", "ema_decay"),
+         "eval_every": ("unet", "eval_every")}
+
+
+def upgraded(record: dict[str, Any]) -> dict[str, Any]:
+    """A run's recipe.json in the current layout (config, settings, vae, unet): an older run's flat recipe is
+    mapped onto the sections, so resuming it still compares every field and exporting it still works."""
+    if "recipe" not in record or "vae" in record:
+        return record
+    out: dict[str, Any] = {"config": record["config"], "settings": {}, "vae": {}, "unet": {}}
+    for key, value in record["recipe"].items():
+        if key == "checkpoint_every":
+            out["vae"][key] = out["unet"][key] = value
+        elif key in _FLAT:
+            out[_FLAT[key][0]][_FLAT[key][1]] = value
+        elif key != "extra":
+            out["settings"][key] = value
+    return out
 
 
 def export_checkpoint(teacher_dir: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
@@ -300,7 +320,7 @@ def export_checkpoint(teacher_dir: Path, out: Path, dtype: torch.dtype = torch.f
     if not has_checkpoint(work / "vae") or not has_checkpoint(work / "unet"):
         raise FileNotFoundError(f"{teacher_dir} has no VAE and UNet checkpoints under training/")
     safetensors_keys(work / "latents.safetensors")
-    spec = json.loads((work / "recipe.json").read_text())
+    spec = upgraded(json.loads((work / "recipe.json").read_text()))
     cfg = TeacherConfig(**spec["config"])
     vae = build_vae(cfg)
     load_trainable_state(Autoencode(vae), load_file(work / "vae" / "checkpoint" / "model.safetensors"))  # its keys
@@ -314,7 +334,8 @@ def export_checkpoint(teacher_dir: Path, out: Path, dtype: torch.dtype = torch.f
         for p, v in zip((p for p in model.parameters() if p.requires_grad), shadow, strict=True):
             p.copy_(v)
     meta = {k: json.loads((work / k / "checkpoint" / "trainer.json").read_text()) for k in ("vae", "unet")}
-    record = {"exported_from": str(teacher_dir), "recipe": spec["recipe"], "unet_step": meta["unet"]["step"],
+    recipe = {"name": spec.get("name"), **{k: spec[k] for k in ("settings", *PHASES)}}
+    record = {"exported_from": str(teacher_dir), "recipe": recipe, "unet_step": meta["unet"]["step"],
               "unet_steps_planned": meta["unet"]["config"]["steps"], "vae_step": meta["vae"]["step"],
               "vae_wall_s": round(meta["vae"]["elapsed_s"], 1), "unet_wall_s": round(meta["unet"]["elapsed_s"], 1),
               "history": {k: m["history"] for k, m in meta.items()}}

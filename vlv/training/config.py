@@ -91,7 +91,7 @@ class Stage1Settings:
     """What a stage-1 run is made from; saved in stage1.json so the run dir describes itself.
 
     ``decoder`` and ``data`` name the run's inputs; the other fields are the method's settings, which a recipe
-    (``vlv/recipes/*-stage1.json``, section ``settings``) fixes and flags override one by one.
+    (``vlv/recipes/stage1/*.json``, section ``settings``) fixes and flags override one by one.
     """
 
     decoder: str = field(metadata={"help": "Stable Diffusion dir or shipped name (shapes-teacher)"})

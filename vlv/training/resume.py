@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +41,16 @@ def check_request(run: Path, record_file: str, requested: dict[str, dict], cfg: 
 
 
 def check_resume(run: Path, record_file: str, requested: dict[str, dict], override: bool = False,
-                 checkpoint_dir: Path | None = None) -> None:
+                 checkpoint_dir: Path | None = None, upgrade: Callable[[dict], dict] | None = None) -> None:
     """A run dir with a checkpoint resumes only with the settings its record holds (unless ``resume=override``):
-    a changed lr, batch, seed or recipe would otherwise go on silently from weights trained another way."""
+    a changed lr, batch, seed or recipe would otherwise go on silently from weights trained another way.
+    ``upgrade`` reads a record written in an older layout as the current one, so its fields are still compared."""
     run = Path(run)
     record = run / record_file
     if override or not has_checkpoint(checkpoint_dir or run) or not record.is_file():
         return
-    diff = changed_settings(json.loads(record.read_text()), requested)
+    saved = json.loads(record.read_text())
+    diff = changed_settings(upgrade(saved) if upgrade else saved, requested)
     if diff:
         raise InvalidInput(f"{run} was started with other settings ({', '.join(diff)}): run its command again to "
                            f"resume, use another --out, or pass --resume override")
