@@ -146,7 +146,7 @@ class Stage2Settings:
     """What a stage-2 run is made from; saved in stage2.json so the run dir describes itself.
 
     ``decoder``, ``encoder``, ``lm`` and ``data`` name the run's inputs; the other fields are the method's
-    settings, which a recipe (``vlv/recipes/*-stage2.json``, section ``settings``) fixes and flags override.
+    settings, which a recipe (``vlv/recipes/stage2/*.json``, section ``settings``) fixes and flags override.
     """
 
     decoder: str = field(metadata={"help": "Stable Diffusion dir or shipped name: only its text encoder T is loaded"})
