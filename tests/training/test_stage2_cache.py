@@ -14,7 +14,13 @@ from vlv.text_encoder import load_text_encoder
 from vlv.training.caches import build_cache
 from vlv.training.config import Stage1Settings, Stage2Settings, TrainConfig
 from vlv.training.stage1 import build_encoder
-from vlv.training.stage2 import Stage2Task, build_captioner, prepare_stage2, train_stage2
+from vlv.training.stage2 import (
+    Stage2Task,
+    build_captioner,
+    precompute_text_embeds,
+    prepare_stage2,
+    train_stage2,
+)
 
 CPU = torch.device("cpu")
 
@@ -87,8 +93,12 @@ def test_a_cached_run_trains_the_weights_of_an_uncached_one_and_resumes_exactly(
     given = Stage2Settings(**{**vars(settings), "text_embeds_cache": str(tmp_path / "cached" / "text_embeds")})
     train_stage2(given, _cfg(), tmp_path / "given")
     assert not (tmp_path / "given" / "text_embeds").exists()
+    precompute_text_embeds(settings.decoder, settings.encoder, settings.data, tmp_path / "ahead", batch_size=4,
+                           num_workers=0, progress=False)
+    ahead = Stage2Settings(**{**vars(settings), "text_embeds_cache": str(tmp_path / "ahead")})
+    train_stage2(ahead, _cfg(), tmp_path / "precomputed")
     want = _trained(tmp_path / "cached")
-    for run in ("pixels", "resumed", "given"):
+    for run in ("pixels", "resumed", "given", "precomputed"):
         got = _trained(tmp_path / run)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), run
 

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from accelerate import PartialState
 from transformers import PreTrainedTokenizerBase
 
 from vlv.captioner import Captioner, CaptionerConfig
 from vlv.checks import check_checkpoints, require_data, require_dirs
+from vlv.config import CACHE_BATCH_SIZE, CACHE_SHARD_ROWS
 from vlv.data.caches import Cache
 from vlv.data.datasets import Dataset, FolderDataset, InMemory, open_dataset
 from vlv.data.images import to_tensor
@@ -36,13 +38,14 @@ from vlv.lm import check_lm_source, is_lm_dir
 from vlv.modeling import write_json
 from vlv.shipped import is_shipped, resolve_decoder, resolve_encoder
 from vlv.text_encoder import load_text_encoder
-from vlv.training.caches import run_text_embeds_cache
+from vlv.training.caches import build_cache, run_text_embeds_cache
 from vlv.training.config import Stage2Settings, TrainConfig
 from vlv.training.data import StepImages, drop_bad_rows
 from vlv.training.draws import Draws
 from vlv.training.loop import Loss, global_batch, make_accelerator, train
 from vlv.training.resume import check_request
 from vlv.training.sharding import shard
+from vlv.training.stage1 import Precomputed
 
 STAGE2_FILE = "stage2.json"
 Evaluator = Callable[[Captioner], dict[str, float]]
@@ -231,6 +234,37 @@ def run_stage2(plan: Stage2Plan) -> Captioner | None:
         return None
     captioner.save_pretrained(out)
     return captioner
+
+
+def precompute_text_embeds(decoder: str | Path, encoder: str, data: str, out: str | Path,
+                           batch_size: int = CACHE_BATCH_SIZE["text_embeds"], shard_rows: int = CACHE_SHARD_ROWS,
+                           num_workers: int = 2, on_bad_image: Literal["skip", "fail"] = "skip",
+                           precision: Literal["no", "bf16"] = "no", image_column: str = "image",
+                           caption_column: str = "caption", progress: bool = True) -> Precomputed:
+    """Cache c = T(E(x)) once for any number of stage-2 runs at level mlp / mlp+llm (``--text-embeds-cache``) with
+    this decoder's T, stage-1 ``encoder``, data and ``precision`` (this process's shards). ``batch_size``: the runs'
+    per-process batch, so the rows are the bits their steps would compute. Inputs are checked before a model loads.
+    """
+    if num_workers < 0:
+        raise InvalidInput(f"--num-workers must be >= 0, got {num_workers}")
+    decoder_dir = resolve_decoder(decoder)
+    resolve_encoder(encoder)
+    require_data(data)
+    dataset = open_dataset(data, image_column, caption_column)
+    if not len(dataset):
+        raise InvalidInput(f"{data}: no samples")
+    state = PartialState()
+    text_encoder = load_text_encoder(decoder_dir).to(state.device)
+    vlv_encoder = VLVEncoder.from_pretrained(encoder).to(state.device)
+    if vlv_encoder.config.text_dim != text_encoder.config.hidden_size:
+        raise InvalidInput(f"{encoder} emits d_T = {vlv_encoder.config.text_dim}, {decoder}'s T takes "
+                           f"{text_encoder.config.hidden_size}")
+    size = vlv_encoder.config.image_size
+    autocast = torch.autocast(state.device.type, dtype=torch.bfloat16) if precision == "bf16" else None
+    bad = build_cache("text_embeds", out, dataset, size, state, encoder=vlv_encoder, text_encoder=text_encoder,
+                      batch_size=batch_size, shard_rows=shard_rows, num_workers=num_workers,
+                      on_bad_image=on_bad_image, autocast=autocast, progress=progress, precision=precision)
+    return Precomputed(state.process_index, state.num_processes, len(dataset), size, bad)
 
 
 def _portable(source: str, resolve) -> str:
