@@ -5,6 +5,7 @@
     python benchmarks/stage2.py levels ... --levels mlp+llm mlp+lora16                # LoRA (peft) adapters, rank 16
     python benchmarks/stage2.py table7 --stage1 RUN1 --lm LM --data DIR --minutes 5  # stage-1 vs untrained encoder
     python benchmarks/stage2.py speed --run RUN2 --n 64                 # batched vs batch-1 captioning
+    python benchmarks/stage2.py cache --data DIR --steps 10             # steps with / without the text_embeds cache
 
 accuracy: caption scene accuracy / object F1 / attribute accuracy (grammar read-back) on test scenes,
 greedy and beam search, then the predicted captions drawn by the teacher and read back by the detector.
@@ -12,6 +13,9 @@ levels / table7: one stage-2 run per variant for the same wall time on the same 
 the same test scenes. The runs train as the stage-2 recipe does (--recipe, default shapes), except for
 ABLATION_TRAIN below (the settings the recorded levels / table7 ablations ran with); a flag overrides one field.
 table7's untrained encoder is a fresh encoder as the shapes-stage1 recipe builds one.
+cache: the one-off build of the c = T(E(x)) cache over DIR (an image-caption folder), then stage-2 steps at the
+demo's settings read from it and from the images (E and T run), interleaved in one process, medians; and the
+loss change if the cache stored fp16.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -147,6 +152,69 @@ def speed(args: argparse.Namespace) -> dict:
     return out
 
 
+def cache(args: argparse.Namespace) -> dict:
+    """Build time of the text_embeds cache over ``--data``, then interleaved training steps (batch, backward, clip,
+    AdamW as the loop takes them) reading the images or the cache, one captioner each from the same seed."""
+    from accelerate import PartialState
+
+    from vlv.data.caches import Cache
+    from vlv.data.datasets import open_dataset
+    from vlv.shapes.tokenizers import tokenizer_for
+    from vlv.training.caches import build_cache
+    from vlv.training.stage2 import Stage2Task, build_captioner
+
+    settings = Stage2Settings(decoder=args.teacher, encoder=args.stage1, lm=args.lm, data=str(args.data),
+                              trainable=args.level)
+    b, device, data = args.batch_size, torch.device("cpu"), open_dataset(args.data)
+    caps = {k: build_captioner(settings, 0, tokenizer_for(settings.lm)).train() for k in ("images", "cached")}
+    size = caps["cached"].encoder.config.image_size
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        build_cache("text_embeds", tmp, data, size, PartialState(), encoder=caps["cached"].encoder,
+                    text_encoder=caps["cached"].text_encoder, batch_size=b, num_workers=args.num_workers,
+                    progress=False)
+        build_s = time.perf_counter() - t
+        disk = sum(f.stat().st_size for f in Path(tmp).iterdir())
+        rows = Cache(tmp)
+        tasks = {"images": Stage2Task(caps["images"], data, num_workers=args.num_workers),
+                 "cached": Stage2Task(caps["cached"], data, text_embeds=rows)}
+        opts = {k: torch.optim.AdamW([q for q in c.parameters() if q.requires_grad], lr=5e-4) for k, c in caps.items()}
+        times: dict[str, list[float]] = {k: [] for k in tasks}
+        for step in range(args.steps + 1):  # one warm-up step each
+            for name, task in tasks.items():
+                cap, t = caps[name], time.perf_counter()
+                task.loss(cap, task.batch(step, 0, b, device), None).mean.backward()
+                torch.nn.utils.clip_grad_norm_([q for q in cap.parameters() if q.requires_grad], 1.0)
+                opts[name].step()
+                opts[name].zero_grad(set_to_none=True)
+                if step:
+                    times[name].append(time.perf_counter() - t)
+        batch = tasks["cached"].batch(0, 0, b, device)
+        cap = caps["cached"].eval()
+        with torch.no_grad():
+            exact = cap(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        text_embeds=batch["text_embeds"]).loss
+            half = cap(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       text_embeds=batch["text_embeds"].half().float()).loss
+        tasks["images"].close()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    n = len(data)
+    out = {"samples": n, "batch_size": b, "level": args.level, "steps_each": args.steps,
+           "threads": torch.get_num_threads(), "num_workers": args.num_workers,
+           "images_step_s": round(med["images"], 4), "cached_step_s": round(med["cached"], 4),
+           "speedup": round(med["images"] / med["cached"], 3), "build_s": round(build_s, 1),
+           "build_s_per_10k": round(build_s * 10_000 / n, 1), "cache_mb": round(disk / 2**20, 1),
+           "fp16_loss_change": abs(half.item() - exact.item()) / exact.item()}
+    print(f"stage-2 step at {args.level}, batch {b}, {out['threads']} threads, {args.num_workers} decoding "
+          f"workers, median of {args.steps} interleaved steps each:")
+    print(f"  images (E and T run): {med['images']:.3f} s   cached c: {med['cached']:.3f} s   "
+          f"speed-up {out['speedup']:.2f}x")
+    print(f"  cache build over {n} images: {build_s:.1f} s ({out['build_s_per_10k']:.0f} s per 10,000), "
+          f"{out['cache_mb']:.0f} MiB fp32; fp16 rows would move the first batch's loss by "
+          f"{out['fp16_loss_change']:.2e} (relative)")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -175,13 +243,24 @@ def main(argv: list[str] | None = None) -> int:
         else:
             t.add_argument("--levels", nargs="+", type=_level_tag, default=["mlp", "mlp+llm", "mlp+llm+encoder"],
                            help="variants: mlp, mlp+llm, mlp+llm+encoder, mlp+loraR, mlp+loraR+encoder")
+    c = sub.add_parser("cache")
+    c.add_argument("--data", type=Path, required=True, help="image-caption folder (e.g. vlv data shapes --n 1000)")
+    c.add_argument("--stage1", default="shapes-stage1")
+    c.add_argument("--lm", default="shapes-lm")
+    c.add_argument("--teacher", default="shapes-teacher")
+    c.add_argument("--level", default="mlp+llm", choices=["mlp", "mlp+llm"])
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--steps", type=int, default=10, help="timed steps of each variant")
+    c.add_argument("--num-workers", type=int, default=0,
+                   help="decoding workers of the image variant and the build (0: decoding counts in the step)")
     s = sub.add_parser("speed")
     s.add_argument("--run", required=True, help="stage-2 run dir or shipped name (shapes-stage2)")
     s.add_argument("--n", type=int, default=64)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    write_result(args.json, {"accuracy": accuracy, "levels": levels, "table7": table7, "speed": speed}[args.cmd](args))
+    write_result(args.json, {"accuracy": accuracy, "levels": levels, "table7": table7, "speed": speed,
+                                 "cache": cache}[args.cmd](args))
     return 0
 
 

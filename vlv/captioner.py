@@ -176,8 +176,20 @@ class Captioner(nn.Module):
 
     def _z(self, z: torch.Tensor | None, pixel_values: torch.Tensor | None) -> torch.Tensor:
         if (z is None) == (pixel_values is None):
-            raise ValueError("pass exactly one of z and pixel_values")
+            raise ValueError("pass exactly one of z, pixel_values and text_embeds")
         return z if z is not None else self.embed_images(pixel_values)
+
+    def _prefix_of(self, z: torch.Tensor | None, pixel_values: torch.Tensor | None,
+                   text_embeds: torch.Tensor | None) -> torch.Tensor:
+        """e (B, Nq, d_LM) from exactly one of z, images, or c = T(z) itself (``text_embeds``: cached, so E and T
+        do not run)."""
+        if text_embeds is None:
+            return self.prefix(self._z(z, pixel_values))
+        if z is not None or pixel_values is not None:
+            raise ValueError("pass exactly one of z, pixel_values and text_embeds")
+        if torch.is_grad_enabled() and self.encoder_trains:
+            raise ValueError("text_embeds skip the encoder, which trains at this level: pass pixel_values")
+        return self.psi(text_embeds)  # (B, Nq, d_LM)
 
     # ------------------------------------------------------------------------------------------ loss
     def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -192,9 +204,10 @@ class Captioner(nn.Module):
         return {"input_ids": ids, "attention_mask": mask}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, z: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None,
-                num_items_in_batch: torch.Tensor | None = None) -> CausalLMOutputWithPast:
-        """The stage-2 loss of captions (``tokenize`` output) given z or images; ``.loss`` and ``.logits``.
+                pixel_values: torch.Tensor | None = None, num_items_in_batch: torch.Tensor | None = None,
+                text_embeds: torch.Tensor | None = None) -> CausalLMOutputWithPast:
+        """The stage-2 loss of captions (``tokenize`` output) given z, images, or c = T(z) (``text_embeds``
+        (B, Nq, d_T), a frozen encoder's cached output); ``.loss`` and ``.logits``.
 
         ``num_items_in_batch``: the loss is the token sum over it (transformers' convention, e.g. all ranks'
         caption tokens) instead of this batch's token mean.
@@ -202,7 +215,7 @@ class Captioner(nn.Module):
         Logits are kept from the last prefix position on, (B, 1 + L, V): the Nq - 1 earlier prefix positions
         have no label, and at full scale their logits (Nq x 151936 per sample) would dominate memory.
         """
-        e = self.prefix(self._z(z, pixel_values))  # (B, Nq, d_LM)
+        e = self._prefix_of(z, pixel_values, text_embeds)  # (B, Nq, d_LM)
         b, nq = e.shape[:2]
         tokens = self.lm.get_input_embeddings()(input_ids)  # (B, L, d_LM)
         embeds = torch.cat([e, tokens.to(e.dtype)], dim=1)  # (B, Nq + L, d_LM)
@@ -216,7 +229,8 @@ class Captioner(nn.Module):
     # ------------------------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate_ids(self, z: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                     num_beams: int | None = None, max_new_tokens: int | None = None) -> torch.Tensor:
+                     num_beams: int | None = None, max_new_tokens: int | None = None,
+                     text_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) of the new tokens only, through EOS; stock ``generate(inputs_embeds=e)``.
 
         Finished rows are filled after their EOS with pad_token_id by greedy search, with EOS by transformers 5's
@@ -229,7 +243,7 @@ class Captioner(nn.Module):
         emit EOS then returns a beam that skipped a word (it ended one step sooner) over the better one
         still running.
         """
-        e = self.prefix(self._z(z, pixel_values))  # (B, Nq, d_LM)
+        e = self._prefix_of(z, pixel_values, text_embeds)  # (B, Nq, d_LM)
         mask = torch.ones(e.shape[:2], dtype=torch.long, device=e.device)  # (B, Nq)
         return self.lm.generate(inputs_embeds=e, attention_mask=mask, do_sample=False,
                                 num_beams=num_beams or self.config.num_beams,

@@ -16,9 +16,9 @@ from typing import Literal
 from vlv.errors import InvalidInput
 
 CONFIGS = Path(__file__).parent / "configs"  # architecture JSONs, by stem (open_clip's model_configs)
-# Caches of what stage 1 freezes (vlv.data.caches): images per forward of the frozen part, and rows per shard
+# Caches of what training freezes (vlv.data.caches): images per forward of the frozen part, and rows per shard
 # (a multiple of every batch size, so batches never straddle shards).
-CACHE_BATCH_SIZE = {"latents": 128, "vision": 32}
+CACHE_BATCH_SIZE = {"latents": 128, "vision": 32, "text_embeds": 32}
 CACHE_SHARD_ROWS = 4096
 
 

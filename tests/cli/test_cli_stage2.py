@@ -39,3 +39,6 @@ def test_cli_lm_stage2_caption(tiny_teacher, shapes_data, tmp_path):
     r = _cli("train", "stage2", "--encoder", tmp_path / "s1", "--lm", tmp_path / "lm", "--decoder", tiny_teacher,
              "--data", train, "--out", tmp_path / "s4", "--trainable", "mlp", "--lora-rank", 4)
     assert r.returncode == 2 and "LoRA" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = _cli("train", "stage2", "--encoder", tmp_path / "s1", "--lm", tmp_path / "lm", "--decoder", tiny_teacher,
+             "--data", train, "--out", tmp_path / "s5", "--trainable", "mlp+llm+encoder", "--cache-text-embeds")
+    assert r.returncode == 2 and "mlp+llm+encoder" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -1,4 +1,4 @@
-"""``vlv data ...`` and ``vlv precompute ...``: make, inspect and convert datasets, and cache what stage 1 freezes."""
+"""``vlv data ...`` and ``vlv precompute ...``: make, inspect and convert datasets, and cache what training freezes."""
 
 from __future__ import annotations
 
@@ -34,13 +34,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_shards)
 
-    pre = sub.add_parser("precompute", help="cache what stage 1 keeps frozen, once, for any number of runs")
+    pre = sub.add_parser("precompute", help="cache what a stage keeps frozen, once, for any number of runs")
     pre_sub = pre.add_subparsers(dest="precompute_command", required=True, metavar="WHAT")
     for what, help_text in (("latents", "the VAE's posteriors (mean, std) per image, fp16"),
-                            ("vision", "the frozen vision tower's features per image, fp16 (frozen towers only)")):
+                            ("vision", "the frozen vision tower's features per image, fp16 (frozen towers only)"),
+                            ("text-embeds", "stage 2's c = T(E(x)) per image, fp32, for runs at level mlp or "
+                                            "mlp+llm")):
         p = pre_sub.add_parser(what, help=help_text + "; sharded, resumable, split over torchrun/accelerate ranks")
-        p.add_argument("--decoder", required=True, help="Stable Diffusion dir or shipped name: the stage-1 "
-                       "run's decoder (its VAE%s and resolution)" % ("" if what == "latents" else " is not run"))
+        if what == "text-embeds":
+            p.add_argument("--decoder", required=True, help="Stable Diffusion dir or shipped name: the stage-2 "
+                           "runs' decoder (only its text encoder T runs)")
+            p.add_argument("--encoder", required=True, help="the stage-2 runs' --encoder: a stage-1 run dir or "
+                           "shipped name (its image size is the cache's)")
+        else:
+            p.add_argument("--decoder", required=True, help="Stable Diffusion dir or shipped name: the stage-1 "
+                           "run's decoder (its VAE%s and resolution)" % ("" if what == "latents" else " is not run"))
         if what == "vision":
             p.add_argument("--encoder", required=True, help="stage-1 run dir, named encoder config or local "
                            "Florence-2 dir, as vlv train stage1 --encoder / --init take")
@@ -51,19 +59,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--data", required=True, help="image folder, tar shards or parquet, as --data of training")
         add_parquet_columns(p)
         p.add_argument("--out", type=writable_dir, required=True, help="cache dir (a re-run finishes it)")
-        p.add_argument("--image-size", type=positive_int, default=None, help="data resolution (default: the "
-                       "decoder's, as in training)")
-        p.add_argument("--batch-size", type=positive_int, default=CACHE_BATCH_SIZE[what],
-                       help=f"images per forward (default {CACHE_BATCH_SIZE[what]})")
+        kind = what.replace("-", "_")
+        if what != "text-embeds":
+            p.add_argument("--image-size", type=positive_int, default=None, help="data resolution (default: the "
+                           "decoder's, as in training)")
+        p.add_argument("--batch-size", type=positive_int, default=CACHE_BATCH_SIZE[kind],
+                       help=f"images per forward (default {CACHE_BATCH_SIZE[kind]})" + (
+                           "; the runs' per-process --batch-size, so the rows are the bits their steps compute"
+                           if what == "text-embeds" else ""))
         p.add_argument("--shard-rows", type=positive_int, default=CACHE_SHARD_ROWS,
                        help=f"samples per shard (default {CACHE_SHARD_ROWS})")
         p.add_argument("--num-workers", type=int, default=2, help="decoding workers (default 2)")
         p.add_argument("--on-bad-image", choices=["skip", "fail"], default="skip",
                        help="an unreadable image: an empty row (skipped in training) or stop (default skip)")
         p.add_argument("--precision", choices=["no", "bf16"], default="no",
-                       help="autocast of the vision tower, as the stage-1 run's --precision (default no)")
+                       help="autocast of the frozen model, as the runs' --precision (default no)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
-        p.set_defaults(func=cmd_precompute, what=what)
+        p.set_defaults(func=cmd_precompute, what=kind)
 
 
 def cmd_data_shapes(args: argparse.Namespace) -> None:
@@ -93,12 +105,21 @@ def cmd_data_shards(args: argparse.Namespace) -> None:
 
 def cmd_precompute(args: argparse.Namespace) -> None:
     from vlv.training.stage1 import precompute
+    from vlv.training.stage2 import precompute_text_embeds
 
     t0 = time.perf_counter()
-    done = precompute(args.what, args.decoder, args.data, args.out, encoder=getattr(args, "encoder", None),
-                      trainable=getattr(args, "trainable", "config"), seed=getattr(args, "seed", 0),
-                      image_size=args.image_size, batch_size=args.batch_size, shard_rows=args.shard_rows,
-                      num_workers=args.num_workers, on_bad_image=args.on_bad_image, precision=args.precision,
-                      image_column=args.image_column, caption_column=args.caption_column, progress=not args.quiet)
+    if args.what == "text_embeds":
+        done = precompute_text_embeds(args.decoder, args.encoder, args.data, args.out, batch_size=args.batch_size,
+                                      shard_rows=args.shard_rows, num_workers=args.num_workers,
+                                      on_bad_image=args.on_bad_image, precision=args.precision,
+                                      image_column=args.image_column, caption_column=args.caption_column,
+                                      progress=not args.quiet)
+    else:
+        done = precompute(args.what, args.decoder, args.data, args.out, encoder=getattr(args, "encoder", None),
+                          trainable=getattr(args, "trainable", "config"), seed=getattr(args, "seed", 0),
+                          image_size=args.image_size, batch_size=args.batch_size, shard_rows=args.shard_rows,
+                          num_workers=args.num_workers, on_bad_image=args.on_bad_image, precision=args.precision,
+                          image_column=args.image_column, caption_column=args.caption_column,
+                          progress=not args.quiet)
     print(f"rank {done.rank}/{done.world}: {args.what} cache of {done.samples} samples at {done.image_size} px in "
           f"{args.out} ({done.bad} bad image(s) left empty) in {time.perf_counter() - t0:.1f}s")

@@ -1,4 +1,5 @@
-"""Precomputed caches of what is frozen: the VAE's posteriors and the frozen vision tower's features, per sample.
+"""Precomputed caches of what is frozen, per sample: the VAE's posteriors and the frozen vision tower's features
+(stage 1), and c = T(E(x)) of a frozen encoder and T (stage 2, ``text_embeds``).
 
 A cache is a folder of safetensors shards, ``00000.safetensors``, ..., each holding ``shard_rows`` consecutive
 samples of the dataset (the last one fewer), written atomically, so a killed precompute keeps its finished shards
@@ -8,9 +9,9 @@ cache larger than RAM trains.
 
 Each cache carries a key (``cache.json`` and every shard's metadata): what it is of (``kind``), a hash of the
 model's config, a checksum of the weights that computed it, the data's fingerprint (sample count + a hash of the
-keys), the resolution and the dtype. Training compares that key with the one its own models and data give and
-refuses a cache that differs, naming the fields: a cache of other weights or other data never trains silently.
-A row whose image could not be read is zeros with ``ok`` 0; training skips it as a bad sample.
+keys), the resolution and the dtype it is stored in. Training compares that key with the one its own models and
+data give and refuses a cache that differs, naming the fields: a cache of other weights or other data never trains
+silently. A row whose image could not be read is zeros with ``ok`` 0; training skips it as a bad sample.
 
 A dataset held in memory (:class:`vlv.data.datasets.InMemory`, small data trained on whole) can cache its
 posteriors in one file instead (:func:`posteriors_file`), keyed and refused the same way.
@@ -35,6 +36,7 @@ from vlv.data.images import to_tensor
 from vlv.data.loader import row_loader
 from vlv.errors import InvalidInput
 from vlv.modeling import atomic_save_file, write_json
+from vlv.text_encoder import clip_from_embeds
 
 CACHE_FILE = "cache.json"
 CACHE_VERSION = 1
@@ -83,6 +85,27 @@ def vision_key(encoder: torch.nn.Module, dataset: Dataset, resolution: int) -> d
             "data": data_fingerprint(dataset), "resolution": resolution, "dtype": "float16", "version": CACHE_VERSION}
 
 
+def text_embeds_key(encoder: torch.nn.Module, text_encoder: torch.nn.Module, dataset: Dataset, resolution: int,
+                    precision: str = "no") -> dict[str, Any]:
+    """All of E and T (both frozen whole where this cache serves), the pixel pipeline and the step's autocast.
+
+    Stored fp32: a row is then the very c a step computes, so the cached path trains the same weights.
+    """
+    config = encoder.config
+    described = {"florence": _fields(encoder.florence.config.to_dict()), "image_size": config.image_size,
+                 "image_mean": list(config.image_mean), "image_std": list(config.image_std),
+                 "num_queries": config.num_queries, "prompt_ids": list(config.prompt_ids or []),
+                 "text_encoder": _fields(text_encoder.config.to_dict()), "precision": precision}
+    weights = tensors_checksum([encoder, text_encoder])
+    return {"kind": "text_embeds", "model": config_hash(described), "weights": weights,
+            "data": data_fingerprint(dataset), "resolution": resolution, "dtype": "float32", "version": CACHE_VERSION}
+
+
+def _fields(config: dict[str, Any]) -> dict[str, Any]:
+    """A transformers config's model fields: ``_name_or_path`` and the like say where it was read, not what it is."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
 def key_differences(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
     return [k for k in KEY_FIELDS if have.get(k) != want.get(k)]
 
@@ -108,21 +131,22 @@ def _shard_key(path: Path) -> dict[str, Any] | None:
         return None
 
 
-Compute = Callable[[torch.Tensor], dict[str, torch.Tensor]]  # uint8 images (B, H, W, 3) -> fp16 rows (B, ...)
+Compute = Callable[[torch.Tensor], dict[str, torch.Tensor]]  # uint8 images (B, H, W, 3) -> rows (B, ...)
 
 
 def write_cache(folder: str | Path, key: dict[str, Any], dataset: Dataset, compute: Compute, batch_size: int,
                 shard_rows: int = CACHE_SHARD_ROWS, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                 on_bad_image: Literal["skip", "fail"] = "skip", progress: bool = True) -> int:
-    """Write this rank's missing shards of ``compute`` over ``dataset`` (decoded at ``key['resolution']``);
-    returns the bad rows met. Finished shards (their key matching) are skipped, so a re-run resumes."""
+    """Write this rank's missing shards of ``compute`` over ``dataset`` (decoded at ``key['resolution']``, stored
+    as ``key['dtype']``); returns the bad rows met. Finished shards (their key matching) are skipped, so a re-run
+    resumes."""
     from tqdm.auto import tqdm
 
     if shard_rows <= 0 or batch_size <= 0:
         raise ValueError(f"shard_rows and batch_size must be positive, got {shard_rows}, {batch_size}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    meta_path, n = folder / CACHE_FILE, len(dataset)
+    meta_path, n, dtype = folder / CACHE_FILE, len(dataset), getattr(torch, key["dtype"])
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         _refuse(folder, meta["key"], key)
@@ -145,8 +169,8 @@ def write_cache(folder: str | Path, key: dict[str, Any], dataset: Dataset, compu
             at = batch["indices"] - start
             for name, t in rows.items():
                 if name not in parts:
-                    parts[name] = torch.zeros((stop - start, *t.shape[1:]), dtype=torch.float16)
-                parts[name][at] = t.to(torch.float16).cpu()
+                    parts[name] = torch.zeros((stop - start, *t.shape[1:]), dtype=dtype)
+                parts[name][at] = t.to(dtype).cpu()
             ok[at] = 1
         tensors = {**{k: v.contiguous() for k, v in parts.items()}, "ok": ok}
         atomic_save_file(tensors, _shard_path(folder, s),
@@ -186,9 +210,36 @@ def vision_rows(encoder: torch.nn.Module) -> Compute:
     return compute
 
 
+def text_embeds_rows(encoder: torch.nn.Module, text_encoder: torch.nn.Module, batch_size: int | None = None
+                     ) -> Compute:
+    """c = T(E(x)) (B, Nq, d_T), both in eval mode as a stage-2 step runs them frozen (no dropout).
+
+    With ``batch_size`` (the step's) a shorter batch is padded to it: kernels may round differently at another
+    batch shape, and at the step's shape a row is the very c the step would compute.
+    """
+    device = next(encoder.parameters()).device
+
+    def compute(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        n = len(images)
+        if batch_size is not None and n < batch_size:
+            images = torch.cat([images, images[-1:].expand(batch_size - n, *images.shape[1:])])  # (batch_size, ...)
+        modes = encoder.training, text_encoder.training
+        encoder.eval()
+        text_encoder.eval()
+        with torch.no_grad():
+            z = encoder(encoder.normalize(to_tensor(images.numpy()).to(device)))  # (B, Nq, d_T)
+            c = clip_from_embeds(text_encoder, z)  # (B, Nq, d_T)
+        encoder.train(modes[0])
+        text_encoder.train(modes[1])
+        return {"text_embeds": c[:n]}
+
+    return compute
+
+
 # ----------------------------------------------------------------------------------------------------- read
 class Cache:
-    """A finished cache, memory-mapped; ``cache[idx]`` is {name: (B, ...) fp16} and ``cache.ok`` (N,) bool."""
+    """A finished cache, memory-mapped; ``cache[idx]`` is {name: (B, ...) in the key's dtype} and ``cache.ok``
+    (N,) bool."""
 
     def __init__(self, folder: str | Path, want: dict[str, Any] | None = None):
         self.folder = Path(folder)

@@ -68,6 +68,10 @@ class Dataset(ABC):
         """Every sample's key in order, without decoding: what a cache's data fingerprint hashes."""
         return [self.read(i).key for i in range(len(self))]
 
+    def caption(self, i: int) -> str | None:
+        """Sample ``i``'s caption, its image never decoded: what a step that reads cached image rows needs."""
+        return self.read(i).caption
+
     def require_size(self, size: int) -> None:
         """Raise unless the samples can be decoded at ``size`` px (any, unless decoded already)."""
         return None
@@ -101,6 +105,9 @@ class FolderDataset(Dataset):
 
     def sample_keys(self) -> list[str]:
         return [_folder_key(r.image) for r in self.records]
+
+    def caption(self, i: int) -> str | None:
+        return self.records[self._check(i)].caption
 
 
 def _folder_key(image: str) -> str:

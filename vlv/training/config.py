@@ -168,10 +168,24 @@ class Stage2Settings:
     caption_column: str = field(default="caption", metadata={"help": "parquet data: the caption column"})
     on_bad_image: Literal["skip", "fail"] = field(default="skip", metadata={
         "help": "an unreadable image: skip it (counted in the run dir's data.json) or stop naming it"})
+    cache_text_embeds: bool | None = field(default=None, metadata={
+        "help": "cache c = T(E(x)) per image once (the run dir's text_embeds/, Nq x d_T fp32 per image), so no step "
+                "decodes an image or runs the frozen encoder and T; none: on at the levels that freeze the "
+                "encoder (mlp, mlp+llm)"})
+    text_embeds_cache: str | None = field(default=None, metadata={
+        "help": "the text_embeds/ cache of another stage-2 run, instead of one in this run dir; refused unless made "
+                "from this encoder, T, data, resolution and precision"})
 
     def __post_init__(self) -> None:
         _check_data(self.num_workers, self.on_bad_image)
         check_lora(self.trainable, self.lora_rank)  # before anything loads: a bad flag fails at once
+
+    @property
+    def caches_text_embeds(self) -> bool:
+        """Whether the run reads c = T(E(x)) from a cache (checked against the level by ``prepare_stage2``)."""
+        if self.text_embeds_cache is not None:
+            return True
+        return self.cache_text_embeds if self.cache_text_embeds is not None else self.trainable != "mlp+llm+encoder"
 
 
 @dataclass

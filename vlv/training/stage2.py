@@ -2,11 +2,14 @@
 
 The task supplies the loop (``vlv.training.loop``) with the captioner as the trainable module (psi, and the LLM and
 the encoder's trainable parts at the higher levels) and the loss of ``vlv.captioner``: z = E(x) from the
-stage-1 encoder, e = psi(T(z)), cross-entropy of caption + EOS after the prefix e.
+stage-1 encoder, e = psi(T(z)), cross-entropy of caption + EOS after the prefix e. At the levels that freeze the
+encoder (mlp, mlp+llm) c = T(E(x)) is cached once per image (``text_embeds/``, :mod:`vlv.data.caches`), so a step
+reads its rows and captions and never decodes an image.
 
 A run dir is self-describing: ``stage2.json`` (decoder, the stage-1 run dir, the LM source, data, settings, the
 resolved recipe), the captioner (``captioner.json``, which names its frozen sources, + safetensors of what
-trained; ``Captioner.from_pretrained(run)`` loads it alone), and ``checkpoint/`` while training.
+trained; ``Captioner.from_pretrained(run)`` loads it alone), ``checkpoint/`` while training, and ``text_embeds/``
+when c was cached in the run (``--text-embeds-cache`` names another run's instead).
 The stage-1 run is only read: at level mlp+llm+encoder the fine-tuned encoder weights go into this run's
 captioner weights, so the stage-1 encoder that reconstructs images stays as it was.
 """
@@ -19,24 +22,30 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from accelerate import PartialState
 from transformers import PreTrainedTokenizerBase
 
 from vlv.captioner import Captioner, CaptionerConfig
-from vlv.checks import check_checkpoints, require_data
+from vlv.checks import check_checkpoints, require_data, require_dirs
+from vlv.config import CACHE_BATCH_SIZE, CACHE_SHARD_ROWS
+from vlv.data.caches import Cache
 from vlv.data.datasets import Dataset, FolderDataset, InMemory, open_dataset
 from vlv.data.images import to_tensor
+from vlv.data.sampling import step_indices
 from vlv.encoder import VLVEncoder
 from vlv.errors import InvalidInput
 from vlv.lm import check_lm_source, is_lm_dir
 from vlv.modeling import write_json
 from vlv.shipped import is_shipped, resolve_decoder, resolve_encoder
 from vlv.text_encoder import load_text_encoder
+from vlv.training.caches import build_cache, run_text_embeds_cache
 from vlv.training.config import Stage2Settings, TrainConfig
-from vlv.training.data import StepImages
+from vlv.training.data import StepImages, drop_bad_rows
 from vlv.training.draws import Draws
 from vlv.training.loop import Loss, global_batch, make_accelerator, train
 from vlv.training.resume import check_request
 from vlv.training.sharding import shard
+from vlv.training.stage1 import Precomputed
 
 STAGE2_FILE = "stage2.json"
 Evaluator = Callable[[Captioner], dict[str, float]]
@@ -46,43 +55,69 @@ class Stage2Task:
     """Trainable: the captioner at its level. Loss: caption + EOS cross-entropy after the prefix psi(T(E(x))).
 
     ``data`` is a :mod:`vlv.data.datasets` dataset (decoded by ``num_workers`` workers; an :class:`InMemory` one
-    is decoded already); every sample needs a caption.
+    is decoded already); every sample needs a caption. ``text_embeds`` (a frozen encoder only) is a cache of
+    c = T(E(x)) over ``data``: a step then reads its rows and captions, never the images.
     """
 
     name = "stage2"
 
     def __init__(self, captioner: Captioner, data: Dataset, seed: int = 0, evaluator=None,
-                 num_workers: int = 0, on_bad_image: Literal["skip", "fail"] = "skip"):
+                 num_workers: int = 0, on_bad_image: Literal["skip", "fail"] = "skip",
+                 text_embeds: Cache | None = None):
         if captioner.encoder is None:
             raise ValueError("stage 2 trains from images: the captioner needs the stage-1 encoder")
+        if text_embeds is not None and captioner.encoder_trains:
+            raise ValueError("the encoder trains at this level, so T(E(x)) changes every step: nothing to cache")
+        if text_embeds is not None and len(text_embeds) != len(data):
+            raise ValueError(f"the text_embeds cache holds {len(text_embeds)} rows for {len(data)} samples")
         if isinstance(data, InMemory):
             data.captions  # noqa: B018 -- raises at once on a folder with images but no captions
         elif isinstance(data, FolderDataset) and any(r.caption is None for r in data.records):
             raise ValueError(f"{data.folder} has images without captions")
         self.captioner, self.seed, self.evaluator = captioner, seed, evaluator
+        self.data, self.text_embeds, self.on_bad_image = data, text_embeds, on_bad_image
         self.images = StepImages(data, captioner.encoder.config.image_size, seed, num_workers, on_bad_image)
+        self.pixel_free = text_embeds is not None
 
     def trainable(self) -> torch.nn.Module:
         return self.captioner
 
     def batch(self, step: int, rank: int, batch_size: int, device: torch.device, world_size: int = 1
               ) -> dict[str, torch.Tensor]:
+        """Captions (tokenised) and the images, or their cached c: the same samples either way."""
+        if self.pixel_free:
+            return self._cached_batch(step, rank, batch_size, device, world_size)
         got = self.images.get(step, rank, world_size, batch_size)
         if not len(got["indices"]):
             raise ValueError(f"step {step}: every sample of the batch was bad")
-        missing = [i for i, c in zip(got["indices"].tolist(), got["captions"], strict=True) if c is None]
-        if missing:
-            raise ValueError(f"sample {self.images.where(missing[0])} has no caption: stage 2 needs captions")
-        batch = self.captioner.tokenize(got["captions"])  # (B, L) each
+        batch = self._tokenized(got["indices"].tolist(), got["captions"])
         batch["images"] = to_tensor(got["images"].numpy())  # (B, 3, H, W) in [-1, 1]
         return {k: v.to(device) for k, v in batch.items()}
+
+    def _cached_batch(self, step: int, rank: int, batch_size: int, device: torch.device, world_size: int
+                      ) -> dict[str, torch.Tensor]:
+        idx = step_indices(len(self.images), self.seed, step, rank, world_size, batch_size)
+        idx = idx[drop_bad_rows(idx, self.text_embeds.ok[idx], self.images, step, rank, self.on_bad_image)]
+        if not len(idx):
+            raise ValueError(f"step {step}: every sample of the batch was bad")
+        batch = self._tokenized(idx.tolist(), [self.data.caption(int(i)) for i in idx])
+        batch["text_embeds"] = self.text_embeds[idx]["text_embeds"].float()  # (B, Nq, d_T)
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def _tokenized(self, indices: list[int], captions: list[str | None]) -> dict[str, torch.Tensor]:
+        missing = [i for i, c in zip(indices, captions, strict=True) if c is None]
+        if missing:
+            raise ValueError(f"sample {self.images.where(missing[0])} has no caption: stage 2 needs captions")
+        return self.captioner.tokenize(captions)  # (B, L) each
 
     def loss(self, model, batch: dict[str, torch.Tensor], draws: Draws) -> Loss:
         """Cross-entropy, a mean over the caption tokens (+ EOS): the loop weighs every token of the global batch
         the same on any world size."""
-        pixel_values = self.captioner.encoder.normalize(batch["images"])  # (B, 3, S, S)
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     pixel_values=pixel_values).loss
+        if "text_embeds" in batch:
+            source = {"text_embeds": batch["text_embeds"]}
+        else:
+            source = {"pixel_values": self.captioner.encoder.normalize(batch["images"])}  # (B, 3, S, S)
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **source).loss
         return Loss(loss, batch["attention_mask"].sum())
 
     def evaluate(self, model) -> dict[str, float]:
@@ -134,6 +169,7 @@ def prepare_stage2(settings: Stage2Settings, cfg: TrainConfig, out: str | Path, 
     out = Path(out)
     require_data(settings.data)
     check_lm_source(settings.lm)
+    check_text_embeds(settings)
     # Shipped names stay names and dirs become absolute paths, so the run dir loads from anywhere.
     settings = replace(settings, decoder=_portable(settings.decoder, resolve_decoder),
                        encoder=_portable(settings.encoder, resolve_encoder),
@@ -143,9 +179,25 @@ def prepare_stage2(settings: Stage2Settings, cfg: TrainConfig, out: str | Path, 
         raise InvalidInput(f"{settings.data}: no samples")
     if dataset.read(0).caption is None:
         raise InvalidInput(f"{settings.data}: no captions (sample {dataset.where(0)} has none); stage 2 needs them")
+    if settings.text_embeds_cache is not None:
+        require_dirs(settings.text_embeds_cache)
+        Cache(settings.text_embeds_cache)  # made and finished: what it was made from is checked once the models load
+        settings = replace(settings, text_embeds_cache=str(Path(settings.text_embeds_cache).resolve()))
     check_checkpoints(out)
     check_request(out, STAGE2_FILE, {"settings": asdict(settings), "train": asdict(cfg)}, cfg)
     return Stage2Plan(settings, cfg, out, dataset, evaluator, tokenizer, recipe)
+
+
+def check_text_embeds(settings: Stage2Settings) -> None:
+    """Refuse a cache of c = T(E(x)) where the encoder trains (its c moves every step) or one both asked for and
+    refused."""
+    if settings.text_embeds_cache is not None and settings.cache_text_embeds is False:
+        raise InvalidInput(f"--text-embeds-cache {settings.text_embeds_cache} with --no-cache-text-embeds: "
+                           "pass one or the other")
+    if settings.caches_text_embeds and settings.trainable == "mlp+llm+encoder":
+        flag = "--text-embeds-cache" if settings.text_embeds_cache else "--cache-text-embeds"
+        raise InvalidInput(f"{flag}: at level mlp+llm+encoder the encoder trains, so T(E(x)) changes every step "
+                           "and cannot be cached; use level mlp or mlp+llm, or drop the flag")
 
 
 def train_stage2(settings: Stage2Settings, cfg: TrainConfig, out: str | Path, progress: bool = True,
@@ -166,8 +218,13 @@ def run_stage2(plan: Stage2Plan) -> Captioner | None:
     write_json(out / STAGE2_FILE, {"settings": asdict(settings), "train": asdict(cfg), "image_size": size,
                                    "samples": len(plan.dataset), "global_batch": global_batch(cfg, accelerator),
                                    **({"recipe": plan.recipe} if plan.recipe else {})})
+    text_embeds = None
+    if settings.caches_text_embeds:
+        text_embeds = run_text_embeds_cache(settings, captioner.encoder, captioner.text_encoder, plan.dataset, size,
+                                            out, accelerator, cfg.mixed_precision, cfg.batch_size,
+                                            progress=cfg.progress)
     task = Stage2Task(captioner, plan.dataset, seed=cfg.seed, evaluator=plan.evaluator,
-                      num_workers=settings.num_workers, on_bad_image=settings.on_bad_image)
+                      num_workers=settings.num_workers, on_bad_image=settings.on_bad_image, text_embeds=text_embeds)
     try:
         state = train(task, cfg, out, accelerator)
     finally:
@@ -177,6 +234,37 @@ def run_stage2(plan: Stage2Plan) -> Captioner | None:
         return None
     captioner.save_pretrained(out)
     return captioner
+
+
+def precompute_text_embeds(decoder: str | Path, encoder: str, data: str, out: str | Path,
+                           batch_size: int = CACHE_BATCH_SIZE["text_embeds"], shard_rows: int = CACHE_SHARD_ROWS,
+                           num_workers: int = 2, on_bad_image: Literal["skip", "fail"] = "skip",
+                           precision: Literal["no", "bf16"] = "no", image_column: str = "image",
+                           caption_column: str = "caption", progress: bool = True) -> Precomputed:
+    """Cache c = T(E(x)) once for any number of stage-2 runs at level mlp / mlp+llm (``--text-embeds-cache``) with
+    this decoder's T, stage-1 ``encoder``, data and ``precision`` (this process's shards). ``batch_size``: the runs'
+    per-process batch, so the rows are the bits their steps would compute. Inputs are checked before a model loads.
+    """
+    if num_workers < 0:
+        raise InvalidInput(f"--num-workers must be >= 0, got {num_workers}")
+    decoder_dir = resolve_decoder(decoder)
+    resolve_encoder(encoder)
+    require_data(data)
+    dataset = open_dataset(data, image_column, caption_column)
+    if not len(dataset):
+        raise InvalidInput(f"{data}: no samples")
+    state = PartialState()
+    text_encoder = load_text_encoder(decoder_dir).to(state.device)
+    vlv_encoder = VLVEncoder.from_pretrained(encoder).to(state.device)
+    if vlv_encoder.config.text_dim != text_encoder.config.hidden_size:
+        raise InvalidInput(f"{encoder} emits d_T = {vlv_encoder.config.text_dim}, {decoder}'s T takes "
+                           f"{text_encoder.config.hidden_size}")
+    size = vlv_encoder.config.image_size
+    autocast = torch.autocast(state.device.type, dtype=torch.bfloat16) if precision == "bf16" else None
+    bad = build_cache("text_embeds", out, dataset, size, state, encoder=vlv_encoder, text_encoder=text_encoder,
+                      batch_size=batch_size, shard_rows=shard_rows, num_workers=num_workers,
+                      on_bad_image=on_bad_image, autocast=autocast, progress=progress, precision=precision)
+    return Precomputed(state.process_index, state.num_processes, len(dataset), size, bad)
 
 
 def _portable(source: str, resolve) -> str:
