@@ -101,7 +101,8 @@ def check_images(paths: list[Path], skip_bad: bool = False) -> list[Path]:
             if not skip_bad:
                 raise BadImage(f"{e} (--skip-bad skips unreadable images)") from None
             bad.append(p)
-    good = [p for p in found if p not in set(bad)]
+    skipped = set(bad)
+    good = [p for p in found if p not in skipped]
     if bad:
         print(f"skipped {len(bad)} unreadable image(s) of {len(found)} (first {bad[0]})")
     if not good:

@@ -64,14 +64,15 @@ def build_cache(kind: Kind, folder: str | Path, dataset: Dataset, size: int, sta
                 batch_size: int | None = None, shard_rows: int = CACHE_SHARD_ROWS, num_workers: int = 0,
                 on_bad_image: Literal["skip", "fail"] = "skip",
                 autocast: contextlib.AbstractContextManager | None = None, progress: bool = True,
-                text_encoder: torch.nn.Module | None = None, precision: str = "no") -> int:
+                text_encoder: torch.nn.Module | None = None, precision: str = "no", key: dict | None = None) -> int:
     """Write this rank's missing shards of the ``kind`` cache (the VAE of ``decoder``, ``encoder``'s frozen
     tower, or ``encoder`` then ``text_encoder``, on the device they sit on); returns the bad images met. A re-run
     finishes a killed one. ``precision`` (text_embeds) names the ``autocast`` given, for the key; text_embeds are
-    computed ``batch_size`` at a time, a short batch padded (give the step's, for the step's bits)."""
+    computed ``batch_size`` at a time, a short batch padded (give the step's, for the step's bits). ``key``: the
+    :func:`cache_key` when the caller has it already (it hashes every weight and sample key, so it is made once)."""
     batch_size = batch_size or CACHE_BATCH_SIZE[kind]
     compute = _rows(kind, decoder, encoder, text_encoder, batch_size)
-    key = cache_key(kind, dataset, size, decoder, encoder, text_encoder, precision)
+    key = key or cache_key(kind, dataset, size, decoder, encoder, text_encoder, precision)
     with autocast or contextlib.nullcontext():
         return write_cache(folder, key, dataset, compute, batch_size, shard_rows, rank=state.process_index,
                            world_size=state.num_processes, num_workers=num_workers, on_bad_image=on_bad_image,
@@ -92,12 +93,13 @@ def run_caches(settings: Stage1Settings, decoder: DiffusionDecoder, encoder: VLV
         if kind == "vision":
             encoder.to(accelerator.device)
         folder = Path(given[kind]) if given[kind] else out / RUN_DIRS[kind]
+        key = cache_key(kind, dataset, size, decoder, encoder)
         if not given[kind]:
             build_cache(kind, folder, dataset, size, accelerator, decoder, encoder, num_workers=settings.num_workers,
-                        on_bad_image=settings.on_bad_image, progress=progress,
+                        on_bad_image=settings.on_bad_image, progress=progress, key=key,
                         autocast=accelerator.autocast() if kind == "vision" else None)  # vision: a step's precision
             accelerator.wait_for_everyone()
-        caches[kind] = Cache(folder, want=cache_key(kind, dataset, size, decoder, encoder))
+        caches[kind] = Cache(folder, want=key)
     return caches["latents"], caches["vision"]
 
 
@@ -112,8 +114,10 @@ def run_text_embeds_cache(settings: Stage2Settings, encoder: VLVEncoder, text_en
     if not given:
         encoder.to(accelerator.device)
         text_encoder.to(accelerator.device)
+    key = cache_key("text_embeds", dataset, size, None, encoder, text_encoder, precision)
+    if not given:
         build_cache("text_embeds", folder, dataset, size, accelerator, encoder=encoder, text_encoder=text_encoder,
                     batch_size=batch_size, num_workers=settings.num_workers, on_bad_image=settings.on_bad_image,
-                    progress=progress, autocast=accelerator.autocast(), precision=precision)
+                    progress=progress, autocast=accelerator.autocast(), precision=precision, key=key)
         accelerator.wait_for_everyone()
-    return Cache(folder, want=cache_key("text_embeds", dataset, size, None, encoder, text_encoder, precision))
+    return Cache(folder, want=key)
