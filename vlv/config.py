@@ -52,6 +52,8 @@ class EncoderConfig:
                 "one is read against the run dir first)."})
     image_size: int = field(default=768, metadata={"help": "square input side; Florence-2's processor uses 768"})
     num_queries: int = field(default=77, metadata={"help": "Nq learnable queries = caption-embedding length"})
+    # Kept with the architecture, as peft's LoraConfig keeps target_modules: it also says which tensors the
+    # checkpoint's model.safetensors holds and which come from the Florence-2 source.
     trainable: list[str] | Literal["all"] = field(default_factory=lambda: list(DEFAULT_TRAINABLE), metadata={
         "help": "parameter-name prefixes that train (the rest is frozen), or 'all'"})
     prompt: str = field(default="Describe with a paragraph what is shown in the image.", metadata={

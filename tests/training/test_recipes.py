@@ -187,3 +187,21 @@ def test_an_older_teacher_runs_flat_record_is_still_compared_on_resume():
     assert changed_settings(old, {"config": {}, **same.record()}) == []
     moved = teacher_recipe(settings=old["settings"], vae=old["vae"], unet={**old["unet"], "lr": 1e-4})
     assert changed_settings(old, {"config": {}, **moved.record()}) == ["unet.lr"]
+
+
+@pytest.mark.parametrize("settings, config, names", [
+    (Stage1Settings, "EncoderConfig", ("num_queries", "phi_init_gain")),
+    (Stage2Settings, "CaptionerConfig", ("trainable", "lora_rank", "max_new_tokens", "num_beams")),
+])
+def test_a_setting_that_is_a_model_config_field_says_what_the_config_says(settings, config, names):
+    from dataclasses import MISSING, fields
+
+    import vlv.config
+
+    source = {f.name: f for f in fields(getattr(vlv.config, config))}
+    for f in fields(settings):
+        if f.name in names:
+            want = source[f.name]
+            default = want.default if want.default is not MISSING else want.default_factory()
+            assert f.default == default, f.name
+            assert f.metadata["help"].startswith(want.metadata["help"]), f.name

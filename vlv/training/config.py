@@ -5,15 +5,23 @@ here, so the command line builds its flags from these fields at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
-from vlv.config import check_lora
+from vlv.config import TRAINABLE_LEVELS, CaptionerConfig, EncoderConfig, check_lora
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
     """A dataclass field with its help text: the CLI builds its flags from these (one declaration per setting)."""
     return field(default=default, metadata={"help": help, **meta})
+
+
+def _from(config: type, name: str, note: str = "", **meta: Any) -> Any:
+    """A setting that is a field of a model config: its default and help come from there, so the meaning is
+    declared once (``note`` adds what only training needs to say)."""
+    source = next(f for f in fields(config) if f.name == name)
+    default = source.default if source.default is not MISSING else source.default_factory()
+    return _f(default, source.metadata["help"] + (f"; {note}" if note else ""), **meta)
 
 
 def _check_data(num_workers: int, on_bad_image: str) -> None:
@@ -99,7 +107,7 @@ class Stage1Settings:
                                         "parquet; captions are not used"})
     encoder: str = field(default="florence2-large", metadata={
         "help": "named encoder config (vlv/configs/encoder-*.json: florence2-large, shapes) or a local Florence-2 dir"})
-    num_queries: int = field(default=77, metadata={"help": "number of learnable queries Nq", "flag": "--nq"})
+    num_queries: int = _from(EncoderConfig, "num_queries", flag="--nq")
     trainable: str = field(default="config", metadata={
         "help": "config: the encoder config's own set; official: queries + phi + Florence's language model; "
                 "all: everything", "choices": ("config", "official", "all")})
@@ -127,9 +135,8 @@ class Stage1Settings:
     init: str | None = field(default=None, metadata={
         "help": "start from this stage-1 run's (or shipped name's) encoder weights with a fresh optimizer and "
                 "schedule (same architecture; a smaller --nq takes its first Nq queries)"})
-    phi_init_gain: float | None = field(default=None, metadata={
-        "help": "scale phi's output layer by this at init, so z starts at the large norm trained encoders reach; "
-                "none: PyTorch's init; a recipe's value does not apply with --init", "moot_with": "init"})
+    phi_init_gain: float | None = _from(EncoderConfig, "phi_init_gain", "a recipe's value does not apply with --init",
+                                        moot_with="init")
 
     def __post_init__(self) -> None:
         _check_data(self.num_workers, self.on_bad_image)
@@ -154,13 +161,10 @@ class Stage2Settings:
     lm: str = field(metadata={"help": "causal LM dir (vlv train lm output, a local Qwen2.5 dir), an LM config "
                                       "(random init) or the shipped shapes-lm"})
     data: str = field(metadata={"help": "image-caption folder, tar shards or parquet (with captions)"})
-    trainable: str = field(default="mlp+llm+encoder", metadata={
-        "help": "mlp | mlp+llm | mlp+llm+encoder (paper Table 4 right)",
-        "choices": ("mlp", "mlp+llm", "mlp+llm+encoder")})
-    lora_rank: int = field(default=0, metadata={
-        "help": "0: the LLM trains in full at the llm levels; r > 0: rank-r LoRA adapters (peft) train instead"})
-    max_new_tokens: int = field(default=300, metadata={"help": "generation cap; captions are cut to it in training"})
-    num_beams: int = field(default=4, metadata={"help": "the captioner's default beam count"})
+    trainable: str = _from(CaptionerConfig, "trainable", choices=TRAINABLE_LEVELS)
+    lora_rank: int = _from(CaptionerConfig, "lora_rank")
+    max_new_tokens: int = _from(CaptionerConfig, "max_new_tokens")
+    num_beams: int = _from(CaptionerConfig, "num_beams")
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute the LLM's activations"})
     num_workers: int = field(default=2, metadata={
         "help": "DataLoader workers decoding images (0: on the training thread); batches do not depend on it"})
