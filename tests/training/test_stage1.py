@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,10 +11,11 @@ from PIL import Image
 from vlv.data.datasets import InMemory
 from vlv.data.records import read_records
 from vlv.decoder import DiffusionDecoder
+from vlv.diffusion import load_pipeline
 from vlv.encoder import VLVEncoder
 from vlv.shapes.metrics import stage1_evaluator
 from vlv.training.config import Stage1Settings, TrainConfig
-from vlv.training.stage1 import build_encoder, train_stage1
+from vlv.training.stage1 import build_encoder, frozen_decoder, train_stage1
 
 
 def _settings(teacher, data, **kw):
@@ -89,29 +91,35 @@ def test_a_models_config_hash_is_the_same_in_every_process():
     assert config_hash(a) == config_hash(b) != config_hash({**a, "latent_channels": 8})
 
 
-def test_gradient_checkpointing_is_active_on_the_frozen_unet(tiny_teacher):
-    """With checkpointing the frozen UNet keeps far fewer activations for backward, and gradients agree."""
-    decoder = DiffusionDecoder.from_pretrained(tiny_teacher)
-    z0 = torch.randn(2, 8, decoder.text_dim)
-    latents = torch.randn(2, decoder.vae.config.latent_channels, 16, 16)
-    saved, grads = {}, {}
+@pytest.mark.parametrize("unet_mode", ["eval", "train"])
+def test_gradient_checkpointing_is_active_on_the_frozen_unet(tiny_teacher, unet_mode):
+    """With checkpointing the frozen UNet keeps far fewer activations for backward, and the loss and z's gradients
+    are the same: diffusers checkpoints whenever grad is on, in eval mode (vlv's frozen decoder) as in train mode
+    (the official code's model.train() puts its frozen UNet there)."""
+    settings = Stage1Settings(decoder=str(tiny_teacher), data="x", gradient_checkpointing=True)
+    z0 = torch.randn(2, 8, 32)
+    latents = torch.randn(2, 4, 16, 16)
+    saved, losses, grads = {}, {}, {}
     for enabled in (False, True):
-        if enabled:
-            decoder.unet.enable_gradient_checkpointing()
+        pipe = load_pipeline(tiny_teacher)
+        decoder = frozen_decoder(pipe, replace(settings, gradient_checkpointing=enabled))
+        assert decoder.unet.is_gradient_checkpointing == enabled
+        decoder.unet.train(unet_mode == "train")
         total = [0]
 
         def pack(t, total=total):
             total[0] += t.numel() * t.element_size()
             return t
 
-        z = z0.clone().requires_grad_()
+        z = z0[..., :decoder.text_dim].clone().requires_grad_()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = decoder.loss(latents, z, torch.Generator().manual_seed(0))
+            loss = decoder.loss(latents[:, :decoder.vae.config.latent_channels], z, torch.Generator().manual_seed(0))
         loss.backward()
-        saved[enabled], grads[enabled] = total[0], z.grad
+        saved[enabled], losses[enabled], grads[enabled] = total[0], loss.detach(), z.grad
+        assert all(p.grad is None for p in decoder.parameters())
     assert saved[True] < 0.5 * saved[False]
-    assert torch.allclose(grads[True], grads[False], atol=1e-6)
-    assert all(p.grad is None for p in decoder.parameters())
+    assert torch.equal(losses[True], losses[False])
+    assert torch.allclose(grads[True], grads[False], atol=1e-6) and grads[True].abs().sum() > 0
 
 
 def _cli(*args):

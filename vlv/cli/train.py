@@ -84,8 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     stage("florence2", "pre-train the small shapes Florence-2 on object detection (<OD>)",
           "Florence-2 dir (transformers' native layout)", DetectionSettings, "inputs", cmd_train_florence2)
     stage("stage2", "teach a causal LM to read stage-1 embeddings out as captions", run_dir, Stage2Settings,
-          "inputs and method", cmd_train_stage2, val_help="shapes folder for periodic caption accuracy",
-          defaults={"decoder": "shapes-teacher"})
+          "inputs and method", cmd_train_stage2, val_help="shapes folder for periodic caption accuracy")
 
 
 # ------------------------------------------------------------------------------------------- train
