@@ -252,3 +252,40 @@ def test_vision_cache_shards_resume_and_read_rows(shapes_data, tmp_path):
     with torch.no_grad():
         want = enc.eval().image_features(enc.normalize(to_tensor(data.images[idx])))
     assert len(cache) == len(data) and torch.allclose(cache[idx]["features"].float(), want, atol=1e-2, rtol=1e-2)
+
+
+def test_a_cache_says_its_size_and_is_refused_where_it_does_not_fit(tiny_teacher, shapes_data, tmp_path,
+                                                                     monkeypatch, capsys):
+    """Before its first shard a cache prints its size (from a row computed on a blank image) and the free disk,
+    and refuses in one line a disk it does not fit, leaving nothing behind."""
+    from collections import namedtuple
+
+    from vlv.cli import main
+    from vlv.data import caches
+    from vlv.data.datasets import FolderDataset
+    from vlv.errors import InvalidInput
+
+    ds = FolderDataset(shapes_data["train"])
+    key = {"kind": "latents", "model": "m", "weights": "w", "data": "d", "resolution": 64, "dtype": "float16",
+           "version": 1}
+
+    def compute(images):
+        return {"mean": torch.zeros(len(images), 4, 8, 8), "std": torch.ones(len(images), 4, 8, 8)}
+
+    row = 2 * 4 * 8 * 8 * 2 + 1  # mean and std in fp16, and the ok flag
+    caches.write_cache(tmp_path / "c", key, ds, compute, 16, shard_rows=10, progress=False)
+    size = caches._size  # the print's units
+    out = capsys.readouterr().out
+    assert f"[cache latents] {len(ds)} samples x {size(row)} = {size(len(ds) * row)} on disk ({size(len(ds) * row)} " \
+           "left to write)" in out and "free at" in out, out
+    (tmp_path / "c" / "00001.safetensors").unlink()
+    disk = namedtuple("usage", "total used free")
+    monkeypatch.setattr(caches.shutil, "disk_usage", lambda path: disk(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(InvalidInput, match=f"needs {size(10 * row)} more, the disk has {size(1000)} free"):
+        caches.write_cache(tmp_path / "c", key, ds, compute, 16, shard_rows=10, progress=False)
+    assert not (tmp_path / "c" / "00001.safetensors").exists()
+    capsys.readouterr()
+    assert main(["precompute", "latents", "--decoder", str(tiny_teacher), "--data", str(shapes_data["train"]),
+                 "--out", str(tmp_path / "p"), "--num-workers", "0", "--quiet"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "vlv:" in line]  # past the loading bars
+    assert len(errors) == 1 and "--no-cache-latents" in errors[0] and not (tmp_path / "p").exists(), errors
