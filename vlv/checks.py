@@ -103,6 +103,44 @@ def check_text_encoder_dir(sd_dir: str | Path) -> Path:
     return path
 
 
+def same_text_encoder(a: str | Path, b: str | Path) -> bool:
+    """Whether two Stable-Diffusion-layout dirs hold the same text encoder T: the same dir, or T's config (its model
+    fields) and weight files equal byte for byte (a copy). Only T matters to stage 2; reads the files only when
+    the dirs differ."""
+    import filecmp
+
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    ta, tb = a / "text_encoder", b / "text_encoder"
+
+    def fields(folder: Path) -> dict:
+        return {k: v for k, v in _json(folder / "config.json").items() if not k.startswith("_")
+                and k not in ("transformers_version", "architectures", "torch_dtype", "dtype")}
+
+    weights = sorted(f.name for f in ta.iterdir() if f.suffix in WEIGHTS_SUFFIXES)
+    if fields(ta) != fields(tb) or weights != sorted(f.name for f in tb.iterdir() if f.suffix in WEIGHTS_SUFFIXES):
+        return False
+    return all(filecmp.cmp(ta / f, tb / f, shallow=False) for f in weights)
+
+
+def check_native_florence2(path: str | Path) -> Path:
+    """A Florence-2 dir vlv can load: transformers' native layout. The remote-code layout (microsoft/Florence-2-large
+    as downloaded: ``auto_map`` and a DaViT config in its config.json) would parse into a wrong-sized random
+    encoder, so it is refused in one line naming the converter."""
+    path = Path(path)
+    config = path / "config.json"
+    if not config.is_file():
+        return path  # the loader names what is missing
+    data = _json(config)
+    vision = data.get("vision_config") or {}
+    if "auto_map" in data or "dim_embed" in vision or vision.get("model_type") == "davit":
+        raise InvalidInput(f"{path} is a remote-code Florence-2 dir (config.json with auto_map, as downloaded from "
+                           f"the hub); vlv runs no remote code: convert it once with `vlv import-official florence2 "
+                           f"{path} --out DIR` and pass DIR")
+    return path
+
+
 def text_length(sd_dir: str | Path) -> int:
     """How many positions the decoder's text encoder has: the most embeddings z may hold (Nq)."""
     config = _json(Path(sd_dir) / "text_encoder" / "config.json")

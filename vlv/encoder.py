@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import Florence2Config, Florence2ForConditionalGeneration
 
+from vlv.checks import check_native_florence2
 from vlv.config import CONFIGS, IMAGENET_MEAN, IMAGENET_STD, EncoderConfig, list_configs, read_config
 from vlv.errors import InvalidInput
 from vlv.modeling import atomic_save_file, in_run_dir, load_trainable_state, trainable_state, write_json
@@ -58,7 +59,7 @@ def florence2_config(source: str | dict) -> Florence2Config:
 
 def load_florence2(path: str | Path) -> Florence2ForConditionalGeneration:
     """A native (transformers) Florence-2 checkpoint from a local dir or shipped name, in fp32; never a download."""
-    path = Path(resolve_florence2_name(str(path)))
+    path = check_native_florence2(resolve_florence2_name(str(path)))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no Florence-2 checkpoint at {path} (expected a local dir with config.json and "
                                 f"weights in transformers' native Florence2 format); configs for random init: "

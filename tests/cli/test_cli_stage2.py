@@ -21,9 +21,10 @@ def test_cli_lm_stage2_caption(tiny_teacher, shapes_data, tmp_path):
     assert r.returncode == 0, r.stderr
     r = _cli("train", "lm", "--data", train, "--out", tmp_path / "lm", "--steps", 3, "--batch-size", 4)
     assert r.returncode == 0, r.stderr
-    r = _cli("train", "stage2", "--encoder", tmp_path / "s1", "--lm", tmp_path / "lm", "--decoder", tiny_teacher,
+    r = _cli("train", "stage2", "--encoder", tmp_path / "s1", "--lm", tmp_path / "lm",  # s1's own decoder
              "--data", train, "--out", tmp_path / "s2", "--steps", 2, "--batch-size", 3, "--lora-rank", 4)
     assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "s2" / "stage2.json").read_text())["settings"]["decoder"] == str(tiny_teacher)
     assert json.loads((tmp_path / "s2" / "captioner.json").read_text())["config"]["lora_rank"] == 4
     r = _cli("caption", val, "--model", tmp_path / "s2", "--out", tmp_path / "caps.jsonl", "--num-beams", 1,
              "--max-new-tokens", 12, "--batch-size", 4)

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -97,6 +98,60 @@ def test_index_is_built_once_and_rebuilt_when_the_shard_changes(shards, tmp_path
     shard.write_bytes(shards[2].read_bytes())  # another shard's content in its place
     ds = TarShards([shard])
     assert idx.stat().st_mtime_ns != before and len(ds) == N - 16 and ds.read(0).key == "000016"
+
+
+def _copy_shards(shards, folder):
+    folder.mkdir()
+    for shard in shards:
+        (folder / shard.name).write_bytes(shard.read_bytes())
+    return sorted(folder.glob("*.tar"))
+
+
+def test_a_read_only_datasets_indexes_go_to_the_cache_dir_once(shards, tmp_path, monkeypatch):
+    """Indexes of shards in a folder vlv cannot write are built once into the cache dir and reused (the probe is
+    faked: tests may run as root, who writes anywhere)."""
+    from vlv.data import shards as shards_module
+
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    copies = _copy_shards(shards, data)
+    monkeypatch.setenv(shards_module.INDEX_CACHE_ENV, str(cache))
+    monkeypatch.setattr(shards_module, "_can_write", lambda folder: Path(folder) != data)
+    assert len(TarShards(copies)) == N
+    assert not any(index_path(s).exists() for s in copies)
+    saved = sorted(cache.glob("*.idx.json"))
+    assert len(saved) == len(copies) and all(shards_module.cached_index_path(s) in saved for s in copies)
+    monkeypatch.setattr(shards_module, "build_index", lambda shard: pytest.fail(f"{shard} indexed again"))
+    assert TarShards(copies).read(N - 1).key == f"{N - 1:06d}"
+
+
+def test_a_rank_that_does_not_build_waits_for_the_builders_index(shards, tmp_path, monkeypatch):
+    """Under a launcher local rank 0 indexes; rank 1 reads what it saved, and builds itself only when nothing
+    comes within the wait."""
+    import threading
+
+    from vlv.data import shards as shards_module
+
+    copies = _copy_shards(shards, tmp_path / "data")
+    build, save = shards_module.build_index, shards_module.save_index
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+
+    def rank0():
+        for shard in copies:
+            save(shard, build(shard))
+
+    calls = []
+    monkeypatch.setattr(shards_module, "build_index", lambda shard: calls.append(shard) or build(shard))
+    builder = threading.Timer(0.5, rank0)
+    builder.start()
+    try:
+        assert len(TarShards(copies)) == N and calls == []  # waited, built nothing
+    finally:
+        builder.join()
+    for shard in copies:
+        index_path(shard).unlink()
+    monkeypatch.setattr(shards_module, "INDEX_WAIT_S", 0.3)  # no builder at all: build after the wait
+    assert len(TarShards(copies)) == N and calls == copies
 
 
 def test_webdataset_members_json_captions_and_brace_patterns(tmp_path):

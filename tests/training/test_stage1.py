@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,10 +11,11 @@ from PIL import Image
 from vlv.data.datasets import InMemory
 from vlv.data.records import read_records
 from vlv.decoder import DiffusionDecoder
+from vlv.diffusion import load_pipeline
 from vlv.encoder import VLVEncoder
 from vlv.shapes.metrics import stage1_evaluator
 from vlv.training.config import Stage1Settings, TrainConfig
-from vlv.training.stage1 import build_encoder, train_stage1
+from vlv.training.stage1 import build_encoder, frozen_decoder, train_stage1
 
 
 def _settings(teacher, data, **kw):
@@ -89,29 +91,35 @@ def test_a_models_config_hash_is_the_same_in_every_process():
     assert config_hash(a) == config_hash(b) != config_hash({**a, "latent_channels": 8})
 
 
-def test_gradient_checkpointing_is_active_on_the_frozen_unet(tiny_teacher):
-    """With checkpointing the frozen UNet keeps far fewer activations for backward, and gradients agree."""
-    decoder = DiffusionDecoder.from_pretrained(tiny_teacher)
-    z0 = torch.randn(2, 8, decoder.text_dim)
-    latents = torch.randn(2, decoder.vae.config.latent_channels, 16, 16)
-    saved, grads = {}, {}
+@pytest.mark.parametrize("unet_mode", ["eval", "train"])
+def test_gradient_checkpointing_is_active_on_the_frozen_unet(tiny_teacher, unet_mode):
+    """With checkpointing the frozen UNet keeps far fewer activations for backward, and the loss and z's gradients
+    are the same: diffusers checkpoints whenever grad is on, in eval mode (vlv's frozen decoder) as in train mode
+    (the official code's model.train() puts its frozen UNet there)."""
+    settings = Stage1Settings(decoder=str(tiny_teacher), data="x", gradient_checkpointing=True)
+    z0 = torch.randn(2, 8, 32)
+    latents = torch.randn(2, 4, 16, 16)
+    saved, losses, grads = {}, {}, {}
     for enabled in (False, True):
-        if enabled:
-            decoder.unet.enable_gradient_checkpointing()
+        pipe = load_pipeline(tiny_teacher)
+        decoder = frozen_decoder(pipe, replace(settings, gradient_checkpointing=enabled))
+        assert decoder.unet.is_gradient_checkpointing == enabled
+        decoder.unet.train(unet_mode == "train")
         total = [0]
 
         def pack(t, total=total):
             total[0] += t.numel() * t.element_size()
             return t
 
-        z = z0.clone().requires_grad_()
+        z = z0[..., :decoder.text_dim].clone().requires_grad_()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = decoder.loss(latents, z, torch.Generator().manual_seed(0))
+            loss = decoder.loss(latents[:, :decoder.vae.config.latent_channels], z, torch.Generator().manual_seed(0))
         loss.backward()
-        saved[enabled], grads[enabled] = total[0], z.grad
+        saved[enabled], losses[enabled], grads[enabled] = total[0], loss.detach(), z.grad
+        assert all(p.grad is None for p in decoder.parameters())
     assert saved[True] < 0.5 * saved[False]
-    assert torch.allclose(grads[True], grads[False], atol=1e-6)
-    assert all(p.grad is None for p in decoder.parameters())
+    assert torch.equal(losses[True], losses[False])
+    assert torch.allclose(grads[True], grads[False], atol=1e-6) and grads[True].abs().sum() > 0
 
 
 def _cli(*args):
@@ -244,3 +252,40 @@ def test_vision_cache_shards_resume_and_read_rows(shapes_data, tmp_path):
     with torch.no_grad():
         want = enc.eval().image_features(enc.normalize(to_tensor(data.images[idx])))
     assert len(cache) == len(data) and torch.allclose(cache[idx]["features"].float(), want, atol=1e-2, rtol=1e-2)
+
+
+def test_a_cache_says_its_size_and_is_refused_where_it_does_not_fit(tiny_teacher, shapes_data, tmp_path,
+                                                                     monkeypatch, capsys):
+    """Before its first shard a cache prints its size (from a row computed on a blank image) and the free disk,
+    and refuses in one line a disk it does not fit, leaving nothing behind."""
+    from collections import namedtuple
+
+    from vlv.cli import main
+    from vlv.data import caches
+    from vlv.data.datasets import FolderDataset
+    from vlv.errors import InvalidInput
+
+    ds = FolderDataset(shapes_data["train"])
+    key = {"kind": "latents", "model": "m", "weights": "w", "data": "d", "resolution": 64, "dtype": "float16",
+           "version": 1}
+
+    def compute(images):
+        return {"mean": torch.zeros(len(images), 4, 8, 8), "std": torch.ones(len(images), 4, 8, 8)}
+
+    row = 2 * 4 * 8 * 8 * 2 + 1  # mean and std in fp16, and the ok flag
+    caches.write_cache(tmp_path / "c", key, ds, compute, 16, shard_rows=10, progress=False)
+    size = caches._size  # the print's units
+    out = capsys.readouterr().out
+    assert f"[cache latents] {len(ds)} samples x {size(row)} = {size(len(ds) * row)} on disk ({size(len(ds) * row)} " \
+           "left to write)" in out and "free at" in out, out
+    (tmp_path / "c" / "00001.safetensors").unlink()
+    disk = namedtuple("usage", "total used free")
+    monkeypatch.setattr(caches.shutil, "disk_usage", lambda path: disk(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(InvalidInput, match=f"needs {size(10 * row)} more, the disk has {size(1000)} free"):
+        caches.write_cache(tmp_path / "c", key, ds, compute, 16, shard_rows=10, progress=False)
+    assert not (tmp_path / "c" / "00001.safetensors").exists()
+    capsys.readouterr()
+    assert main(["precompute", "latents", "--decoder", str(tiny_teacher), "--data", str(shapes_data["train"]),
+                 "--out", str(tmp_path / "p"), "--num-workers", "0", "--quiet"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "vlv:" in line]  # past the loading bars
+    assert len(errors) == 1 and "--no-cache-latents" in errors[0] and not (tmp_path / "p").exists(), errors

@@ -42,10 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                             "mlp+llm")):
         p = pre_sub.add_parser(what, help=help_text + "; sharded, resumable, split over torchrun/accelerate ranks")
         if what == "text-embeds":
-            p.add_argument("--decoder", required=True, help="Stable Diffusion dir or shipped name: the stage-2 "
-                           "runs' decoder (only its text encoder T runs)")
+            p.add_argument("--decoder", default=None, help="Stable Diffusion dir or shipped name: the stage-2 "
+                           "runs' decoder (only its text encoder T runs; default: the stage-1 run's own)")
             p.add_argument("--encoder", required=True, help="the stage-2 runs' --encoder: a stage-1 run dir or "
-                           "shipped name (its image size is the cache's)")
+                           "shipped name")
         else:
             p.add_argument("--decoder", required=True, help="Stable Diffusion dir or shipped name: the stage-1 "
                            "run's decoder (its VAE%s and resolution)" % ("" if what == "latents" else " is not run"))
@@ -60,9 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_parquet_columns(p)
         p.add_argument("--out", type=writable_dir, required=True, help="cache dir (a re-run finishes it)")
         kind = what.replace("-", "_")
-        if what != "text-embeds":
-            p.add_argument("--image-size", type=positive_int, default=None, help="data resolution (default: the "
-                           "decoder's, as in training)")
+        p.add_argument("--image-size", type=positive_int, default=None, help="data resolution (default: " + (
+            "the stage-1 run's, else the encoder's, as stage 2 reads it)" if what == "text-embeds"
+            else "the decoder's, as in training)"))
         p.add_argument("--batch-size", type=positive_int, default=CACHE_BATCH_SIZE[kind],
                        help=f"images per forward (default {CACHE_BATCH_SIZE[kind]})" + (
                            "; the runs' per-process --batch-size, so the rows are the bits their steps compute"
@@ -113,7 +113,7 @@ def cmd_precompute(args: argparse.Namespace) -> None:
                                       shard_rows=args.shard_rows, num_workers=args.num_workers,
                                       on_bad_image=args.on_bad_image, precision=args.precision,
                                       image_column=args.image_column, caption_column=args.caption_column,
-                                      progress=not args.quiet)
+                                      progress=not args.quiet, image_size=args.image_size)
     else:
         done = precompute(args.what, args.decoder, args.data, args.out, encoder=getattr(args, "encoder", None),
                           trainable=getattr(args, "trainable", "config"), seed=getattr(args, "seed", 0),

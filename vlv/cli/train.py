@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train_sub = train.add_subparsers(dest="train_command", required=True, metavar="STAGE")
 
     def stage(name: str, help_text: str, out_help: str, settings: type, settings_title: str, func,
-              val_help: str | None = None, defaults: dict | None = None) -> None:
+              val_help: str | None = None) -> None:
         """A recipe-driven training command: --out, --recipe, then a flag per field of its settings and loop."""
         p = train_sub.add_parser(name, help=help_text)
         p.add_argument("--out", type=writable_dir, required=True, help=out_help)
@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--val", type=Path, default=None, help=val_help)
             p.add_argument("--eval-n", type=positive_int, default=200, help="val scenes per evaluation (default 200)")
         recipe_arg(p, name)
-        add_fields(p, settings, f"{settings_title} (recipe section 'settings')", defaults=defaults)
+        add_fields(p, settings, f"{settings_title} (recipe section 'settings')")
         add_fields(p, TrainConfig, "training loop (recipe section 'train')")
         p.set_defaults(func=func, settings_type=settings)
 
@@ -84,8 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     stage("florence2", "pre-train the small shapes Florence-2 on object detection (<OD>)",
           "Florence-2 dir (transformers' native layout)", DetectionSettings, "inputs", cmd_train_florence2)
     stage("stage2", "teach a causal LM to read stage-1 embeddings out as captions", run_dir, Stage2Settings,
-          "inputs and method", cmd_train_stage2, val_help="shapes folder for periodic caption accuracy",
-          defaults={"decoder": "shapes-teacher"})
+          "inputs and method", cmd_train_stage2, val_help="shapes folder for periodic caption accuracy")
 
 
 # ------------------------------------------------------------------------------------------- train

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -145,17 +146,21 @@ def write_cache(folder: str | Path, key: dict[str, Any], dataset: Dataset, compu
     if shard_rows <= 0 or batch_size <= 0:
         raise ValueError(f"shard_rows and batch_size must be positive, got {shard_rows}, {batch_size}")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     meta_path, n, dtype = folder / CACHE_FILE, len(dataset), getattr(torch, key["dtype"])
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         _refuse(folder, meta["key"], key)
         if meta["shard_rows"] != shard_rows:
             raise InvalidInput(f"{folder} was started with {meta['shard_rows']} rows per shard, not {shard_rows}")
-    elif rank == 0:
-        write_json(meta_path, {"key": key, "rows": n, "shard_rows": shard_rows})
     n_shards = -(-n // shard_rows)
-    todo = [s for s in range(rank, n_shards, world_size) if _shard_key(_shard_path(folder, s)) != key]
+    missing = [s for s in range(n_shards) if _shard_key(_shard_path(folder, s)) != key]
+    if missing:  # before anything is written: the size it will take, against the disk's free space
+        rows_left = sum(min(n, (s + 1) * shard_rows) - s * shard_rows for s in missing)
+        check_disk(folder, key["kind"], n, rows_left, row_nbytes(compute, key["resolution"], dtype), rank == 0)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not meta_path.exists() and rank == 0:
+        write_json(meta_path, {"key": key, "rows": n, "shard_rows": shard_rows})
+    todo = [s for s in missing if s % world_size == rank]
     bad = 0
     for s in tqdm(todo, desc=f"caching {key['kind']}", unit="shard", disable=not progress):
         start, stop = s * shard_rows, min(n, (s + 1) * shard_rows)
@@ -176,6 +181,40 @@ def write_cache(folder: str | Path, key: dict[str, Any], dataset: Dataset, compu
         atomic_save_file(tensors, _shard_path(folder, s),
                          metadata={"vlv_cache": json.dumps(key), "start": str(start), "rows": str(stop - start)})
     return bad
+
+
+def row_nbytes(compute: Compute, resolution: int, dtype: torch.dtype) -> int:
+    """Bytes one sample takes in a shard: its rows, computed once on a blank image, stored as ``dtype``, and its
+    ok flag (the exact shapes, whatever the model: latents, Nv visual tokens, Nq embeddings)."""
+    rows = compute(torch.zeros(1, resolution, resolution, 3, dtype=torch.uint8))
+    return sum(t[0].numel() for t in rows.values()) * dtype.itemsize + 1
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+# The flag that trains without a cache of each kind, for the refusal.
+WITHOUT = {"latents": "--no-cache-latents", "vision": "--no-cache-vision", "text_embeds": "--no-cache-text-embeds"}
+
+
+def check_disk(folder: Path, kind: str, rows: int, rows_left: int, row_bytes: int, announce: bool = True) -> None:
+    """Print what a cache will take and the free disk (``announce``); refuse in one line when what is left to
+    write does not fit (at 40M images a cache is terabytes: better said before the first shard than at the last)."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free, total, left = shutil.disk_usage(probe).free, rows * row_bytes, rows_left * row_bytes
+    if announce:
+        print(f"[cache {kind}] {rows} samples x {_size(row_bytes)} = {_size(total)} on disk ({_size(left)} left to "
+              f"write); {_size(free)} free at {probe}", flush=True)
+    if left > free:
+        raise InvalidInput(f"{folder}: the {kind} cache needs {_size(left)} more, the disk has {_size(free)} free: "
+                           f"free space, write it to another disk, or train without it ({WITHOUT[kind]})")
 
 
 def latents_rows(vae: torch.nn.Module) -> Compute:

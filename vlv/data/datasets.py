@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from vlv.data.images import BAD_IMAGE_ERRORS, IMAGE_EXTENSIONS, encoded_format, open_image, square
 from vlv.data.records import CAPTIONS, read_records
-from vlv.data.shards import TAR_IMAGE_EXTENSIONS, load_index
+from vlv.data.shards import TAR_IMAGE_EXTENSIONS, IndexWait, load_index
 from vlv.errors import BadImage, InvalidInput
 
 
@@ -139,8 +139,9 @@ class TarShards(Dataset):
             if not s.is_file():
                 raise FileNotFoundError(f"no such tar shard: {s}")
         keys, ext, image, txt, meta, counts = [], [], [], [], [], []
+        wait = IndexWait()  # a rank that does not build waits for the builder's indexes, shard after shard
         for s in self.shards:
-            index = load_index(s)
+            index = load_index(s, wait)
             keys += index["keys"]
             ext += [TAR_IMAGE_EXTENSIONS.index(e) for e in index["ext"]]
             image.append(_pairs(index["image"]))

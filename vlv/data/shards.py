@@ -2,16 +2,21 @@
 
 vlv indexes a shard itself, once, into ``<shard>.idx.json``: webdataset's own library only streams (no random
 access, resume left to the user), and ``wids`` copies shards into a cache; its idea (an index of member offsets,
-then plain seek + read) is what :class:`vlv.data.datasets.TarShards` does, without the dependency.
+then plain seek + read) is what :class:`vlv.data.datasets.TarShards` does, without the dependency. A shard in a
+folder vlv cannot write has its index in a cache dir instead (:func:`index_cache_dir`). Under a launcher
+(torchrun, accelerate) the local rank 0 of each node builds a missing index and the other ranks wait for it, so a
+dataset is indexed once, not once per rank.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import re
 import tarfile
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +34,8 @@ if TYPE_CHECKING:  # datasets reads the index; writing only takes one
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 INDEX_SUFFIX = ".idx.json"
 INDEX_VERSION = 1
+INDEX_CACHE_ENV = "VLV_INDEX_CACHE"
+INDEX_WAIT_S = 300.0  # how long another rank waits for the builder's next index before building it itself
 
 
 # ---------------------------------------------------------------------------------------------------- index
@@ -73,29 +80,98 @@ def build_index(shard: Path) -> dict[str, Any]:
             "txt": [samples[k].get("txt") for k in keys], "json": [samples[k].get("json") for k in keys]}
 
 
-def load_index(shard: Path) -> dict[str, Any]:
-    """The shard's saved index when it matches the shard's size and mtime; else built and saved (atomically)."""
-    path = index_path(shard)
-    st = shard.stat()
-    if path.exists():
+def index_cache_dir() -> Path:
+    """Where the indexes of shards in read-only folders go: ``$VLV_INDEX_CACHE``, else
+    ``$XDG_CACHE_HOME/vlv/tar-index`` (``~/.cache/vlv/tar-index``)."""
+    if os.environ.get(INDEX_CACHE_ENV):
+        return Path(os.environ[INDEX_CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlv" / "tar-index"
+
+
+def cached_index_path(shard: Path) -> Path:
+    """The shard's index in the cache dir, named by a hash of its absolute path (shards of two datasets may share
+    a name)."""
+    real = Path(shard).resolve()
+    return index_cache_dir() / f"{real.name}.{hashlib.sha256(str(real).encode()).hexdigest()[:16]}{INDEX_SUFFIX}"
+
+
+def _can_write(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _saved_index(shard: Path, st: os.stat_result) -> dict[str, Any] | None:
+    """A saved index of this very shard (its size and mtime), beside it or in the cache dir."""
+    for path in (index_path(shard), cached_index_path(shard)):
         try:
             index = json.loads(path.read_text())
-            if (index.get("version") == INDEX_VERSION and index.get("shard_bytes") == st.st_size
-                    and index.get("shard_mtime_ns") == st.st_mtime_ns):
-                return _warn_truncated(shard, index)
         except (json.JSONDecodeError, OSError):
-            pass  # torn or unreadable: rebuild
+            continue  # absent, torn or unreadable
+        if (index.get("version") == INDEX_VERSION and index.get("shard_bytes") == st.st_size
+                and index.get("shard_mtime_ns") == st.st_mtime_ns):
+            return index
+    return None
+
+
+def save_index(shard: Path, index: dict[str, Any]) -> Path | None:
+    """Write the index atomically beside the shard, or in the cache dir when the shard's folder is not writable;
+    None when neither can be written (then every open rebuilds it)."""
+    for path in (index_path(shard), cached_index_path(shard)):
+        if path.parent.exists() and not _can_write(path.parent):
+            continue
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks indexing at once never collide
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(index))
+            os.replace(tmp, path)
+            return path
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    return None
+
+
+def _builds_indexes() -> bool:
+    """Whether this process builds missing indexes: alone, or local rank 0 under a launcher (one per node, since
+    nodes may read their own copies of the data)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1))) < 2 or \
+        int(os.environ.get("LOCAL_RANK", 0)) == 0
+
+
+class IndexWait:
+    """A non-building rank's patience over the shards of one dataset: it waits for the builder while the builder
+    makes progress (each index it finds restarts the clock), then builds what is still missing itself."""
+
+    def __init__(self, seconds: float | None = None):
+        self.seconds = INDEX_WAIT_S if seconds is None else seconds
+        self.deadline = time.monotonic() + self.seconds
+
+    def for_index(self, shard: Path, st: os.stat_result) -> dict[str, Any] | None:
+        while True:
+            index = _saved_index(shard, st)
+            if index is not None:
+                self.deadline = time.monotonic() + self.seconds
+                return index
+            if time.monotonic() > self.deadline:
+                return None
+            time.sleep(0.2)
+
+
+def load_index(shard: Path, wait: IndexWait | None = None) -> dict[str, Any]:
+    """The shard's saved index when it matches the shard's size and mtime (beside it or in the cache dir); else
+    built and saved (atomically) by this process, or, on a rank that does not build, waited for (``wait``: one
+    clock over a dataset's shards)."""
+    st = shard.stat()
+    index = _saved_index(shard, st)
+    if index is None and not _builds_indexes():
+        index = (wait or IndexWait()).for_index(shard, st)
+    if index is not None:
+        return _warn_truncated(shard, index)
     try:
         index = build_index(shard)
     except tarfile.TarError as e:
         raise InvalidInput(f"{shard}: not a readable tar ({e})") from None
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks indexing at once never collide
-    try:
-        tmp.write_text(json.dumps(index))
-        os.replace(tmp, path)
-    except OSError as e:  # a read-only dataset: use the index without saving it
-        tmp.unlink(missing_ok=True)
-        warnings.warn(f"cannot save the index of {shard} ({e.strerror or e}); rebuilt on every open", stacklevel=2)
+    if save_index(shard, index) is None:
+        warnings.warn(f"cannot save the index of {shard} beside it nor in {index_cache_dir()} (set "
+                      f"{INDEX_CACHE_ENV} to a writable folder); rebuilt on every open", stacklevel=2)
     return _warn_truncated(shard, index)
 
 

@@ -152,15 +152,22 @@ class Stage1Settings:
 class Stage2Settings:
     """What a stage-2 run is made from; saved in stage2.json so the run dir describes itself.
 
-    ``decoder``, ``encoder``, ``lm`` and ``data`` name the run's inputs; the other fields are the method's
+    ``encoder``, ``lm``, ``data`` and ``decoder`` name the run's inputs; the other fields are the method's
     settings, which a recipe (``vlv/recipes/stage2/*.json``, section ``settings``) fixes and flags override.
+    ``prepare_stage2`` fills ``decoder`` and ``image_size`` from the stage-1 run when they are not given.
     """
 
-    decoder: str = field(metadata={"help": "Stable Diffusion dir or shipped name: only its text encoder T is loaded"})
     encoder: str = field(metadata={"help": "stage-1 run dir (never modified) or shipped name (shapes-stage1)"})
     lm: str = field(metadata={"help": "causal LM dir (vlv train lm output, a local Qwen2.5 dir), an LM config "
                                       "(random init) or the shipped shapes-lm"})
     data: str = field(metadata={"help": "image-caption folder, tar shards or parquet (with captions)"})
+    decoder: str | None = field(default=None, metadata={
+        "help": "Stable Diffusion dir or shipped name whose text encoder T the stage-1 run trained against (only T "
+                "is loaded); none: the stage-1 run's own (its stage1.json; an imported run needs it given); "
+                "another one is refused"})
+    image_size: int | None = field(default=None, metadata={
+        "help": "data resolution (the encoder resizes to its own size); none: the stage-1 run's, else the "
+                "encoder's"})
     trainable: str = _from(CaptionerConfig, "trainable", choices=TRAINABLE_LEVELS)
     lora_rank: int = _from(CaptionerConfig, "lora_rank")
     max_new_tokens: int = _from(CaptionerConfig, "max_new_tokens")
@@ -183,6 +190,8 @@ class Stage2Settings:
     def __post_init__(self) -> None:
         _check_data(self.num_workers, self.on_bad_image)
         check_lora(self.trainable, self.lora_rank)  # before anything loads: a bad flag fails at once
+        if self.image_size is not None and self.image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
 
     @property
     def caches_text_embeds(self) -> bool:

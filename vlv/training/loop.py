@@ -139,7 +139,9 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
           clock: Clock = time.perf_counter) -> TrainState:
     """Train ``task`` into ``run`` (resuming from run/checkpoint when present); returns the final state.
 
-    On return the trainable module holds the final weights, or the EMA weights when cfg.ema_decay is set.
+    The trainable module trains in train mode (its own ``train()`` keeps frozen parts in eval) and evaluates in
+    eval mode. On return it is in eval mode and holds the final weights, or the EMA weights when cfg.ema_decay is
+    set.
     ``clock`` times the run (limits, budget, time-based checkpoints): tests pass a fake one.
     """
     run, accelerator = Path(run), accelerator or make_accelerator(cfg)
@@ -153,6 +155,9 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
     state = load_checkpoint(run, model, opt, ema) if has_checkpoint(run) else TrainState()
     run.mkdir(parents=True, exist_ok=True)
     model, opt = _prepare(accelerator, model, opt, ema, sharded=cfg.sharding != "ddp")
+    # from_pretrained leaves a model in eval mode: dropout off, and transformers' gradient checkpointing (active
+    # only in training mode) off. The modules' own train() keeps their frozen parts in eval.
+    model.train()
     r = _Run(task, cfg, run, accelerator, model, opt, params, ema, StopPolicy.of(cfg, state.planned_steps, clock))
     _announce(r, state)
     # 3. Steps until the policy, a signal or a non-finite loss ends the run.
@@ -187,6 +192,7 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
     state.done = r.policy.finished(state.step)
     if ema is not None:
         ema.copy_to([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad])
+    model.eval()  # handed back for saving and use, as from_pretrained would give it
     return state
 
 
@@ -304,6 +310,7 @@ def _agree(accelerator: Accelerator, bad_step: int, stop: bool, out_of_time: boo
 
 def _record_eval(r: _Run, state: TrainState, bar: tqdm) -> None:
     metrics = _evaluate(r.task, r.accelerator.unwrap_model(r.model), r.ema)
+    r.model.train()  # whatever modes the evaluation left behind (pipelines, generate), the steps train
     metrics.update(step=state.step, elapsed_s=round(state.elapsed_s, 2))
     state.history.append({"eval": metrics})
     bar.write(f"[{r.task.name}] step {state.step}: " + json.dumps(metrics))
@@ -321,17 +328,16 @@ def _save(r: _Run, state: TrainState) -> None:
 
 
 def _evaluate(task: Task, model: torch.nn.Module, ema: EMAModel | None) -> dict[str, float]:
-    """Evaluate with EMA weights when kept, then put the training weights back."""
+    """Evaluate in eval mode with EMA weights when kept, then put the training weights back (the caller puts the
+    model back in train mode)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if ema is not None:
         ema.store(params)
         ema.copy_to(params)
     try:
-        was_training = model.training
         model.eval()
         with torch.no_grad():
             metrics = task.evaluate(model)
-        model.train(was_training)
     finally:
         if ema is not None:
             ema.restore(params)

@@ -35,8 +35,8 @@ def check_request(run: Path, record_file: str, requested: dict[str, dict], cfg: 
     """What a training command checks before it loads anything: the launch fits the sharding, and a started run
     dir is resumed with its own settings."""
     if cfg.sharding != "ddp" and int(os.environ.get("WORLD_SIZE", 1)) < 2:
-        raise InvalidInput(f"--sharding {cfg.sharding} needs several processes: launch with torchrun or "
-                           "accelerate launch")
+        raise InvalidInput(f"sharding {cfg.sharding} (the recipe's or --sharding) needs several processes: launch "
+                           "with torchrun or accelerate launch, or pass --sharding ddp")
     check_resume(run, record_file, requested, cfg.resume == "override")
 
 

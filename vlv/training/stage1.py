@@ -23,8 +23,18 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from accelerate import PartialState
+from diffusers import StableDiffusionPipeline
 
-from vlv.checks import check_checkpoints, check_name_or_path, require_data, require_dirs, text_length, text_width
+from vlv.checks import (
+    check_checkpoints,
+    check_name_or_path,
+    check_native_florence2,
+    read_json,
+    require_data,
+    require_dirs,
+    text_length,
+    text_width,
+)
 from vlv.config import CACHE_SHARD_ROWS, DEFAULT_TRAINABLE, EncoderConfig, list_encoders
 from vlv.data.caches import Cache
 from vlv.data.datasets import Dataset, InMemory, open_dataset
@@ -36,7 +46,7 @@ from vlv.encoder import CONFIG_FILE as ENCODER_FILE
 from vlv.encoder import VLVEncoder, resolved_florence2
 from vlv.errors import InvalidInput
 from vlv.modeling import write_json
-from vlv.shipped import resolve_decoder, resolve_encoder
+from vlv.shipped import is_shipped, resolve_decoder, resolve_encoder
 from vlv.training.caches import KINDS, Kind, build_cache, run_caches
 from vlv.training.config import Stage1Settings, TrainConfig
 from vlv.training.data import StepImages, drop_bad_rows
@@ -155,7 +165,8 @@ def encoder_config(settings: Stage1Settings, text_dim: int) -> EncoderConfig:
         source = EncoderConfig(**json.loads((run / ENCODER_FILE).read_text())["config"])
         return replace(source, text_dim=text_dim, florence2=resolved_florence2(source, run), **overrides)
     if Path(settings.encoder).is_dir():
-        return EncoderConfig(text_dim=text_dim, florence2=str(Path(settings.encoder).resolve()), **overrides)
+        florence2 = check_native_florence2(settings.encoder)  # a remote-code dir: one line naming the converter
+        return EncoderConfig(text_dim=text_dim, florence2=str(florence2.resolve()), **overrides)
     return EncoderConfig.named(settings.encoder, text_dim, **overrides)
 
 
@@ -168,6 +179,20 @@ def check_settings(settings: Stage1Settings, config: EncoderConfig) -> None:
         flag = "--vision-cache" if settings.vision_cache else "--cache-vision"
         raise InvalidInput(f"{flag}: the vision tower of this encoder trains (trainable {settings.trainable!r}"
                            f" for {settings.encoder!r}), so its features cannot be cached")
+
+
+def frozen_decoder(pipe: StableDiffusionPipeline, settings: Stage1Settings) -> DiffusionDecoder:
+    """The frozen decoder a run with these settings trains against (UNet gradient checkpointing as asked: diffusers
+    checkpoints whenever grad is on, in train or eval mode, so gradients still reach z through the frozen UNet)."""
+    decoder = DiffusionDecoder(pipe)
+    if settings.gradient_checkpointing:
+        decoder.unet.enable_gradient_checkpointing()
+    return decoder
+
+
+def data_size(settings: Stage1Settings, decoder: DiffusionDecoder) -> int:
+    """The resolution images are read at (the VAE's input; the encoder resizes them to its own image_size)."""
+    return settings.image_size or decoder.image_size
 
 
 def build_encoder(settings: Stage1Settings, text_dim: int, seed: int) -> VLVEncoder:
@@ -264,16 +289,15 @@ def run_stage1(plan: Stage1Plan, progress: bool = True) -> VLVEncoder | None:
     out.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg)
     # The frozen decoder never goes through ``prepare`` (nothing of it trains), so it is placed here.
-    decoder = DiffusionDecoder(load_pipeline(plan.decoder)).to(accelerator.device)  # resolved by prepare_stage1
-    if settings.gradient_checkpointing:
-        decoder.unet.enable_gradient_checkpointing()
-    size = settings.image_size or decoder.image_size
+    decoder = frozen_decoder(load_pipeline(plan.decoder), settings).to(accelerator.device)  # resolved by prepare
+    size = data_size(settings, decoder)
     encoder = seeded_encoder(plan.encoder, cfg.seed)
     if settings.init:  # a resumed run's checkpoint then overwrites these weights with its own
         init_from(encoder, settings.init)
     batch = global_batch(cfg, accelerator)
+    decoder_source = settings.decoder if is_shipped(settings.decoder) else str(plan.decoder.resolve())
     write_json(out / STAGE1_FILE, {"settings": asdict(settings), "train": asdict(cfg), "image_size": size,
-                                   "samples": len(plan.dataset), "global_batch": batch,
+                                   "decoder": decoder_source, "samples": len(plan.dataset), "global_batch": batch,
                                    **({"recipe": plan.recipe} if plan.recipe else {})})
     latents, vision = run_caches(settings, decoder, encoder, plan.dataset, size, out, accelerator, progress)
     evaluator = plan.evaluator
@@ -290,6 +314,19 @@ def run_stage1(plan: Stage1Plan, progress: bool = True) -> VLVEncoder | None:
         return None
     encoder.save_pretrained(out)
     return encoder
+
+
+def stage1_record(encoder: str | Path) -> dict | None:
+    """The stage1.json of a stage-1 run dir or shipped name; None for an encoder dir without one (imported from the
+    official code, or saved by hand)."""
+    path = resolve_encoder(encoder) / STAGE1_FILE
+    return read_json(path) if path.is_file() else None
+
+
+def recorded_decoder(record: dict) -> str:
+    """The decoder a stage-1 run trained against: a shipped name or an absolute path (an older run recorded the
+    path as given, read from the current dir)."""
+    return record.get("decoder") or record["settings"]["decoder"]
 
 
 # ------------------------------------------------------------------------------------------ precompute

@@ -26,7 +26,7 @@ from accelerate import PartialState
 from transformers import PreTrainedTokenizerBase
 
 from vlv.captioner import Captioner, CaptionerConfig
-from vlv.checks import check_checkpoints, require_data, require_dirs
+from vlv.checks import check_checkpoints, require_data, require_dirs, same_text_encoder
 from vlv.config import CACHE_BATCH_SIZE, CACHE_SHARD_ROWS
 from vlv.data.caches import Cache
 from vlv.data.datasets import Dataset, FolderDataset, InMemory, open_dataset
@@ -45,7 +45,7 @@ from vlv.training.draws import Draws
 from vlv.training.loop import Loss, global_batch, make_accelerator, train
 from vlv.training.resume import check_request
 from vlv.training.sharding import shard
-from vlv.training.stage1 import Precomputed
+from vlv.training.stage1 import Precomputed, recorded_decoder, stage1_record
 
 STAGE2_FILE = "stage2.json"
 Evaluator = Callable[[Captioner], dict[str, float]]
@@ -63,7 +63,7 @@ class Stage2Task:
 
     def __init__(self, captioner: Captioner, data: Dataset, seed: int = 0, evaluator=None,
                  num_workers: int = 0, on_bad_image: Literal["skip", "fail"] = "skip",
-                 text_embeds: Cache | None = None):
+                 text_embeds: Cache | None = None, image_size: int | None = None):
         if captioner.encoder is None:
             raise ValueError("stage 2 trains from images: the captioner needs the stage-1 encoder")
         if text_embeds is not None and captioner.encoder_trains:
@@ -76,7 +76,8 @@ class Stage2Task:
             raise ValueError(f"{data.folder} has images without captions")
         self.captioner, self.seed, self.evaluator = captioner, seed, evaluator
         self.data, self.text_embeds, self.on_bad_image = data, text_embeds, on_bad_image
-        self.images = StepImages(data, captioner.encoder.config.image_size, seed, num_workers, on_bad_image)
+        size = image_size or captioner.encoder.config.image_size  # the data's; the encoder resizes to its own
+        self.images = StepImages(data, size, seed, num_workers, on_bad_image)
         self.pixel_free = text_embeds is not None
 
     def trainable(self) -> torch.nn.Module:
@@ -136,15 +137,50 @@ def build_captioner(settings: Stage2Settings, seed: int,
                     tokenizer: PreTrainedTokenizerBase | None = None) -> Captioner:
     """Same seed, same psi (and same random-init LM): a resumed run rebuilds the captioner it checkpointed."""
     text_encoder = load_text_encoder(resolve_decoder(settings.decoder))
-    encoder = VLVEncoder.from_pretrained(settings.encoder)
+    return assemble_captioner(settings, text_encoder, VLVEncoder.from_pretrained(settings.encoder), seed, tokenizer)
+
+
+def assemble_captioner(settings: Stage2Settings, text_encoder: torch.nn.Module, encoder: VLVEncoder, seed: int,
+                       tokenizer: PreTrainedTokenizerBase | None = None, lm: torch.nn.Module | None = None
+                       ) -> Captioner:
+    """The captioner a run with these settings trains, from its loaded parts (the LM built from ``settings.lm``
+    unless given), gradient checkpointing as asked."""
     config = CaptionerConfig(text_dim=text_encoder.config.hidden_size, lm=settings.lm, trainable=settings.trainable,
                              max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams,
                              lora_rank=settings.lora_rank, text_encoder=settings.decoder, encoder=settings.encoder)
     torch.manual_seed(seed)
-    captioner = Captioner(config, text_encoder, encoder, tokenizer=tokenizer)
-    if settings.gradient_checkpointing:
-        captioner.lm.gradient_checkpointing_enable()
+    captioner = Captioner(config, text_encoder, encoder, lm=lm, tokenizer=tokenizer)
+    if settings.gradient_checkpointing:  # transformers recomputes only in train mode, which the loop sets
+        captioner.lm.activation_checkpointing_enable()
     return captioner
+
+
+def stage1_inputs(encoder: str, decoder: str | None, image_size: int | None) -> tuple[str, int | None]:
+    """(decoder, data resolution) of a stage-2 run on this stage-1 run: its own decoder and resolution unless given
+    (None: the encoder's size). z means something only to the text encoder T it was trained against, so another
+    decoder is refused unless its T is the same (a copy); an encoder dir without a record (imported) needs it given.
+    """
+    record = stage1_record(encoder)
+    size = image_size or (record.get("image_size") if record else None)
+    if record is None:
+        if decoder is None:
+            raise InvalidInput(f"--encoder {encoder} records no decoder (no stage1.json: an imported or hand-saved "
+                               "encoder): pass --decoder, the Stable Diffusion dir its stage 1 trained against")
+        return decoder, size
+    own = recorded_decoder(record)
+    try:
+        own_dir = resolve_decoder(own)
+    except FileNotFoundError:  # moved since: nothing to compare with
+        if decoder is None:
+            raise InvalidInput(f"--encoder {encoder} was trained against the decoder {own}, which is not there any "
+                               "more: pass --decoder with that Stable Diffusion dir") from None
+        return decoder, size
+    if decoder is None:
+        return own, size
+    if not same_text_encoder(resolve_decoder(decoder), own_dir):
+        raise InvalidInput(f"--decoder {decoder}: stage-1 run {encoder} was trained against {own}, whose text "
+                           f"encoder differs (z means something only to that one); drop --decoder to use it")
+    return decoder, size
 
 
 @dataclass
@@ -170,6 +206,9 @@ def prepare_stage2(settings: Stage2Settings, cfg: TrainConfig, out: str | Path, 
     require_data(settings.data)
     check_lm_source(settings.lm)
     check_text_embeds(settings)
+    resolve_encoder(settings.encoder)
+    decoder, size = stage1_inputs(settings.encoder, settings.decoder, settings.image_size)
+    settings = replace(settings, decoder=decoder, image_size=size)
     # Shipped names stay names and dirs become absolute paths, so the run dir loads from anywhere.
     settings = replace(settings, decoder=_portable(settings.decoder, resolve_decoder),
                        encoder=_portable(settings.encoder, resolve_encoder),
@@ -214,7 +253,7 @@ def run_stage2(plan: Stage2Plan) -> Captioner | None:
     out.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg)
     captioner = build_captioner(settings, cfg.seed, plan.tokenizer)
-    size = captioner.encoder.config.image_size
+    size = settings.image_size or captioner.encoder.config.image_size
     write_json(out / STAGE2_FILE, {"settings": asdict(settings), "train": asdict(cfg), "image_size": size,
                                    "samples": len(plan.dataset), "global_batch": global_batch(cfg, accelerator),
                                    **({"recipe": plan.recipe} if plan.recipe else {})})
@@ -224,7 +263,8 @@ def run_stage2(plan: Stage2Plan) -> Captioner | None:
                                             out, accelerator, cfg.mixed_precision, cfg.batch_size,
                                             progress=cfg.progress)
     task = Stage2Task(captioner, plan.dataset, seed=cfg.seed, evaluator=plan.evaluator,
-                      num_workers=settings.num_workers, on_bad_image=settings.on_bad_image, text_embeds=text_embeds)
+                      num_workers=settings.num_workers, on_bad_image=settings.on_bad_image, text_embeds=text_embeds,
+                      image_size=size)
     try:
         state = train(task, cfg, out, accelerator)
     finally:
@@ -236,19 +276,22 @@ def run_stage2(plan: Stage2Plan) -> Captioner | None:
     return captioner
 
 
-def precompute_text_embeds(decoder: str | Path, encoder: str, data: str, out: str | Path,
+def precompute_text_embeds(decoder: str | Path | None, encoder: str, data: str, out: str | Path,
                            batch_size: int = CACHE_BATCH_SIZE["text_embeds"], shard_rows: int = CACHE_SHARD_ROWS,
                            num_workers: int = 2, on_bad_image: Literal["skip", "fail"] = "skip",
                            precision: Literal["no", "bf16"] = "no", image_column: str = "image",
-                           caption_column: str = "caption", progress: bool = True) -> Precomputed:
+                           caption_column: str = "caption", progress: bool = True,
+                           image_size: int | None = None) -> Precomputed:
     """Cache c = T(E(x)) once for any number of stage-2 runs at level mlp / mlp+llm (``--text-embeds-cache``) with
-    this decoder's T, stage-1 ``encoder``, data and ``precision`` (this process's shards). ``batch_size``: the runs'
-    per-process batch, so the rows are the bits their steps would compute. Inputs are checked before a model loads.
+    this decoder's T (None: the stage-1 run's), stage-1 ``encoder``, data at ``image_size`` (None: the stage-1
+    run's, as stage 2 reads it) and ``precision`` (this process's shards). ``batch_size``: the runs' per-process
+    batch, so the rows are the bits their steps would compute. Inputs are checked before a model loads.
     """
     if num_workers < 0:
         raise InvalidInput(f"--num-workers must be >= 0, got {num_workers}")
-    decoder_dir = resolve_decoder(decoder)
     resolve_encoder(encoder)
+    decoder, image_size = stage1_inputs(encoder, None if decoder is None else str(decoder), image_size)
+    decoder_dir = resolve_decoder(decoder)
     require_data(data)
     dataset = open_dataset(data, image_column, caption_column)
     if not len(dataset):
@@ -259,7 +302,7 @@ def precompute_text_embeds(decoder: str | Path, encoder: str, data: str, out: st
     if vlv_encoder.config.text_dim != text_encoder.config.hidden_size:
         raise InvalidInput(f"{encoder} emits d_T = {vlv_encoder.config.text_dim}, {decoder}'s T takes "
                            f"{text_encoder.config.hidden_size}")
-    size = vlv_encoder.config.image_size
+    size = image_size or vlv_encoder.config.image_size
     autocast = torch.autocast(state.device.type, dtype=torch.bfloat16) if precision == "bf16" else None
     bad = build_cache("text_embeds", out, dataset, size, state, encoder=vlv_encoder, text_encoder=text_encoder,
                       batch_size=batch_size, shard_rows=shard_rows, num_workers=num_workers,
