@@ -13,7 +13,13 @@ one. The keys, all consumed strictly:
 
 The run dir: ``florence2/`` (the base converted to native once, unless a native dir was given), and the
 ``VLVEncoder.save_pretrained`` files with the official settings (trainable = :data:`vlv.config.DEFAULT_TRAINABLE`,
-image size and normalisation from the Florence processor's config, the ``<MORE_DETAILED_CAPTION>`` prompt ids).
+the official image transform: the run's ``--image_size`` crop, then the image size and normalisation of the
+Florence processor's config; the ``<MORE_DETAILED_CAPTION>`` prompt ids).
+
+Mixed precision saves every tensor cast (bf16 under ``--mixed_precision bf16``), frozen ones included: a frozen
+tensor then equals its base rounded to that dtype (:func:`same_as_base`; any other difference is refused), and the
+encoder records the dtype (``frozen_dtype``) so it computes with the frozen weights the checkpoint holds. The
+trained weights are written in the dtype asked for (fp32 by default).
 """
 
 from __future__ import annotations

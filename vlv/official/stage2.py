@@ -10,7 +10,9 @@
 - ``VLV_model.{query_embed, language_proj.*, model.*}`` -> a vlv stage-1 encoder, by the stage-1 importer's rules
   (:func:`vlv.official.stage1.encoder_state`): the Florence language model trained further in stage 2, so these
   weights (not a stage-1 file's) make the encoder; its DaViT and projector must equal the base Florence-2 dir's;
-- ``VLV_model.text_encoder.*`` (frozen T) must equal ``decoder_dir``'s text encoder, then is dropped.
+- ``VLV_model.text_encoder.*`` (frozen T) must equal ``decoder_dir``'s text encoder (rounded to the checkpoint's
+  dtype when saved in bf16 / fp16: the captioner then records ``text_encoder_dtype`` and rounds T alike on load),
+  then is dropped.
   Stage 2 deletes the VAE and UNet: a ``VLV_model.vae`` / ``VLV_model.unet`` key is unexpected.
 
 The run dir ``out``: ``encoder/`` (a stage-1 run dir, with the base Florence-2 converted to native inside it unless
