@@ -232,6 +232,8 @@ def test_stage1_in_bf16(tmp_path):
     torch.save({"step": 3, "model_state_dict": {k: v.bfloat16() for k, v in state.items()}}, ckpt)
     done = import_stage1(ckpt, BASE_F2, BASE_SD, tmp_path / "run", crop_size=SIZE)
     assert done.dtypes == {"bfloat16": 632} and done.frozen_dtype == "bfloat16" and sum(done.counts.values()) == 632
+    assert done.dtype_line().endswith("the SD parts matched --decoder rounded to bfloat16, and vlv's decoder computes "
+                                      "with --decoder's own weights")
     enc = VLVEncoder.from_pretrained(tmp_path / "run")
     conv = enc.florence.model.vision_tower.convs[0].conv.weight
     assert torch.equal(conv, state["model.vision_tower.convs.0.proj.weight"].bfloat16().float())

@@ -62,6 +62,7 @@ class Imported:
     dtypes: dict[str, int]
     frozen_dtype: str | None
     written: str
+    note: str = ""  # what else a reader of the line should know
 
     def dtype_line(self) -> str:
         """One line: the dtype found, what the import did about it, and what it wrote."""
@@ -69,7 +70,7 @@ class Imported:
                  else ", ".join(f"{name} ({n} tensors)" for name, n in self.dtypes.items()))
         rounded = (f"; frozen parts = the base dirs' rounded to {self.frozen_dtype}, used so"
                    if self.frozen_dtype else "")
-        return f"checkpoint dtype: {found}{rounded}; trained weights written in {self.written}"
+        return f"checkpoint dtype: {found}{rounded}; trained weights written in {self.written}{self.note}"
 
 
 # ------------------------------------------------------------------------------------------ dtypes
@@ -369,5 +370,9 @@ def import_stage1(ckpt: str | Path, florence2_dir: str | Path, decoder_dir: str 
         counts[f"florence.{part} (== base)"] = counts.pop(f"florence.{part}", 0)
     order = ["queries", "phi", "florence.language_model", "florence.vision_tower (== base)",
              "florence.multi_modal_projector (== base)", *(f"{p} (== decoder, dropped)" for p in SD_PARTS), "dropped"]
+    sd_rounded = {SAVED_DTYPES[v.dtype] for k, v in state.items() if k.split(".")[0] in SD_PARTS
+                  and v.dtype != torch.float32}
+    note = (f"; the SD parts matched --decoder rounded to {', '.join(sorted(sd_rounded))}, and vlv's decoder "
+            "computes with --decoder's own weights" if sd_rounded else "")
     return Imported({k: counts[k] for k in order if k in counts}, dtypes, encoder.config.frozen_dtype,
-                    SAVED_DTYPES[written])
+                    SAVED_DTYPES[written], note)
