@@ -35,7 +35,6 @@ import torch
 from common import fresh_encoder, test_scenes, train_config, write_result  # benchmarks/
 
 from vlv.captioner import Captioner
-from vlv.data.images import to_tensor
 from vlv.inference import caption_images
 from vlv.shapes import world
 from vlv.shapes.metrics import caption_scores, image_scores, truths
@@ -60,7 +59,7 @@ def accuracy(args: argparse.Namespace) -> dict:
     out: dict = {"n": args.n}
     for beams in args.beams:
         t = time.perf_counter()
-        preds = caption_images(captioner, to_tensor(data.images), num_beams=beams)
+        preds = caption_images(captioner, data.images, num_beams=beams)
         dt = time.perf_counter() - t
         s = world.score([world.parse_caption(p) for p in preds], true).as_dict()
         s["exact"] = float(np.mean([p == c for p, c in zip(preds, data.captions, strict=True)]))
@@ -135,7 +134,7 @@ def table7(args: argparse.Namespace) -> dict:
 def speed(args: argparse.Namespace) -> dict:
     captioner = Captioner.from_pretrained(args.run).eval()
     data = test_scenes(args.n, captioner.encoder.config.image_size)
-    x = to_tensor(data.images)
+    x = data.images  # (n, H, W, 3) uint8
     caption_images(captioner, x[:2], num_beams=1)  # warm-up
     t = time.perf_counter()
     batched = caption_images(captioner, x, batch_size=args.n, num_beams=1)

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from vlv.captioner import Captioner
-from vlv.data.images import load_image, to_pil, to_tensor
+from vlv.data.images import open_image, to_pil
+from vlv.data.transforms import ImageTransform
 from vlv.decoder import DiffusionDecoder
 from vlv.encoder import VLVEncoder
 from vlv.inference import caption_images, embed_images, reconstruct_images
@@ -48,27 +49,28 @@ class VLV:
             self._decoder = DiffusionDecoder.from_pretrained(self._decoder)
         return self._decoder
 
-    def _images(self, images: Sequence[ImageLike], size: int) -> torch.Tensor:
-        return to_tensor(np.stack([load_image(im if isinstance(im, Image.Image) else Path(im), size)
-                                   for im in images]))  # (B, 3, size, size) in [-1, 1]
+    def _images(self, images: Sequence[ImageLike], transform: ImageTransform) -> np.ndarray:
+        """The images cut by an encoder's transform (``crop``): uint8 (B, size, size, 3)."""
+        return np.stack([transform.crop(open_image(im if isinstance(im, Image.Image) else Path(im)))
+                         for im in images])
 
     @torch.no_grad()
     def embed(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """Images -> the caption embeddings z (B, Nq, d_T)."""
-        return embed_images(self.encoder, self._images(images, self.encoder.config.image_size))
+        return embed_images(self.encoder, self._images(images, self.encoder.transform))
 
     @torch.no_grad()
     def caption(self, images: Sequence[ImageLike], num_beams: int | None = None, batch_size: int = 64) -> list[str]:
         """Images -> captions, batched (stage 2)."""
         if self.captioner is None:
             raise ValueError("this VLV has no captioner: load it with from_pretrained(captioner=...)")
-        x = self._images(images, self.captioner.encoder.config.image_size)
+        x = self._images(images, self.captioner.encoder.transform)
         return caption_images(self.captioner, x, batch_size=batch_size, num_beams=num_beams)
 
     @torch.no_grad()
     def reconstruct(self, images: Sequence[ImageLike], sampler: str = "fast", guidance_scale: float = 2.0,
                     steps: int | None = None, seed: int = 0, batch_size: int = 64) -> list[Image.Image]:
         """Images -> z -> the decoder's images from z alone (caption-free; CFG against T(""))."""
-        x = self._images(images, self.encoder.config.image_size)  # the encoder's input size
+        x = self._images(images, self.encoder.transform)
         return to_pil(reconstruct_images(self.encoder, self.decoder, x, sampler=sampler, guidance_scale=guidance_scale,
                                          steps=steps, batch_size=batch_size, seed=seed))

@@ -40,7 +40,14 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from vlv.config import CaptionerConfig
 from vlv.encoder import VLVEncoder
 from vlv.lm import IGNORE, build_lm, is_lm_dir, load_tokenizer, pad_id, right_pad
-from vlv.modeling import atomic_save_file, in_run_dir, load_trainable_state, trainable_state, write_json
+from vlv.modeling import (
+    atomic_save_file,
+    in_run_dir,
+    load_trainable_state,
+    round_weights,
+    trainable_state,
+    write_json,
+)
 from vlv.shipped import resolve_decoder, resolve_stage2
 from vlv.text_encoder import clip_from_embeds, load_text_encoder
 
@@ -108,6 +115,8 @@ class Captioner(nn.Module):
             raise ValueError("level mlp+llm+encoder trains the stage-1 encoder: pass it")
         self.config = config
         self.text_encoder = text_encoder  # T
+        if config.text_encoder_dtype is not None:  # T as the official checkpoint imported holds it
+            round_weights([*text_encoder.parameters(), *text_encoder.buffers()], config.text_encoder_dtype)
         self.encoder = encoder
         self.lm = lm if lm is not None else build_lm(config.lm)
         if config.lora:  # in place: the LLM stays a transformers model (generate, configs) with LoRA layers inside
@@ -162,7 +171,7 @@ class Captioner(nn.Module):
         return clip_from_embeds(self.text_encoder, z)
 
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (B, 3, S, S), as the encoder's ``normalize``/``preprocess`` give -> z (B, Nq, d_T)."""
+        """pixel_values (B, 3, S, S), as the encoder's ``transform`` makes them -> z (B, Nq, d_T)."""
         if self.encoder is None:
             raise ValueError("this captioner holds no encoder: pass z instead of pixel_values")
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder_trains):

@@ -39,6 +39,15 @@ DEFAULT_TRAINABLE = ("queries", "phi", "florence.model.language_model")
 VISION_MODULES = ("florence.model.vision_tower", "florence.model.multi_modal_projector")  # DaViT, projector
 
 
+TRANSFORMS = ("vlv", "official")  # image transforms (vlv.data.transforms)
+FROZEN_DTYPES = ("bfloat16", "float16")  # what an official checkpoint's mixed precision saves frozen weights in
+
+
+def check_frozen_dtype(dtype: str | None) -> None:
+    if dtype is not None and dtype not in FROZEN_DTYPES:
+        raise InvalidInput(f"frozen weights can be rounded to {' or '.join(FROZEN_DTYPES)}, not {dtype!r}")
+
+
 # ----------------------------------------------------------------------------------- encoder config
 @dataclass
 class EncoderConfig:
@@ -70,6 +79,17 @@ class EncoderConfig:
     phi_init_gain: float | None = field(default=None, metadata={
         "help": "scale phi's output layer (weight and bias) by this at init, so z starts near the norm trained "
                 "encoders reach (see VLVEncoder._scale_phi); None: PyTorch's default init"})
+    transform: str = field(default="vlv", metadata={
+        "help": "how an image becomes pixel_values (vlv.data.transforms): 'vlv' (centre square, PIL bicubic to "
+                "crop_size, then torch bicubic to image_size: vlv's training path) or 'official' (torchvision's "
+                "Resize + CenterCrop to crop_size, then Florence-2's processor: the official code's)"})
+    crop_size: int | None = field(default=None, metadata={
+        "help": "side of the square an image is cut to before the resize to image_size: the data resolution "
+                "stage 1 trained at, or the official --image_size (384); None: image_size"})
+    frozen_dtype: str | None = field(default=None, metadata={
+        "help": "imported encoders only: the dtype an official checkpoint saved the frozen Florence-2 weights in "
+                "(bfloat16 under --mixed_precision bf16); weights read from the Florence-2 dir are rounded to it, "
+                "so the encoder computes with what the checkpoint holds. None: as the dir holds them"})
 
     def __post_init__(self) -> None:
         if self.trainable != "all":
@@ -80,6 +100,11 @@ class EncoderConfig:
             raise InvalidInput("num_queries, text_dim and image_size must be positive")
         if self.phi_init_gain is not None and self.phi_init_gain <= 0:
             raise InvalidInput(f"phi_init_gain must be positive, got {self.phi_init_gain}")
+        if self.transform not in TRANSFORMS:
+            raise InvalidInput(f"transform must be one of {', '.join(TRANSFORMS)}, got {self.transform!r}")
+        if self.crop_size is not None and self.crop_size <= 0:
+            raise InvalidInput(f"crop_size must be positive, got {self.crop_size}")
+        check_frozen_dtype(self.frozen_dtype)
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
         if self.prompt_ids is not None:
             self.prompt_ids = [int(i) for i in self.prompt_ids]
@@ -137,6 +162,9 @@ class CaptionerConfig:
     postprocess: str | None = field(default=None, metadata={
         "help": "text clean-up after decoding: None (none) or 'official' (the official Caption_inference."
                 "process_caption: cut after the last '.', drop repeated sentences; for models that never stop)"})
+    text_encoder_dtype: str | None = field(default=None, metadata={
+        "help": "imported captioners only: the dtype an official checkpoint saved T in (bfloat16 under "
+                "--mixed_precision bf16); T read from the decoder dir is rounded to it. None: as the dir holds it"})
 
     def __post_init__(self) -> None:
         if self.trainable not in TRAINABLE_LEVELS:
@@ -146,6 +174,7 @@ class CaptionerConfig:
         check_lora(self.trainable, self.lora_rank)
         if self.postprocess not in POSTPROCESS:
             raise InvalidInput(f"postprocess must be one of {POSTPROCESS}, got {self.postprocess!r}")
+        check_frozen_dtype(self.text_encoder_dtype)
 
     @property
     def lora(self) -> bool:

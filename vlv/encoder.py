@@ -26,18 +26,24 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 from transformers import Florence2Config, Florence2ForConditionalGeneration
 
 from vlv.checks import check_native_florence2
-from vlv.config import CONFIGS, IMAGENET_MEAN, IMAGENET_STD, EncoderConfig, list_configs, read_config
+from vlv.config import CONFIGS, EncoderConfig, list_configs, read_config
+from vlv.data.transforms import ImageTransform
 from vlv.errors import InvalidInput
-from vlv.modeling import atomic_save_file, in_run_dir, load_trainable_state, trainable_state, write_json
+from vlv.modeling import (
+    atomic_save_file,
+    in_run_dir,
+    load_trainable_state,
+    round_weights,
+    trainable_state,
+    write_json,
+)
 from vlv.shipped import is_shipped, resolve_encoder, resolve_florence2_name
 
 CONFIG_FILE, TRAINABLE_FILE, FROZEN_FILE = "encoder.json", "model.safetensors", "frozen.safetensors"
@@ -116,16 +122,6 @@ def _init_query_attention(florence: Florence2ForConditionalGeneration, std: floa
 
 
 # ------------------------------------------------------------------------------------------ encoder
-def pixel_values(images: Sequence[Image.Image], size: int, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """PIL images -> (B, 3, S, S): bicubic resize, /255, normalise, as Florence-2's processor does."""
-    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
-              for im in images]
-    x = np.stack(arrays) / 255.0  # (B, S, S, 3) in [0, 1]
-    x = (x - np.array(mean, np.float32)) / np.array(std, np.float32)
-    return torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)
-
-
 class VLVEncoder(nn.Module):
     """Image -> caption embeddings z (B, Nq, d_T); the one Florence -> queries -> phi path both stages call."""
 
@@ -149,6 +145,16 @@ class VLVEncoder(nn.Module):
         if config.phi_init_gain is not None:
             self._scale_phi(config.phi_init_gain)
         self._freeze(config.trainable)
+        if config.frozen_dtype is not None:
+            self._round_frozen(config.frozen_dtype)
+
+    @torch.no_grad()
+    def _round_frozen(self, dtype: str) -> None:
+        """Why: an official checkpoint saved under mixed precision holds the frozen Florence-2 weights rounded to
+        ``dtype``, and the official code computes with those; vlv reads them from the base dir and rounds alike.
+        Trainable weights are the checkpoint's own, loaded afterwards."""
+        frozen = [p for p in self.florence.parameters() if not p.requires_grad] + list(self.florence.buffers())
+        round_weights(frozen, dtype)
 
     @torch.no_grad()
     def _scale_phi(self, gain: float) -> None:
@@ -195,7 +201,7 @@ class VLVEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        """pixel_values (B, 3, S, S), normalised as ``preprocess`` does, or their cached ``image_features``
+        """pixel_values (B, 3, S, S), as ``transform`` makes them, or their cached ``image_features``
         (B, Nv, D) -> z (B, Nq, d_T)."""
         if (pixel_values is None) == (image_features is None):
             raise ValueError("pass exactly one of pixel_values and image_features")
@@ -213,20 +219,16 @@ class VLVEncoder(nn.Module):
         return self.phi(h)  # (B, Nq, d_T)
 
     # ----------------------------------------------------------------------------------- images
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images -> pixel_values (B, 3, S, S), as Florence's processor makes them."""
-        return pixel_values(images, self.config.image_size, self.config.image_mean, self.config.image_std)
+    @property
+    def transform(self) -> ImageTransform:
+        """How an image becomes this encoder's pixel_values (``config.transform``): what training, inference and
+        the API all call."""
+        c = self.config
+        return ImageTransform(c.transform, c.crop_size or c.image_size, c.image_size, c.image_mean, c.image_std)
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] (the VAE's range, ``vlv.data.images.to_tensor``) -> pixel_values
-        (B, 3, S, S)."""
-        size = self.config.image_size
-        x = (images + 1) / 2  # (B, 3, H, W) in [0, 1]
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-        mean = x.new_tensor(self.config.image_mean)[:, None, None]
-        std = x.new_tensor(self.config.image_std)[:, None, None]
-        return (x - mean) / std  # (B, 3, S, S)
+    def preprocess(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
+        """Images (PIL or files) -> pixel_values (B, 3, S, S) by this encoder's transform."""
+        return self.transform(images)
 
     # ---------------------------------------------------------------------------------- save/load
     def save_pretrained(self, out: str | Path, include_frozen: bool | None = None) -> Path:

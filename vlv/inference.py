@@ -1,6 +1,7 @@
 """Inference with trained VLV parts, batched: images -> z (embed), z -> images (reconstruct), images -> captions.
 
-Images are tensors (N, 3, H, W) in [-1, 1] (``vlv.data.images.to_tensor``); each function moves its batches to
+Images are uint8 (N, H, W, 3) as the encoder's transform cuts them (``encoder.transform.crop``), and become
+pixel_values by that transform (``encoder.transform.pixels``), as in training; each function moves its batches to
 the model's device and returns CPU-side results in input order. The ``*_files`` jobs (what ``vlv caption``,
 ``reconstruct``, ``embed`` and ``compose`` run) check every input before a model loads, then write their outputs
 atomically. The models load alone from their run dirs or
@@ -21,7 +22,7 @@ import torch
 from vlv.captioner import POSTPROCESSORS, Captioner
 from vlv.checks import read_json, text_length
 from vlv.data.datasets import ImageFiles
-from vlv.data.images import list_images, load_image, open_image, to_pil, to_tensor
+from vlv.data.images import Crop, list_images, open_image, to_pil
 from vlv.data.loader import row_loader
 from vlv.decoder import DiffusionDecoder, compose
 from vlv.diffusion import Sampler
@@ -38,25 +39,25 @@ def _device(module: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def embed_images(encoder: VLVEncoder, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-    """Images (N, 3, H, W) in [-1, 1] -> caption embeddings z (N, Nq, d_T)."""
+def embed_images(encoder: VLVEncoder, images: torch.Tensor | np.ndarray, batch_size: int = 128) -> torch.Tensor:
+    """Images (N, H, W, 3) uint8 -> caption embeddings z (N, Nq, d_T)."""
     device = _device(encoder)
-    return torch.cat([encoder(encoder.normalize(images[s : s + batch_size].to(device))).cpu()
+    return torch.cat([encoder(encoder.transform.pixels(images[s : s + batch_size], device)).cpu()
                       for s in range(0, len(images), batch_size)])
 
 
 @torch.no_grad()
-def reconstruct_images(encoder: VLVEncoder, decoder: DiffusionDecoder, images: torch.Tensor,
+def reconstruct_images(encoder: VLVEncoder, decoder: DiffusionDecoder, images: torch.Tensor | np.ndarray,
                        sampler: Sampler = "fast", guidance_scale: float = 2.0, steps: int | None = None,
                        batch_size: int = 128, seed: int = 0) -> torch.Tensor:
-    """Images (N, 3, H, W) in [-1, 1] -> reconstructions (N, 3, H', W') in [-1, 1], caption-free, batched.
+    """Images (N, H, W, 3) uint8 -> reconstructions (N, 3, H', W') in [-1, 1], caption-free, batched.
 
     Each batch is seeded by its offset, so the result does not depend on ``batch_size``'s split of the work.
     """
     out = []
     for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size].to(decoder.vae.device)
-        z = encoder(encoder.normalize(x))  # (B, Nq, d_T)
+        x = encoder.transform.pixels(images[start : start + batch_size], decoder.vae.device)  # (B, 3, S, S)
+        z = encoder(x)  # (B, Nq, d_T)
         gen = torch.Generator(x.device).manual_seed(seed + start)
         out.append(decoder.reconstruct(z, guidance_scale=guidance_scale, steps=steps, sampler=sampler,
                                        generator=gen) * 2 - 1)
@@ -64,26 +65,28 @@ def reconstruct_images(encoder: VLVEncoder, decoder: DiffusionDecoder, images: t
 
 
 @torch.no_grad()
-def compose_images(encoder: VLVEncoder, decoder: DiffusionDecoder, a: torch.Tensor, b: torch.Tensor, k: int,
+def compose_images(encoder: VLVEncoder, decoder: DiffusionDecoder, a: torch.Tensor | np.ndarray,
+                   b: torch.Tensor | np.ndarray, k: int,
                    sampler: Sampler = "fast", guidance_scale: float = 2.0, steps: int | None = None,
                    seed: int = 0) -> torch.Tensor:
-    """Paper Fig. 6: images a and b (n, 3, H, W) -> one image each from the first k embeddings of both."""
+    """Paper Fig. 6: images a and b (n, H, W, 3) uint8 -> one image each from the first k embeddings of both."""
     device = decoder.vae.device
-    z_a, z_b = encoder(encoder.normalize(a.to(device))), encoder(encoder.normalize(b.to(device)))  # (n, Nq, d_T)
+    z_a, z_b = (encoder(encoder.transform.pixels(x, device)) for x in (a, b))  # (n, Nq, d_T) each
     gen = torch.Generator().manual_seed(seed)
     return decoder.reconstruct(compose(z_a, z_b, k), guidance_scale=guidance_scale, steps=steps, sampler=sampler,
                                generator=gen) * 2 - 1  # (n, 3, H', W') in [-1, 1]
 
 
 @torch.no_grad()
-def caption_images(captioner: Captioner, images: torch.Tensor, batch_size: int = 64, num_beams: int | None = None,
-                   max_new_tokens: int | None = None, postprocess: str | None = None) -> list[str]:
-    """Images (N, 3, H, W) in [-1, 1] -> N captions, batched through the encoder and ``generate`` (options left
-    None are the run's own)."""
+def caption_images(captioner: Captioner, images: torch.Tensor | np.ndarray, batch_size: int = 64,
+                   num_beams: int | None = None, max_new_tokens: int | None = None,
+                   postprocess: str | None = None) -> list[str]:
+    """Images (N, H, W, 3) uint8 -> N captions, batched through the encoder and ``generate`` (options left None
+    are the run's own)."""
     device = captioner.psi[0].weight.device
     out: list[str] = []
     for start in range(0, len(images), batch_size):
-        pixel_values = captioner.encoder.normalize(images[start : start + batch_size].to(device))  # (B, 3, S, S)
+        pixel_values = captioner.encoder.transform.pixels(images[start : start + batch_size], device)  # (B, 3, S, S)
         out += captioner.generate(pixel_values=pixel_values, num_beams=num_beams, max_new_tokens=max_new_tokens,
                                   postprocess_rule=postprocess)
     return out
@@ -128,15 +131,15 @@ def check_captioner(model: str | Path) -> None:
         resolve_encoder(in_run_dir(path, config["encoder"]))
 
 
-def _batches(paths: list[Path], size: int, batch_size: int, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
-    """(offset, images (B, 3, size, size) in [-1, 1]) of the files, streamed through the dataset reader a batch at
-    a time (decoded as training decodes them), with a progress bar. The files were checked already: one that has
-    gone bad since fails naming it."""
+def _batches(paths: list[Path], crop: Crop, batch_size: int, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """(offset, images (B, size, size, 3) uint8) of the files, streamed through the dataset reader a batch at a
+    time (decoded and cut by the encoder's ``crop`` in the reader, as in training), with a progress bar. The files
+    were checked already: one that has gone bad since fails naming it."""
     from tqdm.auto import tqdm
 
-    loader = row_loader(ImageFiles(paths), size, 0, len(paths), batch_size, on_bad_image="fail")
+    loader = row_loader(ImageFiles(paths), crop, 0, len(paths), batch_size, on_bad_image="fail")
     for start, batch in zip(range(0, len(paths), batch_size), tqdm(loader, desc=desc, unit="batch"), strict=True):
-        yield start, to_tensor(batch["images"].numpy())
+        yield start, batch["images"]
 
 
 def caption_files(images: list[Path], out: Path, model: str | Path = "shapes-stage2", batch_size: int = 64,
@@ -149,7 +152,7 @@ def caption_files(images: list[Path], out: Path, model: str | Path = "shapes-sta
     check_captioner(model)
     captioner = Captioner.from_pretrained(model).eval()
     rows = []
-    for start, x in _batches(paths, captioner.encoder.config.image_size, batch_size, "caption"):
+    for start, x in _batches(paths, captioner.encoder.transform.crop, batch_size, "caption"):
         caps = caption_images(captioner, x, batch_size=batch_size, num_beams=num_beams,
                               max_new_tokens=max_new_tokens, postprocess=postprocess)
         rows += [{"image": p.name, "caption": c} for p, c in zip(paths[start : start + batch_size], caps, strict=True)]
@@ -166,8 +169,7 @@ def reconstruct_files(images: list[Path], out: Path, encoder: str | Path, decode
     resolve_decoder(decoder), encoder_config_of(encoder)
     enc, dec = VLVEncoder.from_pretrained(encoder).eval(), DiffusionDecoder.from_pretrained(decoder)
     Path(out).mkdir(parents=True, exist_ok=True)
-    # The encoder's input size, resized once by PIL as Florence-2's processor does.
-    for start, x in _batches(paths, enc.config.image_size, batch_size, "reconstruct"):
+    for start, x in _batches(paths, enc.transform.crop, batch_size, "reconstruct"):
         recon = reconstruct_images(enc, dec, x, sampler=sampler, guidance_scale=guidance_scale, steps=steps,
                                    batch_size=batch_size, seed=seed + start)
         for p, im in zip(paths[start : start + batch_size], to_pil(recon), strict=True):
@@ -185,7 +187,7 @@ def embed_files(images: list[Path], out: Path, encoder: str | Path, decoder: str
     enc = VLVEncoder.from_pretrained(encoder).eval()
     text_encoder = load_text_encoder(text_dir) if text_dir else None
     parts: dict[str, list[torch.Tensor]] = {"z": [], "T_z": []}
-    for _, x in _batches(paths, enc.config.image_size, batch_size, "embed"):
+    for _, x in _batches(paths, enc.transform.crop, batch_size, "embed"):
         z = embed_images(enc, x, batch_size=batch_size)  # (B, Nq, d_T)
         parts["z"].append(z)
         if text_encoder is not None:
@@ -212,7 +214,7 @@ def compose_files(a: Path, b: Path, out: Path, encoder: str | Path, decoder: str
         raise InvalidInput(f"--k {k}: must be in 1..{min(nq, positions // 2)} (the encoder has {nq} embeddings, "
                            f"and the 2k of both images must fit the decoder's {positions} text positions)")
     enc, dec = VLVEncoder.from_pretrained(encoder).eval(), DiffusionDecoder.from_pretrained(decoder)
-    x_a, x_b = (to_tensor(np.stack([load_image(p, enc.config.image_size)])) for p in (a, b))
+    x_a, x_b = (np.stack([enc.transform.crop(open_image(p))]) for p in (a, b))
     image = compose_images(enc, dec, x_a, x_b, k, sampler=sampler, guidance_scale=guidance_scale, steps=steps,
                            seed=seed)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

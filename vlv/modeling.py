@@ -105,3 +105,13 @@ def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]
             if p.shape != state[n].shape:
                 raise InvalidInput(f"{where}{n}: checkpoint shape {tuple(state[n].shape)} != model {tuple(p.shape)}")
             p.copy_(state[n])
+
+
+@torch.no_grad()
+def round_weights(tensors: list[torch.Tensor], dtype: str) -> None:
+    """Floating tensors rounded in place to ``dtype`` (``"bfloat16"``) and back: the values a checkpoint saved in
+    that dtype holds, kept in the module's own dtype. Round to nearest even, as ``Tensor.to`` casts everywhere."""
+    target = getattr(torch, dtype)
+    for t in tensors:
+        if t.is_floating_point() and t.dtype != target:
+            t.copy_(t.to(target))

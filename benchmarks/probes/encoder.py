@@ -34,7 +34,6 @@ import torch.nn.functional as F
 
 from vlv.config import read_config
 from vlv.data.datasets import InMemory
-from vlv.data.images import to_tensor
 from vlv.data.records import read_records
 from vlv.encoder import VLVEncoder
 from vlv.shapes import world as shapes
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         hooks = [lm.encoder.register_forward_hook(lambda m, a, o: seen.__setitem__("encoder", o.last_hidden_state)),
                  enc.phi.register_forward_hook(lambda m, a, o: seen.__setitem__("queries", a[0]))]
         try:
-            enc(enc.normalize(x))
+            enc(enc.transform.pixels(x))
         finally:
             for h in hooks:
                 h.remove()
@@ -97,15 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         return states(x)["queries"]
 
     with torch.no_grad():
-        h = query_outputs(torch.rand(2, 3, 64, 64) * 2 - 1)
+        h = query_outputs(torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8))
     print(f"{args.mode}: BART init_std {lm.config.init_std}; query outputs of two images differ by "
           f"{((h[0] - h[1]).norm() / h.norm()).item():.4f} of their norm", flush=True)
 
     d = model.config.text_config.d_model
     with torch.no_grad():
-        probe = torch.zeros(1, 3, 64, 64)
+        probe = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
         n_tokens = (encoder_states(probe) if args.mode == "encoder" else
-                    enc.image_features(enc.normalize(probe))).shape[1]
+                    enc.image_features(enc.transform.pixels(probe))).shape[1]
     head = torch.nn.Linear(d * n_tokens if args.mode in ("flat", "encoder") else d, 4 * NCLS)
     params = [*model.vision_tower.parameters(), *model.multi_modal_projector.parameters(), *head.parameters()]
     if args.mode in ("bart", "encoder"):
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             return head(query_outputs(x)[:, :4].mean(1))
         if args.mode == "encoder":
             return head(encoder_states(x).flatten(1))
-        v = enc.image_features(enc.normalize(x))  # (B, 1+HW, D)
+        v = enc.image_features(enc.transform.pixels(x))  # (B, 1+HW, D)
         return head(v.flatten(1) if args.mode == "flat" else v.mean(1))
 
     data, val = InMemory.of(args.train, 64, progress=False), InMemory.of(args.val, 64, limit=256)
@@ -126,14 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     for step in range(1, args.steps + 1):
         idx = np.random.default_rng(step).integers(len(data), size=32)
-        loss = F.cross_entropy(forward(to_tensor(data.images[idx])).view(-1, NCLS), y[idx].reshape(-1))
+        loss = F.cross_entropy(forward(data.images[idx]).view(-1, NCLS), y[idx].reshape(-1))
         loss.backward()
         opt.step()
         opt.zero_grad()
         sched.step()
         if step % 100 == 0:
             with torch.no_grad():
-                pred = forward(to_tensor(val.images)).view(-1, 4, NCLS).argmax(-1)
+                pred = forward(val.images).view(-1, 4, NCLS).argmax(-1)
             print(f"{args.mode} step {step} loss {loss.item():.3f} quadrant acc {(pred == yv).float().mean():.3f} "
                   f"scene acc {(pred == yv).all(1).float().mean():.3f} {time.time() - t0:.0f}s", flush=True)
     return 0

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = decoder.tokenizer(data.captions, padding="max_length", max_length=nq, truncation=True,
                                 return_tensors="pt").input_ids
         empty = decoder.tokenizer([""] * args.n, padding="max_length", max_length=nq, return_tensors="pt").input_ids
-        codes = {"true": emb(ids), "empty": emb(empty), "encoder": embed_images(encoder, x)}  # (n, Nq, d_T)
+        codes = {"true": emb(ids), "empty": emb(empty), "encoder": embed_images(encoder, data.images)}
         latents = decoder.latents(x, torch.Generator().manual_seed(0))
     out: dict = {"encoder": str(args.encoder), "n": args.n,
                  "z_norm": {k: round(v.norm(dim=-1).mean().item(), 4) for k, v in codes.items()}}

@@ -224,8 +224,8 @@ def test_lora_trains_adapters_only_and_round_trips(text_encoder, stage1_dir, sha
     z = _z(text_encoder=text_encoder)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(z=z, **batch).logits, cap.eval()(z=z, **batch).logits)
-        px = torch.rand(2, 3, 64, 64) * 2 - 1  # the fine-tuned encoder came back too
-        assert torch.equal(loaded.embed_images(encoder.normalize(px)), cap.embed_images(encoder.normalize(px)))
+        px = encoder.transform.pixels(torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8))
+        assert torch.equal(loaded.embed_images(px), cap.embed_images(px))  # the fine-tuned encoder came back too
 
 
 # ----------------------------------------------------------------------------------------- save/load
@@ -245,8 +245,8 @@ def test_save_load_round_trips_with_strict_keys(text_encoder, stage1_dir, tmp_pa
         batch = cap.tokenize(CAPTIONS)
         with torch.no_grad():
             assert torch.equal(loaded(z=z, **batch).logits, cap(z=z, **batch).logits)
-            px = torch.rand(2, 3, 64, 64) * 2 - 1
-            assert torch.equal(loaded.embed_images(encoder.normalize(px)), cap.embed_images(encoder.normalize(px)))
+            px = encoder.transform.pixels(torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8))
+            assert torch.equal(loaded.embed_images(px), cap.embed_images(px))
     # Strict: weights saved at mlp+llm+encoder do not load into an mlp captioner.
     meta = json.loads((tmp_path / "mlp+llm+encoder" / "captioner.json").read_text())
     meta["config"]["trainable"] = "mlp"
@@ -288,7 +288,7 @@ def test_train_stage2_writes_a_loadable_run(tiny_teacher, stage1_dir, lm_dir, sh
     assert [e["step"] for e in evals] == [2]
     assert {"caption_exact", "well_formed", "scene_accuracy", "object_f1"} <= set(evals[-1])
     loaded = Captioner.from_pretrained(run).eval()  # alone: its config names T's and the encoder's dirs
-    px = cap.encoder.normalize(torch.rand(2, 3, 64, 64) * 2 - 1)
+    px = cap.encoder.transform.pixels(torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8))
     cap.eval()
     assert loaded.generate(pixel_values=px, num_beams=2) == cap.generate(pixel_values=px, num_beams=2)
     batch = cap.tokenize(CAPTIONS)

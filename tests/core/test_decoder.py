@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
+from vlv.data.images import to_tensor
 from vlv.decoder import DiffusionDecoder, compose
 from vlv.diffusion import make_pipeline, random_pipeline, tokenize
 from vlv.encoder import EncoderConfig, VLVEncoder
@@ -69,8 +70,8 @@ def test_loss_is_the_paper_loss(decoder):
 
 def test_gradients_reach_the_queries_through_frozen_unet_and_clip(decoder):
     enc = _encoder(decoder)
-    images = torch.rand(3, 3, 64, 64) * 2 - 1
-    loss = decoder.loss(images, enc(enc.normalize(images)), torch.Generator().manual_seed(0))
+    pixels = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    loss = decoder.loss(to_tensor(pixels.numpy()), enc(enc.transform.pixels(pixels)), torch.Generator().manual_seed(0))
     loss.backward()
     assert enc.queries.grad is not None and enc.queries.grad.abs().sum() > 0
     assert all(p.grad is None for p in decoder.parameters())
@@ -87,8 +88,9 @@ def test_optimizer_step_moves_only_the_trainable_parameters(decoder):
     assert any(n.startswith("florence.model.vision_tower.") for n in frozen)
     before = {n: p.detach().clone() for n, p in (frozen | trainable).items()}
     opt = torch.optim.AdamW(trainable.values(), lr=1e-3, weight_decay=0.0)  # no decay: only gradients move
-    images = torch.rand(3, 3, 64, 64) * 2 - 1
-    decoder.loss(images, enc(enc.normalize(images)), torch.Generator().manual_seed(0)).backward()
+    pixels = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    z = enc(enc.transform.pixels(pixels))
+    decoder.loss(to_tensor(pixels.numpy()), z, torch.Generator().manual_seed(0)).backward()
     opt.step()
     assert all(torch.equal(p, before[n]) for n, p in frozen.items())
     unmoved = [n for n, p in trainable.items() if torch.equal(p, before[n])]

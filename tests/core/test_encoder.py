@@ -9,7 +9,6 @@ from safetensors.torch import load_file, save_file
 from transformers import Florence2ForConditionalGeneration
 
 from vlv.config import DEFAULT_TRAINABLE, EncoderConfig
-from vlv.data.images import to_tensor
 from vlv.encoder import (
     FROZEN_FILE,
     TRAINABLE_FILE,
@@ -105,15 +104,15 @@ def test_cached_image_features_stand_in_for_a_frozen_vision_tower():
         assert torch.equal(trains_vision(image_features=trains_vision.image_features(x)), trains_vision(x))
 
 
-def test_preprocess_matches_tensor_normalisation():
+def test_preprocess_is_the_transform_training_and_inference_call():
+    """preprocess (PIL in: the API's way) and transform.pixels of the crops (the reader crops in workers: training's
+    and the inference commands' way) are one path, bit for bit."""
     enc = _shapes()
     rng = np.random.default_rng(0)
     arrays = rng.integers(0, 256, size=(3, 64, 64, 3), dtype=np.uint8)
     from_pil = enc.preprocess([Image.fromarray(a) for a in arrays])
-    from_tensor = enc.normalize(to_tensor(arrays))
-    assert from_pil.shape == (3, 3, 64, 64)
-    assert torch.allclose(from_pil, from_tensor, atol=1e-5)
-    big = enc.preprocess([Image.fromarray(np.zeros((100, 80, 3), np.uint8))])
+    assert from_pil.shape == (3, 3, 64, 64) and torch.equal(from_pil, enc.transform.pixels(arrays))
+    big = enc.preprocess([Image.fromarray(np.zeros((100, 80, 3), np.uint8))])  # centre square, resized
     assert big.shape == (1, 3, 64, 64)
     assert torch.allclose(big[0, :, 0, 0], -torch.tensor([0.485, 0.456, 0.406]) / torch.tensor([0.229, 0.224, 0.225]))
 

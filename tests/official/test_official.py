@@ -22,7 +22,6 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from vlv.data.images import to_tensor  # noqa: E402
 from vlv.decoder import DiffusionDecoder  # noqa: E402
 from vlv.encoder import VLVEncoder, load_florence2  # noqa: E402
 from vlv.official.florence2 import convert_florence2, prompt_ids  # noqa: E402
@@ -32,6 +31,7 @@ from vlv.text_encoder import clip_from_embeds  # noqa: E402
 BASE_F2, BASE_SD = FIXTURES / "bases" / "florence2", FIXTURES / "bases" / "sd"
 PLAIN, DEEPSPEED = FIXTURES / "stage1" / "plain" / "checkpoint_3.pt", FIXTURES / "stage1" / "deepspeed"
 ATOL = 1e-5  # measured max abs differences: 1.2e-6 (image features) .. 9.0e-6 (BART decoder output)
+SIZE = 64  # the official runs' --image_size (the README's image_inference_args): the official transform's crop
 
 def close(actual, expected, atol=ATOL):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
@@ -59,8 +59,8 @@ def runs(tmp_path_factory, native_f2):
     """Both official formats: the plain checkpoint with the remote-code base (converted into the run dir), the
     DeepSpeed dir with the already-native base (used in place)."""
     root = tmp_path_factory.mktemp("runs")
-    counts = {"plain": import_stage1(PLAIN, BASE_F2, BASE_SD, root / "plain"),
-              "deepspeed": import_stage1(DEEPSPEED, native_f2[0], BASE_SD, root / "deepspeed")}
+    counts = {"plain": import_stage1(PLAIN, BASE_F2, BASE_SD, root / "plain", crop_size=SIZE).counts,
+              "deepspeed": import_stage1(DEEPSPEED, native_f2[0], BASE_SD, root / "deepspeed", crop_size=SIZE).counts}
     return {name: root / name for name in counts}, counts
 
 
@@ -186,13 +186,71 @@ def test_stage1_loss_with_the_recorded_draws(runs, refs, decoder, monkeypatch):
 
 
 def test_preprocessing(runs, refs):
-    """VLVEncoder.preprocess (PIL bicubic, as the official CLIPImageProcessor) is exact; normalize (torch bicubic
-    on [-1, 1] tensors, what vlv's inference calls) is not: measured max abs 0.454, mean 0.0058 on these images."""
+    """An imported encoder carries the official transform (the run's --image_size crop, then Florence-2's
+    processor): exact on the fixture's square images (measured 0)."""
     enc = VLVEncoder.from_pretrained(runs[0]["plain"])
+    assert (enc.config.transform, enc.config.crop_size, enc.config.image_size) == ("official", SIZE, 128)
     pil = [Image.open(FIXTURES / "images" / f"img{i}.png") for i in range(4)]
     close(enc.preprocess(pil), refs["s1.pixel_values"], atol=1e-6)  # measured: 0
-    diff = (enc.normalize(to_tensor(_images())) - refs["s1.pixel_values"]).abs()
-    assert diff.max() < 0.5 and diff.mean() < 0.01
+    close(enc.transform.pixels(_images()), refs["s1.pixel_values"], atol=1e-6)  # the crops as the reader cuts them
+
+
+def _photo(w: int, h: int, seed: int) -> Image.Image:
+    """A smooth photo-like RGB image (gradients + blobs + a little noise), so resampling filters matter."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    base = np.stack([np.sin(6 * x + c) * np.cos(4 * y - c) for c in (0.0, 1.0, 2.0)], -1) * 100 + 128
+    return Image.fromarray(np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8))
+
+
+def _official_pixels(im: Image.Image, crop: int, processor) -> torch.Tensor:
+    """The official chain, as Caption_inference.py runs it: torchvision's Resize(crop) (PIL bilinear, shorter side
+    to crop, longer to int(crop * long / short); nothing when the shorter side is crop already) and
+    CenterCrop(crop) (offsets int(round(d / 2)), Python's round: half to even), PILToTensor, then the Florence
+    processor (transformers' own CLIPImageProcessor on PIL, which reproduces the fixture's refs bitwise)."""
+    w, h = im.size
+    short, long = min(w, h), max(w, h)
+    size = (crop, int(crop * long / short)) if w <= h else (int(crop * long / short), crop)
+    if size != (w, h):
+        im = im.resize(size, Image.BILINEAR)
+    w, h = im.size
+    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+    im = im.crop((left, top, left + crop, top + crop))
+    return processor(images=[np.asarray(im)], return_tensors="pt")["pixel_values"][0]
+
+
+# (w, h): centre offsets where rounding half to even and flooring part (67, 71, 64x69), upscales (odd squares,
+# 45x99), downscales (130x77, 97x61)
+SHAPES = [(67, 64), (71, 64), (64, 69), (63, 63), (65, 65), (45, 99), (130, 77), (97, 61)]
+
+
+def test_official_transform_on_non_square_and_odd_photos(runs, tmp_path):
+    """The imported encoder's transform is the official chain to 1e-6 (measured 0) on photos of many shapes, both
+    through preprocess (the API) and through the inference commands (their reader crops, then pixels); vlv's own
+    square transform is not (measured: up to ~1.9 on these)."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from vlv.data.transforms import ImageTransform
+    from vlv.inference import embed_files
+
+    enc = VLVEncoder.from_pretrained(runs[0]["plain"]).eval()
+    config = json.loads((runs[0]["plain"] / "florence2" / "preprocessor_config.json").read_text())
+    processor = CLIPImageProcessorPil(**{k: config[k] for k in ("do_resize", "size", "resample", "do_rescale",
+                                                                "do_normalize", "image_mean", "image_std",
+                                                                "do_center_crop") if k in config})
+    photos = [_photo(w, h, i) for i, (w, h) in enumerate(SHAPES)]
+    want = torch.stack([_official_pixels(im, SIZE, processor) for im in photos])  # (N, 3, 128, 128)
+    close(enc.preprocess(photos), want, atol=1e-6)
+    vlv_square = ImageTransform("vlv", SIZE, 128, enc.config.image_mean, enc.config.image_std)
+    assert (vlv_square(photos) - want).abs().max() > 0.1  # the crops differ: the official transform is needed
+    paths = []
+    for i, im in enumerate(photos):
+        paths.append(tmp_path / f"p{i}.png")
+        im.save(paths[-1])
+    embed_files(paths, tmp_path / "z.safetensors", runs[0]["plain"], batch_size=3)
+    with torch.no_grad():
+        z = torch.cat([enc(want[i : i + 3]) for i in range(0, len(want), 3)])
+    close(load_file(tmp_path / "z.safetensors")["z"], z, atol=1e-6)
 
 
 # -------------------------------------------------------------------------------------------- strict
@@ -221,7 +279,7 @@ def _edited(state, tmp_path, edit):
 def test_stage1_is_strict(plain_state, native_f2, tmp_path, edit, message):
     ckpt = _edited(plain_state, tmp_path, edit)
     with pytest.raises(ValueError, match=message):
-        import_stage1(ckpt, native_f2[0], BASE_SD, tmp_path / "run")
+        import_stage1(ckpt, native_f2[0], BASE_SD, tmp_path / "run", crop_size=SIZE)
     assert not (tmp_path / "run").exists()  # nothing half-made is left
 
 
@@ -233,12 +291,12 @@ def test_stage1_refuses_a_decoder_whose_unet_differs(native_f2, tmp_path):
     state["conv_in.bias"] = state["conv_in.bias"] + 1e-3
     save_file(state, weights)
     with pytest.raises(ValueError, match=r"decoder dir .* does not match the checkpoint: unet.conv_in.bias differs"):
-        import_stage1(PLAIN, native_f2[0], sd, tmp_path / "run")
+        import_stage1(PLAIN, native_f2[0], sd, tmp_path / "run", crop_size=SIZE)
 
 
 def test_stage1_needs_a_consolidated_deepspeed_dir(native_f2, tmp_path):
     with pytest.raises(FileNotFoundError, match="zero_to_fp32"):
-        import_stage1(DEEPSPEED / "step_3", native_f2[0], BASE_SD, tmp_path / "run")
+        import_stage1(DEEPSPEED / "step_3", native_f2[0], BASE_SD, tmp_path / "run", crop_size=SIZE)
 
 
 # ----------------------------------------------------------------------------------------------- cli
@@ -255,7 +313,7 @@ def test_cli_import_then_reconstruct(tmp_path):
     assert main(["import-official", "stage1", str(tmp_path / "nope.pt"), "--florence2", str(BASE_F2),
                  "--decoder", str(BASE_SD), "--out", str(tmp_path / "bad")]) == 2
     r = _cli("import-official", "stage1", PLAIN, "--florence2", BASE_F2, "--decoder", BASE_SD, "--out",
-             tmp_path / "run")
+             tmp_path / "run", "--image-size", SIZE)
     assert r.returncode == 0, r.stderr
     assert re.search(r"unet \(== decoder, dropped\) +208\n", r.stdout) and "(632 in all)" in r.stdout, r.stdout
     assert main(["reconstruct", str(FIXTURES / "images"), "--encoder", str(tmp_path / "run"), "--decoder",

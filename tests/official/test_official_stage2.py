@@ -31,6 +31,7 @@ from vlv.official.stage2 import import_stage2, load_stage2_state  # noqa: E402
 BASE_F2, BASE_SD, BASE_LM = (FIXTURES / "bases" / n for n in ("florence2", "sd", "qwen2"))
 MODEL_PT = FIXTURES / "stage2" / "step_3" / "model.pt"
 ATOL = 1e-5
+SIZE = 64  # the official runs' --image_size (the README's caption_inference_args)
 IGNORE = -100
 
 def close(actual, expected, atol=ATOL):
@@ -51,7 +52,7 @@ def official():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("stage2") / "run"
-    return out, import_stage2(MODEL_PT, BASE_F2, BASE_SD, BASE_LM, out)
+    return out, import_stage2(MODEL_PT, BASE_F2, BASE_SD, BASE_LM, out, crop_size=SIZE).counts
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +251,7 @@ def _set(key, value):
 def test_import_is_strict(state, tmp_path, edit, message):
     ckpt = _edited(state, tmp_path, edit)
     with pytest.raises(ValueError, match=message):
-        import_stage2(ckpt, BASE_F2, BASE_SD, BASE_LM, tmp_path / "run")
+        import_stage2(ckpt, BASE_F2, BASE_SD, BASE_LM, tmp_path / "run", crop_size=SIZE)
     assert not (tmp_path / "run").exists()  # nothing half-made is left
 
 
@@ -293,7 +294,7 @@ def test_cli_import_then_caption(tmp_path):
     assert main(["import-official", "stage2", str(tmp_path / "nope.pt"), "--florence2", str(BASE_F2), "--decoder",
                  str(BASE_SD), "--lm", str(BASE_LM), "--out", str(tmp_path / "bad")]) == 2
     r = _cli("import-official", "stage2", MODEL_PT, "--florence2", BASE_F2, "--decoder", BASE_SD, "--lm", BASE_LM,
-             "--out", tmp_path / "run")
+             "--out", tmp_path / "run", "--image-size", SIZE)
     assert r.returncode == 0, r.stderr
     assert "(275 in all)" in r.stdout, r.stdout
     images = sorted((FIXTURES / "images").glob("img*.png"))

@@ -44,7 +44,8 @@ def test_shipped_encoder_loads_strictly_by_name():
     enc = VLVEncoder.from_pretrained(path).eval()
     assert set(load_file(path / "model.safetensors")) == {n for n, p in enc.named_parameters() if p.requires_grad}
     with torch.no_grad():
-        z = enc(enc.normalize(torch.zeros(2, 3, enc.config.image_size, enc.config.image_size)))
+        size = enc.config.image_size
+        z = enc(enc.transform.pixels(torch.zeros(2, size, size, 3, dtype=torch.uint8)))
     assert z.shape == (2, enc.config.num_queries, enc.config.text_dim) and torch.isfinite(z).all()
     record = json.loads((path / "training.json").read_text())
     assert record["steps"] > 0 and "reconstruction" in json.loads((path / "metrics.json").read_text())

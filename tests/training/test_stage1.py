@@ -37,9 +37,9 @@ def test_train_stage1_run_dir_describes_itself(tiny_teacher, shapes_data, tmp_pa
     assert [e["step"] for e in evals] == [3] and {"recon_scene_accuracy", "recon_object_f1"} <= set(evals[-1])
     loaded = VLVEncoder.from_pretrained(run).eval()
     assert loaded.config.phi_init_gain == 4.0  # the run's setting reached the encoder it built
-    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    x = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
     with torch.no_grad():
-        assert torch.equal(loaded(loaded.normalize(x)), enc.eval()(enc.normalize(x)))
+        assert torch.equal(loaded(loaded.transform.pixels(x)), enc.eval()(enc.transform.pixels(x)))
 
 
 def test_cached_latents_match_the_vae(tiny_teacher, shapes_data, tmp_path):
@@ -199,9 +199,9 @@ def test_init_warm_starts_from_a_trained_encoder_and_checks_its_architecture(tin
         init_from(more, settings.init)
     fewer = build_encoder(_settings(tiny_teacher, "x", num_queries=4), decoder.text_dim, 0)
     init_from(fewer, settings.init)  # fewer queries: the first 4, so z is the first 4 positions of the source's
-    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    x = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
     with torch.no_grad():
-        z, z4 = first.eval()(first.normalize(x)), fewer.eval()(fewer.normalize(x))
+        z, z4 = first.eval()(first.transform.pixels(x)), fewer.eval()(fewer.transform.pixels(x))
     assert z4.shape[1] == 4 and torch.allclose(z4, z[:, :4], atol=1e-6)
     second = train_stage1(settings, cfg, tmp_path / "b")  # and the run itself trains on from there
     assert second is not None and not torch.equal(second.queries, first.queries)
@@ -247,10 +247,8 @@ def test_vision_cache_shards_resume_and_read_rows(shapes_data, tmp_path):
     assert parts[1].exists() and parts[0].stat().st_mtime_ns == kept
     cache = Cache(tmp_path / "v", want=key)
     idx = np.array([len(data) - 1, 0, 6, 6, 4])
-    from vlv.data.images import to_tensor
-
     with torch.no_grad():
-        want = enc.eval().image_features(enc.normalize(to_tensor(data.images[idx])))
+        want = enc.eval().image_features(enc.transform.pixels(data.images[idx]))
     assert len(cache) == len(data) and torch.allclose(cache[idx]["features"].float(), want, atol=1e-2, rtol=1e-2)
 
 

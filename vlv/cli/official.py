@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vlv.cli.flags import writable_dir
+from vlv.cli.flags import positive_int, writable_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the base Florence-2 dir (remote-code layout, converted into RUN/florence2; or native)")
     p.add_argument("--decoder", type=Path, required=True, help="the base Stable Diffusion dir of the official run")
     p.add_argument("--out", type=writable_dir, required=True, help="run dir to write (absent or empty)")
+    _import_flags(p)
     p.set_defaults(func=cmd_import_stage1)
     p = imp_sub.add_parser("stage2", help="an official stage-2 model.pt (CLIPDecoder) -> a vlv stage-2 run dir")
     p.add_argument("model_pt", type=Path, help="model.pt of the official stage 2 (a CLIPDecoder state dict)")
@@ -32,7 +33,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lm", type=Path, required=True,
                    help="the base LLM dir of the official run (Qwen2.5-3B: architecture and tokenizer)")
     p.add_argument("--out", type=writable_dir, required=True, help="run dir to write (absent or empty)")
+    _import_flags(p)
     p.set_defaults(func=cmd_import_stage2)
+
+
+def _import_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-size", type=positive_int, default=384,
+                   help="the official run's --image_size: images are resized and centre-cropped to it before "
+                        "Florence-2's processor, as the official code does (default: 384, its scripts' value)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="the dtype the trained weights are written in (default: fp32; bf16 keeps a bf16 "
+                        "checkpoint's weights exactly in half the space)")
 
 
 def _print_counts(counts: dict[str, int], written: str) -> None:
@@ -53,13 +64,17 @@ def cmd_import_florence2(args: argparse.Namespace) -> None:
 def cmd_import_stage1(args: argparse.Namespace) -> None:
     from vlv.official.stage1 import import_stage1
 
-    counts = import_stage1(args.ckpt, args.florence2, args.decoder, args.out)
-    _print_counts(counts, f"stage-1 encoder written to {args.out}")
+    done = import_stage1(args.ckpt, args.florence2, args.decoder, args.out, crop_size=args.image_size,
+                         dtype=args.dtype)
+    print(done.dtype_line())
+    _print_counts(done.counts, f"stage-1 encoder written to {args.out}")
 
 
 def cmd_import_stage2(args: argparse.Namespace) -> None:
     from vlv.official.stage2 import import_stage2
 
-    counts = import_stage2(args.model_pt, args.florence2, args.decoder, args.lm, args.out)
-    _print_counts(counts, f"stage-2 captioner written to {args.out} "
-                          f"(caption with: vlv caption IMAGES --model {args.out} --out X)")
+    done = import_stage2(args.model_pt, args.florence2, args.decoder, args.lm, args.out, crop_size=args.image_size,
+                         dtype=args.dtype)
+    print(done.dtype_line())
+    _print_counts(done.counts, f"stage-2 captioner written to {args.out} "
+                               f"(caption with: vlv caption IMAGES --model {args.out} --out X)")

@@ -9,9 +9,9 @@ cache larger than RAM trains.
 
 Each cache carries a key (``cache.json`` and every shard's metadata): what it is of (``kind``), a hash of the
 model's config, a checksum of the weights that computed it, the data's fingerprint (sample count + a hash of the
-keys), the resolution and the dtype it is stored in. Training compares that key with the one its own models and
-data give and refuses a cache that differs, naming the fields: a cache of other weights or other data never trains
-silently. A row whose image could not be read is zeros with ``ok`` 0; training skips it as a bad sample.
+keys), the resolution (and crop) and the dtype it is stored in. Training compares that key with the one its own
+models and data give and refuses a cache that differs, naming the fields: a cache of other weights or other data never
+trains silently. A row whose image could not be read is zeros with ``ok`` 0; training skips it as a bad sample.
 
 A dataset held in memory (:class:`vlv.data.datasets.InMemory`, small data trained on whole) can cache its
 posteriors in one file instead (:func:`posteriors_file`), keyed and refused the same way.
@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 from vlv.config import CACHE_SHARD_ROWS
 from vlv.data.datasets import Dataset, InMemory
-from vlv.data.images import to_tensor
+from vlv.data.images import Crop, as_crop, to_tensor
 from vlv.data.loader import row_loader
 from vlv.errors import InvalidInput
 from vlv.modeling import atomic_save_file, write_json
@@ -41,7 +41,7 @@ from vlv.text_encoder import clip_from_embeds
 
 CACHE_FILE = "cache.json"
 CACHE_VERSION = 1
-KEY_FIELDS = ("kind", "model", "weights", "data", "resolution", "dtype", "version")
+KEY_FIELDS = ("kind", "model", "weights", "data", "resolution", "crop", "dtype", "version")
 
 
 # ----------------------------------------------------------------------------------------------------- keys
@@ -69,24 +69,37 @@ def data_fingerprint(dataset: Dataset) -> str:
     return f"{len(keys)}:{hashlib.sha256(chr(10).join(keys).encode()).hexdigest()[:16]}"
 
 
-def latents_key(vae: torch.nn.Module, dataset: Dataset, resolution: int) -> dict[str, Any]:
+def decoded_at(resolution: int | Crop) -> dict[str, Any]:
+    """How the images were cut: the side, and the crop when it is not vlv's square (so keys made before crops had
+    kinds still match)."""
+    crop = as_crop(resolution)
+    return {"resolution": crop.size, **({"crop": crop.kind} if crop.kind != "vlv" else {})}
+
+
+def key_crop(key: dict[str, Any]) -> Crop:
+    """The crop a cache's images were cut by (what :func:`write_cache` decodes with)."""
+    return Crop(key["resolution"], key.get("crop", "vlv"))
+
+
+def latents_key(vae: torch.nn.Module, dataset: Dataset, resolution: int | Crop) -> dict[str, Any]:
     """Only what encoding touches: the VAE's config, and its encoder + quant_conv weights."""
     parts = [m for m in (vae.encoder, getattr(vae, "quant_conv", None)) if m is not None]
     return {"kind": "latents", "model": config_hash(dict(vae.config)), "weights": tensors_checksum(parts),
-            "data": data_fingerprint(dataset), "resolution": resolution, "dtype": "float16", "version": CACHE_VERSION}
+            "data": data_fingerprint(dataset), **decoded_at(resolution), "dtype": "float16",
+            "version": CACHE_VERSION}
 
 
-def vision_key(encoder: torch.nn.Module, dataset: Dataset, resolution: int) -> dict[str, Any]:
+def vision_key(encoder: torch.nn.Module, dataset: Dataset, resolution: int | Crop) -> dict[str, Any]:
     """Only what ``image_features`` touches: the vision tower + projector, and the encoder's pixel pipeline."""
     model, config = encoder.florence.model, encoder.config
     described = {"vision": encoder.florence.config.vision_config.to_dict(), "image_size": config.image_size,
                  "image_mean": list(config.image_mean), "image_std": list(config.image_std)}
     return {"kind": "vision", "model": config_hash(described),
             "weights": tensors_checksum([model.vision_tower, model.multi_modal_projector]),
-            "data": data_fingerprint(dataset), "resolution": resolution, "dtype": "float16", "version": CACHE_VERSION}
+            "data": data_fingerprint(dataset), **decoded_at(resolution), "dtype": "float16", "version": CACHE_VERSION}
 
 
-def text_embeds_key(encoder: torch.nn.Module, text_encoder: torch.nn.Module, dataset: Dataset, resolution: int,
+def text_embeds_key(encoder: torch.nn.Module, text_encoder: torch.nn.Module, dataset: Dataset, resolution: int | Crop,
                     precision: str = "no") -> dict[str, Any]:
     """All of E and T (both frozen whole where this cache serves), the pixel pipeline and the step's autocast.
 
@@ -99,7 +112,7 @@ def text_embeds_key(encoder: torch.nn.Module, text_encoder: torch.nn.Module, dat
                  "text_encoder": _fields(text_encoder.config.to_dict()), "precision": precision}
     weights = tensors_checksum([encoder, text_encoder])
     return {"kind": "text_embeds", "model": config_hash(described), "weights": weights,
-            "data": data_fingerprint(dataset), "resolution": resolution, "dtype": "float32", "version": CACHE_VERSION}
+            "data": data_fingerprint(dataset), **decoded_at(resolution), "dtype": "float32", "version": CACHE_VERSION}
 
 
 def _fields(config: dict[str, Any]) -> dict[str, Any]:
@@ -138,7 +151,7 @@ Compute = Callable[[torch.Tensor], dict[str, torch.Tensor]]  # uint8 images (B, 
 def write_cache(folder: str | Path, key: dict[str, Any], dataset: Dataset, compute: Compute, batch_size: int,
                 shard_rows: int = CACHE_SHARD_ROWS, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                 on_bad_image: Literal["skip", "fail"] = "skip", progress: bool = True) -> int:
-    """Write this rank's missing shards of ``compute`` over ``dataset`` (decoded at ``key['resolution']``, stored
+    """Write this rank's missing shards of ``compute`` over ``dataset`` (decoded as the key says, stored
     as ``key['dtype']``); returns the bad rows met. Finished shards (their key matching) are skipped, so a re-run
     resumes."""
     from tqdm.auto import tqdm
@@ -166,7 +179,7 @@ def write_cache(folder: str | Path, key: dict[str, Any], dataset: Dataset, compu
         start, stop = s * shard_rows, min(n, (s + 1) * shard_rows)
         parts: dict[str, torch.Tensor] = {}
         ok = torch.zeros(stop - start, dtype=torch.uint8)
-        for batch in row_loader(dataset, key["resolution"], start, stop, batch_size, num_workers, on_bad_image):
+        for batch in row_loader(dataset, key_crop(key), start, stop, batch_size, num_workers, on_bad_image):
             bad += batch["bad"]
             if not len(batch["indices"]):
                 continue
@@ -240,7 +253,7 @@ def vision_rows(encoder: torch.nn.Module) -> Compute:
         was_training = encoder.training
         encoder.eval()
         with torch.no_grad():
-            v = encoder.image_features(encoder.normalize(to_tensor(images.numpy()).to(device)))  # (B, Nv, D)
+            v = encoder.image_features(encoder.transform.pixels(images, device))  # (B, Nv, D)
         encoder.train(was_training)
         if not torch.isfinite(v).all() or v.abs().max() > torch.finfo(torch.float16).max:
             raise InvalidInput("vision features do not fit fp16: they cannot be cached")
@@ -266,7 +279,7 @@ def text_embeds_rows(encoder: torch.nn.Module, text_encoder: torch.nn.Module, ba
         encoder.eval()
         text_encoder.eval()
         with torch.no_grad():
-            z = encoder(encoder.normalize(to_tensor(images.numpy()).to(device)))  # (B, Nq, d_T)
+            z = encoder(encoder.transform.pixels(images, device))  # (B, Nq, d_T)
             c = clip_from_embeds(text_encoder, z)  # (B, Nq, d_T)
         encoder.train(modes[0])
         text_encoder.train(modes[1])

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vlv.data.images import BAD_IMAGE_ERRORS, IMAGE_EXTENSIONS, encoded_format, open_image, square
+from vlv.data.images import BAD_IMAGE_ERRORS, IMAGE_EXTENSIONS, Crop, as_crop, encoded_format, open_image
 from vlv.data.records import CAPTIONS, read_records
 from vlv.data.shards import TAR_IMAGE_EXTENSIONS, IndexWait, load_index
 from vlv.errors import BadImage, InvalidInput
@@ -39,15 +39,18 @@ class Sample:
     source: str = ""  # the file it came from, for error messages
 
 
-def decode(image: Image.Image | bytes | np.ndarray, size: int) -> np.ndarray:
-    """Encoded bytes or a PIL image -> RGB uint8 (size, size, 3), as :func:`vlv.data.images.load_image`; an array
-    decoded already (:class:`InMemory`) is returned as it is, and refused at another size: resizing it again would
-    not give the pixels of the source."""
+def decode(image: Image.Image | bytes | np.ndarray, size: int | Crop) -> np.ndarray:
+    """Encoded bytes or a PIL image -> RGB uint8 (size, size, 3), cut by the :class:`~vlv.data.images.Crop` given
+    (a size: vlv's centre square, :func:`vlv.data.images.square`); an array decoded already (:class:`InMemory`,
+    vlv's square) is returned as it is, and refused at another size or crop: cutting it again would not give the
+    pixels of the source."""
+    crop = as_crop(size)
     if isinstance(image, np.ndarray):
-        if image.shape != (size, size, 3):
-            raise ValueError(f"a sample decoded at {image.shape[:2]} px is asked for at {size} px")
+        if image.shape != (crop.size, crop.size, 3) or crop.kind != "vlv":
+            raise ValueError(f"a sample decoded at {image.shape[:2]} px (vlv's square crop) is asked for at "
+                             f"{crop.size} px ({crop.kind} crop)")
         return image
-    return square(open_image(image), size)
+    return crop(open_image(image))
 
 
 class Dataset(ABC):
@@ -72,8 +75,8 @@ class Dataset(ABC):
         """Sample ``i``'s caption, its image never decoded: what a step that reads cached image rows needs."""
         return self.read(i).caption
 
-    def require_size(self, size: int) -> None:
-        """Raise unless the samples can be decoded at ``size`` px (any, unless decoded already)."""
+    def require_size(self, size: int | Crop) -> None:
+        """Raise unless the samples can be decoded at ``size`` px, or by that crop (any, unless decoded already)."""
         return None
 
     def _check(self, i: int) -> int:
@@ -389,9 +392,11 @@ class InMemory(Dataset):
     def sample_keys(self) -> list[str]:
         return [s.key for s in self.samples]
 
-    def require_size(self, size: int) -> None:
-        if size != self.size:
-            raise ValueError(f"the data was loaded at {self.size} px, {size} px are asked for")
+    def require_size(self, size: int | Crop) -> None:
+        crop = as_crop(size)
+        if crop.size != self.size or crop.kind != "vlv":
+            raise ValueError(f"the data was loaded at {self.size} px by vlv's square crop, {crop.size} px by the "
+                             f"{crop.kind} crop are asked for")
 
     @property
     def captions(self) -> list[str]:

@@ -1,7 +1,9 @@
 """Reading a user's image, and the pixel conventions every reader shares.
 
 Any file PIL reads becomes upright 8-bit RGB (:func:`open_image`); training data is its centre square, resized
-bicubic, as uint8 (:func:`square`); models see float tensors in [-1, 1] (:func:`to_tensor`).
+bicubic, as uint8 (:func:`square`), or cropped as the official code crops (:func:`official_crop`), a :class:`Crop`
+naming which; the VAE sees float tensors in [-1, 1] (:func:`to_tensor`), the encoder its own transform's pixels
+(:mod:`vlv.data.transforms`).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +90,48 @@ def square(im: Image.Image, size: int) -> np.ndarray:
     if im.size != (size, size):
         im = im.resize((size, size), Image.BICUBIC)
     return np.asarray(im, dtype=np.uint8)
+
+
+def official_crop(im: Image.Image, size: int) -> np.ndarray:
+    """RGB uint8 (size, size, 3) as the official code crops (``transforms.Resize(size)`` then
+    ``transforms.CenterCrop(size)`` of torchvision on a PIL image, its stage-1 and captioning transform): the
+    shorter side resized to ``size`` by PIL bilinear, the longer to ``int(size * long / short)`` (no resize when
+    the shorter side is ``size`` already), then the centre square at offsets rounded half to even (Python's
+    ``round``), where :func:`square` floors them."""
+    im = to_rgb(im)
+    w, h = im.size
+    short, long = min(w, h), max(w, h)
+    new_w, new_h = (size, int(size * long / short)) if w <= h else (int(size * long / short), size)
+    if (new_w, new_h) != (w, h):
+        im = im.resize((new_w, new_h), Image.BILINEAR)
+    if (new_w, new_h) != (size, size):
+        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+        im = im.crop((left, top, left + size, top + size))
+    return np.asarray(im, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class Crop:
+    """How a decoded image becomes the uint8 square a model reads: ``vlv`` (:func:`square`) or ``official``
+    (:func:`official_crop`), at ``size`` px. A value, so DataLoader workers can apply it."""
+
+    size: int
+    kind: str = "vlv"
+
+    def __post_init__(self) -> None:
+        if self.kind not in CROPS:
+            raise ValueError(f"crop kind must be one of {', '.join(CROPS)}, got {self.kind!r}")
+
+    def __call__(self, im: Image.Image) -> np.ndarray:
+        return square(im, self.size) if self.kind == "vlv" else official_crop(im, self.size)
+
+
+CROPS = ("vlv", "official")
+
+
+def as_crop(size: int | Crop) -> Crop:
+    """A size in px means vlv's centre square crop (what every reader did before crops had kinds)."""
+    return size if isinstance(size, Crop) else Crop(int(size))
 
 
 def load_image(path: Path | Image.Image, size: int) -> np.ndarray:

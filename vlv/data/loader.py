@@ -12,14 +12,15 @@ import numpy as np
 import torch
 
 from vlv.data.datasets import Dataset, decode
-from vlv.data.images import BAD_IMAGE_ERRORS
+from vlv.data.images import BAD_IMAGE_ERRORS, Crop, as_crop
 from vlv.data.sampling import step_indices
 from vlv.errors import BadImage
 
 
-def load_batch(dataset: Dataset, indices: np.ndarray, size: int,
+def load_batch(dataset: Dataset, indices: np.ndarray, size: int | Crop,
                on_bad_image: Literal["skip", "fail"] = "skip") -> dict[str, Any]:
-    """Samples ``indices`` read and decoded: ``images`` uint8 (B', size, size, 3), ``captions``, ``keys``,
+    """Samples ``indices`` read and decoded (cut by the :class:`~vlv.data.images.Crop` given; a size: vlv's centre
+    square): ``images`` uint8 (B', size, size, 3), ``captions``, ``keys``,
     ``indices`` (the B' kept), ``bad`` (how many were skipped) and ``bad_keys`` (what they were).
 
     A bad sample is skipped, never replaced (no black image); with on_bad_image="fail" the batch raises naming it.
@@ -41,7 +42,8 @@ def load_batch(dataset: Dataset, indices: np.ndarray, size: int,
         captions.append(sample.caption)
         keys.append(sample.key)
         kept.append(i)
-    stacked = np.stack(images) if images else np.zeros((0, size, size, 3), dtype=np.uint8)
+    side = as_crop(size).size
+    stacked = np.stack(images) if images else np.zeros((0, side, side, 3), dtype=np.uint8)
     return {"images": torch.from_numpy(stacked), "captions": captions, "keys": keys,  # (B', H, W, 3) uint8
             "indices": torch.tensor(kept, dtype=torch.int64), "bad": len(bad), "bad_keys": bad}
 
@@ -56,8 +58,8 @@ class StepBatches(torch.utils.data.Dataset):
     """Map-style: item k is the whole decoded batch of step k, so a DataLoader's workers build batches in parallel
     and any step can be asked for first (exact resume)."""
 
-    def __init__(self, dataset: Dataset, size: int, seed: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 on_bad_image: Literal["skip", "fail"] = "skip"):
+    def __init__(self, dataset: Dataset, size: int | Crop, seed: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1, on_bad_image: Literal["skip", "fail"] = "skip"):
         if on_bad_image not in ("skip", "fail"):
             raise ValueError(f"on_bad_image must be 'skip' or 'fail', got {on_bad_image!r}")
         if len(dataset) == 0:
@@ -74,7 +76,7 @@ class StepBatches(torch.utils.data.Dataset):
 class RowBatches(torch.utils.data.Dataset):
     """Map-style: item j is rows [start + j*batch, ...) decoded, in order: what a cache precompute reads."""
 
-    def __init__(self, dataset: Dataset, size: int, start: int, stop: int, batch_size: int,
+    def __init__(self, dataset: Dataset, size: int | Crop, start: int, stop: int, batch_size: int,
                  on_bad_image: Literal["skip", "fail"] = "skip"):
         dataset.require_size(size)
         self.dataset, self.size, self.start, self.stop = dataset, size, start, stop
@@ -125,9 +127,9 @@ class StepLoader(torch.utils.data.DataLoader):
     ``images`` uint8 (B', size, size, 3), ``captions``, ``keys``, ``indices`` int64 (B',), ``bad`` (samples
     skipped), ``step``. Identical for any ``num_workers``: a batch depends only on its step."""
 
-    def __init__(self, dataset: Dataset, size: int, seed: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 start_step: int = 0, steps: int | None = None, num_workers: int = 0, prefetch_factor: int = 2,
-                 on_bad_image: Literal["skip", "fail"] = "skip"):
+    def __init__(self, dataset: Dataset, size: int | Crop, seed: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1, start_step: int = 0, steps: int | None = None, num_workers: int = 0,
+                 prefetch_factor: int = 2, on_bad_image: Literal["skip", "fail"] = "skip"):
         super().__init__(
             StepBatches(dataset, size, seed, batch_size, rank, world_size, on_bad_image),
             batch_size=None, sampler=_Steps(start_step, steps), collate_fn=_one, num_workers=num_workers,
@@ -136,7 +138,7 @@ class StepLoader(torch.utils.data.DataLoader):
         )
 
 
-def row_loader(dataset: Dataset, size: int, start: int, stop: int, batch_size: int, num_workers: int = 0,
+def row_loader(dataset: Dataset, size: int | Crop, start: int, stop: int, batch_size: int, num_workers: int = 0,
                on_bad_image: Literal["skip", "fail"] = "skip") -> torch.utils.data.DataLoader:
     """Rows [start, stop) in order, ``batch_size`` at a time, decoded in workers (see :class:`RowBatches`)."""
     return torch.utils.data.DataLoader(

@@ -13,7 +13,13 @@ one. The keys, all consumed strictly:
 
 The run dir: ``florence2/`` (the base converted to native once, unless a native dir was given), and the
 ``VLVEncoder.save_pretrained`` files with the official settings (trainable = :data:`vlv.config.DEFAULT_TRAINABLE`,
-image size and normalisation from the Florence processor's config, the ``<MORE_DETAILED_CAPTION>`` prompt ids).
+the official image transform: the run's ``--image_size`` crop, then the image size and normalisation of the
+Florence processor's config; the ``<MORE_DETAILED_CAPTION>`` prompt ids).
+
+Mixed precision saves every tensor cast (bf16 under ``--mixed_precision bf16``), frozen ones included: a frozen
+tensor then equals its base rounded to that dtype (:func:`same_as_base`; any other difference is refused), and the
+encoder records the dtype (``frozen_dtype``) so it computes with the frozen weights the checkpoint holds. The
+trained weights are written in the dtype asked for (fp32 by default).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +45,85 @@ CONSOLIDATED = "pytorch_model.bin"
 SD_PARTS = ("vae", "unet", "text_encoder")
 LM_HEAD = "model.language_model.lm_head.weight"  # a frozen clone of the initial shared embeddings; unused
 NATIVE_DIR = "florence2"
+
+
+# The official code saves float32, or, under mixed precision, everything cast to bfloat16 / float16.
+SAVED_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # a run dir's trained weights
+
+
+@dataclass
+class Imported:
+    """What an import read and wrote: tensors per group (each key of the checkpoint once), the checkpoint's dtypes
+    (name -> count), the dtype its frozen parts were saved in when lower than the bases' (None: the bases' own),
+    and the dtype the trained weights were written in."""
+
+    counts: dict[str, int]
+    dtypes: dict[str, int]
+    frozen_dtype: str | None
+    written: str
+    note: str = ""  # what else a reader of the line should know
+
+    def dtype_line(self) -> str:
+        """One line: the dtype found, what the import did about it, and what it wrote."""
+        found = (f"{next(iter(self.dtypes))} (all {sum(self.dtypes.values())} tensors)" if len(self.dtypes) == 1
+                 else ", ".join(f"{name} ({n} tensors)" for name, n in self.dtypes.items()))
+        rounded = (f"; frozen parts = the base dirs' rounded to {self.frozen_dtype}, used so"
+                   if self.frozen_dtype else "")
+        return f"checkpoint dtype: {found}{rounded}; trained weights written in {self.written}{self.note}"
+
+
+# ------------------------------------------------------------------------------------------ dtypes
+def dtype_counts(state: dict[str, torch.Tensor], kind: str) -> dict[str, int]:
+    """How many tensors of each dtype the checkpoint holds; a dtype the official code never saves is refused."""
+    counts = Counter()
+    for key, value in state.items():
+        if value.dtype not in SAVED_DTYPES:
+            raise InvalidInput(f"{key}: dtype {str(value.dtype).removeprefix('torch.')} in the {kind} checkpoint "
+                               f"(the official code saves {', '.join(SAVED_DTYPES.values())})")
+        counts[SAVED_DTYPES[value.dtype]] += 1
+    return dict(counts.most_common())
+
+
+def same_as_base(got: torch.Tensor, ref: torch.Tensor) -> bool:
+    """A frozen tensor of the checkpoint is the base's: equal, or, saved in a lower precision (mixed precision casts
+    the frozen parts too), equal to the base rounded to it. Any other difference, one ulp included, is not."""
+    if got.shape != ref.shape:
+        return False
+    if got.dtype.itemsize < ref.dtype.itemsize:
+        return torch.equal(ref.to(got.dtype), got)
+    return torch.equal(got.to(ref.dtype), ref)
+
+
+def frozen_dtype(tensors: dict[str, torch.Tensor], what: str) -> str | None:
+    """The dtype a frozen part was saved in, when lower than float32 (the dtype vlv loads every base in); one per
+    part, since mixed precision casts whole models (vlv rounds the part to it on load)."""
+    dtypes = {v.dtype for v in tensors.values()}
+    if dtypes <= {torch.float32}:
+        return None
+    if len(dtypes) > 1:
+        names = ", ".join(sorted(SAVED_DTYPES[d] for d in dtypes))
+        raise InvalidInput(f"the frozen {what} weights are saved in several dtypes ({names}): vlv rounds a frozen "
+                           "part to one dtype")
+    return SAVED_DTYPES[dtypes.pop()]
+
+
+@torch.no_grad()
+def write_trained_as(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The trainable parameters cast in place to ``dtype``, what ``save_pretrained`` then writes; frozen ones stay.
+    A value the dtype cannot hold (fp16 overflows where bf16 does not) is refused."""
+    for name, p in module.named_parameters():
+        if p.requires_grad and p.dtype != dtype:
+            cast = p.data.to(dtype)
+            if not torch.equal(torch.isfinite(cast), torch.isfinite(p.data)):
+                raise InvalidInput(f"{name} does not fit {SAVED_DTYPES[dtype]}: write the run in fp32 or bf16")
+            p.data = cast
+
+
+def check_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise InvalidInput(f"dtype {dtype!r}: choose {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 # ------------------------------------------------------------------------------------------ load
@@ -80,10 +166,16 @@ def check_frozen(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], nam
         raise InvalidInput(f"the decoder dir {decoder_dir} does not match the checkpoint: {name}.{extra[0]} is "
                            "not in the decoder dir")
     for k, v in got.items():
-        if v.shape != ref[k].shape or not torch.equal(v.to(ref[k].dtype), ref[k]):
-            raise InvalidInput(f"the decoder dir {decoder_dir} does not match the checkpoint: {name}.{k} differs "
-                               "(use the base Stable Diffusion dir the official run was trained with)")
+        if not same_as_base(v, ref[k]):
+            raise InvalidInput(f"the decoder dir {decoder_dir} does not match the checkpoint: {name}.{k} differs"
+                               f"{_rounded(v, ref[k])} (use the base Stable Diffusion dir the official run was "
+                               "trained with)")
     return len(got)
+
+
+def _rounded(got: torch.Tensor, ref: torch.Tensor) -> str:
+    lower = got.dtype.itemsize < ref.dtype.itemsize
+    return f" even rounded to the checkpoint's {SAVED_DTYPES[got.dtype]}" if lower else ""
 
 
 def check_decoder_parts(state: dict[str, torch.Tensor], decoder: DiffusionDecoder, decoder_dir) -> dict[str, int]:
@@ -94,13 +186,24 @@ def check_decoder_parts(state: dict[str, torch.Tensor], decoder: DiffusionDecode
 
 
 # -------------------------------------------------------------------------------------- florence
+# What the official transform implements of CLIPImageProcessor (Florence-2-large's preprocessor_config.json).
+PROCESSOR = {"do_resize": True, "resample": 3, "do_rescale": True, "do_normalize": True, "do_center_crop": False}
+
+
 def read_processor(florence_dir: Path) -> dict:
-    """image_size, image_mean, image_std from the Florence processor's ``preprocessor_config.json``."""
+    """image_size, image_mean, image_std from the Florence processor's ``preprocessor_config.json``; a processor
+    that does other than resize (PIL bicubic), rescale by 1/255 and normalise is refused."""
     file = florence_dir / "preprocessor_config.json"
     if not file.is_file():
         raise FileNotFoundError(f"no preprocessor_config.json in {florence_dir} (it gives the image size)")
     data = json.loads(file.read_text())
-    size = data.get("crop_size") if data.get("do_center_crop") else data.get("size")
+    for key, value in PROCESSOR.items():
+        if data.get(key, value) != value:
+            raise InvalidInput(f"{file}: {key}={data[key]!r}; vlv's official transform implements {key}={value!r}")
+    if abs(data.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-12:
+        raise InvalidInput(f"{file}: rescale_factor={data['rescale_factor']!r}; vlv's official transform "
+                           "rescales by 1/255")
+    size = data.get("size")
     if isinstance(size, int):
         size = {"height": size, "width": size}
     if not size or size.get("height") != size.get("width"):
@@ -109,16 +212,18 @@ def read_processor(florence_dir: Path) -> dict:
             "image_std": tuple(data.get("image_std", (0.229, 0.224, 0.225)))}
 
 
-def official_encoder_config(native_dir: Path, out: Path, text_dim: int, num_queries: int) -> EncoderConfig:
-    """The official stage 1's encoder: trainable set, the processor's image size and normalisation, the
-    ``<MORE_DETAILED_CAPTION>`` prompt ids. A Florence-2 dir inside the run dir is named relatively, so the run
-    dir can move (VLVEncoder reads it against the run dir)."""
+def official_encoder_config(native_dir: Path, out: Path, text_dim: int, num_queries: int, crop_size: int
+                            ) -> EncoderConfig:
+    """The official stage 1's encoder: trainable set, the official transform (``crop_size``, the run's
+    ``--image_size``, then the processor's image size and normalisation), the ``<MORE_DETAILED_CAPTION>`` prompt
+    ids. A Florence-2 dir inside the run dir is named relatively, so the run dir can move (VLVEncoder reads it
+    against the run dir)."""
     tok = AutoTokenizer.from_pretrained(native_dir, local_files_only=True)
     inside = native_dir.is_relative_to(out.resolve())
     return EncoderConfig(text_dim=text_dim,
                          florence2=str(native_dir.relative_to(out.resolve())) if inside else str(native_dir),
                          num_queries=num_queries, trainable=list(DEFAULT_TRAINABLE), prompt_ids=prompt_ids(tok),
-                         **read_processor(native_dir))
+                         transform="official", crop_size=crop_size, **read_processor(native_dir))
 
 
 def native_florence_dir(florence2_dir: str | Path, out: Path) -> tuple[Path, dict[str, int]]:
@@ -191,9 +296,25 @@ def load_into(encoder: VLVEncoder, state: dict[str, torch.Tensor], florence_dir:
         for k, v in state.items():
             if k in trainable:
                 target[k].copy_(v)
-            elif not torch.equal(v.to(target[k].dtype), target[k]):
+            elif not same_as_base(v, target[k]):  # the encoder rounded its frozen weights as the checkpoint did
                 raise InvalidInput(f"the Florence-2 dir {florence_dir} does not match the checkpoint: "
                                    f"{_official_name(k)} (frozen in stage 1) differs from the base weights")
+
+
+def official_encoder(config: EncoderConfig, florence_dir: Path, state: dict[str, torch.Tensor], where: str
+                     ) -> VLVEncoder:
+    """The encoder of ``config`` on the base Florence-2, holding the checkpoint's weights (strict,
+    :func:`load_into`); frozen weights the checkpoint saved rounded (mixed precision) are rounded alike, and the
+    config records it (``frozen_dtype``), so the run dir reloads to the same values."""
+    encoder = VLVEncoder(config, load_florence2(florence_dir))
+    trainable = {n for n, p in encoder.named_parameters(remove_duplicate=False) if p.requires_grad}
+    names = set(encoder.state_dict())
+    frozen = {k: v for k, v in state.items() if k not in trainable and k in names}
+    dtype = frozen_dtype(frozen, f"Florence-2 (in {where})")
+    if dtype is not None:
+        encoder = VLVEncoder(replace(config, frozen_dtype=dtype), encoder.florence)  # rounds the frozen weights
+    load_into(encoder, state, florence_dir)
+    return encoder
 
 
 def _official_name(name: str) -> str:
@@ -205,14 +326,17 @@ def _official_name(name: str) -> str:
     return name
 
 
-def import_stage1(ckpt: str | Path, florence2_dir: str | Path, decoder_dir: str | Path, out: str | Path
-                  ) -> dict[str, int]:
-    """Write the vlv stage-1 run dir ``out`` from an official stage-1 checkpoint; returns counts per group.
+def import_stage1(ckpt: str | Path, florence2_dir: str | Path, decoder_dir: str | Path, out: str | Path,
+                  crop_size: int = 384, dtype: str = "fp32") -> Imported:
+    """Write the vlv stage-1 run dir ``out`` from an official stage-1 checkpoint; returns what was mapped.
 
     ``florence2_dir`` is the base Florence-2 (remote-code layout, converted into ``out/florence2``, or a native
-    dir used in place); ``decoder_dir`` the base Stable Diffusion dir. ``out`` must be absent or empty.
+    dir used in place); ``decoder_dir`` the base Stable Diffusion dir. ``crop_size`` is the official run's
+    ``--image_size`` (the encoder keeps the official transform: that crop, then Florence-2's processor); ``dtype``
+    (fp32, bf16, fp16) the one the trained weights are written in. ``out`` must be absent or empty.
     """
     out = Path(out)
+    written = check_dtype(dtype)
     if not Path(ckpt).exists():
         raise FileNotFoundError(f"no such checkpoint: {ckpt}")
     require_dirs(florence2_dir, decoder_dir)
@@ -220,6 +344,7 @@ def import_stage1(ckpt: str | Path, florence2_dir: str | Path, decoder_dir: str 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty dir: refusing to overwrite it")
     state = load_stage1_state(ckpt)
+    dtypes = dtype_counts(state, "stage-1")
     mapped, counts = encoder_state(state)  # strict on names before any work
     for key in ("queries", "phi.0.weight", "phi.2.weight"):
         if key not in mapped:
@@ -232,9 +357,10 @@ def import_stage1(ckpt: str | Path, florence2_dir: str | Path, decoder_dir: str 
     out.mkdir(parents=True, exist_ok=True)
     try:
         native_dir, _ = native_florence_dir(florence2_dir, out)
-        config = official_encoder_config(native_dir, out, decoder.text_dim, int(mapped["queries"].shape[1]))
-        encoder = VLVEncoder(config, load_florence2(native_dir))
-        load_into(encoder, mapped, native_dir)
+        config = official_encoder_config(native_dir, out, decoder.text_dim, int(mapped["queries"].shape[1]),
+                                         crop_size)
+        encoder = official_encoder(config, native_dir, mapped, Path(ckpt).name)
+        write_trained_as(encoder, written)
         encoder.save_pretrained(out)
         VLVEncoder.from_pretrained(out)  # the run dir must load strictly
     except BaseException:
@@ -244,4 +370,9 @@ def import_stage1(ckpt: str | Path, florence2_dir: str | Path, decoder_dir: str 
         counts[f"florence.{part} (== base)"] = counts.pop(f"florence.{part}", 0)
     order = ["queries", "phi", "florence.language_model", "florence.vision_tower (== base)",
              "florence.multi_modal_projector (== base)", *(f"{p} (== decoder, dropped)" for p in SD_PARTS), "dropped"]
-    return {k: counts[k] for k in order if k in counts}
+    sd_rounded = {SAVED_DTYPES[v.dtype] for k, v in state.items() if k.split(".")[0] in SD_PARTS
+                  and v.dtype != torch.float32}
+    note = (f"; the SD parts matched --decoder rounded to {', '.join(sorted(sd_rounded))}, and vlv's decoder "
+            "computes with --decoder's own weights" if sd_rounded else "")
+    return Imported({k: counts[k] for k in order if k in counts}, dtypes, encoder.config.frozen_dtype,
+                    SAVED_DTYPES[written], note)

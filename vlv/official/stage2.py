@@ -10,7 +10,9 @@
 - ``VLV_model.{query_embed, language_proj.*, model.*}`` -> a vlv stage-1 encoder, by the stage-1 importer's rules
   (:func:`vlv.official.stage1.encoder_state`): the Florence language model trained further in stage 2, so these
   weights (not a stage-1 file's) make the encoder; its DaViT and projector must equal the base Florence-2 dir's;
-- ``VLV_model.text_encoder.*`` (frozen T) must equal ``decoder_dir``'s text encoder, then is dropped.
+- ``VLV_model.text_encoder.*`` (frozen T) must equal ``decoder_dir``'s text encoder (rounded to the checkpoint's
+  dtype when saved in bf16 / fp16: the captioner then records ``text_encoder_dtype`` and rounds T alike on load),
+  then is dropped.
   Stage 2 deletes the VAE and UNet: a ``VLV_model.vae`` / ``VLV_model.unet`` key is unexpected.
 
 The run dir ``out``: ``encoder/`` (a stage-1 run dir, with the base Florence-2 converted to native inside it unless
@@ -32,18 +34,24 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from vlv.captioner import Captioner
 from vlv.checks import check_text_encoder_dir, require_dirs
 from vlv.config import CaptionerConfig
-from vlv.encoder import VLVEncoder, load_florence2
+from vlv.encoder import VLVEncoder
 from vlv.errors import InvalidInput
 from vlv.lm import build_lm, load_tokenizer
 from vlv.modeling import load_torch_file
 from vlv.official.stage1 import (
+    SAVED_DTYPES,
+    Imported,
+    check_dtype,
     check_frozen,
+    dtype_counts,
     encoder_state,
-    load_into,
+    frozen_dtype,
     native_florence_dir,
+    official_encoder,
     official_encoder_config,
     remove_partial,
     sd_state,
+    write_trained_as,
 )
 from vlv.text_encoder import load_text_encoder
 
@@ -161,18 +169,16 @@ def check_text_encoder(got: dict[str, torch.Tensor], text_encoder, decoder_dir) 
 
 
 # ---------------------------------------------------------------------------------------- import
-def _encoder(state: dict[str, torch.Tensor], florence2_dir, text_dim: int, out: Path, where: str) -> VLVEncoder:
-    """The stage-1 encoder from ``VLV_model.*`` (stage-1 names), written as a stage-1 run dir at ``out``."""
+def _encoder(state: dict[str, torch.Tensor], florence2_dir, text_dim: int, out: Path, where: str,
+             crop_size: int) -> VLVEncoder:
+    """The stage-1 encoder from ``VLV_model.*`` (stage-1 names), holding the checkpoint's weights."""
     out.mkdir()
     native_dir, _ = native_florence_dir(florence2_dir, out)
-    config = official_encoder_config(native_dir, out, text_dim, int(state["queries"].shape[1]))
-    encoder = VLVEncoder(config, load_florence2(native_dir))
+    config = official_encoder_config(native_dir, out, text_dim, int(state["queries"].shape[1]), crop_size)
     try:
-        load_into(encoder, state, native_dir)
+        return official_encoder(config, native_dir, state, f"VLV_model. of {where}")
     except ValueError as e:  # named by the dir the caller gave, not the converted copy (removed on error)
         raise InvalidInput(_stage2_message(e, where).replace(str(native_dir), str(florence2_dir))) from None
-    encoder.save_pretrained(out)
-    return encoder
 
 
 def _stage2_message(error: ValueError, where: str) -> str:
@@ -182,15 +188,20 @@ def _stage2_message(error: ValueError, where: str) -> str:
 
 
 def import_stage2(model_pt: str | Path, florence2_dir: str | Path, decoder_dir: str | Path, lm_dir: str | Path,
-                  out: str | Path) -> dict[str, int]:
-    """Write the vlv stage-2 run dir ``out`` from an official stage-2 ``model.pt``; returns counts per group.
+                  out: str | Path, crop_size: int = 384, dtype: str = "fp32") -> Imported:
+    """Write the vlv stage-2 run dir ``out`` from an official stage-2 ``model.pt``; returns what was mapped.
 
     ``florence2_dir`` is the base Florence-2 (remote-code layout, converted into ``out/encoder/florence2``, or a
     native dir used in place), ``decoder_dir`` the base Stable Diffusion dir (its text encoder is T), ``lm_dir``
-    the base LLM dir (architecture and tokenizer; every LLM weight comes from the checkpoint). ``out`` must be
-    absent or empty; nothing half-made is left behind on an error.
+    the base LLM dir (architecture and tokenizer; every LLM weight comes from the checkpoint). ``crop_size`` is the
+    official ``--image_size`` (the encoder keeps the official transform), ``dtype`` (fp32, bf16, fp16) the one the
+    trained weights are written in. A checkpoint saved under ``--mixed_precision bf16`` (every tensor bf16) is
+    accepted: its frozen T, DaViT and projector must be the base dirs' rounded to bf16, and the run computes with
+    them so rounded, as the official inference does. ``out`` must be absent or empty; nothing half-made is left
+    behind on an error.
     """
     out = Path(out)
+    written = check_dtype(dtype)
     if not Path(model_pt).exists():
         raise FileNotFoundError(f"no such checkpoint: {model_pt}")
     require_dirs(florence2_dir, decoder_dir, lm_dir)
@@ -200,6 +211,7 @@ def import_stage2(model_pt: str | Path, florence2_dir: str | Path, decoder_dir: 
     decoder_dir, lm_dir = Path(decoder_dir).resolve(), Path(lm_dir).resolve()
     where = Path(model_pt).name
     state = load_stage2_state(model_pt)
+    dtypes = dtype_counts(state, "stage-2")
     lm_state, psi, vlv_state, text_state = split_state(state)  # strict on names before any work
     try:
         mapped, counts = encoder_state(vlv_state)
@@ -214,11 +226,14 @@ def import_stage2(model_pt: str | Path, florence2_dir: str | Path, decoder_dir: 
     d_t = text_encoder.config.hidden_size
     check_psi(psi, d_t, AutoConfig.from_pretrained(lm_dir, local_files_only=True).hidden_size)
     counts["text_encoder (== decoder, dropped)"] = check_text_encoder(text_state, text_encoder, decoder_dir)
+    t_dtype = frozen_dtype(text_state, f"{VLV}{TEXT_ENCODER}")
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        encoder = _encoder(mapped, florence2_dir, d_t, out / ENCODER_DIR, where)
+        encoder = _encoder(mapped, florence2_dir, d_t, out / ENCODER_DIR, where, crop_size)
+        write_trained_as(encoder, written)
+        encoder.save_pretrained(out / ENCODER_DIR)  # now: the captioner re-freezes its queries and phi
         lm = build_lm(str(lm_dir))
         full = dict(lm_state)
         if lm_dropped:  # the tied lm_head is embed_tokens itself (checked equal)
@@ -226,9 +241,10 @@ def import_stage2(model_pt: str | Path, florence2_dir: str | Path, decoder_dir: 
         lm.load_state_dict(full, strict=True)
         config = CaptionerConfig(text_dim=d_t, lm=str(lm_dir), trainable="mlp+llm+encoder",
                                  text_encoder=str(decoder_dir), encoder=ENCODER_DIR,  # inside the run, relatively
-                                 **OFFICIAL_DECODING)
+                                 text_encoder_dtype=t_dtype, **OFFICIAL_DECODING)
         captioner = Captioner(config, text_encoder, encoder, lm=lm, tokenizer=load_tokenizer(str(lm_dir)))
         captioner.psi.load_state_dict({k: v.to(torch.float32) for k, v in psi.items()}, strict=True)
+        write_trained_as(captioner, written)
         captioner.save_pretrained(out)
         _check_saved(out, captioner)
     except BaseException:
@@ -240,12 +256,14 @@ def import_stage2(model_pt: str | Path, florence2_dir: str | Path, decoder_dir: 
     order = ["llm", "llm lm_head (tied, dropped)", "psi", "queries", "phi", "florence.language_model",
              "florence.vision_tower (== base)", "florence.multi_modal_projector (== base)",
              "text_encoder (== decoder, dropped)", "dropped"]
-    return {k: counts[k] for k in order if counts.get(k)}
+    rounded = {d for d in (t_dtype, encoder.config.frozen_dtype) if d}
+    return Imported({k: counts[k] for k in order if counts.get(k)}, dtypes,
+                    ", ".join(sorted(rounded)) or None, SAVED_DTYPES[written])
 
 
 def _check_saved(out: Path, captioner: Captioner) -> None:
     """The run dir must load alone (strict) and hold the imported weights exactly."""
     loaded = Captioner.from_pretrained(out)
-    ours, theirs = captioner.state_dict(), loaded.state_dict()
-    if set(ours) != set(theirs) or any(not torch.equal(v, theirs[k]) for k, v in ours.items()):
+    ours, theirs = captioner.state_dict(), loaded.state_dict()  # theirs in fp32: ours written in the dtype asked
+    if set(ours) != set(theirs) or any(not torch.equal(v.to(theirs[k].dtype), theirs[k]) for k, v in ours.items()):
         raise RuntimeError(f"{out}: the saved captioner does not reload to the imported weights")

@@ -26,7 +26,7 @@ from PIL import Image
 
 from vlv.captioner import Captioner
 from vlv.data.datasets import InMemory
-from vlv.data.images import to_pil, to_tensor
+from vlv.data.images import to_pil
 from vlv.decoder import DiffusionDecoder
 from vlv.diffusion import make_pipeline, sample
 from vlv.encoder import VLVEncoder
@@ -143,7 +143,7 @@ def evaluate_run(run: Path, settings: EvalSettings | None = None, progress: bool
     pipe = make_pipeline(decoder.vae, decoder.text_encoder, decoder.tokenizer, decoder.unet, decoder.scheduler)
     data = split_data(run, settings.split, settings.n, decoder.image_size)
     truths = [world.parse_caption(c) for c in data.captions]
-    images = to_tensor(data.images)  # (N, 3, H, W) in [-1, 1]
+    images = data.images  # (N, H, W, 3) uint8: each model cuts them by its encoder's transform
     kw = {"guidance_scale": settings.guidance_scale, "sampler": settings.sampler, "seed": settings.seed}
     steps = [s for s in ("teacher", "stage1", "stage2") if s == "teacher" or finished(run, s)]
     bar = tqdm(total=len(steps) + finished(run, "stage2"), desc="evaluate", unit="part", disable=not progress)
@@ -151,7 +151,7 @@ def evaluate_run(run: Path, settings: EvalSettings | None = None, progress: bool
     shown = list(range(min(settings.examples, len(data))))
     examples = [{"index": i, "caption": data.captions[i]} for i in shown]
     for i in shown:
-        to_pil(images[i : i + 1])[0].save(assets / f"input_{i}.png")
+        Image.fromarray(images[i]).save(assets / f"input_{i}.png")
 
     teacher_images = sample(pipe, data.captions, **kw)
     metrics["teacher"] = _scores(teacher_images, truths)
@@ -193,7 +193,7 @@ def evaluate_run(run: Path, settings: EvalSettings | None = None, progress: bool
     return metrics
 
 
-def _shipped_examples(images: torch.Tensor, examples: list[dict[str, Any]], settings: EvalSettings,
+def _shipped_examples(images: np.ndarray, examples: list[dict[str, Any]], settings: EvalSettings,
                       assets: Path) -> None:
     """The shown images through the shipped stage 1 (-> shipped teacher) and stage 2: ``shipped_recon_<i>.png``
     and each example's ``shipped_predicted``. Skipped for parts this install does not ship."""
@@ -216,7 +216,7 @@ def _ratio(a: dict[str, float], b: dict[str, float]) -> float | None:
     return round(a["scene_accuracy"] / b["scene_accuracy"], 4) if b["scene_accuracy"] else None
 
 
-def _compositions(encoder, decoder, images: torch.Tensor, settings: EvalSettings, assets: Path) -> list[dict[str, Any]]:
+def _compositions(encoder, decoder, images: np.ndarray, settings: EvalSettings, assets: Path) -> list[dict[str, Any]]:
     """Paper Fig. 6: the first k = Nq/2 embeddings of image a and of image b, decoded together."""
     n = min(settings.compositions, len(images) // 2)
     if n == 0:
@@ -226,7 +226,8 @@ def _compositions(encoder, decoder, images: torch.Tensor, settings: EvalSettings
     mixed = compose_images(encoder, decoder, a, b, k, sampler=settings.sampler,
                            guidance_scale=settings.guidance_scale, seed=settings.seed)  # (n, 3, H, W)
     rows = []
-    for j, (im_a, im_b, im_m) in enumerate(zip(to_pil(a), to_pil(b), to_pil(mixed), strict=True)):
+    pil = [Image.fromarray(x) for x in (*a, *b)]
+    for j, (im_a, im_b, im_m) in enumerate(zip(pil[:n], pil[n:], to_pil(mixed), strict=True)):
         for tag, im in (("a", im_a), ("b", im_b), ("mix", im_m)):
             im.save(assets / f"compose_{j}_{tag}.png")
         rows.append({"index": j, "k": k})

@@ -28,7 +28,7 @@ from vlv.checks import check_checkpoints, require_dirs
 from vlv.config import read_config
 from vlv.data.records import CAPTIONS, read_records
 from vlv.data.sampling import step_indices
-from vlv.encoder import pixel_values
+from vlv.data.transforms import pixel_values
 from vlv.errors import InvalidInput
 from vlv.modeling import write_json
 from vlv.shapes import world

@@ -53,13 +53,13 @@ def sample_accuracy(pipe, captions: list[str], **kwargs) -> world.Scores:
 def reconstruction_scores(encoder: VLVEncoder, decoder: DiffusionDecoder, data: InMemory,
                           **kwargs) -> world.Scores:
     """Image -> z -> decoder -> detector vs the true captions (stage 1)."""
-    recon = reconstruct_images(encoder, decoder, to_tensor(data.images), **kwargs)
+    recon = reconstruct_images(encoder, decoder, data.images, **kwargs)
     return image_scores(to_pil(recon), data)
 
 
 def caption_scores(captioner: Captioner, data: InMemory, num_beams: int | None = None) -> dict[str, float]:
     """Exact captions, grammar, and the caption reader's scene accuracy / object F1 vs the truth (stage 2)."""
-    preds = caption_images(captioner, to_tensor(data.images), num_beams=num_beams)
+    preds = caption_images(captioner, data.images, num_beams=num_beams)
     s = world.score([world.parse_caption(p) for p in preds], truths(data))
     return {"caption_exact": float(np.mean([p == t for p, t in zip(preds, data.captions, strict=True)])),
             "well_formed": float(np.mean([world.is_well_formed(p) for p in preds])),

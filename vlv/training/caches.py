@@ -30,6 +30,7 @@ from vlv.data.caches import (
     write_cache,
 )
 from vlv.data.datasets import Dataset
+from vlv.data.images import Crop
 from vlv.decoder import DiffusionDecoder
 from vlv.encoder import VLVEncoder
 from vlv.training.config import Stage1Settings, Stage2Settings
@@ -39,10 +40,10 @@ KINDS: tuple[Kind, ...] = ("latents", "vision")  # stage 1's
 RUN_DIRS: dict[str, str] = {"latents": "latents", "vision": "vision", "text_embeds": "text_embeds"}  # in a run dir
 
 
-def cache_key(kind: Kind, dataset: Dataset, size: int, decoder: DiffusionDecoder | None,
+def cache_key(kind: Kind, dataset: Dataset, size: int | Crop, decoder: DiffusionDecoder | None,
               encoder: VLVEncoder | None, text_encoder: torch.nn.Module | None = None, precision: str = "no") -> dict:
-    """What a cache of ``kind`` over ``dataset`` at ``size`` px is made from (model config, weights, data; for
-    ``text_embeds`` also the autocast ``precision`` it ran under)."""
+    """What a cache of ``kind`` over ``dataset`` at ``size`` px (or cut by that crop) is made from (model config,
+    weights, data; for ``text_embeds`` also the autocast ``precision`` it ran under)."""
     if kind == "latents":
         return latents_key(decoder.vae, dataset, size)
     if kind == "vision":
@@ -59,7 +60,7 @@ def _rows(kind: Kind, decoder: DiffusionDecoder | None, encoder: VLVEncoder | No
     return text_embeds_rows(encoder, text_encoder, batch_size)
 
 
-def build_cache(kind: Kind, folder: str | Path, dataset: Dataset, size: int, state: PartialState,
+def build_cache(kind: Kind, folder: str | Path, dataset: Dataset, size: int | Crop, state: PartialState,
                 decoder: DiffusionDecoder | None = None, encoder: VLVEncoder | None = None,
                 batch_size: int | None = None, shard_rows: int = CACHE_SHARD_ROWS, num_workers: int = 0,
                 on_bad_image: Literal["skip", "fail"] = "skip",
@@ -79,8 +80,8 @@ def build_cache(kind: Kind, folder: str | Path, dataset: Dataset, size: int, sta
                            progress=progress)
 
 
-def run_caches(settings: Stage1Settings, decoder: DiffusionDecoder, encoder: VLVEncoder, dataset: Dataset, size: int,
-               out: Path, accelerator, progress: bool = True) -> tuple[Cache | None, Cache | None]:
+def run_caches(settings: Stage1Settings, decoder: DiffusionDecoder, encoder: VLVEncoder, dataset: Dataset,
+               size: int | Crop, out: Path, accelerator, progress: bool = True) -> tuple[Cache | None, Cache | None]:
     """A stage-1 run's latents and vision caches: a given one (``--latents-cache`` / ``--vision-cache``) is only
     checked against this run's key, else it is built into the run dir (finished shards kept: a killed run goes on)."""
     given = {"latents": settings.latents_cache, "vision": settings.vision_cache}
@@ -104,7 +105,7 @@ def run_caches(settings: Stage1Settings, decoder: DiffusionDecoder, encoder: VLV
 
 
 def run_text_embeds_cache(settings: Stage2Settings, encoder: VLVEncoder, text_encoder: torch.nn.Module,
-                          dataset: Dataset, size: int, out: Path, accelerator, precision: str, batch_size: int,
+                          dataset: Dataset, size: int | Crop, out: Path, accelerator, precision: str, batch_size: int,
                           progress: bool = True) -> Cache:
     """A stage-2 run's c = T(E(x)) cache: a given one (``--text-embeds-cache``) is only checked against this run's
     key, else it is built into the run dir under the step's autocast and ``batch_size`` (the step's), so its rows

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from vlv.data.datasets import Dataset, InMemory
+from vlv.data.images import Crop
 from vlv.data.loader import StepLoader
 from vlv.modeling import write_json
 
@@ -59,7 +60,7 @@ class StepImages:
     """A dataset's step batches from a StepLoader, (re)started at the step asked for: ``get`` gives ``images`` uint8
     (B', H, W, 3), ``captions`` and ``indices`` (B',) int64 of the samples kept."""
 
-    def __init__(self, dataset: Dataset, size: int, seed: int, num_workers: int = 0,
+    def __init__(self, dataset: Dataset, size: int | Crop, seed: int, num_workers: int = 0,
                  on_bad_image: Literal["skip", "fail"] = "skip"):
         dataset.require_size(size)  # now, not at the first step
         if isinstance(dataset, InMemory):

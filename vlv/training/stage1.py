@@ -94,7 +94,8 @@ class Stage1Task:
         self.latents = TensorRows(latents) if isinstance(latents, dict) else latents
         self.high_noise_fraction, self.vision, self.on_bad_image = high_noise_fraction, vision, on_bad_image
         size = image_size or (data.size if isinstance(data, InMemory) else decoder.image_size)
-        self.images = StepImages(data, size, seed, num_workers, on_bad_image)
+        # The encoder's crop at the data resolution: the VAE and the encoder read the same square.
+        self.images = StepImages(data, encoder.transform.at(size).crop, seed, num_workers, on_bad_image)
         self.pixel_free = self.latents is not None and vision is not None
         for cache in (self.latents, vision):
             if cache is not None and len(cache) != len(self.images):
@@ -123,7 +124,9 @@ class Stage1Task:
         if not len(idx):
             raise ValueError(f"step {step}: every sample of the batch was bad (see {self.images.where(0)}'s data)")
         if not self.pixel_free:
-            batch["images"] = to_tensor(images.numpy()).to(device)  # (B, 3, H, W) in [-1, 1]
+            batch["images"] = to_tensor(images.numpy()).to(device)  # (B, 3, H, W) in [-1, 1], the VAE's input
+            if self.vision is None:
+                batch["pixel_values"] = self.encoder.transform.pixels(images, device)  # (B, 3, S, S)
         if self.latents is not None:
             rows = self.latents[idx]
             batch["mean"] = rows["mean"].float().to(device)
@@ -137,7 +140,7 @@ class Stage1Task:
         if "vision" in batch:
             z = model(image_features=batch["vision"])  # (B, Nq, d_T)
         else:
-            z = model(self.encoder.normalize(batch["images"]))  # (B, Nq, d_T)
+            z = model(batch["pixel_values"])  # (B, Nq, d_T)
         if "mean" in batch:
             latents = sample_latents(batch["mean"], batch["std"], self.decoder.vae.config.scaling_factor, draws)
         else:
@@ -291,7 +294,8 @@ def run_stage1(plan: Stage1Plan, progress: bool = True) -> VLVEncoder | None:
     # The frozen decoder never goes through ``prepare`` (nothing of it trains), so it is placed here.
     decoder = frozen_decoder(load_pipeline(plan.decoder), settings).to(accelerator.device)  # resolved by prepare
     size = data_size(settings, decoder)
-    encoder = seeded_encoder(plan.encoder, cfg.seed)
+    # The encoder records the crop it trains on, so inference cuts images as training did.
+    encoder = seeded_encoder(replace(plan.encoder, crop_size=size), cfg.seed)
     if settings.init:  # a resumed run's checkpoint then overwrites these weights with its own
         init_from(encoder, settings.init)
     batch = global_batch(cfg, accelerator)
@@ -299,7 +303,8 @@ def run_stage1(plan: Stage1Plan, progress: bool = True) -> VLVEncoder | None:
     write_json(out / STAGE1_FILE, {"settings": asdict(settings), "train": asdict(cfg), "image_size": size,
                                    "decoder": decoder_source, "samples": len(plan.dataset), "global_batch": batch,
                                    **({"recipe": plan.recipe} if plan.recipe else {})})
-    latents, vision = run_caches(settings, decoder, encoder, plan.dataset, size, out, accelerator, progress)
+    latents, vision = run_caches(settings, decoder, encoder, plan.dataset, encoder.transform.crop, out, accelerator,
+                                 progress)
     evaluator = plan.evaluator
     task = Stage1Task(encoder, decoder, plan.dataset, latents, seed=cfg.seed,
                       evaluator=(lambda model: evaluator(model, decoder)) if evaluator else None,
@@ -373,7 +378,8 @@ def precompute(kind: Kind, decoder: str | Path, data: str, out: str | Path, enco
         model.vae.to(state.device)
     autocast = torch.autocast(state.device.type, dtype=torch.bfloat16) if kind == "vision" and precision == "bf16" \
         else None
-    bad = build_cache(kind, out, dataset, size, state, model, vision, batch_size=batch_size, shard_rows=shard_rows,
+    crop = vision.transform.at(size).crop if vision is not None else size  # as a run with this encoder cuts
+    bad = build_cache(kind, out, dataset, crop, state, model, vision, batch_size=batch_size, shard_rows=shard_rows,
                       num_workers=num_workers, on_bad_image=on_bad_image, autocast=autocast, progress=progress)
     return Precomputed(state.process_index, state.num_processes, len(dataset), size, bad)
 

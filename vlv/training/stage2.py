@@ -30,7 +30,6 @@ from vlv.checks import check_checkpoints, require_data, require_dirs, same_text_
 from vlv.config import CACHE_BATCH_SIZE, CACHE_SHARD_ROWS
 from vlv.data.caches import Cache
 from vlv.data.datasets import Dataset, FolderDataset, InMemory, open_dataset
-from vlv.data.images import to_tensor
 from vlv.data.sampling import step_indices
 from vlv.encoder import VLVEncoder
 from vlv.errors import InvalidInput
@@ -76,8 +75,9 @@ class Stage2Task:
             raise ValueError(f"{data.folder} has images without captions")
         self.captioner, self.seed, self.evaluator = captioner, seed, evaluator
         self.data, self.text_embeds, self.on_bad_image = data, text_embeds, on_bad_image
-        size = image_size or captioner.encoder.config.image_size  # the data's; the encoder resizes to its own
-        self.images = StepImages(data, size, seed, num_workers, on_bad_image)
+        transform = captioner.encoder.transform  # the crop stage 1 trained on, unless the run reads another size
+        self.images = StepImages(data, (transform.at(image_size) if image_size else transform).crop, seed,
+                                 num_workers, on_bad_image)
         self.pixel_free = text_embeds is not None
 
     def trainable(self) -> torch.nn.Module:
@@ -91,9 +91,9 @@ class Stage2Task:
         got = self.images.get(step, rank, world_size, batch_size)
         if not len(got["indices"]):
             raise ValueError(f"step {step}: every sample of the batch was bad")
-        batch = self._tokenized(got["indices"].tolist(), got["captions"])
-        batch["images"] = to_tensor(got["images"].numpy())  # (B, 3, H, W) in [-1, 1]
-        return {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in self._tokenized(got["indices"].tolist(), got["captions"]).items()}
+        batch["pixel_values"] = self.captioner.encoder.transform.pixels(got["images"], device)  # (B, 3, S, S)
+        return batch
 
     def _cached_batch(self, step: int, rank: int, batch_size: int, device: torch.device, world_size: int
                       ) -> dict[str, torch.Tensor]:
@@ -117,7 +117,7 @@ class Stage2Task:
         if "text_embeds" in batch:
             source = {"text_embeds": batch["text_embeds"]}
         else:
-            source = {"pixel_values": self.captioner.encoder.normalize(batch["images"])}  # (B, 3, S, S)
+            source = {"pixel_values": batch["pixel_values"]}  # (B, 3, S, S)
         loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **source).loss
         return Loss(loss, batch["attention_mask"].sum())
 
@@ -253,15 +253,16 @@ def run_stage2(plan: Stage2Plan) -> Captioner | None:
     out.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg)
     captioner = build_captioner(settings, cfg.seed, plan.tokenizer)
-    size = settings.image_size or captioner.encoder.config.image_size
+    size = settings.image_size or captioner.encoder.transform.crop_size
     write_json(out / STAGE2_FILE, {"settings": asdict(settings), "train": asdict(cfg), "image_size": size,
                                    "samples": len(plan.dataset), "global_batch": global_batch(cfg, accelerator),
                                    **({"recipe": plan.recipe} if plan.recipe else {})})
     text_embeds = None
     if settings.caches_text_embeds:
-        text_embeds = run_text_embeds_cache(settings, captioner.encoder, captioner.text_encoder, plan.dataset, size,
-                                            out, accelerator, cfg.mixed_precision, cfg.batch_size,
-                                            progress=cfg.progress)
+        text_embeds = run_text_embeds_cache(settings, captioner.encoder, captioner.text_encoder, plan.dataset,
+                                            captioner.encoder.transform.at(size).crop, out, accelerator,
+                                            cfg.mixed_precision,
+                                            cfg.batch_size, progress=cfg.progress)
     task = Stage2Task(captioner, plan.dataset, seed=cfg.seed, evaluator=plan.evaluator,
                       num_workers=settings.num_workers, on_bad_image=settings.on_bad_image, text_embeds=text_embeds,
                       image_size=size)
@@ -302,10 +303,10 @@ def precompute_text_embeds(decoder: str | Path | None, encoder: str, data: str, 
     if vlv_encoder.config.text_dim != text_encoder.config.hidden_size:
         raise InvalidInput(f"{encoder} emits d_T = {vlv_encoder.config.text_dim}, {decoder}'s T takes "
                            f"{text_encoder.config.hidden_size}")
-    size = image_size or vlv_encoder.config.image_size
+    size = image_size or vlv_encoder.transform.crop_size
     autocast = torch.autocast(state.device.type, dtype=torch.bfloat16) if precision == "bf16" else None
-    bad = build_cache("text_embeds", out, dataset, size, state, encoder=vlv_encoder, text_encoder=text_encoder,
-                      batch_size=batch_size, shard_rows=shard_rows, num_workers=num_workers,
+    bad = build_cache("text_embeds", out, dataset, vlv_encoder.transform.at(size).crop, state, encoder=vlv_encoder,
+                      text_encoder=text_encoder, batch_size=batch_size, shard_rows=shard_rows, num_workers=num_workers,
                       on_bad_image=on_bad_image, autocast=autocast, progress=progress, precision=precision)
     return Precomputed(state.process_index, state.num_processes, len(dataset), size, bad)
 
