@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vlv.config import read_config
+from vlv.data.transforms import vae_range_pixels
 from vlv.diffusion import random_pipeline
 from vlv.encoder import VLVEncoder
 from vlv.shapes.tokenizers import build_shapes_tokenizer, build_tokenizer
@@ -70,7 +71,8 @@ def test_paper_stage1_is_the_official_run(stage1):
     images = torch.empty(2, 3, size, size, device="meta")
     with torch.no_grad():
         assert decoder.vae.encode(images).latent_dist.mean.shape == (2, 4, 48, 48)
-        pixels = encoder.normalize(images)
+        t = encoder.transform  # its second stage, on the VAE-range tensor training decodes
+        pixels = vae_range_pixels(images, t.size, t.mean, t.std)
         assert pixels.shape == (2, 3, 768, 768)
         assert encoder.image_features(pixels).shape == (2, 577, d)
 
@@ -99,4 +101,5 @@ def test_paper_stage2_shards_the_llm_and_trains_what_the_official_code_trains(st
     frozen = [*cap.text_encoder.modules(), *cap.encoder.florence.model.vision_tower.modules()]
     assert not any(m.training for m in frozen)
     images = torch.empty(2, 3, settings.image_size, settings.image_size, device="meta")
-    assert cap.encoder.normalize(images).shape == (2, 3, 768, 768)
+    t = cap.encoder.transform
+    assert vae_range_pixels(images, t.size, t.mean, t.std).shape == (2, 3, 768, 768)
