@@ -20,7 +20,6 @@ would silently get different random frozen weights.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -34,6 +33,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import Florence2Config, Florence2ForConditionalGeneration
 
+from vlv.checks import read_json
 from vlv.config import CONFIGS, IMAGENET_MEAN, IMAGENET_STD, EncoderConfig, list_configs, read_config
 from vlv.errors import InvalidInput
 from vlv.modeling import atomic_save_file, in_run_dir, load_trainable_state, trainable_state, write_json
@@ -250,7 +250,7 @@ class VLVEncoder(nn.Module):
         path = resolve_encoder(path)
         if not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"no VLV encoder at {path} (no {CONFIG_FILE})")
-        meta = json.loads((path / CONFIG_FILE).read_text())
+        meta = read_json(path / CONFIG_FILE, keys=("config",))
         config = EncoderConfig(**meta["config"])
         has_frozen = (path / FROZEN_FILE).is_file()
         if has_frozen or config.trainable == "all":
