@@ -273,7 +273,8 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return dict(sorted(shapes.items(), key=lambda kv: kv[0] != "z"))  # z first, as written
 
 
 def compose_files(a: Path, b: Path, out: Path, encoder: str | Path, decoder: str | Path, k: int | None = None,

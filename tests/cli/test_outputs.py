@@ -43,9 +43,10 @@ def test_every_file_output_command_runs_twice(tmp_path, scenes):
     """Each command whose --out is a file runs again onto its own output and replaces it by a rename (a new inode:
     never truncated and rewritten in place), leaving no partial or temp file beside it."""
     out, a, b = tmp_path / "out", str(scenes / "000000.png"), str(scenes / "000001.png")
+    models = ["--encoder", "shapes-stage1", "--decoder", "shapes-teacher"]
     commands = {"c.jsonl": ["caption", a, b],
-                "z.safetensors": ["embed", a, b, "--encoder", "shapes-stage1", "--decoder", "shapes-teacher"],
-                "ab.png": ["compose", a, b, "--encoder", "shapes-stage1", "--decoder", "shapes-teacher", "--steps", "2"],
+                "z.safetensors": ["embed", a, b, *models],
+                "ab.png": ["compose", a, b, *models, "--steps", "2"],
                 "t.png": ["teacher", "sample", "shapes-teacher", "--prompt", "a red circle", "--steps", "2"],
                 "sheet.png": ["data", "sheet", str(scenes)]}
     for name, argv in commands.items():
