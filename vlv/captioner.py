@@ -24,7 +24,6 @@ weights could not be rebuilt otherwise, is saved with its tokenizer.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -37,6 +36,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextModel, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from vlv.checks import read_json
 from vlv.config import CaptionerConfig
 from vlv.encoder import VLVEncoder
 from vlv.lm import IGNORE, build_lm, is_lm_dir, load_tokenizer, pad_id, right_pad
@@ -295,10 +295,10 @@ class Captioner(nn.Module):
         path = resolve_stage2(path)
         if not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"no VLV captioner at {path} (no {CONFIG_FILE})")
-        meta = json.loads((path / CONFIG_FILE).read_text())
+        meta = read_json(path / CONFIG_FILE, keys=("config",))
         config = CaptionerConfig(**meta["config"])
         if config.text_encoder is None and (path / STAGE2_FILE).is_file():  # run dirs written before the config
-            settings = json.loads((path / STAGE2_FILE).read_text())["settings"]  # named its sources
+            settings = read_json(path / STAGE2_FILE, keys=("settings",))["settings"]  # named its sources
             config.text_encoder, config.encoder = settings["decoder"], settings["encoder"]
         if text_encoder is None:
             if config.text_encoder is None:

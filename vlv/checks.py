@@ -8,7 +8,7 @@ imported, so a command refuses a bad input in a moment, with one line that names
 from __future__ import annotations
 
 import json
-import os
+import tempfile
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -56,13 +56,18 @@ def check_weights_in(folder: str | Path) -> None:
         safetensors_keys(f)
 
 
-def _json(path: Path) -> dict:
+def _json(path: Path, keys: Iterable[str] = ()) -> dict:
     try:
         data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidInput(f"{path}: not readable JSON ({e})") from None
     if not isinstance(data, dict):
         raise InvalidInput(f"{path}: not a JSON object")
+    missing = [k for k in keys if not isinstance(data.get(k), dict)]
+    if missing:
+        raise InvalidInput(f"{path}: not the file vlv wrote (no {missing[0]!r} section)")
     return data
 
 
@@ -152,9 +157,19 @@ def text_width(sd_dir: str | Path) -> int:
     return int(_json(Path(sd_dir) / "text_encoder" / "config.json")["hidden_size"])
 
 
-def read_json(path: str | Path) -> dict:
-    """A JSON object file a user handed in (a config, a run record), or one line naming what is wrong."""
-    return _json(Path(path))
+def read_json(path: str | Path, keys: Iterable[str] = ()) -> dict:
+    """A JSON object file a user handed in (a config, a run dir's record), holding the object sections ``keys``, or
+    one line naming what is wrong: every run-dir JSON vlv reads comes through here."""
+    return _json(Path(path), keys)
+
+
+def check_text_width(z_width: int, sd_dir: str | Path, encoder: str | Path, decoder: str | Path) -> None:
+    """z goes through the decoder's text encoder T, so its width must be T's: checked from the configs, before a
+    weight loads (else a shape mismatch deep in a forward)."""
+    width = text_width(sd_dir)
+    if width != z_width:
+        raise InvalidInput(f"--decoder {decoder}: its text encoder takes {width}-wide embeddings, but the encoder "
+                           f"{encoder} emits z {z_width} wide; pair the encoder with the decoder it was trained for")
 
 
 def _torch_archive(path: Path) -> None:
@@ -189,16 +204,29 @@ def check_out(path: str | Path, flag: str = "--out", is_dir: bool | None = False
     ``is_dir``: the output must be a folder (True), a file (False), or either (None)."""
     path = Path(path)
     name = f"{flag} {path}" if flag else str(path)
-    if path.exists() and is_dir is not None and is_dir != path.is_dir():
-        raise InvalidInput(f"{name}: {'a file, not a folder' if is_dir else 'a folder, not a file'}")
-    parent = path if path.exists() else path.parent
+    if path.exists():
+        if is_dir is not None and is_dir != path.is_dir():
+            raise InvalidInput(f"{name}: {'a file, not a folder' if is_dir else 'a folder, not a file'}")
+        if not (path.is_dir() or path.is_file()):  # a device or a pipe: the rename would replace the node itself
+            raise InvalidInput(f"{name}: not a regular file (vlv writes a new file and renames it into place)")
+    # An existing file is replaced by a rename in its folder: that folder is what must take a new file.
+    parent = path if path.is_dir() else path.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
         raise InvalidInput(f"{name}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InvalidInput(f"{name}: cannot write to {parent} (permission denied)")
+    _probe(parent, name)
     return path
+
+
+def _probe(folder: Path, name: str) -> None:
+    """Create (and drop) a nameless file in ``folder``: permission bits alone pass root everywhere, and a read-only
+    mount or a virtual file system refuses only the write itself, which would come after the work."""
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".vlv-probe-"):
+            pass
+    except OSError as e:
+        raise InvalidInput(f"{name}: cannot write to {folder} ({e.strerror or e})") from None
 
 
 def require_dirs(*folders: str | Path | None) -> None:

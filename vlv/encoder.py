@@ -20,7 +20,6 @@ would silently get different random frozen weights.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -32,7 +31,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import Florence2Config, Florence2ForConditionalGeneration
 
-from vlv.checks import check_native_florence2
+from vlv.checks import check_native_florence2, read_json
 from vlv.config import CONFIGS, EncoderConfig, list_configs, read_config
 from vlv.data.transforms import ImageTransform
 from vlv.errors import InvalidInput
@@ -253,7 +252,7 @@ class VLVEncoder(nn.Module):
         path = resolve_encoder(path)
         if not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"no VLV encoder at {path} (no {CONFIG_FILE})")
-        meta = json.loads((path / CONFIG_FILE).read_text())
+        meta = read_json(path / CONFIG_FILE, keys=("config",))
         config = EncoderConfig(**meta["config"])
         has_frozen = (path / FROZEN_FILE).is_file()
         if has_frozen or config.trainable == "all":

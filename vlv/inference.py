@@ -4,7 +4,8 @@ Images are uint8 (N, H, W, 3) as the encoder's transform cuts them (``encoder.tr
 pixel_values by that transform (``encoder.transform.pixels``), as in training; each function moves its batches to
 the model's device and returns CPU-side results in input order. The ``*_files`` jobs (what ``vlv caption``,
 ``reconstruct``, ``embed`` and ``compose`` run) check every input before a model loads, then write their outputs
-atomically. The models load alone from their run dirs or
+atomically, batch by batch where a killed run over many images should resume (:mod:`vlv.data.outputs`: image
+names relative to the input root, partial outputs, torchrun ranks). The models load alone from their run dirs or
 shipped names: ``VLVEncoder.from_pretrained``, ``DiffusionDecoder.from_pretrained``,
 ``Captioner.from_pretrained``.
 """
@@ -20,10 +21,19 @@ import numpy as np
 import torch
 
 from vlv.captioner import POSTPROCESSORS, Captioner
-from vlv.checks import read_json, text_length
+from vlv.checks import check_out, check_text_width, read_json, text_length
 from vlv.data.datasets import ImageFiles
 from vlv.data.images import Crop, list_images, open_image, to_pil
 from vlv.data.loader import row_loader
+from vlv.data.outputs import (
+    Inputs,
+    Partial,
+    job_key,
+    name_inputs,
+    output_names,
+    partial_folder,
+    refuse_input_as_output,
+)
 from vlv.decoder import DiffusionDecoder, compose
 from vlv.diffusion import Sampler
 from vlv.encoder import CONFIG_FILE as ENCODER_FILE
@@ -142,73 +152,147 @@ def _batches(paths: list[Path], crop: Crop, batch_size: int, desc: str) -> Itera
         yield start, batch["images"]
 
 
+def read_inputs(images: list[Path], skip_bad: bool = False) -> Inputs:
+    """The image files of ``images`` (files and folders), each named relative to the input root
+    (:func:`vlv.data.outputs.name_inputs`) and decoded once now (:func:`check_images`)."""
+    inputs = name_inputs(images)
+    return inputs.only(check_images(inputs.paths, skip_bad))
+
+
+def _start(partial: Partial, inputs: Inputs, units: int, per_unit: int) -> list[int]:
+    """This rank's units still to do (unit u: inputs [u * per_unit, (u + 1) * per_unit)), after a resume note."""
+    done = partial.start()
+    if done and partial.is_main:
+        print(f"resuming: {len(done)} of {len(inputs)} image(s) done in {partial.folder}")
+    finished = {u for u in range(units) if all(n in done for n in inputs.names[u * per_unit : (u + 1) * per_unit])}
+    return partial.mine(units, finished)
+
+
 def caption_files(images: list[Path], out: Path, model: str | Path = "shapes-stage2", batch_size: int = 64,
                   num_beams: int | None = None, max_new_tokens: int | None = None, postprocess: str | None = None,
                   skip_bad: bool = False) -> int:
-    """Caption image files into ``out`` (captions.jsonl: one ``{"image", "caption"}`` line each); returns the count."""
+    """Caption image files into ``out`` (captions.jsonl: one ``{"image", "caption"}`` line each, ``image`` the name
+    relative to the input root, in input order); returns the count. Resumable, and split over torchrun ranks
+    (:mod:`vlv.data.outputs`)."""
     if postprocess not in (None, "none", *POSTPROCESSORS):
         raise InvalidInput(f"postprocess {postprocess!r}: choose none or {', '.join(POSTPROCESSORS)}")
-    paths = check_images(images, skip_bad)
+    out = check_out(out, is_dir=False)
+    inputs = read_inputs(images, skip_bad)
+    refuse_input_as_output(out, inputs.paths)
     check_captioner(model)
-    captioner = Captioner.from_pretrained(model).eval()
-    rows = []
-    for start, x in _batches(paths, captioner.encoder.transform.crop, batch_size, "caption"):
-        caps = caption_images(captioner, x, batch_size=batch_size, num_beams=num_beams,
-                              max_new_tokens=max_new_tokens, postprocess=postprocess)
-        rows += [{"image": p.name, "caption": c} for p, c in zip(paths[start : start + batch_size], caps, strict=True)]
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
-    return len(rows)
+    key = job_key("caption", inputs, [resolve_stage2(model)],
+                  {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "postprocess": postprocess})
+    partial = Partial(partial_folder(out, is_dir=False), key)
+    todo = _start(partial, inputs, len(inputs), 1)
+    if todo:
+        captioner = Captioner.from_pretrained(model).eval()
+        paths = [inputs.paths[i] for i in todo]
+        for start, x in _batches(paths, captioner.encoder.transform.crop, batch_size, "caption"):
+            idx = todo[start : start + batch_size]
+            caps = caption_images(captioner, x, batch_size=batch_size, num_beams=num_beams,
+                                  max_new_tokens=max_new_tokens, postprocess=postprocess)
+            rows = [{"image": inputs.names[i], "caption": c} for i, c in zip(idx, caps, strict=True)]
+            partial.save_rows(idx[0], rows)
+    partial.barrier()
+    if partial.is_main:
+        atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in partial.ordered_rows(inputs.names)))
+    partial.finish()
+    return len(inputs)
 
 
 def reconstruct_files(images: list[Path], out: Path, encoder: str | Path, decoder: str | Path, batch_size: int = 64,
                       sampler: Sampler = "fast", guidance_scale: float = 2.0, steps: int | None = None, seed: int = 0,
                       skip_bad: bool = False) -> int:
-    """Redraw image files from their embeddings into the folder ``out`` (file stems kept, PNG); returns the count."""
-    paths = check_images(images, skip_bad)
-    resolve_decoder(decoder), encoder_config_of(encoder)
-    enc, dec = VLVEncoder.from_pretrained(encoder).eval(), DiffusionDecoder.from_pretrained(decoder)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    for start, x in _batches(paths, enc.transform.crop, batch_size, "reconstruct"):
-        recon = reconstruct_images(enc, dec, x, sampler=sampler, guidance_scale=guidance_scale, steps=steps,
-                                   batch_size=batch_size, seed=seed + start)
-        for p, im in zip(paths[start : start + batch_size], to_pil(recon), strict=True):
-            atomic_save_png(im, Path(out) / (p.stem + ".png"))
-    return len(paths)
+    """Redraw image files from their embeddings into the folder ``out`` as PNGs, the inputs' relative paths
+    mirrored (``sub/a.jpg`` -> ``out/sub/a.png``); returns the count. Resumable, and split over torchrun ranks
+    batch by batch: a batch's seed follows its offset, so the pictures do not depend on the split."""
+    out = check_out(out, is_dir=True)
+    inputs = read_inputs(images, skip_bad)
+    targets = output_names(inputs, out, ".png")
+    decoder_dir, encoder_dir = resolve_decoder(decoder), resolve_encoder(encoder)
+    check_text_width(encoder_config_of(encoder)["text_dim"], decoder_dir, encoder, decoder)
+    key = job_key("reconstruct", inputs, [encoder_dir, decoder_dir],
+                  {"batch_size": batch_size, "sampler": sampler, "guidance_scale": guidance_scale, "steps": steps,
+                   "seed": seed})
+    partial = Partial(partial_folder(out, is_dir=True), key)
+    mine = _start(partial, inputs, -(-len(inputs) // batch_size), batch_size)
+    if mine:
+        enc, dec = VLVEncoder.from_pretrained(encoder).eval(), DiffusionDecoder.from_pretrained(decoder)
+        # Only the last batch of all is short, so this rank's files re-batch into exactly its units.
+        paths = [p for u in mine for p in inputs.paths[u * batch_size : (u + 1) * batch_size]]
+        batches = _batches(paths, enc.transform.crop, batch_size, "reconstruct")
+        for u, (_, x) in zip(mine, batches, strict=True):
+            first = u * batch_size
+            recon = reconstruct_images(enc, dec, x, sampler=sampler, guidance_scale=guidance_scale, steps=steps,
+                                       batch_size=batch_size, seed=seed + first)
+            names = range(first, first + len(x))
+            for i, im in zip(names, to_pil(recon), strict=True):
+                (Path(out) / targets[i]).parent.mkdir(parents=True, exist_ok=True)
+                atomic_save_png(im, Path(out) / targets[i])
+            partial.save_rows(first, [{"image": inputs.names[i], "reconstruction": targets[i]} for i in names])
+    partial.barrier()
+    partial.finish()
+    return len(inputs)
 
 
 def embed_files(images: list[Path], out: Path, encoder: str | Path, decoder: str | Path | None = None,
                 batch_size: int = 64, skip_bad: bool = False) -> dict[str, tuple[int, ...]]:
     """z (N, Nq, d_T) of image files, and T(z) when ``decoder`` is given, into the safetensors file ``out`` (the
-    image paths in its metadata); returns each tensor's shape."""
-    paths = check_images(images, skip_bad)
-    encoder_config_of(encoder)
+    image names relative to the input root, and the root, in its metadata); returns each tensor's shape.
+    Resumable, and split over torchrun ranks."""
+    out = check_out(out, is_dir=False)
+    inputs = read_inputs(images, skip_bad)
+    refuse_input_as_output(out, inputs.paths)
+    encoder_dir, z_width = resolve_encoder(encoder), encoder_config_of(encoder)["text_dim"]
     text_dir = resolve_decoder(decoder) if decoder else None
-    enc = VLVEncoder.from_pretrained(encoder).eval()
-    text_encoder = load_text_encoder(text_dir) if text_dir else None
-    parts: dict[str, list[torch.Tensor]] = {"z": [], "T_z": []}
-    for _, x in _batches(paths, enc.transform.crop, batch_size, "embed"):
-        z = embed_images(enc, x, batch_size=batch_size)  # (B, Nq, d_T)
-        parts["z"].append(z)
-        if text_encoder is not None:
-            with torch.no_grad():
-                parts["T_z"].append(clip_from_embeds(text_encoder, z))  # (B, Nq, d_T)
-    tensors = {k: torch.cat(v).contiguous() for k, v in parts.items() if v}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_file(tensors, out, metadata={"images": json.dumps([str(p) for p in paths]), "encoder": str(encoder)})
-    return {k: tuple(v.shape) for k, v in tensors.items()}
+    if text_dir is not None:
+        check_text_width(z_width, text_dir, encoder, decoder)
+    key = job_key("embed", inputs, [encoder_dir, *([text_dir] if text_dir else [])], {"T_z": text_dir is not None})
+    partial = Partial(partial_folder(out, is_dir=False), key)
+    todo = _start(partial, inputs, len(inputs), 1)
+    if todo:
+        enc = VLVEncoder.from_pretrained(encoder).eval()
+        text_encoder = load_text_encoder(text_dir) if text_dir else None
+        paths = [inputs.paths[i] for i in todo]
+        for start, x in _batches(paths, enc.transform.crop, batch_size, "embed"):
+            idx = todo[start : start + batch_size]
+            tensors = {"z": embed_images(enc, x, batch_size=batch_size)}  # (B, Nq, d_T)
+            if text_encoder is not None:
+                with torch.no_grad():
+                    tensors["T_z"] = clip_from_embeds(text_encoder, tensors["z"])  # (B, Nq, d_T)
+            partial.save_tensors(idx[0], [inputs.names[i] for i in idx], tensors)
+    partial.barrier()
+    if partial.is_main:
+        metadata = {"images": json.dumps(inputs.names), "root": str(inputs.root), "encoder": str(encoder),
+                    **({"decoder": str(decoder)} if decoder else {})}
+        atomic_save_file(partial.tensors(inputs.names), out, metadata=metadata)
+    partial.finish()
+    return safetensors_shapes(out)
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, from the file's header."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return dict(sorted(shapes.items(), key=lambda kv: kv[0] != "z"))  # z first, as written
 
 
 def compose_files(a: Path, b: Path, out: Path, encoder: str | Path, decoder: str | Path, k: int | None = None,
                   sampler: Sampler = "fast", guidance_scale: float = 2.0, steps: int | None = None, seed: int = 0,
                   skip_bad: bool = False) -> int:
     """Paper Fig. 6 on two image files: one PNG ``out`` from the first k embeddings of each; returns k."""
+    out = check_out(out, is_dir=False)
     for p in (a, b):
         if not Path(p).is_file():
             raise FileNotFoundError(f"no such image: {p}")
+    refuse_input_as_output(out, [a, b])
     if len(check_images([a, b], skip_bad)) < 2:
         raise InvalidInput("compose needs both images, and one is unreadable")
-    nq, positions = encoder_config_of(encoder)["num_queries"], text_length(resolve_decoder(decoder))
+    config, decoder_dir = encoder_config_of(encoder), resolve_decoder(decoder)
+    check_text_width(config["text_dim"], decoder_dir, encoder, decoder)
+    nq, positions = config["num_queries"], text_length(decoder_dir)
     k = k or nq // 2
     if not 0 < k <= min(nq, positions // 2):
         raise InvalidInput(f"--k {k}: must be in 1..{min(nq, positions // 2)} (the encoder has {nq} embeddings, "

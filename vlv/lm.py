@@ -38,7 +38,7 @@ def list_lm_configs() -> list[str]:
 
 def check_lm_source(source: str) -> None:
     """An LM source a user named: a config stem (random init), or an LM dir whose weights read; never both."""
-    from vlv.checks import check_name_or_path, check_weights_in
+    from vlv.checks import check_name_or_path, check_weights_in, read_json
 
     check_name_or_path(source, list_lm_configs(), "LM config", "--lm")
     if is_lm_dir(source):
@@ -46,6 +46,7 @@ def check_lm_source(source: str) -> None:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"--lm {source}: no causal LM there (no config.json), nor an LM config of "
                                     f"{', '.join(list_lm_configs())}")
+        read_json(path / "config.json")
         check_weights_in(path)
 
 

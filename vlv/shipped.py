@@ -18,6 +18,8 @@ SHIPPED = {"shapes-teacher": (WEIGHTS / "shapes-teacher", "model_index.json"),
            "shapes-stage1": (WEIGHTS / "shapes-stage1", "encoder.json"),
            "shapes-lm": (WEIGHTS / "shapes-lm", "config.json"),
            "shapes-stage2": (WEIGHTS / "shapes-stage2", "captioner.json")}
+# The sections a run dir's marker must hold (what from_pretrained reads first).
+MARKER_SECTIONS = {"shapes-stage1": ("config",), "shapes-stage2": ("config",)}
 
 
 def list_shipped() -> list[str]:
@@ -39,7 +41,7 @@ def shipped_dir(name: str) -> Path:
 
 def _resolve(name_or_path: str | Path, name: str, what: str) -> Path:
     """The dir, checked before anything loads: complete, and every safetensors file in it reads."""
-    from vlv.checks import check_name_or_path, check_sd_dir, check_weights_in
+    from vlv.checks import check_name_or_path, check_sd_dir, check_weights_in, read_json
 
     path = Path(name_or_path)
     if str(name_or_path) == name:
@@ -49,6 +51,7 @@ def _resolve(name_or_path: str | Path, name: str, what: str) -> Path:
         raise FileNotFoundError(f"{path} is not {what} (no {SHIPPED[name][1]}) nor the shipped {name!r}")
     if name == "shapes-teacher":
         return check_sd_dir(path)
+    read_json(path / SHIPPED[name][1], keys=MARKER_SECTIONS.get(name, ()))  # torn or edited: one line, now
     check_weights_in(path)
     return path
 

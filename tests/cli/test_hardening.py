@@ -257,3 +257,118 @@ def test_kill_soak_short_form(tmp_path):
     argv = ["train", "lm", "--data", str(data), "--steps", "120", "--batch-size", "4", "--checkpoint-every", "1"]
     row = soak("lm", argv, tmp_path, kills=3, rng=random.Random(0))
     assert row["kills"] == 3 and row["equal"] and row["files"] and not row["unloadable"], row
+
+
+# ------------------------------------------------------------------ bad-input classes: one line, nothing left behind
+def _only_bad(tmp_path, scenes) -> dict[str, Path]:
+    """Training sets none of whose images reads: a folder (corrupt, empty and missing files), a tar shard."""
+    import io
+    import tarfile
+
+    folder = tmp_path / "all-bad"
+    folder.mkdir()
+    rows = (scenes / "captions.jsonl").read_text().splitlines()
+    (folder / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    (folder / "000000.png").write_text("not an image")
+    (folder / "000001.png").write_bytes(b"")
+    (folder / "000002.png").write_bytes((scenes / "000002.png").read_bytes()[:100])  # 000003.png: missing
+    shard = tmp_path / "all-bad.tar"
+    with tarfile.open(shard, "w") as tf:
+        for i in range(3):
+            for ext, data in (("jpg", b"\xff\xd8\xff torn"), ("txt", b"a red circle")):
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return {"folder": folder, "shard": shard}
+
+
+def test_a_training_set_of_only_bad_images_is_refused(tmp_path, scenes, capsys):
+    """Training skips a bad image, so a set of nothing else passed every check and failed steps in (a ValueError
+    traceback, the run dir left); now it is refused while the run is prepared."""
+    out = tmp_path / "run"
+    for kind, data in _only_bad(tmp_path, scenes).items():
+        for argv in (["train", "stage1", "--decoder", "shapes-teacher", "--data", str(data)],
+                     ["train", "stage2", "--encoder", "shapes-stage1", "--lm", "shapes-lm", "--data", str(data)]):
+            assert main([*argv, "--out", str(out)]) == 2, (kind, argv)
+            err = _error(capsys)
+            assert f"{data}: none of its" in err and "readable image" in err and not out.exists(), err
+
+
+def test_precompute_over_only_bad_images_is_refused(tmp_path, scenes, capsys):
+    """It used to exit 0 with a cache of empty rows."""
+    data = _only_bad(tmp_path, scenes)["shard"]
+    out = tmp_path / "cache"
+    for argv in (["precompute", "latents", "--decoder", "shapes-teacher"],
+                 ["precompute", "text-embeds", "--decoder", "shapes-teacher", "--encoder", "shapes-stage1"]):
+        assert main([*argv, "--data", str(data), "--out", str(out), "--quiet"]) == 2, argv
+        err = _error(capsys)
+        assert f"{data}: none of its 3 samples" in err and not out.exists(), err
+
+
+def test_a_torn_run_dir_json_is_named(tmp_path, scenes, capsys):
+    """Every JSON a run dir holds is read through one checked reader: a torn file (or one lacking what vlv wrote)
+    is one line naming it, whichever command reads it."""
+    enc, cap = tmp_path / "enc", tmp_path / "cap"
+    shutil.copytree(WEIGHTS / "shapes-stage1", enc)
+    shutil.copytree(WEIGHTS / "shapes-stage2", cap)
+    (enc / "encoder.json").write_text('{"config": ')
+    (cap / "captioner.json").write_text(json.dumps({"lm": {}}))  # valid JSON, not a captioner's
+    cache = tmp_path / "latents"
+    cache.mkdir()
+    (cache / "cache.json").write_text("{")
+    out = tmp_path / "out"
+    cases = [(["embed", str(scenes), "--encoder", str(enc), "--out", str(out / "z.safetensors")], "enc/encoder.json"),
+             (["reconstruct", str(scenes), "--encoder", str(enc), "--decoder", "shapes-teacher", "--out", str(out)],
+              "enc/encoder.json"),
+             (["train", "stage1", "--decoder", "shapes-teacher", "--data", str(scenes), "--init", str(enc), "--out",
+               str(out)], "enc/encoder.json"),
+             (["train", "stage2", "--encoder", str(enc), "--lm", "shapes-lm", "--data", str(scenes), "--out",
+               str(out)], "enc/encoder.json"),
+             (["caption", str(scenes), "--model", str(cap), "--out", str(out / "c.jsonl")], "cap/captioner.json"),
+             (["train", "stage1", "--decoder", "shapes-teacher", "--data", str(scenes), "--latents-cache", str(cache),
+               "--out", str(out)], "latents/cache.json")]
+    for argv, named in cases:
+        assert main(argv) == 2, argv
+        err = _error(capsys)
+        assert named in err and ("JSON" in err or "not the file vlv wrote" in err), err
+        assert not out.exists(), argv
+
+
+def test_a_decoder_of_another_width_is_refused_before_loading(tmp_path, scenes, capsys):
+    """z goes through the decoder's text encoder: another width was a shape-mismatch traceback."""
+    wide = tmp_path / "wide-teacher"
+    shutil.copytree(WEIGHTS / "shapes-teacher", wide)
+    config = json.loads((wide / "text_encoder" / "config.json").read_text())
+    (wide / "text_encoder" / "config.json").write_text(json.dumps({**config, "hidden_size": 1024}))
+    out = tmp_path / "out"
+    for argv in (["embed", str(scenes), "--encoder", "shapes-stage1", "--decoder", str(wide), "--out",
+                  str(out / "z.safetensors")],
+                 ["reconstruct", str(scenes), "--encoder", "shapes-stage1", "--decoder", str(wide), "--out", str(out)],
+                 ["train", "stage2", "--encoder", "shapes-stage1", "--decoder", str(wide), "--lm", "shapes-lm",
+                  "--data", str(scenes), "--out", str(out)]):
+        assert main(argv) == 2, argv
+        err = _error(capsys)
+        assert "wide-teacher" in err and "1024" in err and "128" in err and not out.exists(), err
+
+
+def test_an_output_the_system_refuses_is_one_line_before_any_work(tmp_path, scenes, capsys, monkeypatch):
+    """Permission bits pass root everywhere, and a virtual or read-only file system refuses only the write: the
+    folder is probed with a real (nameless) file, so the refusal comes first, in one line, not after the work."""
+    from vlv.inference import caption_files
+
+    refused = Path("/proc/vlv-test/c.jsonl")  # no process, root included, creates files in /proc
+    with pytest.raises(SystemExit) as e:
+        main(["caption", str(scenes), "--out", str(refused)])
+    assert e.value.code == 2 and "argument --out" in (err := _error(capsys)) and "cannot write to /proc" in err
+    monkeypatch.setattr("vlv.captioner.Captioner.from_pretrained", lambda *a, **k: pytest.fail("a model loaded"))
+    with pytest.raises(ValueError, match="cannot write to /proc"):  # the library checks it too
+        caption_files([scenes], refused)
+    with pytest.raises(SystemExit):  # a device is never renamed over
+        main(["caption", str(scenes), "--out", "/dev/null"])
+    assert "not a regular file" in _error(capsys)
+    if os.geteuid() != 0:  # a folder without write permission (root may write anywhere)
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        with pytest.raises(SystemExit):
+            main(["caption", str(scenes), "--out", str(locked / "c.jsonl")])
+        assert "cannot write to" in _error(capsys)

@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("caption", help="caption images with a stage-2 run (one JSON line per image)")
     add_images(p)
     p.add_argument("--model", default="shapes-stage2", help="stage-2 run dir or shipped name (default shapes-stage2)")
-    p.add_argument("--out", type=writable_file, required=True, help="captions.jsonl to write")
+    p.add_argument("--out", type=writable_file, required=True, help="captions.jsonl to write: one line per image, "
+                   "named relative to the input folder (replaced if it exists; a stopped run resumes)")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--num-beams", type=positive_int, default=None, help="default: the run's")
     p.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: the run's")
@@ -28,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_images(p)
     p.add_argument("--encoder", required=True, help=ENCODER_HELP)
     p.add_argument("--decoder", required=True, help=DECODER_HELP)
-    p.add_argument("--out", type=writable_dir, required=True, help="output folder (file names kept)")
+    p.add_argument("--out", type=writable_dir, required=True, help="output folder: a PNG per image, at its path "
+                   "relative to the input folder (a stopped run resumes)")
     p.add_argument("--batch-size", type=positive_int, default=64)
     add_sampling_args(p)
     p.set_defaults(func=cmd_reconstruct)
@@ -39,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decoder", default=None, help="Stable Diffusion dir or shipped name: also write T(z) "
                    "(its text encoder's output)")
     p.add_argument("--out", type=writable_file, required=True, help="safetensors file: z (N, Nq, d_T) [and T_z], the "
-                   "image paths in its metadata")
+                   "image names in its metadata (replaced if it exists; a stopped run resumes)")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.set_defaults(func=cmd_embed)
 
@@ -49,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", required=True, help=ENCODER_HELP)
     p.add_argument("--decoder", required=True, help=DECODER_HELP)
     p.add_argument("--k", type=positive_int, default=None, help="embeddings kept from each (default Nq/2)")
-    p.add_argument("--out", type=writable_file, required=True, help="PNG to write")
+    p.add_argument("--out", type=writable_file, required=True, help="PNG to write (replaced if it exists)")
     add_sampling_args(p)
     add_images(p, positional=False)
     p.set_defaults(func=cmd_compose)

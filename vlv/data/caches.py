@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from vlv.checks import read_json
 from vlv.config import CACHE_SHARD_ROWS
 from vlv.data.datasets import Dataset, InMemory
 from vlv.data.images import Crop, as_crop, to_tensor
@@ -161,7 +162,7 @@ def write_cache(folder: str | Path, key: dict[str, Any], dataset: Dataset, compu
     folder = Path(folder)
     meta_path, n, dtype = folder / CACHE_FILE, len(dataset), getattr(torch, key["dtype"])
     if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, keys=("key",))
         _refuse(folder, meta["key"], key)
         if meta["shard_rows"] != shard_rows:
             raise InvalidInput(f"{folder} was started with {meta['shard_rows']} rows per shard, not {shard_rows}")
@@ -298,7 +299,7 @@ class Cache:
         meta_path = self.folder / CACHE_FILE
         if not meta_path.is_file():
             raise FileNotFoundError(f"no cache at {self.folder} (no {CACHE_FILE}); make one with vlv precompute")
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, keys=("key",))
         self.key, self.rows, self.shard_rows = meta["key"], meta["rows"], meta["shard_rows"]
         if want is not None:
             _refuse(self.folder, self.key, want)

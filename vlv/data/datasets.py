@@ -412,6 +412,22 @@ class InMemory(Dataset):
         return [np.arange(start, min(start + batch_size, len(self))) for start in range(0, len(self), batch_size)]
 
 
+def require_readable(dataset: Dataset, name: str | Path) -> None:
+    """Raise unless some sample's image reads. Training skips a bad image and a cache leaves its row empty, so a
+    set whose every image is corrupt or missing would pass every other check, then fail minutes in (or cache
+    nothing). Stops at the first readable sample: a good set costs one read."""
+    first = ""
+    for i in range(len(dataset)):
+        try:
+            image = dataset.read(i).image
+            if not isinstance(image, np.ndarray):  # decoded already: it read
+                open_image(image, check_only=True)
+            return
+        except BAD_IMAGE_ERRORS as e:
+            first = first or f"{dataset.where(i)}: {e}"
+    raise InvalidInput(f"{name}: none of its {len(dataset)} samples has a readable image (first {first})")
+
+
 # ----------------------------------------------------------------------------------------------- open_dataset
 def open_dataset(path: str | Path, image_column: str = "image", caption_column: str = "caption",
                  height_column: str = "height", width_column: str = "width") -> Dataset:

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tarfile
 import time
 import warnings
@@ -25,8 +26,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vlv.data.images import encoded_format
-from vlv.errors import InvalidInput
+from vlv.data.images import BAD_IMAGE_ERRORS, _reason, encoded_format
+from vlv.errors import BadImage, InvalidInput
 
 if TYPE_CHECKING:  # datasets reads the index; writing only takes one
     from vlv.data.datasets import Dataset
@@ -183,13 +184,16 @@ def _warn_truncated(shard: Path, index: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- write
-def _image_member(image: Image.Image | bytes | np.ndarray) -> tuple[str, bytes]:
+def _image_member(image: Image.Image | bytes | np.ndarray, source: str = "") -> tuple[str, bytes]:
     """(extension, bytes): the original encoding where tars keep it, else lossless PNG."""
     if isinstance(image, bytes):
         if fmt := encoded_format(image):
             return fmt, image
-        with Image.open(io.BytesIO(image)) as im:
-            return _image_member(im.convert("RGB") if im.mode not in ("RGB", "RGBA", "L") else im.copy())
+        try:
+            with Image.open(io.BytesIO(image)) as im:
+                return _image_member(im.convert("RGB") if im.mode not in ("RGB", "RGBA", "L") else im.copy())
+        except BAD_IMAGE_ERRORS as e:
+            raise BadImage(f"{source}: not a readable image ({_reason(e)})") from None
     if isinstance(image, np.ndarray):  # decoded already (an InMemory dataset)
         image = Image.fromarray(image)
     buf = io.BytesIO()
@@ -210,9 +214,21 @@ def write_shards(src: Dataset, out_dir: str | Path, shard_size: int = 10_000, pr
     if shard_size <= 0:
         raise InvalidInput(f"shard size must be positive, got {shard_size}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if any(out.glob("*.tar")):  # stale shards would join the new ones when the dir is opened
         raise FileExistsError(f"{out} already holds .tar shards")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write_shards(src, out, shard_size, progress)
+    except BaseException:  # a bad sample, or a kill: no half set of shards (a re-run would refuse it)
+        for f in out.glob("*.tar*"):
+            f.unlink()
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write_shards(src: Dataset, out: Path, shard_size: int, progress: bool) -> list[Path]:
     n_shards = -(-len(src) // shard_size)
     width = max(5, len(str(n_shards - 1)))
     seen: set[str] = set()
@@ -228,7 +244,7 @@ def write_shards(src: Dataset, out_dir: str | Path, shard_size: int = 10_000, pr
                 if key in seen:
                     raise InvalidInput(f"duplicate sample key {key!r} ({sample.source})")
                 seen.add(key)
-                ext, data = _image_member(sample.image)
+                ext, data = _image_member(sample.image, src.where(i))
                 _add(tf, f"{key}.{ext}", data)
                 if sample.caption is not None:
                     _add(tf, f"{key}.txt", sample.caption.encode("utf-8"))

@@ -17,7 +17,6 @@ Recipe decisions (``docs/teacher-notes.md`` has the probes behind them):
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -30,7 +29,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from vlv.checks import check_checkpoints, require_dirs, safetensors_keys
+from vlv.checks import check_checkpoints, read_json, require_dirs, safetensors_keys
 from vlv.data.caches import posteriors_file
 from vlv.data.datasets import InMemory
 from vlv.data.images import to_tensor
@@ -320,7 +319,7 @@ def export_checkpoint(teacher_dir: Path, out: Path, dtype: torch.dtype = torch.f
     if not has_checkpoint(work / "vae") or not has_checkpoint(work / "unet"):
         raise FileNotFoundError(f"{teacher_dir} has no VAE and UNet checkpoints under training/")
     safetensors_keys(work / "latents.safetensors")
-    spec = upgraded(json.loads((work / "recipe.json").read_text()))
+    spec = upgraded(read_json(work / "recipe.json", keys=("config",)))
     cfg = TeacherConfig(**spec["config"])
     vae = build_vae(cfg)
     load_trainable_state(Autoencode(vae), load_file(work / "vae" / "checkpoint" / "model.safetensors"))  # its keys
@@ -333,7 +332,7 @@ def export_checkpoint(teacher_dir: Path, out: Path, dtype: torch.dtype = torch.f
     with torch.no_grad():
         for p, v in zip((p for p in model.parameters() if p.requires_grad), shadow, strict=True):
             p.copy_(v)
-    meta = {k: json.loads((work / k / "checkpoint" / "trainer.json").read_text()) for k in ("vae", "unet")}
+    meta = {k: read_json(work / k / "checkpoint" / "trainer.json") for k in ("vae", "unet")}
     recipe = {"name": spec.get("name"), **{k: spec[k] for k in ("settings", *PHASES)}}
     record = {"exported_from": str(teacher_dir), "recipe": recipe, "unet_step": meta["unet"]["step"],
               "unet_steps_planned": meta["unet"]["config"]["steps"], "vae_step": meta["vae"]["step"],

@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
+from vlv.checks import read_json
 from vlv.errors import InvalidInput
 from vlv.modeling import load_trainable_state, trainable_state
 from vlv.training import sharding
@@ -74,7 +75,7 @@ def load_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimize
                     ema: EMAModel | None) -> TrainState:
     """Weights, optimizer state and EMA into the given objects; returns the saved step count and history."""
     ckpt = Path(run) / CHECKPOINT
-    meta = json.loads((ckpt / TRAINER).read_text())
+    meta = read_json(ckpt / TRAINER)
     sharded = sharding.is_sharded(model)
     if bool(meta.get("sharded")) != sharded:
         raise InvalidInput(f"{ckpt} was written {'with' if meta.get('sharded') else 'without'} sharding: resume "

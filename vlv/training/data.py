@@ -9,12 +9,12 @@ samples are decoded already, so workers would only copy them.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from vlv.checks import read_json
 from vlv.data.datasets import Dataset, InMemory
 from vlv.data.images import Crop
 from vlv.data.loader import StepLoader
@@ -46,7 +46,7 @@ class BadSamples:
             return 0
         path = Path(run) / DATA_FILE
         if path.exists():
-            by_step = {**json.loads(path.read_text()).get("by_step", {}), **by_step}
+            by_step = {**read_json(path).get("by_step", {}), **by_step}
         names = sorted({k for keys in by_step.values() for k in keys})
         count = sum(len(v) for v in by_step.values())
         write_json(path, {"bad_samples": count, "distinct": len(names), "names": names[:KEYS_SAVED],

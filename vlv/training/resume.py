@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vlv.checks import read_json
 from vlv.errors import InvalidInput
 from vlv.training.checkpoint import has_checkpoint
 from vlv.training.config import TrainConfig
@@ -49,7 +50,7 @@ def check_resume(run: Path, record_file: str, requested: dict[str, dict], overri
     record = run / record_file
     if override or not has_checkpoint(checkpoint_dir or run) or not record.is_file():
         return
-    saved = json.loads(record.read_text())
+    saved = read_json(record)
     diff = changed_settings(upgrade(saved) if upgrade else saved, requested)
     if diff:
         raise InvalidInput(f"{run} was started with other settings ({', '.join(diff)}): run its command again to "

@@ -14,7 +14,6 @@ run (``--latents-cache`` / ``--vision-cache`` name caches made by ``vlv precompu
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -22,7 +21,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from diffusers import StableDiffusionPipeline
 
 from vlv.checks import (
@@ -37,8 +35,9 @@ from vlv.checks import (
 )
 from vlv.config import CACHE_SHARD_ROWS, DEFAULT_TRAINABLE, EncoderConfig, list_encoders
 from vlv.data.caches import Cache
-from vlv.data.datasets import Dataset, InMemory, open_dataset
+from vlv.data.datasets import Dataset, InMemory, open_dataset, require_readable
 from vlv.data.images import to_tensor
+from vlv.data.outputs import process_state
 from vlv.data.sampling import step_indices
 from vlv.decoder import DiffusionDecoder
 from vlv.diffusion import load_pipeline, sample_latents
@@ -165,7 +164,7 @@ def encoder_config(settings: Stage1Settings, text_dim: int) -> EncoderConfig:
         overrides["trainable"] = list(DEFAULT_TRAINABLE)
     if settings.init:  # the architecture is the source run's, so any stage-1 run dir (an imported one too) goes on
         run = resolve_encoder(settings.init)
-        source = EncoderConfig(**json.loads((run / ENCODER_FILE).read_text())["config"])
+        source = EncoderConfig(**read_json(run / ENCODER_FILE, keys=("config",))["config"])
         return replace(source, text_dim=text_dim, florence2=resolved_florence2(source, run), **overrides)
     if Path(settings.encoder).is_dir():
         florence2 = check_native_florence2(settings.encoder)  # a remote-code dir: one line naming the converter
@@ -255,7 +254,7 @@ def prepare_stage1(settings: Stage1Settings, cfg: TrainConfig, out: str | Path, 
     out = Path(out)
     decoder = resolve_decoder(settings.decoder)
     if settings.init:
-        init_queries = json.loads((resolve_encoder(settings.init) / ENCODER_FILE).read_text())["config"]["num_queries"]
+        init_queries = read_json(resolve_encoder(settings.init) / ENCODER_FILE)["config"]["num_queries"]
         if settings.num_queries > init_queries:
             raise InvalidInput(f"--nq {settings.num_queries}: more queries than --init {settings.init} has "
                                f"({init_queries}); a warm start keeps its first Nq")
@@ -274,6 +273,8 @@ def prepare_stage1(settings: Stage1Settings, cfg: TrainConfig, out: str | Path, 
     dataset = open_dataset(settings.data, settings.image_column, settings.caption_column)
     if not len(dataset):
         raise InvalidInput(f"{settings.data}: no samples")
+    if not (settings.latents_cache and settings.vision_cache):  # with both given, a step never decodes an image
+        require_readable(dataset, settings.data)
     check_checkpoints(out)
     check_request(out, STAGE1_FILE, {"settings": asdict(settings), "train": asdict(cfg)}, cfg)
     return Stage1Plan(settings, cfg, out, decoder, dataset, config, evaluator, recipe)
@@ -366,7 +367,8 @@ def precompute(kind: Kind, decoder: str | Path, data: str, out: str | Path, enco
     dataset = open_dataset(data, image_column, caption_column)
     if not len(dataset):
         raise InvalidInput(f"{data}: no samples")
-    state = PartialState()
+    require_readable(dataset, data)  # else a cache of empty rows
+    state = process_state()
     model = DiffusionDecoder.from_pretrained(decoder_dir)
     size = image_size or model.image_size
     vision = None

@@ -22,15 +22,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from accelerate import PartialState
 from transformers import PreTrainedTokenizerBase
 
 from vlv.captioner import Captioner, CaptionerConfig
-from vlv.checks import check_checkpoints, require_data, require_dirs, same_text_encoder
+from vlv.checks import check_checkpoints, check_text_width, read_json, require_data, require_dirs, same_text_encoder
 from vlv.config import CACHE_BATCH_SIZE, CACHE_SHARD_ROWS
 from vlv.data.caches import Cache
-from vlv.data.datasets import Dataset, FolderDataset, InMemory, open_dataset
+from vlv.data.datasets import Dataset, FolderDataset, InMemory, open_dataset, require_readable
+from vlv.data.outputs import process_state
 from vlv.data.sampling import step_indices
+from vlv.encoder import CONFIG_FILE as ENCODER_FILE
 from vlv.encoder import VLVEncoder
 from vlv.errors import InvalidInput
 from vlv.lm import check_lm_source, is_lm_dir
@@ -213,11 +214,14 @@ def prepare_stage2(settings: Stage2Settings, cfg: TrainConfig, out: str | Path, 
     settings = replace(settings, decoder=_portable(settings.decoder, resolve_decoder),
                        encoder=_portable(settings.encoder, resolve_encoder),
                        lm=_portable(settings.lm, Path) if is_lm_dir(settings.lm) else settings.lm)
+    check_pair(settings.encoder, settings.decoder)
     dataset = open_dataset(settings.data, settings.image_column, settings.caption_column)
     if not len(dataset):
         raise InvalidInput(f"{settings.data}: no samples")
     if dataset.read(0).caption is None:
         raise InvalidInput(f"{settings.data}: no captions (sample {dataset.where(0)} has none); stage 2 needs them")
+    if settings.text_embeds_cache is None:  # with a given cache, a step reads its rows, never an image
+        require_readable(dataset, settings.data)
     if settings.text_embeds_cache is not None:
         require_dirs(settings.text_embeds_cache)
         Cache(settings.text_embeds_cache)  # made and finished: what it was made from is checked once the models load
@@ -293,22 +297,27 @@ def precompute_text_embeds(decoder: str | Path | None, encoder: str, data: str, 
     resolve_encoder(encoder)
     decoder, image_size = stage1_inputs(encoder, None if decoder is None else str(decoder), image_size)
     decoder_dir = resolve_decoder(decoder)
+    check_pair(encoder, decoder)
     require_data(data)
     dataset = open_dataset(data, image_column, caption_column)
     if not len(dataset):
         raise InvalidInput(f"{data}: no samples")
-    state = PartialState()
+    require_readable(dataset, data)  # else a cache of empty rows
+    state = process_state()
     text_encoder = load_text_encoder(decoder_dir).to(state.device)
     vlv_encoder = VLVEncoder.from_pretrained(encoder).to(state.device)
-    if vlv_encoder.config.text_dim != text_encoder.config.hidden_size:
-        raise InvalidInput(f"{encoder} emits d_T = {vlv_encoder.config.text_dim}, {decoder}'s T takes "
-                           f"{text_encoder.config.hidden_size}")
     size = image_size or vlv_encoder.transform.crop_size
     autocast = torch.autocast(state.device.type, dtype=torch.bfloat16) if precision == "bf16" else None
     bad = build_cache("text_embeds", out, dataset, vlv_encoder.transform.at(size).crop, state, encoder=vlv_encoder,
                       text_encoder=text_encoder, batch_size=batch_size, shard_rows=shard_rows, num_workers=num_workers,
                       on_bad_image=on_bad_image, autocast=autocast, progress=progress, precision=precision)
     return Precomputed(state.process_index, state.num_processes, len(dataset), size, bad)
+
+
+def check_pair(encoder: str | Path, decoder: str | Path) -> None:
+    """The stage-1 encoder's z fits the decoder's T (widths from the configs; nothing loads)."""
+    z_width = read_json(resolve_encoder(encoder) / ENCODER_FILE, keys=("config",))["config"]["text_dim"]
+    check_text_width(z_width, resolve_decoder(decoder), encoder, decoder)
 
 
 def _portable(source: str, resolve) -> str:
