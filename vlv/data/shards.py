@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from vlv.data.images import encoded_format
 from vlv.errors import InvalidInput
+from vlv.progress import tqdm
 
 if TYPE_CHECKING:  # datasets reads the index; writing only takes one
     from vlv.data.datasets import Dataset

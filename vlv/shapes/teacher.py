@@ -37,6 +37,7 @@ from vlv.data.images import to_tensor
 from vlv.data.records import read_captions
 from vlv.data.sampling import step_indices
 from vlv.diffusion import (
+    DEFAULT_GUIDANCE,
     Random,
     Sampler,
     diffusion_loss,
@@ -343,10 +344,10 @@ def export_checkpoint(teacher_dir: Path, out: Path, dtype: torch.dtype = torch.f
     return save_teacher(pipe, out, cfg, record, dtype=dtype)
 
 
-def sample_files(teacher: str | Path, prompts: list[str], out: Path, guidance_scale: float = 3.0, steps: int = 20,
-                 sampler: Sampler = "fast", seed: int = 0) -> int:
+def sample_files(teacher: str | Path, prompts: list[str], out: Path, guidance_scale: float = DEFAULT_GUIDANCE,
+                 steps: int | None = None, sampler: Sampler = "fast", seed: int = 0) -> int:
     """Draw one image per caption into ``out``: a PNG file for one caption (``out`` with a suffix), else a folder
-    of ``000000.png``, ...; returns the count."""
+    of ``000000.png``, ...; returns the count. ``steps`` None: the sampler's own count (fast 20, paper 50)."""
     path = resolve_decoder(teacher)
     out = Path(out)
     single = len(prompts) == 1 and bool(out.suffix) and not out.is_dir()
