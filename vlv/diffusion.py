@@ -33,7 +33,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from vlv.config import CONFIGS, DEFAULT_GUIDANCE, DEFAULT_STEPS
 from vlv.data.images import to_pil
-from vlv.progress import quiet_loading
+from vlv.progress import quiet_library
 
 Sampler = Literal["paper", "fast"]
 SD_PARTS = ("unet", "vae", "text_encoder", "scheduler")
@@ -51,7 +51,7 @@ def load_pipeline(path: Path, device: str | torch.device = "cpu") -> StableDiffu
     path = Path(path)
     if not (path / "model_index.json").exists():
         raise FileNotFoundError(f"{path} is not a Stable Diffusion dir (no model_index.json)")
-    with quiet_loading():  # dtype, not torch_dtype: diffusers 0.42 deprecates the old name with a FutureWarning
+    with quiet_library():  # dtype, not torch_dtype: diffusers 0.42 deprecates the old name with a FutureWarning
         pipe = StableDiffusionPipeline.from_pretrained(path, dtype=torch.float32, safety_checker=None,
                                                        requires_safety_checker=False, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)  # its sampling loop: vlv draws one bar per job, not per batch

@@ -37,7 +37,7 @@ from transformers import Florence2Config, Florence2ForConditionalGeneration
 from vlv.config import CONFIGS, IMAGENET_MEAN, IMAGENET_STD, EncoderConfig, list_configs, read_config
 from vlv.errors import InvalidInput
 from vlv.modeling import atomic_save_file, in_run_dir, load_trainable_state, trainable_state, write_json
-from vlv.progress import quiet_loading
+from vlv.progress import quiet_library
 from vlv.shipped import is_shipped, resolve_encoder, resolve_florence2_name
 
 CONFIG_FILE, TRAINABLE_FILE, FROZEN_FILE = "encoder.json", "model.safetensors", "frozen.safetensors"
@@ -64,7 +64,7 @@ def load_florence2(path: str | Path) -> Florence2ForConditionalGeneration:
         raise FileNotFoundError(f"no Florence-2 checkpoint at {path} (expected a local dir with config.json and "
                                 f"weights in transformers' native Florence2 format); configs for random init: "
                                 f"{', '.join(list_florence2_configs())}")
-    with quiet_loading():
+    with quiet_library():
         return Florence2ForConditionalGeneration.from_pretrained(path, dtype=torch.float32, local_files_only=True)
 
 

@@ -2,10 +2,10 @@
 
 Every bar vlv draws is :func:`tqdm` from here (``tests/test_layout.py`` checks), so :func:`no_bars` turns them all
 off for a block: the command line's ``--quiet`` runs the whole command inside it, and a library user can too.
-:func:`quiet_loading` wraps each load vlv makes through diffusers and transformers: their loader bars ("Loading
-pipeline components", "Loading weights") are off during that call and restored after, so a user's own settings
-and their own loads are untouched. Their warnings stay on: a load that warns (weights not initialised, ...)
-is telling the user something.
+:func:`quiet_library` wraps each load and save vlv makes through diffusers and transformers: their bars
+("Loading pipeline components", "Loading weights", "Writing model shards") are off during that call and restored
+after, so a user's own settings and their own calls are untouched. Their warnings stay on: a load that warns
+(weights not initialised, ...) is telling the user something.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def _no_bar(factory, args: tuple, kwargs: dict[str, Any]):
 
 
 @contextlib.contextmanager
-def quiet_loading() -> Iterator[None]:
-    """diffusers' and transformers' loader bars off for one of vlv's loads (a context manager or decorator)."""
+def quiet_library() -> Iterator[None]:
+    """diffusers' and transformers' bars off for one of vlv's calls into them (a load, a save_pretrained)."""
     # diffusers keeps one switch for its bars; transformers takes a hook and hands back the previous one, which
     # leaves huggingface_hub's own switch (that transformers' disable_progress_bar would flip too) alone.
     from diffusers.utils import logging as diffusers_logging

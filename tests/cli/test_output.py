@@ -139,14 +139,17 @@ def test_teacher_sample_paper_runs_the_papers_step_count(tmp_path, monkeypatch):
     assert calls == [("DDPMScheduler", 50, 2.0), ("DPMSolverMultistepScheduler", 20, 2.0)]
 
 
-def test_vlv_loads_print_nothing_and_leave_the_libraries_settings(capfd):
-    """A library call that loads weights prints no loader bar and raises no warning; the libraries' own progress
-    switches are as the caller left them, before and after."""
+def test_vlv_loads_print_nothing_and_leave_the_libraries_settings(capfd, tmp_path):
+    """A library call that loads or saves weights prints no bar and raises no warning; the libraries' own
+    progress switches are as the caller left them, before and after."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     from vlv.decoder import DiffusionDecoder
+    from vlv.diffusion import load_pipeline
     from vlv.encoder import VLVEncoder
+    from vlv.shapes.config import TeacherConfig
+    from vlv.shapes.teacher import save_teacher
     from vlv.shipped import shipped_dir
     from vlv.text_encoder import load_text_encoder
 
@@ -161,6 +164,7 @@ def test_vlv_loads_print_nothing_and_leave_the_libraries_settings(capfd):
             DiffusionDecoder.from_pretrained("shapes-teacher")
             load_text_encoder(shipped_dir("shapes-teacher"))
             VLVEncoder.from_pretrained("shapes-stage1")
+            save_teacher(load_pipeline(shipped_dir("shapes-teacher")), tmp_path / "teacher", TeacherConfig())
         assert transformers_logging.set_tqdm_hook(None) is hook
     finally:
         transformers_logging.set_tqdm_hook(None)

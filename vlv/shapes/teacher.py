@@ -50,6 +50,7 @@ from vlv.diffusion import (
 )
 from vlv.errors import InvalidInput
 from vlv.modeling import atomic_save_png, load_trainable_state, write_json
+from vlv.progress import quiet_library
 from vlv.shapes.config import PHASES, TeacherConfig, TeacherRecipe
 from vlv.shapes.metrics import sample_accuracy, vae_accuracy
 from vlv.shapes.tokenizers import build_tokenizer
@@ -206,8 +207,9 @@ def save_teacher(pipe: StableDiffusionPipeline, out: Path, cfg: TeacherConfig, r
     vae, unet = pipe.vae, pipe.unet
     if dtype != torch.float32:
         vae, unet = copy.deepcopy(vae).to(dtype), copy.deepcopy(unet).to(dtype)
-    make_pipeline(vae, pipe.text_encoder.float(), pipe.tokenizer, unet, pipe.scheduler).save_pretrained(
-        out, safe_serialization=True)
+    with quiet_library():
+        make_pipeline(vae, pipe.text_encoder.float(), pipe.tokenizer, unet, pipe.scheduler).save_pretrained(
+            out, safe_serialization=True)
     write_json(out / "teacher.json", {"config": asdict(cfg), **({"training": record} if record else {})})
     return out
 
