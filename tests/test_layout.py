@@ -10,7 +10,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parent.parent / "vlv"
 CORE = ("data", "modeling", "config", "diffusion", "text_encoder", "encoder", "decoder", "lm",
-        "captioner", "shipped", "version", "errors", "checks")
+        "captioner", "shipped", "version", "errors", "checks", "progress")
 # module (or package) -> what it may not import
 FORBIDDEN = {**{m: ("vlv.shapes", "vlv.training", "vlv.inference", "vlv.api", "vlv.cli") for m in CORE},
              "inference": ("vlv.shapes", "vlv.training", "vlv.api", "vlv.cli"),
@@ -55,6 +55,13 @@ def test_one_definition_of_the_diffusion_loss():
     users = [p.relative_to(PACKAGE) for p in PACKAGE.rglob("*.py") if "get_velocity" in p.read_text()
              or ".add_noise(" in p.read_text()]
     assert users == [Path("diffusion.py")]
+
+
+def test_every_progress_bar_is_vlv_progress():
+    """vlv draws its bars through vlv.progress.tqdm, so --quiet (vlv.progress.no_bars) turns every one off."""
+    users = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+             if any(name == "tqdm" or name.startswith("tqdm.") for name in _imports(p))]
+    assert users == ["progress.py"]
 
 
 def test_the_command_line_and_the_configs_load_no_torch():

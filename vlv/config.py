@@ -20,6 +20,13 @@ CONFIGS = Path(__file__).parent / "configs"  # architecture JSONs, by stem (open
 # (a multiple of every batch size, so batches never straddle shards).
 CACHE_BATCH_SIZE = {"latents": 128, "vision": 32, "text_embeds": 32}
 CACHE_SHARD_ROWS = 4096
+# The two samplers, defined once for every command and function that draws images (vlv.diffusion.with_sampler
+# builds their schedulers): paper is DDPM for 50 steps, the official code's default; fast is DPM-Solver++(2M).
+SAMPLERS = {"fast": "DPM-Solver++(2M)", "paper": "DDPM"}
+DEFAULT_STEPS = {"fast": 20, "paper": 50}
+# Classifier-free guidance scale: the paper's (and the official code's) 2.0, the scale every shipped number is
+# measured at, for reconstruction and the teacher's own text-to-image sampling alike.
+DEFAULT_GUIDANCE = 2.0
 
 
 def list_configs(prefix: str = "") -> list[str]:

@@ -16,13 +16,14 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from torch import nn
 
 from vlv.diffusion import (
-    DEFAULT_STEPS,
+    DEFAULT_GUIDANCE,
     Random,
     Sampler,
     diffusion_loss,
     load_pipeline,
     make_pipeline,
     posterior_sample,
+    sampler_steps,
     with_sampler,
 )
 from vlv.shipped import resolve_decoder
@@ -108,7 +109,7 @@ class DiffusionDecoder(nn.Module):
                             sampler)
 
     @torch.no_grad()
-    def reconstruct(self, z: torch.Tensor, guidance_scale: float = 2.0, steps: int | None = None,
+    def reconstruct(self, z: torch.Tensor, guidance_scale: float = DEFAULT_GUIDANCE, steps: int | None = None,
                     sampler: Sampler = "paper", generator: torch.Generator | None = None,
                     output_type: str = "pt", **pipeline_kwargs):
         """Caption-free generation from z (B, L, d_T) with CFG against T("") over the same L positions.
@@ -121,7 +122,7 @@ class DiffusionDecoder(nn.Module):
         cond = self.encode_text_embeds(z)  # (B, L, d_T)
         uncond = self.unconditional_embeds(z.shape[1]).expand_as(cond)  # (B, L, d_T)
         return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=guidance_scale,
-                    num_inference_steps=steps or DEFAULT_STEPS[sampler], generator=generator,
+                    num_inference_steps=sampler_steps(sampler, steps), generator=generator,
                     output_type=output_type, **pipeline_kwargs).images
 
 

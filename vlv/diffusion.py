@@ -31,11 +31,11 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from vlv.config import CONFIGS
+from vlv.config import CONFIGS, DEFAULT_GUIDANCE, DEFAULT_STEPS
 from vlv.data.images import to_pil
+from vlv.progress import quiet_library
 
 Sampler = Literal["paper", "fast"]
-DEFAULT_STEPS = {"paper": 50, "fast": 20}  # paper: DDPM 50 steps (official default); fast: DPM-Solver++(2M)
 SD_PARTS = ("unet", "vae", "text_encoder", "scheduler")
 
 
@@ -51,9 +51,10 @@ def load_pipeline(path: Path, device: str | torch.device = "cpu") -> StableDiffu
     path = Path(path)
     if not (path / "model_index.json").exists():
         raise FileNotFoundError(f"{path} is not a Stable Diffusion dir (no model_index.json)")
-    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
+    with quiet_library():  # dtype, not torch_dtype: diffusers 0.42 deprecates the old name with a FutureWarning
+        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=torch.float32, safety_checker=None,
+                                                       requires_safety_checker=False, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)  # its sampling loop: vlv draws one bar per job, not per batch
     for m in (pipe.vae, pipe.text_encoder, pipe.unet):
         m.requires_grad_(False).eval()
     return pipe.to(device)
@@ -97,6 +98,13 @@ def sampler_scheduler(sampler: Sampler, scheduler_config):
     if sampler == "fast":
         return fast_scheduler(scheduler_config)
     raise ValueError(f"sampler must be 'paper' or 'fast', got {sampler!r}")
+
+
+def sampler_steps(sampler: Sampler, steps: int | None = None) -> int:
+    """``steps``, or the sampler's own count (``vlv.config.DEFAULT_STEPS``: fast 20, paper 50)."""
+    if sampler not in DEFAULT_STEPS:
+        raise ValueError(f"sampler must be 'paper' or 'fast', got {sampler!r}")
+    return steps or DEFAULT_STEPS[sampler]
 
 
 def with_sampler(pipe: StableDiffusionPipeline, sampler: Sampler) -> StableDiffusionPipeline:
@@ -202,9 +210,12 @@ def diffusion_loss(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # ------------------------------------------------------------------------------------------- sampling
 @torch.no_grad()
-def sample(pipe: StableDiffusionPipeline, captions: list[str], guidance_scale: float = 3.0, steps: int = 20,
-           sampler: Sampler = "fast", seed: int = 0, batch_size: int = 256) -> list[Image.Image]:
-    """Text-to-image samples of captions, batched; each chunk seeded by its offset, so batching is invisible."""
+def sample(pipe: StableDiffusionPipeline, captions: list[str], guidance_scale: float = DEFAULT_GUIDANCE,
+           steps: int | None = None, sampler: Sampler = "fast", seed: int = 0,
+           batch_size: int = 256) -> list[Image.Image]:
+    """Text-to-image samples of captions, batched; each chunk seeded by its offset, so batching is invisible.
+    ``steps`` None: the sampler's own count."""
+    steps = sampler_steps(sampler, steps)
     pipe = with_sampler(pipe, sampler)
     images = []
     for start in range(0, len(captions), batch_size):

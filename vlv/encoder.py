@@ -43,6 +43,7 @@ from vlv.modeling import (
     trainable_state,
     write_json,
 )
+from vlv.progress import quiet_library
 from vlv.shipped import is_shipped, resolve_encoder, resolve_florence2_name
 
 CONFIG_FILE, TRAINABLE_FILE, FROZEN_FILE = "encoder.json", "model.safetensors", "frozen.safetensors"
@@ -69,7 +70,8 @@ def load_florence2(path: str | Path) -> Florence2ForConditionalGeneration:
         raise FileNotFoundError(f"no Florence-2 checkpoint at {path} (expected a local dir with config.json and "
                                 f"weights in transformers' native Florence2 format); configs for random init: "
                                 f"{', '.join(list_florence2_configs())}")
-    return Florence2ForConditionalGeneration.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    with quiet_library():
+        return Florence2ForConditionalGeneration.from_pretrained(path, dtype=torch.float32, local_files_only=True)
 
 
 def build_florence2(source: str | dict) -> Florence2ForConditionalGeneration:

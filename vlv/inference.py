@@ -112,7 +112,7 @@ def check_images(paths: list[Path], skip_bad: bool = False) -> list[Path]:
             open_image(p, check_only=True)
         except BadImage as e:
             if not skip_bad:
-                raise BadImage(f"{e} (--skip-bad skips unreadable images)") from None
+                raise BadImage(f"{e} (--on-bad-image skip skips unreadable images)") from None
             bad.append(p)
     skipped = set(bad)
     good = [p for p in found if p not in skipped]
@@ -145,7 +145,7 @@ def _batches(paths: list[Path], crop: Crop, batch_size: int, desc: str) -> Itera
     """(offset, images (B, size, size, 3) uint8) of the files, streamed through the dataset reader a batch at a
     time (decoded and cut by the encoder's ``crop`` in the reader, as in training), with a progress bar. The files
     were checked already: one that has gone bad since fails naming it."""
-    from tqdm.auto import tqdm
+    from vlv.progress import tqdm
 
     loader = row_loader(ImageFiles(paths), crop, 0, len(paths), batch_size, on_bad_image="fail")
     for start, batch in zip(range(0, len(paths), batch_size), tqdm(loader, desc=desc, unit="batch"), strict=True):

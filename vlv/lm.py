@@ -23,6 +23,7 @@ from transformers import (
 
 from vlv.config import CONFIGS, read_config
 from vlv.errors import InvalidInput
+from vlv.progress import quiet_library
 from vlv.shipped import resolve_lm_name
 
 IGNORE = -100  # the label transformers' cross-entropy skips
@@ -81,7 +82,8 @@ def build_lm(source: str | dict) -> PreTrainedModel:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no causal LM at {path} (expected a local dir with config.json and weights); "
                                 f"configs for random init: {', '.join(list_lm_configs())}")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    with quiet_library():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
 
 
 def load_tokenizer(source: str | dict) -> PreTrainedTokenizerBase:

@@ -13,6 +13,8 @@ import torch
 from transformers import CLIPTextModel
 from transformers.masking_utils import create_causal_mask
 
+from vlv.progress import quiet_library
+
 
 def clip_from_embeds(text_encoder: CLIPTextModel, z: torch.Tensor) -> torch.Tensor:
     """c = T(inputs_embeds=z), z (B, L, d_T) -> (B, L, d_T); L <= the text encoder's positions.
@@ -33,5 +35,6 @@ def load_text_encoder(sd_dir: str | Path) -> CLIPTextModel:
     path = Path(sd_dir) / "text_encoder"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{sd_dir} has no text_encoder/ (a Stable Diffusion dir holds one)")
-    te = CLIPTextModel.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    with quiet_library():
+        te = CLIPTextModel.from_pretrained(path, dtype=torch.float32, local_files_only=True)
     return te.requires_grad_(False).eval()

@@ -192,11 +192,18 @@ def test_only_user_errors_are_one_line(tmp_path, scenes, monkeypatch, capsys):
         raise ValueError("an internal bug")
 
     monkeypatch.setattr("vlv.cli.data.cmd_data_sheet", bug)
+    monkeypatch.delenv("VLV_DEBUG", raising=False)
     argv = ["data", "sheet", str(scenes), "--out", str(tmp_path / "x.png")]
-    assert main(argv) == 1  # a bug: the traceback, not a "user error"
-    err = capsys.readouterr().err
-    assert err.startswith("Traceback (most recent call last)") and "ValueError: an internal bug" in err
-    assert main(["--quiet", *argv]) == 1 and "internal bug" in _error(capsys)
+    assert main(argv) == 1  # a bug: one line saying so (status 1, not a user error's 2), naming --debug
+    err = _error(capsys)
+    assert err.startswith("vlv: error: internal error") and "ValueError: an internal bug" in err and "--debug" in err
+    for debug in (["--debug", *argv], [*argv, "--debug"]):  # its traceback, for a report
+        with pytest.raises(ValueError, match="an internal bug"):
+            main(debug)
+    monkeypatch.setenv("VLV_DEBUG", "1")
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(argv)
+    monkeypatch.delenv("VLV_DEBUG")
     monkeypatch.setattr("vlv.cli.data.cmd_data_sheet", lambda args: (_ for _ in ()).throw(UserError("your mistake")))
     assert main(argv) == 2 and _error(capsys) == "vlv: error: your mistake"
 

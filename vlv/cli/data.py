@@ -15,23 +15,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     p = data_sub.add_parser("shapes", help="render shapes-world scenes into an image-caption folder")
     p.add_argument("--out", type=writable_dir, required=True, help="output folder")
-    p.add_argument("--n", type=positive_int, default=10_000, help="number of scenes (default 10000)")
-    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--n", type=positive_int, default=10_000, help="number of scenes")
+    p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.add_argument("--split", choices=["train", "val", "test"], default="train", help="disjoint scene split")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_shapes)
     p = data_sub.add_parser("sheet", help="contact sheet of a folder's first images")
     p.add_argument("data", type=Path, help="image-caption folder")
     p.add_argument("--out", type=writable_file, required=True, help="PNG to write")
-    p.add_argument("--n", type=positive_int, default=64)
-    p.add_argument("--cols", type=positive_int, default=8)
+    p.add_argument("--n", type=positive_int, default=64, help="images shown")
+    p.add_argument("--cols", type=positive_int, default=8, help="images per row")
     p.set_defaults(func=cmd_data_sheet)
     p = data_sub.add_parser("shards", help="convert a folder, tar shards or parquet into indexed webdataset shards")
     p.add_argument("src", help="image-caption folder, .tar shard(s) (a dir or data/{00000..00009}.tar) or .parquet")
     p.add_argument("--out", type=writable_dir, required=True, help="folder for 00000.tar, ... (holding no .tar)")
-    p.add_argument("--shard-size", type=positive_int, default=10_000, help="samples per shard (default 10000)")
+    p.add_argument("--shard-size", type=positive_int, default=10_000, help="samples per shard")
     add_parquet_columns(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_shards)
 
     pre = sub.add_parser("precompute", help="cache what a stage keeps frozen, once, for any number of runs")
@@ -53,9 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--encoder", required=True, help="stage-1 run dir, named encoder config or local "
                            "Florence-2 dir, as vlv train stage1 --encoder / --init take")
             p.add_argument("--trainable", choices=["config", "official", "all"], default="config",
-                           help="the stage-1 run's --trainable for a named encoder (default config)")
+                           help="the stage-1 run's --trainable for a named encoder")
             p.add_argument("--seed", type=int, default=0, help="the stage-1 run's seed (a random-init tower's "
-                           "weights follow it; default 0)")
+                           "weights follow it)")
         p.add_argument("--data", required=True, help="image folder, tar shards or parquet, as --data of training")
         add_parquet_columns(p)
         p.add_argument("--out", type=writable_dir, required=True, help="cache dir (a re-run finishes it)")
@@ -64,17 +62,15 @@ def register(sub: argparse._SubParsersAction) -> None:
             "the stage-1 run's, else the encoder's, as stage 2 reads it)" if what == "text-embeds"
             else "the decoder's, as in training)"))
         p.add_argument("--batch-size", type=positive_int, default=CACHE_BATCH_SIZE[kind],
-                       help=f"images per forward (default {CACHE_BATCH_SIZE[kind]})" + (
+                       help="images per forward" + (
                            "; the runs' per-process --batch-size, so the rows are the bits their steps compute"
                            if what == "text-embeds" else ""))
-        p.add_argument("--shard-rows", type=positive_int, default=CACHE_SHARD_ROWS,
-                       help=f"samples per shard (default {CACHE_SHARD_ROWS})")
-        p.add_argument("--num-workers", type=int, default=2, help="decoding workers (default 2)")
+        p.add_argument("--shard-rows", type=positive_int, default=CACHE_SHARD_ROWS, help="samples per shard")
+        p.add_argument("--num-workers", type=int, default=2, help="decoding workers")
         p.add_argument("--on-bad-image", choices=["skip", "fail"], default="skip",
-                       help="an unreadable image: an empty row (skipped in training) or stop (default skip)")
+                       help="an unreadable image: an empty row (skipped in training) or stop")
         p.add_argument("--precision", choices=["no", "bf16"], default="no",
-                       help="autocast of the frozen model, as the runs' --precision (default no)")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
+                       help="autocast of the frozen model, as the runs' --precision")
         p.set_defaults(func=cmd_precompute, what=kind)
 
 

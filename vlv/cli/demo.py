@@ -5,18 +5,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vlv.cli.flags import positive_float, positive_int, writable_dir
+from vlv.cli.flags import positive_float, positive_int, shown, writable_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from vlv.training.recipes import load_recipe
+
+    recipe = load_recipe("default", "demo")
     p = sub.add_parser("demo", help="the main job on the embedded shapes world")
-    p.add_argument("--out", type=writable_dir, default=Path("runs/demo"), help="run folder (default runs/demo)")
+    p.add_argument("--out", type=writable_dir, default=Path("runs/demo"), help="run folder")
     p.add_argument("--recipe", "--preset", default="default",
                    help="demo recipe: default (vlv/recipes/demo/default.json), quick (demo/quick.json: seconds, "
-                        "plumbing), another name of vlv/recipes/demo/ or a JSON file")
-    p.add_argument("--minutes", type=positive_float, default=None,
-                   help="whole-run time target; training fills what data and evaluation leave (default: the "
-                        "recipe's)")
+                        "plumbing), another name of vlv/recipes/demo/ or a JSON file (default: default)")
+    p.add_argument("--budget-minutes", dest="minutes", type=positive_float, default=None,
+                   help="whole-run time budget: each stage's steps are planned to fill its share of what data and "
+                        f"evaluation leave (default: {shown(recipe.get('minutes'))} from recipe {recipe['name']}: the "
+                        "recipe's step counts, the same numbers on any machine)")
+    # Its old spelling, hidden: train's --minutes is a stop time, not a budget (train's budget is --budget-minutes).
+    p.add_argument("--minutes", dest="minutes", type=positive_float, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("evaluate", help="re-measure a demo run dir: metrics.json and report.html")

@@ -8,7 +8,7 @@ import argparse
 import sys
 import types
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,13 +86,45 @@ def _field_kwargs(hint: Any) -> dict[str, Any]:
     return {"type": _none_or(parse) if optional else parse}
 
 
+def shown(value: Any) -> str:
+    """A default as the command line would take it: none, on/off for a switch, a list space-separated."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list | tuple):
+        return " ".join(shown(v) for v in value)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class RecipeSection:
+    """One section of the recipe a command trains with by default: its values are the defaults ``--help`` shows."""
+
+    name: str  # as runs record it: task/name
+    values: dict[str, Any]
+
+
+def recipe_section(task: str, section: str, recipe: str = "shapes") -> RecipeSection:
+    """Section ``section`` of the shipped recipe ``task/recipe``, read from its JSON (cheap: no torch)."""
+    from vlv.training.recipes import load_recipe
+
+    loaded = load_recipe(recipe, task)
+    return RecipeSection(loaded["name"], dict(loaded.get(section, {})))
+
+
+def _field_default(f) -> Any:
+    return f.default if f.default is not MISSING else f.default_factory()
+
+
 def add_fields(p: argparse.ArgumentParser, cls: type, title: str, skip: tuple[str, ...] = (),
-               defaults: dict[str, Any] | None = None, prefix: str = "") -> None:
+               defaults: dict[str, Any] | None = None, prefix: str = "", recipe: RecipeSection | None = None) -> None:
     """One flag per field of the config dataclass ``cls``, its help from the field's metadata.
 
     Fields without a default are required flags (unless ``defaults`` gives one); the others default to None,
-    meaning "the recipe's value", so a flag overrides a single field of the recipe. A ``prefix`` names one of
-    several sections of the same class (``--vae-steps``, ``--unet-steps``; read back with ``given``).
+    meaning "the recipe's value", so a flag overrides a single field of the recipe. The help shows the value a
+    run takes when the flag is not given: the default ``recipe`` section's, else the field's own. A ``prefix``
+    names one of several sections of the same class (``--vae-steps``, ``--unet-steps``; read back with ``given``).
     """
     hints = typing.get_type_hints(cls)
     group = p.add_argument_group(title)
@@ -105,8 +137,12 @@ def add_fields(p: argparse.ArgumentParser, cls: type, title: str, skip: tuple[st
         required = f.default is MISSING and f.default_factory is MISSING and f.name not in (defaults or {})
         help_text = f.metadata.get("help", "")
         if not required:
-            known = (defaults or {}).get(f.name)
-            help_text += f" (default {known})" if known is not None else " (default: the recipe's)"
+            if f.name in (defaults or {}):
+                help_text += f" (default: {shown(defaults[f.name])})"
+            elif recipe is not None and f.name in recipe.values:
+                help_text += f" (default: {shown(recipe.values[f.name])} from recipe {recipe.name})"
+            else:
+                help_text += f" (default: {shown(_field_default(f))})"
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         group.add_argument(f"--{prefix}-{flag[2:]}" if prefix else flag, dest=_dest(f.name, prefix),
                            required=required, default=(defaults or {}).get(f.name), help=help_text, **kwargs)
@@ -124,8 +160,8 @@ def given(args: argparse.Namespace, cls: type, prefix: str = "") -> dict[str, An
 
 def add_parquet_columns(p: argparse.ArgumentParser) -> None:
     """Parquet column names for the data commands (training reads them from its settings)."""
-    p.add_argument("--image-column", default="image", help="parquet data: the image column (default image)")
-    p.add_argument("--caption-column", default="caption", help="parquet data: the caption column (default caption)")
+    p.add_argument("--image-column", default="image", help="parquet data: the image column")
+    p.add_argument("--caption-column", default="caption", help="parquet data: the caption column")
 
 
 def recipe_arg(p: argparse.ArgumentParser, task: str, default: str = "shapes") -> None:
@@ -133,25 +169,41 @@ def recipe_arg(p: argparse.ArgumentParser, task: str, default: str = "shapes") -
     from vlv.training.recipes import list_recipes
 
     p.add_argument("--recipe", default=default, help=f"how this stage trains: a recipe of vlv/recipes/{task}/ "
-                   f"({', '.join(list_recipes(task))}) or a JSON file; the flags below override single fields "
-                   f"(default {default})")
+                   f"({', '.join(list_recipes(task))}) or a JSON file; the flags below override single fields, "
+                   f"and the defaults they show are those of recipe {default}")
 
 
 def command_line() -> str:
     return "vlv " + " ".join(sys.argv[1:])
 
 
+class _SkipBad(argparse.Action):
+    """--on-bad-image skip|fail, stored as the bool ``skip_bad`` the inference jobs take."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.skip_bad = values == "skip"
+
+
 def add_images(p: argparse.ArgumentParser, positional: bool = True) -> None:
-    """The image inputs of an inference command: files or folders, and what to do with an unreadable one."""
+    """The image inputs of an inference command: files or folders, and what to do with an unreadable one.
+
+    ``--on-bad-image`` is the training commands' flag; here it stops by default, since every file was named by
+    the user (a training set skips a few bad images among many). ``--skip-bad`` is its old spelling, hidden."""
     if positional:
         p.add_argument("images", nargs="+", type=Path, help="image files or folders")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable image files (counted) instead of "
-                   "stopping at the first")
+    p.add_argument("--on-bad-image", choices=["skip", "fail"], action=_SkipBad, dest="skip_bad", default=False,
+                   help="an unreadable image file: skip it (counted) or stop naming it (default: fail)")
+    p.add_argument("--skip-bad", action="store_true", dest="skip_bad", help=argparse.SUPPRESS)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", choices=["fast", "paper"], default="fast",
-                   help="fast: DPM-Solver++ 20 steps; paper: DDPM 50 steps")
-    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (paper: 2.0)")
-    p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the sampler's)")
-    p.add_argument("--seed", type=int, default=0)
+    """How images are drawn: the samplers, steps and guidance every drawing command shares (vlv.config)."""
+    from vlv.config import DEFAULT_GUIDANCE, DEFAULT_STEPS, SAMPLERS
+
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="fast",
+                   help="; ".join(f"{name}: {kind}, {DEFAULT_STEPS[name]} steps" for name, kind in SAMPLERS.items()))
+    p.add_argument("--cfg", type=float, default=DEFAULT_GUIDANCE,
+                   help="classifier-free guidance scale (the paper's; the shipped weights are measured at it)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the sampler's, "
+                   + ", ".join(f"{name} {n}" for name, n in DEFAULT_STEPS.items()) + ")")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")

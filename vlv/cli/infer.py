@@ -7,19 +7,21 @@ from pathlib import Path
 
 from vlv.cli.flags import add_images, add_sampling_args, positive_int, writable_dir, writable_file
 
-ENCODER_HELP = "stage-1 run dir or shipped name (shapes-stage1)"
-DECODER_HELP = "Stable Diffusion dir or shipped name (shapes-teacher)"
+ENCODER_HELP = "stage-1 run dir or shipped name"
+DECODER_HELP = "Stable Diffusion dir or shipped name"
+BATCH_HELP = "images per forward"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("caption", help="caption images with a stage-2 run (one JSON line per image)")
     add_images(p)
-    p.add_argument("--model", default="shapes-stage2", help="stage-2 run dir or shipped name (default shapes-stage2)")
+    p.add_argument("--model", default="shapes-stage2", help="stage-2 run dir or shipped name")
     p.add_argument("--out", type=writable_file, required=True, help="captions.jsonl to write: one line per image, "
                    "named relative to the input folder (replaced if it exists; a stopped run resumes)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--num-beams", type=positive_int, default=None, help="default: the run's")
-    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: the run's")
+    p.add_argument("--batch-size", type=positive_int, default=64, help=BATCH_HELP)
+    p.add_argument("--num-beams", type=positive_int, default=None, help="beam search width (default: the model's)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="caption length limit in tokens (default: the model's)")
     p.add_argument("--postprocess", choices=["official", "none"], default=None,
                    help="caption clean-up: official (cut after the last '.', drop repeated sentences: the official "
                         "Caption_inference.process_caption) or none (default: the run's)")
@@ -27,29 +29,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("reconstruct", help="redraw images from their VLV embeddings through the decoder")
     add_images(p)
-    p.add_argument("--encoder", required=True, help=ENCODER_HELP)
-    p.add_argument("--decoder", required=True, help=DECODER_HELP)
+    p.add_argument("--encoder", default="shapes-stage1", help=ENCODER_HELP)
+    p.add_argument("--decoder", default="shapes-teacher", help=DECODER_HELP)
     p.add_argument("--out", type=writable_dir, required=True, help="output folder: a PNG per image, at its path "
                    "relative to the input folder (a stopped run resumes)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64, help=BATCH_HELP)
     add_sampling_args(p)
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("embed", help="the caption embeddings z of images (optionally T(z)), as safetensors")
     add_images(p)
-    p.add_argument("--encoder", required=True, help=ENCODER_HELP)
+    p.add_argument("--encoder", default="shapes-stage1", help=ENCODER_HELP)
     p.add_argument("--decoder", default=None, help="Stable Diffusion dir or shipped name: also write T(z) "
-                   "(its text encoder's output)")
+                   "(its text encoder's output; default: none, z alone)")
     p.add_argument("--out", type=writable_file, required=True, help="safetensors file: z (N, Nq, d_T) [and T_z], the "
                    "image names in its metadata (replaced if it exists; a stopped run resumes)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64, help=BATCH_HELP)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("compose", help="one image from the first k embeddings of two images (paper Fig. 6)")
     p.add_argument("a", type=Path)
     p.add_argument("b", type=Path)
-    p.add_argument("--encoder", required=True, help=ENCODER_HELP)
-    p.add_argument("--decoder", required=True, help=DECODER_HELP)
+    p.add_argument("--encoder", default="shapes-stage1", help=ENCODER_HELP)
+    p.add_argument("--decoder", default="shapes-teacher", help=DECODER_HELP)
     p.add_argument("--k", type=positive_int, default=None, help="embeddings kept from each (default Nq/2)")
     p.add_argument("--out", type=writable_file, required=True, help="PNG to write (replaced if it exists)")
     add_sampling_args(p)

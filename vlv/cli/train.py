@@ -9,11 +9,13 @@ from pathlib import Path
 
 from vlv.cli.flags import (
     add_fields,
+    add_sampling_args,
     command_line,
     given,
     positive_float,
     positive_int,
     recipe_arg,
+    recipe_section,
     writable_dir,
     writable_path,
 )
@@ -29,19 +31,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = t_sub.add_parser("train", help="train a teacher (resumes when OUT holds a checkpoint)")
     p.add_argument("--data", type=Path, required=True, help="training image-caption folder")
     p.add_argument("--out", type=writable_dir, required=True, help="teacher dir (Stable Diffusion layout)")
-    p.add_argument("--val", type=Path, default=None, help="held-out (val split) folder for periodic accuracy")
-    p.add_argument("--minutes", type=positive_float, default=None, help="stop (resumably) after this long")
+    p.add_argument("--val", type=Path, default=None,
+                   help="held-out (val split) folder for periodic accuracy (default: none, no evaluation)")
+    p.add_argument("--minutes", type=positive_float, default=None,
+                   help="stop (resumably) after this long (default: none, train every step)")
     p.add_argument("--tiny", action="store_true", help="tiny architecture (tests, plumbing)")
     p.add_argument("--on-bad-image", choices=["skip", "fail"], default="skip",
-                   help="an unreadable image: skip it (counted) or stop naming it (default skip)")
+                   help="an unreadable image: skip it (counted) or stop naming it")
     p.add_argument("--resume", choices=["check", "override"], default="check",
                    help="check: a started OUT resumes only with the recipe it was started with (the differing "
                         "fields are named); override: resume with these settings anyway")
     recipe_arg(p, "teacher")
-    add_fields(p, TeacherSettings, "teacher settings (recipe section 'settings')")
+    add_fields(p, TeacherSettings, "teacher settings (recipe section 'settings')",
+               recipe=recipe_section("teacher", "settings"))
     for phase, what in zip(PHASES, ("phase 1, the VAE", "phase 2, the text encoder + UNet"), strict=True):
         add_fields(p, TrainConfig, f"{what}: its training loop (recipe section '{phase}')", skip=TEACHER_OWNED,
-                   prefix=phase)
+                   prefix=phase, recipe=recipe_section("teacher", phase))
     p.set_defaults(func=cmd_teacher_train)
     p = t_sub.add_parser("export", help="export a teacher still training (latest EMA checkpoint) in SD layout")
     p.add_argument("teacher", type=Path, help="teacher dir being trained (holds training/)")
@@ -54,10 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt", help="one caption")
     g.add_argument("--captions", type=Path, help="text file, one caption a line")
     p.add_argument("--out", type=writable_path, required=True, help="PNG file (one prompt) or folder")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
-    p.add_argument("--steps", type=positive_int, default=20)
-    p.add_argument("--sampler", choices=["fast", "paper"], default="fast")
-    p.add_argument("--seed", type=int, default=0)
+    add_sampling_args(p)
     p.set_defaults(func=cmd_teacher_sample)
 
     train = sub.add_parser("train", help="train a VLV stage")
@@ -69,11 +71,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         p = train_sub.add_parser(name, help=help_text)
         p.add_argument("--out", type=writable_dir, required=True, help=out_help)
         if val_help:
-            p.add_argument("--val", type=Path, default=None, help=val_help)
-            p.add_argument("--eval-n", type=positive_int, default=200, help="val scenes per evaluation (default 200)")
+            p.add_argument("--val", type=Path, default=None, help=val_help + " (default: none, no evaluation)")
+            p.add_argument("--eval-n", type=positive_int, default=200, help="val scenes per evaluation")
         recipe_arg(p, name)
-        add_fields(p, settings, f"{settings_title} (recipe section 'settings')")
-        add_fields(p, TrainConfig, "training loop (recipe section 'train')")
+        add_fields(p, settings, f"{settings_title} (recipe section 'settings')",
+                   recipe=recipe_section(name, "settings"))
+        add_fields(p, TrainConfig, "training loop (recipe section 'train')", recipe=recipe_section(name, "train"))
         p.set_defaults(func=func, settings_type=settings)
 
     run_dir = "run dir (resumes when it holds a checkpoint)"

@@ -155,7 +155,7 @@ def write_cache(folder: str | Path, key: dict[str, Any], dataset: Dataset, compu
     """Write this rank's missing shards of ``compute`` over ``dataset`` (decoded as the key says, stored
     as ``key['dtype']``); returns the bad rows met. Finished shards (their key matching) are skipped, so a re-run
     resumes."""
-    from tqdm.auto import tqdm
+    from vlv.progress import tqdm
 
     if shard_rows <= 0 or batch_size <= 0:
         raise ValueError(f"shard_rows and batch_size must be positive, got {shard_rows}, {batch_size}")

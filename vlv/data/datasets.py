@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from vlv.data.images import BAD_IMAGE_ERRORS, IMAGE_EXTENSIONS, Crop, as_crop, encoded_format, open_image
 from vlv.data.records import CAPTIONS, read_records
 from vlv.data.shards import TAR_IMAGE_EXTENSIONS, IndexWait, load_index
 from vlv.errors import BadImage, InvalidInput
+from vlv.progress import tqdm
 
 
 @dataclass

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from vlv.data.images import BAD_IMAGE_ERRORS, _reason, encoded_format
 from vlv.errors import BadImage, InvalidInput
+from vlv.progress import tqdm
 
 if TYPE_CHECKING:  # datasets reads the index; writing only takes one
     from vlv.data.datasets import Dataset

@@ -30,6 +30,7 @@ from transformers import BartConfig, BartTokenizer, Florence2Config, Florence2Fo
 from vlv.checks import require_dirs
 from vlv.errors import InvalidInput
 from vlv.modeling import load_torch_file, write_json
+from vlv.progress import quiet_library
 
 REMOTE_WEIGHTS = "pytorch_model.bin"
 # Added by the remote Florence2Processor.__init__ (microsoft/Florence-2-large processing_florence2.py), in order.
@@ -237,7 +238,8 @@ def convert_florence2(src_dir: str | Path, out_dir: str | Path) -> dict[str, int
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    with quiet_library():
+        model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     if (src / "preprocessor_config.json").is_file():
         write_json(tmp / "preprocessor_config.json", _preprocessor(src))

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from vlv.data.records import CAPTIONS
 from vlv.errors import InvalidInput
 from vlv.modeling import atomic_write_text, write_json
+from vlv.progress import tqdm
 from vlv.shapes import world
 
 

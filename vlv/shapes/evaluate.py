@@ -133,7 +133,7 @@ def check_run(run: Path) -> None:
 
 def evaluate_run(run: Path, settings: EvalSettings | None = None, progress: bool = True) -> dict[str, Any]:
     """Measure every finished stage of ``run``; write run/metrics.json (keeping its timings) and run/report/."""
-    from tqdm.auto import tqdm
+    from vlv.progress import tqdm
 
     settings, run = settings or EvalSettings(), Path(run)
     check_run(run)

@@ -31,6 +31,7 @@ from vlv.data.sampling import step_indices
 from vlv.data.transforms import pixel_values
 from vlv.errors import InvalidInput
 from vlv.modeling import write_json
+from vlv.progress import quiet_library
 from vlv.shapes import world
 from vlv.shapes.config import DetectionSettings
 from vlv.training.config import TrainConfig
@@ -216,7 +217,8 @@ def train_florence2(settings: DetectionSettings, cfg: TrainConfig, out: Path, re
               **({"recipe": recipe} if recipe else {})}
     if val:
         record["val"] = {"n": len(val), **detection_scores(model, task, val)}
-    model.save_pretrained(out)
+    with quiet_library():
+        model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     write_json(out / RECORD_FILE, record)
     return model

@@ -36,6 +36,7 @@ from vlv.data.images import to_tensor
 from vlv.data.records import read_captions
 from vlv.data.sampling import step_indices
 from vlv.diffusion import (
+    DEFAULT_GUIDANCE,
     Random,
     Sampler,
     diffusion_loss,
@@ -48,6 +49,7 @@ from vlv.diffusion import (
 )
 from vlv.errors import InvalidInput
 from vlv.modeling import atomic_save_png, load_trainable_state, write_json
+from vlv.progress import quiet_library
 from vlv.shapes.config import PHASES, TeacherConfig, TeacherRecipe
 from vlv.shapes.metrics import sample_accuracy, vae_accuracy
 from vlv.shapes.tokenizers import build_tokenizer
@@ -204,8 +206,9 @@ def save_teacher(pipe: StableDiffusionPipeline, out: Path, cfg: TeacherConfig, r
     vae, unet = pipe.vae, pipe.unet
     if dtype != torch.float32:
         vae, unet = copy.deepcopy(vae).to(dtype), copy.deepcopy(unet).to(dtype)
-    make_pipeline(vae, pipe.text_encoder.float(), pipe.tokenizer, unet, pipe.scheduler).save_pretrained(
-        out, safe_serialization=True)
+    with quiet_library():
+        make_pipeline(vae, pipe.text_encoder.float(), pipe.tokenizer, unet, pipe.scheduler).save_pretrained(
+            out, safe_serialization=True)
     write_json(out / "teacher.json", {"config": asdict(cfg), **({"training": record} if record else {})})
     return out
 
@@ -342,10 +345,10 @@ def export_checkpoint(teacher_dir: Path, out: Path, dtype: torch.dtype = torch.f
     return save_teacher(pipe, out, cfg, record, dtype=dtype)
 
 
-def sample_files(teacher: str | Path, prompts: list[str], out: Path, guidance_scale: float = 3.0, steps: int = 20,
-                 sampler: Sampler = "fast", seed: int = 0) -> int:
+def sample_files(teacher: str | Path, prompts: list[str], out: Path, guidance_scale: float = DEFAULT_GUIDANCE,
+                 steps: int | None = None, sampler: Sampler = "fast", seed: int = 0) -> int:
     """Draw one image per caption into ``out``: a PNG file for one caption (``out`` with a suffix), else a folder
-    of ``000000.png``, ...; returns the count."""
+    of ``000000.png``, ...; returns the count. ``steps`` None: the sampler's own count (fast 20, paper 50)."""
     path = resolve_decoder(teacher)
     out = Path(out)
     single = len(prompts) == 1 and bool(out.suffix) and not out.is_dir()

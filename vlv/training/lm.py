@@ -19,6 +19,7 @@ from vlv.data.records import read_captions
 from vlv.data.sampling import step_indices
 from vlv.lm import IGNORE, build_lm, check_lm_source, encode_documents, load_tokenizer, pad_id
 from vlv.modeling import write_json
+from vlv.progress import quiet_library
 from vlv.training.config import LMSettings, TrainConfig
 from vlv.training.draws import Draws
 from vlv.training.loop import Loss, train
@@ -130,6 +131,7 @@ def run_lm(plan: LMPlan) -> PreTrainedModel | None:
     task = LMTask(lm, tokenizer, plan.captions, plan.val_captions, seed=cfg.seed, judge=plan.judge)
     if not train(task, cfg, out).done:
         return None
-    lm.save_pretrained(out)
+    with quiet_library():
+        lm.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return lm

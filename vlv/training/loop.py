@@ -23,9 +23,9 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from accelerate import Accelerator, DistributedType
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from vlv.errors import InvalidInput, NonFiniteLoss
+from vlv.progress import tqdm
 from vlv.training import sharding
 from vlv.training.checkpoint import (
     TrainState,
