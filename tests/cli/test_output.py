@@ -61,7 +61,7 @@ def test_training_flags_show_the_recipe_values():
     text = _help("teacher", "train")
     assert f"(default: {teacher['unet']['steps']} from recipe teacher/shapes)" in text
     assert f"(default: {teacher['vae']['steps']} from recipe teacher/shapes)" in text
-    assert "(default: shapes-teacher)" in _help("train", "stage2")  # --decoder
+    assert "the stage-1 run's own" in _help("train", "stage2")  # --decoder
 
 
 def test_errors_have_one_prefix(tmp_path, capsys):
