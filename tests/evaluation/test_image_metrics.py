@@ -127,3 +127,35 @@ def test_missing_or_wrong_networks_are_one_line(tmp_path, standin_inception, cap
     with pytest.raises(InvalidInput, match="share the name"):
         evaluate_images(_folder(tmp_path / "dup", ["a"], 0, suffix=".jpg") and _folder(tmp_path / "dup", ["a"], 1),
                         real, standin_inception, tmp_path / "o")
+
+
+def test_protocol_inputs_are_checked_before_anything_loads(tmp_path, standin_inception, capsys):
+    import re
+
+    from vlv.errors import UserError
+    from vlv.evaluation.protocols import caption_to_image, reconstruction
+    from vlv.shapes.data import write_shapes
+
+    scenes = write_shapes(tmp_path / "scenes", n=2, seed=0, split="val", progress=False)
+    dup = _folder(tmp_path / "dup", ["000000"], 0, suffix=".jpg")
+    captions = tmp_path / "some.jsonl"
+    captions.write_text(json.dumps({"image": "000000.png", "caption": "a small red circle"}) + "\n")
+    out, net = tmp_path / "out", standin_inception
+    assert main(["evaluate", "caption-to-image", str(scenes), "--pipeline", "shapes-teacher", "--model",
+                 "shapes-stage2", "--inception", str(tmp_path / "no.pt"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "fetch the TorchScript Inception-v3" in err and not out.exists()
+    for call, text in (
+            (lambda: caption_to_image([scenes], out, tmp_path, net, model="shapes-stage2"),
+             "not a diffusers pipeline dir"),
+            (lambda: caption_to_image([scenes], out, "shapes-teacher", net, model=tmp_path), "not a VLV captioner"),
+            (lambda: caption_to_image([scenes], out, "shapes-teacher", net, captions=captions),
+             "no caption for 1 of 2 image(s) (first 000001.png)"),
+            (lambda: caption_to_image([scenes], out, "shapes-teacher", net, model="shapes-stage2", cfg=[-1]),
+             "give one or more scales >= 0"),
+            (lambda: caption_to_image([scenes, dup], out, "shapes-teacher", net, model="shapes-stage2"),
+             "share the name '000000'"),
+            (lambda: reconstruction([scenes], out, "shapes-stage1", tmp_path, net), "not a Stable Diffusion dir")):
+        with pytest.raises((UserError, FileNotFoundError), match=re.escape(text)):
+            call()
+        assert not out.exists()

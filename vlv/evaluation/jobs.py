@@ -179,21 +179,25 @@ class ImageMeter:
         if self.clip is not None:
             check_clip_dir(self.clip)
 
-    def _features(self, kind: str, paths: list[Path], crop: Crop, desc: str) -> np.ndarray:
+    def _features(self, kind: str, paths: list[Path], crop: Crop, desc: str, remember: bool = False) -> np.ndarray:
+        """Features (N, D) of the files, computed for those not remembered; ``remember``: keep them (the real side,
+        which every comparison of a protocol shares)."""
         todo = [p for p in paths if (kind, p, crop) not in self._cache]
-        if todo:
-            device = pick_device(self.device)
-            if kind == "inception":
-                if self._net is None:
-                    self._net = load_inception(self.inception, device)
-                rows = inception_features(self._net, todo, self.resize, crop, self.batch_size, device,
-                                          progress=True, desc=desc)
-            else:
-                if self._clip is None:
-                    self._clip = Clip(self.clip, device)
-                rows = self._clip.embed_images(todo, self.batch_size).numpy()
-            self._cache.update({(kind, p, crop): r for p, r in zip(todo, rows, strict=True)})
-        return np.stack([self._cache[(kind, p, crop)] for p in paths])
+        found = dict(zip(todo, self._compute(kind, todo, crop, desc), strict=True)) if todo else {}
+        if remember:
+            self._cache.update({(kind, p, crop): r for p, r in found.items()})
+        return np.stack([found[p] if p in found else self._cache[(kind, p, crop)] for p in paths])
+
+    def _compute(self, kind: str, paths: list[Path], crop: Crop, desc: str) -> np.ndarray:
+        device = pick_device(self.device)
+        if kind == "inception":
+            if self._net is None:
+                self._net = load_inception(self.inception, device)
+            return inception_features(self._net, paths, self.resize, crop, self.batch_size, device, progress=True,
+                                      desc=desc)
+        if self._clip is None:
+            self._clip = Clip(self.clip, device)  # type: ignore[arg-type]
+        return self._clip.embed_images(paths, self.batch_size).numpy()
 
     def measure(self, gen: dict[str, Path], real: dict[str, Path]) -> tuple[dict[str, Any], list[str]]:
         """(metrics, paired names). With names in common only those pairs count; with none, every image does and
@@ -202,13 +206,14 @@ class ImageMeter:
         gen_paths = [gen[n] for n in names] if names else list(gen.values())
         real_paths = [real[n] for n in names] if names else list(real.values())
         a = self._features("inception", gen_paths, self.crop_gen, "inception: generated")
-        b = self._features("inception", real_paths, self.crop_real, "inception: real")
+        b = self._features("inception", real_paths, self.crop_real, "inception: real", remember=True)
         kid_mean, kid_std, m = kid(a, b, self.kid_subsets, self.kid_subset_size, self.seed)
         metrics: dict[str, Any] = {"fid": fid(a, b), "kid": kid_mean, "kid_std": kid_std, "n_gen": len(a),
                                    "n_real": len(b), "paired": len(names), "kid_subset_size": m}
         if self.clip is not None and names:
             sim = clip_image_similarity(torch.from_numpy(self._features("clip", gen_paths, "none", "clip")),
-                                        torch.from_numpy(self._features("clip", real_paths, "none", "clip")))
+                                        torch.from_numpy(self._features("clip", real_paths, "none", "clip",
+                                                                        remember=True)))
             metrics["clip_i"] = float(sim.mean())
         return metrics, names
 

@@ -90,14 +90,15 @@ def make_captions(images: dict[str, Path], out: Path, model: str | Path, batch_s
     """out/captions.jsonl for the images (``vlv caption``'s rows, input order), captioning only those it lacks."""
     path, part = out / CAPTIONS_FILE, out / f"{CAPTIONS_FILE}.part"
     done = _read_rows(path)
-    todo = [p for p in images.values() if cap.image_key(p.name) not in done]
-    if todo:
+    _, missing = cap.match_names([cap.image_key(p.name) for p in images.values()], list(done))
+    if missing:
+        todo = [p for p in images.values() if cap.image_key(p.name) in set(missing)]
         caption_files(todo, part, model=model, batch_size=batch_size, num_beams=num_beams,
                       max_new_tokens=max_new_tokens, postprocess=postprocess)
         done.update(cap.read_predictions(part))
-        rows = [{"image": p.name, "caption": done[cap.image_key(p.name)]} for p in images.values()
-                if cap.image_key(p.name) in done]
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        texts = _captions_for(images, done, part)
+        atomic_write_text(path, "".join(json.dumps({"image": p.name, "caption": texts[s]}) + "\n"
+                                        for s, p in images.items()))
         part.unlink()
     return _captions_for(images, done, path)
 
