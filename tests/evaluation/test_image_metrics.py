@@ -159,3 +159,10 @@ def test_protocol_inputs_are_checked_before_anything_loads(tmp_path, standin_inc
         with pytest.raises((UserError, FileNotFoundError), match=re.escape(text)):
             call()
         assert not out.exists()
+
+
+def test_the_old_shapes_form_names_the_new_one(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["evaluate", "--run", "runs/demo", "--n", "5"])
+    assert stop.value.code == 2
+    assert "vlv evaluate shapes --run runs/demo" in capsys.readouterr().err

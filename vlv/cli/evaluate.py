@@ -20,6 +20,7 @@ RESIZE_HELP = ("how images reach the Inception network: clean (clean-fid: PIL bi
 def register(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("evaluate", help="measure captions and images as the paper does (metrics.json + "
                         "report.html), or re-measure a shapes demo run")
+    ev.add_argument("--run", action=_Moved, help=argparse.SUPPRESS)
     ev_sub = ev.add_subparsers(dest="evaluate_command", required=True, metavar="WHAT")
 
     p = ev_sub.add_parser("shapes", help="re-measure a shapes demo run dir: metrics.json and report.html")
@@ -99,6 +100,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resize", choices=["clean", "network"], default="clean", help=RESIZE_HELP)
     _common(p, batch=16)
     p.set_defaults(func=cmd_reconstruction)
+
+
+class _Moved(argparse.Action):
+    """The shapes re-measure's old form (``vlv evaluate --run DIR``): one line naming the new one."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"the shapes run re-measure is now: vlv evaluate shapes --run {values}")
 
 
 def _common(p: argparse.ArgumentParser, batch: int) -> None:
