@@ -59,7 +59,7 @@ def test_reconstruction_fid_with_a_stand_in_network(scenes, tmp_path, standin_in
     assert json.loads((tmp_path / "n" / "metrics.json").read_text())["fid"] > m["fid"]
 
 
-def test_table1_protocol_end_to_end_and_resumed(scenes, tmp_path, standin_inception):
+def test_table1_protocol_end_to_end_and_resumed(scenes, tmp_path, standin_inception, capsys):
     args = ("evaluate", "caption-to-image", scenes, "--model", "shapes-stage2", "--pipeline", "shapes-teacher",
             "--inception", standin_inception, "--out", tmp_path / "t1", "--cfg", "1", "2", "--steps", "4",
             "--refs", scenes / "captions.jsonl", "--no-java")
@@ -84,3 +84,8 @@ def test_table1_protocol_end_to_end_and_resumed(scenes, tmp_path, standin_incept
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != lost)
     again = json.loads((out / "metrics.json").read_text())
     assert again["by_cfg"]["1"] == m["by_cfg"]["1"]  # nothing of CFG 1 was remade
+
+    # outputs made with other settings are never mixed in
+    steps = args.index("--steps") + 1
+    assert main([str(a) for a in (*args[:steps], 3, *args[steps + 1:])]) == 2
+    assert "steps 4 -> 3" in capsys.readouterr().err

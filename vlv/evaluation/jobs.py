@@ -102,7 +102,7 @@ def evaluate_captions(pred: str | Path, refs: str | Path, out: str | Path, clip:
     """
     pred, refs, out = require_file(pred, "predictions file"), require_file(refs, "references file"), Path(out)
     cap.check_scorers()
-    java = _java(java)
+    java = use_java(java)
     if clip is not None:
         check_clip_dir(clip)
         if images is None:
@@ -130,18 +130,18 @@ def evaluate_captions(pred: str | Path, refs: str | Path, out: str | Path, clip:
                         [("predicted", preds[k]), *(("reference", r) for r in matched[k][:5]),
                          ("scores", ", ".join(f"{m} {v:.3f}" for m, v in per_image[k].items()))])
                 for k in list(preds)[:EXAMPLES]]
-    _finish(out, "Caption metrics", metrics, examples)
+    finish(out, "Caption metrics", metrics, examples)
     return metrics
 
 
-def _java(java: bool | None) -> bool:
+def use_java(java: bool | None) -> bool:
     found = cap.java_available()
     if java and not found:
         raise InvalidInput("Java was asked for, but there is no java on the PATH")
     return found if java is None else bool(java)
 
 
-def _finish(out: Path, title: str, metrics: dict[str, Any], examples: list[Example]) -> None:
+def finish(out: Path, title: str, metrics: dict[str, Any], examples: list[Example]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / METRICS_FILE, metrics)
     write_report(out, title, metrics, examples)
@@ -241,5 +241,5 @@ def evaluate_images(gen: str | Path, real: str | Path, inception: str | Path, ou
                      f"{len(real_files) - len(names)} real image(s) without a partner left out")
     metrics = {**metrics, "notes": notes, "settings": {"generated": str(gen), "real": str(real), **meter.settings()}}
     examples = [Example(n, [("real", real_files[n]), ("generated", gen_files[n])]) for n in names[:EXAMPLES]]
-    _finish(out, "Image metrics", metrics, examples)
+    finish(out, "Image metrics", metrics, examples)
     return metrics

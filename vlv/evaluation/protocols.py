@@ -10,7 +10,9 @@ The out dir holds ``captions.jsonl``, ``renders/cfg-<g>/<name>.png`` or ``recons
 ``metrics.json`` and ``report.html``. A killed run started again makes only what is missing. Renders are seeded per
 image (seed + the image's index in the sorted input), so a resumed run draws what an uninterrupted one would; a
 reconstruction's noise is seeded per batch by ``reconstruct_files``, so resumed ones draw other (equally random)
-noise. The originals are compared as their centre square, what vlv's encoder sees of them (recorded).
+noise. An out dir belongs to one setting (``protocol.json``: the model, pipeline, steps, seed, ...); another
+CFG scale adds its own folder, anything else needs another out dir. The originals are compared as their centre
+square, what vlv's encoder sees of them (recorded).
 """
 
 from __future__ import annotations
@@ -22,17 +24,34 @@ from typing import Any
 
 import torch
 
+from vlv.checks import read_json
 from vlv.errors import InvalidInput
 from vlv.evaluation import captions as cap
-from vlv.evaluation.jobs import EXAMPLES, ImageMeter, _finish, _java, pick_device, require_file
+from vlv.evaluation.jobs import EXAMPLES, ImageMeter, finish, pick_device, require_file, use_java
 from vlv.evaluation.report import Example
 from vlv.inference import caption_files, check_captioner, check_images, encoder_config_of, reconstruct_files
-from vlv.modeling import atomic_save_png, atomic_write_text
+from vlv.modeling import atomic_save_png, atomic_write_text, write_json
 from vlv.shipped import SHIPPED, resolve_decoder
 
-CAPTIONS_FILE = "captions.jsonl"
+CAPTIONS_FILE, PROTOCOL_FILE = "captions.jsonl", "protocol.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PIPELINE_FETCH = "download the text-to-image pipeline (the paper: Stable Diffusion 3.5 Medium) into a local dir"
+
+
+def claim_out(out: Path, made_with: dict[str, Any]) -> None:
+    """An out dir holds the outputs of one setting: reusing them under another (other steps, seed, model, ...)
+    would mix two experiments, so it is refused; the first run records its setting in ``protocol.json``."""
+    record = out / PROTOCOL_FILE
+    made_with = json.loads(json.dumps(made_with))  # as it reads back
+    if record.is_file():
+        before = read_json(record)
+        changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in made_with.items() if before.get(k) != v]
+        if changed:
+            raise InvalidInput(f"--out {out} holds outputs made with other settings ({'; '.join(changed)}): pass "
+                               "another --out, or delete it to start over")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(record, made_with)
 
 
 def cfg_dir(g: float) -> str:
@@ -162,12 +181,17 @@ def caption_to_image(images: Sequence[Path], out: str | Path, pipeline: str | Pa
     reference_rows = None
     if refs is not None:
         cap.check_scorers()
-        java = _java(java)
+        java = use_java(java)
         reference_rows = cap.read_references(require_file(refs, "references file"))
     originals = _images_by_stem(images, skip_bad)
     given = _captions_for(originals, cap.read_predictions(captions), Path(captions)) if captions else None
+    if reference_rows is not None:  # every image has references: found now, not after the captioning
+        cap.match_references({cap.image_key(p.name): "" for p in originals.values()}, reference_rows)
 
-    out.mkdir(parents=True, exist_ok=True)
+    claim_out(out, {"protocol": "caption-to-image", "captions": str(captions) if captions else None,
+                    "model": str(model) if model else None, "num_beams": num_beams,
+                    "max_new_tokens": max_new_tokens, "postprocess": postprocess, "pipeline": str(pipeline_dir),
+                    "steps": steps, "seed": seed, "resolution": resolution, "precision": precision})
     texts = given or make_captions(originals, out, model, caption_batch_size, num_beams, max_new_tokens, postprocess)
     metrics: dict[str, Any] = {"protocol": "caption -> text-to-image -> FID against the originals (paper Table 1)"}
     notes: list[str] = []
@@ -192,7 +216,7 @@ def caption_to_image(images: Sequence[Path], out: str | Path, pipeline: str | Pa
     examples = [Example(s, [("original", originals[s]), *((f"CFG {g:g}", out / "renders" / cfg_dir(g) / f"{s}.png")
                                                            for g in cfg)], [("caption", texts[s])])
                 for s in list(originals)[:EXAMPLES]]
-    _finish(out, "Caption -> image (paper Table 1)", metrics, examples)
+    finish(out, "Caption -> image (paper Table 1)", metrics, examples)
     return metrics
 
 
@@ -209,7 +233,8 @@ def reconstruction(images: Sequence[Path], out: str | Path, encoder: str | Path,
     meter.check()
     resolve_decoder(decoder), encoder_config_of(encoder)
     originals = _images_by_stem(images, skip_bad)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_out(out, {"protocol": "reconstruction", "encoder": str(encoder), "decoder": str(decoder),
+                    "sampler": sampler, "steps": steps, "seed": seed})
     metrics: dict[str, Any] = {"protocol": "image -> z -> decoder -> FID against the originals (paper Tables 4, 5)",
                                "by_cfg": {}}
     for g in cfg:
@@ -225,5 +250,5 @@ def reconstruction(images: Sequence[Path], out: str | Path, encoder: str | Path,
     examples = [Example(s, [("original", originals[s]),
                             *((f"CFG {g:g}", out / "reconstructions" / cfg_dir(g) / f"{s}.png") for g in cfg)])
                 for s in list(originals)[:EXAMPLES]]
-    _finish(out, "Reconstruction from z (paper Tables 4, 5)", metrics, examples)
+    finish(out, "Reconstruction from z (paper Tables 4, 5)", metrics, examples)
     return metrics
