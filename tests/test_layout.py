@@ -1,4 +1,4 @@
-"""The package's layers: imports run one way, core -> training / inference -> shapes, api, cli.
+"""The package's layers: imports run one way, core -> training / inference -> shapes / evaluation, api, cli.
 
 Read from the source (every import, at module level or inside a function), so a late import cannot hide.
 """
@@ -16,6 +16,7 @@ FORBIDDEN = {**{m: ("vlv.shapes", "vlv.training", "vlv.inference", "vlv.api", "v
              "inference": ("vlv.shapes", "vlv.training", "vlv.api", "vlv.cli"),
              "training": ("vlv.shapes", "vlv.inference", "vlv.api", "vlv.cli"),
              "shapes": ("vlv.api", "vlv.cli"),
+             "evaluation": ("vlv.shapes", "vlv.training", "vlv.api", "vlv.cli"),
              "official": ("vlv.shapes", "vlv.training", "vlv.inference", "vlv.api", "vlv.cli"),
              # helpers for tests and benchmarks: they run the command line from outside, as a user does
              "testing": ("vlv.shapes", "vlv.training", "vlv.inference", "vlv.api", "vlv.cli")}

@@ -1,11 +1,11 @@
-"""``vlv demo`` and ``vlv evaluate``: the main job on the embedded shapes world, and its measurement."""
+"""``vlv demo``: the main job on the embedded shapes world (``vlv evaluate shapes`` re-measures its run dir)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from vlv.cli.flags import positive_float, positive_int, shown, writable_dir
+from vlv.cli.flags import positive_float, shown, writable_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,25 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--minutes", dest="minutes", type=positive_float, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("evaluate", help="re-measure a demo run dir: metrics.json and report.html")
-    p.add_argument("--run", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
-    p.add_argument("--split", choices=["train", "val", "test"], default="test")
-    p.add_argument("--n", type=positive_int, default=500, help="scenes to measure (default 500)")
-    p.add_argument("--cfg", type=float, default=2.0, help="guidance scale for teacher and reconstruction")
-    p.add_argument("--num-beams", type=positive_int, default=1, help="caption beams (default 1: greedy)")
-    p.set_defaults(func=cmd_evaluate)
-
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from vlv.shapes.demo import run_demo
 
     run_demo(args.out, recipe=args.recipe, minutes=args.minutes)
-
-
-def cmd_evaluate(args: argparse.Namespace) -> None:
-    from vlv.shapes.evaluate import EvalSettings, evaluate_run
-    from vlv.shapes.report import build_report
-
-    settings = EvalSettings(split=args.split, n=args.n, guidance_scale=args.cfg, num_beams=args.num_beams)
-    evaluate_run(args.run, settings)
-    print(f"wrote {args.run / 'metrics.json'} and {build_report(args.run)}")
