@@ -271,17 +271,13 @@ def _ablation_tables(m: dict[str, Any]) -> list[str]:
             rows = "".join(
                 f'<tr><td class="l">{html.escape(variant)}</td><td>{_pct(r.get("scene_accuracy"))}</td>'
                 f'<td>{_pct(r.get("object_f1"))}</td><td>{r.get("steps", "–")}</td>'
-                f'<td>{_minutes(r.get("train_s"))}</td></tr>'
+                f'<td>{r.get("train_s", "–")}</td></tr>'
                 for variant, r in ab["results"].items())
             parts.append(f"<h3>{html.escape(_ABLATION_TITLES.get(name, name))}</h3>"
                          f"<p>{html.escape(weights)}: {html.escape(public(ab['note']))}</p>"
                          f'<table id="ablation-{html.escape(name)}"><tr><th class="l">variant</th><th>scene acc.</th>'
-                         f"<th>object F1</th><th>steps</th><th>train min</th></tr>{rows}</table>")
+                         f"<th>object F1</th><th>steps</th><th>train s</th></tr>{rows}</table>")
     return ["<h3>Ablation benchmarks</h3>", *parts] if parts else []
-
-
-def _minutes(seconds: float | None) -> str:
-    return "–" if not isinstance(seconds, int | float) else f"{seconds / 60:.1f}"
 
 
 def _shipped_stage1_curve(m: dict[str, Any]) -> str:
