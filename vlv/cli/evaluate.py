@@ -24,7 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev_sub = ev.add_subparsers(dest="evaluate_command", required=True, metavar="WHAT")
 
     p = ev_sub.add_parser("shapes", help="re-measure a shapes demo run dir: metrics.json and report.html")
-    p.add_argument("--run", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
+    p.add_argument("--run", type=Path, default=Path("runs/demo"), help="run folder")
+    p.add_argument("--out", type=writable_dir, default=None,
+                   help="folder for metrics.json, report/ and report.html (default: the run folder)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an evaluation of more scenes already in --out (default: refuse, keeping it)")
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--n", type=positive_int, default=500, help="scenes to measure (default 500)")
     p.add_argument("--cfg", type=float, default=2.0, help="guidance scale for teacher and reconstruction")
@@ -115,12 +119,14 @@ def _common(p: argparse.ArgumentParser, batch: int) -> None:
 
 
 def cmd_shapes(args: argparse.Namespace) -> None:
-    from vlv.shapes.evaluate import EvalSettings, evaluate_run
+    from vlv.shapes.evaluate import EvalSettings, evaluate_run, headline
     from vlv.shapes.report import build_report
 
+    out = args.out or args.run
     settings = EvalSettings(split=args.split, n=args.n, guidance_scale=args.cfg, num_beams=args.num_beams)
-    evaluate_run(args.run, settings)
-    print(f"wrote {args.run / 'metrics.json'} and {build_report(args.run)}")
+    metrics = evaluate_run(args.run, settings, out=out, force=args.force)
+    print(headline(metrics))
+    print(f"wrote {out / 'metrics.json'} and {build_report(out)}")
 
 
 def _done(out: Path, metrics: dict, keys: tuple[str, ...]) -> None:

@@ -31,7 +31,7 @@ from vlv.checks import check_checkpoints
 from vlv.errors import InvalidInput
 from vlv.modeling import write_json
 from vlv.shapes.data import write_shapes
-from vlv.shapes.evaluate import EvalSettings, evaluate_run, finished
+from vlv.shapes.evaluate import EvalSettings, evaluate_run, finished, headline
 from vlv.shapes.tokenizers import build_shapes_tokenizer
 from vlv.shipped import resolve_decoder
 from vlv.training.loop import TrainConfig
@@ -165,7 +165,8 @@ def run_demo(out: Path, recipe: str = "default", minutes: float | None = None) -
             raise SystemExit(f"vlv demo: {e} stopped early; run the same command to resume ({run})") from None
     print(f"[{len(plan) + 1}/{len(plan) + 1}] evaluate" + (eta.line("evaluate") if eta else ""), flush=True)
     settings = EvalSettings(n=demo["test_scenes"], examples=demo["examples"])
-    timed("evaluate", lambda: evaluate_run(run, settings))
+    # The demo owns its run dir's evaluation: it replaces whatever an earlier `vlv evaluate` left there.
+    timed("evaluate", lambda: evaluate_run(run, settings, force=True))
     from vlv.shapes.report import build_report
 
     metrics = _read(meta_file)
@@ -200,7 +201,5 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _summary(m: dict[str, Any], page: Path) -> None:
-    line = [f"{k} {v['scene_accuracy']:.1%}" for k, v in m.items()
-            if isinstance(v, dict) and "scene_accuracy" in v]
-    print("held-out scene accuracy: " + ", ".join(line))
+    print(headline(m))
     print(f"wall time: {sum(m['timings'].values()) / 60:.1f} min; report: {page}")

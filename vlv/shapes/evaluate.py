@@ -8,14 +8,17 @@ A run dir holds ``data/``, ``teacher/`` (Stable Diffusion layout), ``lm/``, ``st
 - captions:       image -> captioner -> caption grammar (stage 2);
 - caption_to_image: the predicted captions -> teacher -> detector (paper Table 1 analogue);
 
-and writes ``metrics.json`` plus the pictures the page shows (``report/*.png``). Numbers in the page come
-from this file only. The shown examples are also redrawn and captioned by the shipped, fully trained weights
-(when installed), so the page shows what the method reaches beside what this run's budget reached.
+and writes ``metrics.json`` plus the pictures the page shows (``report/*.png``), into the run dir or another
+folder. Numbers in the page come from this file only. The page shows the first scenes where this run is right
+and the first where it is wrong (by scene index, so a run always shows the same ones), each also redrawn and
+captioned by the shipped, fully trained weights (when installed): what the method reaches beside what this
+run's budget reached.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,13 +28,15 @@ import torch
 from PIL import Image
 
 from vlv.captioner import Captioner
+from vlv.checks import check_out
 from vlv.data.datasets import InMemory
 from vlv.data.images import to_pil
 from vlv.decoder import DiffusionDecoder
 from vlv.diffusion import make_pipeline, sample
 from vlv.encoder import VLVEncoder
+from vlv.errors import InvalidInput
 from vlv.inference import caption_images, compose_images, reconstruct_images
-from vlv.modeling import write_json
+from vlv.modeling import atomic_save_png, write_json
 from vlv.shapes import world
 from vlv.shapes.data import write_shapes
 from vlv.shipped import SHIPPED, installed, resolve_decoder, resolve_encoder, resolve_stage2
@@ -50,7 +55,8 @@ class EvalSettings:
     sampler: str = "fast"  # DPM-Solver++ 20 steps (reconstruction and teacher alike)
     guidance_scale: float = 2.0  # the paper's reconstruction CFG, used for the teacher too: same footing
     num_beams: int = 1  # greedy captions
-    examples: int = 16  # test images shown in the page
+    examples: int = 16  # test scenes shown in the page
+    failures: int = 6  # of them, at most this many where this run is wrong (the rest where it is right)
     compositions: int = 4
     seed: int = 0
 
@@ -69,8 +75,62 @@ def split_data(run: Path, split: str, n: int, size: int) -> InMemory:
     return data
 
 
-def _scores(images: list[Image.Image], truths: list[set]) -> dict[str, float]:
-    return world.score([world.detect(im) for im in images], truths).as_dict()
+def _measure(reads: list[set], truths: list[set]) -> tuple[dict[str, float], list[bool]]:
+    """The scores of read-back scenes, and per scene whether it is exactly right (what scene accuracy counts)."""
+    return world.score(reads, truths).as_dict(), [r == t for r, t in zip(reads, truths, strict=True)]
+
+
+def _detected(images: list[Image.Image]) -> list[set]:
+    return [world.detect(im) for im in images]
+
+
+def scene_count(run: Path, settings: EvalSettings) -> int:
+    """How many scenes an evaluation will measure, known before anything is loaded or rendered."""
+    index = Path(run) / "data" / settings.split / "captions.jsonl"
+    if not index.is_file():
+        return settings.n  # split_data renders exactly n
+    with index.open(encoding="utf-8", errors="replace") as f:
+        return min(settings.n, sum(1 for line in f if line.strip()))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"{path} is not valid JSON ({e}): pass --force to replace it") from None
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{path} is not a JSON object: pass --force to replace it")
+    return data
+
+
+def _run_record(run: Path, force: bool) -> dict[str, Any]:
+    """What the run itself recorded in its metrics.json (timings, recipe), kept in the new one."""
+    try:
+        return _read_json(run / METRICS_FILE)
+    except InvalidInput:
+        if force:
+            return {}
+        raise
+
+
+def check_replace(out: Path, n: int, force: bool = False) -> None:
+    """Never replace an evaluation of more scenes by one of fewer unasked: the larger is the better estimate."""
+    if force:
+        return
+    old = _read_json(Path(out) / METRICS_FILE).get("n")
+    if isinstance(old, int) and old > n:
+        raise InvalidInput(f"{Path(out) / METRICS_FILE} holds an evaluation of {old} scenes, this one measures {n}: "
+                           "pass --force to replace it, or --out another folder")
+
+
+HEADLINE = (("teacher", "teacher"), ("reconstruction", "reconstruction"), ("captions", "captions"),
+            ("caption_to_image", "caption -> image"))
+
+
+def headline(m: dict[str, Any]) -> str:
+    """The metrics in one line: each part's scene accuracy, with the scene count they share."""
+    parts = [f"{label} {m[key]['scene_accuracy']:.1%}" for key, label in HEADLINE if key in m]
+    return f"scene accuracy on {m['n']} held-out {m['settings']['split']} scenes: " + ", ".join(parts)
 
 
 def loss_curves(run: Path) -> dict[str, list[list[float]]]:
@@ -131,14 +191,20 @@ def check_run(run: Path) -> None:
             resolve(run / part)
 
 
-def evaluate_run(run: Path, settings: EvalSettings | None = None, progress: bool = True) -> dict[str, Any]:
-    """Measure every finished stage of ``run``; write run/metrics.json (keeping its timings) and run/report/."""
+def evaluate_run(run: Path, settings: EvalSettings | None = None, progress: bool = True, out: Path | None = None,
+                 force: bool = False) -> dict[str, Any]:
+    """Measure every finished stage of ``run``; write out/metrics.json (keeping the run's timings) and out/report/.
+
+    ``out`` defaults to the run dir. An evaluation of more scenes already in ``out`` is refused unless ``force``.
+    """
     from vlv.progress import tqdm
 
     settings, run = settings or EvalSettings(), Path(run)
+    out = run if out is None else Path(out)
     check_run(run)
-    assets = run / ASSETS
-    assets.mkdir(parents=True, exist_ok=True)
+    check_out(out, flag="--out", is_dir=True)
+    check_replace(out, scene_count(run, settings), force)
+    record = _run_record(run, force)
     decoder = DiffusionDecoder.from_pretrained(run / "teacher")
     pipe = make_pipeline(decoder.vae, decoder.text_encoder, decoder.tokenizer, decoder.unet, decoder.scheduler)
     data = split_data(run, settings.split, settings.n, decoder.image_size)
@@ -147,69 +213,126 @@ def evaluate_run(run: Path, settings: EvalSettings | None = None, progress: bool
     kw = {"guidance_scale": settings.guidance_scale, "sampler": settings.sampler, "seed": settings.seed}
     steps = [s for s in ("teacher", "stage1", "stage2") if s == "teacher" or finished(run, s)]
     bar = tqdm(total=len(steps) + finished(run, "stage2"), desc="evaluate", unit="part", disable=not progress)
-    metrics: dict[str, Any] = {"settings": asdict(settings), "n": len(data)}
-    shown = list(range(min(settings.examples, len(data))))
-    examples = [{"index": i, "caption": data.captions[i]} for i in shown]
-    for i in shown:
-        Image.fromarray(images[i]).save(assets / f"input_{i}.png")
+    metrics: dict[str, Any] = {"run": run.resolve().name, "settings": asdict(settings), "n": len(data)}
+    passed: dict[str, list[bool]] = {}
+    drawn: dict[str, list[Image.Image]] = {}  # kind -> one image per scene, for the shown ones' PNGs
+    reads: dict[str, list[set]] = {}  # drawing part -> what the detector read in each
 
-    teacher_images = sample(pipe, data.captions, **kw)
-    metrics["teacher"] = _scores(teacher_images, truths)
-    for i in shown:
-        teacher_images[i].save(assets / f"teacher_{i}.png")
+    drawn["teacher"] = sample(pipe, data.captions, **kw)
+    reads["teacher"] = _detected(drawn["teacher"])
+    metrics["teacher"], passed["teacher"] = _measure(reads["teacher"], truths)
     bar.update()
 
+    encoder = None
     if finished(run, "stage1"):
         encoder = VLVEncoder.from_pretrained(run / "stage1").eval()
-        recon = to_pil(reconstruct_images(encoder, decoder, images, sampler=settings.sampler,
-                                          guidance_scale=settings.guidance_scale, seed=settings.seed))
-        metrics["reconstruction"] = _scores(recon, truths)
+        drawn["recon"] = to_pil(reconstruct_images(encoder, decoder, images, sampler=settings.sampler,
+                                                   guidance_scale=settings.guidance_scale, seed=settings.seed))
+        reads["reconstruction"] = _detected(drawn["recon"])
+        metrics["reconstruction"], passed["reconstruction"] = _measure(reads["reconstruction"], truths)
         metrics["reconstruction"]["of_teacher"] = _ratio(metrics["reconstruction"], metrics["teacher"])
-        for i in shown:
-            recon[i].save(assets / f"recon_{i}.png")
-        metrics["compositions"] = _compositions(encoder, decoder, images, settings, assets)
         bar.update()
 
+    preds = None
     if finished(run, "stage2"):
         captioner = Captioner.from_pretrained(run / "stage2").eval()
         preds = caption_images(captioner, images, num_beams=settings.num_beams)
-        read = [world.parse_caption(p) for p in preds]
-        metrics["captions"] = {**world.score(read, truths).as_dict(),
+        scores, passed["captions"] = _measure([world.parse_caption(p) for p in preds], truths)
+        metrics["captions"] = {**scores,
                                "exact": float(np.mean([p == t for p, t in zip(preds, data.captions, strict=True)])),
                                "well_formed": float(np.mean([world.is_well_formed(p) for p in preds]))}
-        for row in examples:
-            row["predicted"] = preds[row["index"]]
         bar.update()
         metrics["caption_to_image"] = _scores(sample(pipe, preds, **kw), truths)  # Table 1 analogue
         bar.update()
     bar.close()
-    _shipped_examples(images[shown], examples, settings, assets)
+
+    metrics["failed_scenes"] = {part: [i for i, ok in enumerate(oks) if not ok] for part, oks in passed.items()}
+    assets = out / ASSETS
+    assets.mkdir(parents=True, exist_ok=True)
+    drawn["input"] = [Image.fromarray(x) for x in images]
+    examples = []
+    for i, failed in pick_examples(passed, settings):
+        row = {"index": i, "caption": data.captions[i], "failed": failed,
+               "passed": {part: oks[i] for part, oks in passed.items()},
+               "misread": {part: _misread(r[i], truths[i]) for part, r in reads.items() if r[i] != truths[i]}}
+        if preds is not None:
+            row["predicted"] = preds[i]
+        for kind, pictures in drawn.items():
+            atomic_save_png(pictures[i], assets / f"{kind}_{i}.png")
+        examples.append(row)
+    if encoder is not None:
+        metrics["compositions"] = _compositions(encoder, decoder, images, settings, assets)
+    _shipped_examples(images[[row["index"] for row in examples]], examples, truths, settings, assets)
+    _prune(assets, examples, metrics.get("compositions", []))
     metrics["examples"] = examples
     metrics["curves"] = loss_curves(run)
     metrics["shipped"] = shipped_metrics()
-    old = json.loads((run / METRICS_FILE).read_text()) if (run / METRICS_FILE).is_file() else {}
-    metrics = {**{k: old[k] for k in ("timings", "recipe", "stages", "budget_minutes") if k in old}, **metrics}
-    write_json(run / METRICS_FILE, metrics)
+    metrics = {**{k: record[k] for k in ("timings", "recipe", "stages", "budget_minutes") if k in record}, **metrics}
+    write_json(out / METRICS_FILE, metrics)
     return metrics
 
 
-def _shipped_examples(images: np.ndarray, examples: list[dict[str, Any]], settings: EvalSettings,
-                      assets: Path) -> None:
+def _misread(read: set, truth: set) -> dict[str, list[str]]:
+    """How a drawing was read wrong: the objects the detector saw that are not in the scene, and those it missed."""
+    return {"extra": sorted(world.phrase(f) for f in read - truth),
+            "missed": sorted(world.phrase(f) for f in truth - read)}
+
+
+def _scores(images: list[Image.Image], truths: list[set]) -> dict[str, float]:
+    return world.score(_detected(images), truths).as_dict()
+
+
+def pick_examples(passed: dict[str, list[bool]], settings: EvalSettings) -> list[tuple[int, bool]]:
+    """(scene, failed) for the page: the first scenes where this run is right, then the first ``failures``
+    where it is wrong, by scene index (deterministic). Wrong means a part this run trained is wrong
+    (reconstruction or caption); with neither trained, the teacher. Too few of one kind: more of the other."""
+    parts = [p for p in ("reconstruction", "captions") if p in passed] or ["teacher"]
+    n = len(passed[parts[0]])
+    bad = [i for i in range(n) if not all(passed[p][i] for p in parts)]
+    good = [i for i in range(n) if all(passed[p][i] for p in parts)]
+    shown = min(settings.examples, n)
+    good = good[: shown - min(settings.failures, len(bad))]
+    bad = bad[: shown - len(good)]
+    return [(i, False) for i in good] + [(i, True) for i in bad]
+
+
+_ASSET = re.compile(r"(input|teacher|recon|shipped_recon)_(\d+)\.png|compose_(\d+)_(a|b|mix)\.png")
+
+
+def _prune(assets: Path, examples: list[dict[str, Any]], compositions: list[dict[str, Any]]) -> None:
+    """Drop the PNGs an earlier evaluation showed and this one does not (only names this module writes)."""
+    shown = {str(row["index"]) for row in examples}
+    mixed = {str(c["index"]) for c in compositions}
+    for path in assets.glob("*.png"):
+        m = _ASSET.fullmatch(path.name)
+        if m and not (m.group(2) in shown if m.group(1) else m.group(3) in mixed):
+            path.unlink()
+
+
+def _shipped_examples(images: np.ndarray, examples: list[dict[str, Any]], truths: list[set],
+                      settings: EvalSettings, assets: Path) -> None:
     """The shown images through the shipped stage 1 (-> shipped teacher) and stage 2: ``shipped_recon_<i>.png``
-    and each example's ``shipped_predicted``. Skipped for parts this install does not ship."""
+    and each example's ``shipped_predicted``, each marked right or wrong. Skipped for parts this install does
+    not ship."""
     if not len(images):
         return
+    truth = [truths[row["index"]] for row in examples]
     if installed("shapes-stage1") and installed("shapes-teacher"):
         encoder = VLVEncoder.from_pretrained("shapes-stage1").eval()
         decoder = DiffusionDecoder.from_pretrained("shapes-teacher")
         recon = to_pil(reconstruct_images(encoder, decoder, images, sampler=settings.sampler,
                                           guidance_scale=settings.guidance_scale, seed=settings.seed))
-        for row, im in zip(examples, recon, strict=True):
-            im.save(assets / f"shipped_recon_{row['index']}.png")
+        for row, im, t in zip(examples, recon, truth, strict=True):
+            atomic_save_png(im, assets / f"shipped_recon_{row['index']}.png")
+            read = world.detect(im)
+            row["passed"]["shipped_reconstruction"] = read == t
+            if read != t:
+                row["misread"]["shipped_reconstruction"] = _misread(read, t)
     if all(installed(n) for n in ("shapes-stage1", "shapes-teacher", "shapes-stage2", "shapes-lm")):
         preds = caption_images(Captioner.from_pretrained("shapes-stage2").eval(), images, num_beams=settings.num_beams)
-        for row, pred in zip(examples, preds, strict=True):
+        for row, pred, t in zip(examples, preds, truth, strict=True):
             row["shipped_predicted"] = pred
+            row["passed"]["shipped_captions"] = world.parse_caption(pred) == t
 
 
 def _ratio(a: dict[str, float], b: dict[str, float]) -> float | None:
@@ -229,6 +352,6 @@ def _compositions(encoder, decoder, images: np.ndarray, settings: EvalSettings, 
     pil = [Image.fromarray(x) for x in (*a, *b)]
     for j, (im_a, im_b, im_m) in enumerate(zip(pil[:n], pil[n:], to_pil(mixed), strict=True)):
         for tag, im in (("a", im_a), ("b", im_b), ("mix", im_m)):
-            im.save(assets / f"compose_{j}_{tag}.png")
+            atomic_save_png(im, assets / f"compose_{j}_{tag}.png")
         rows.append({"index": j, "k": k})
     return rows
