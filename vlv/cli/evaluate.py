@@ -41,8 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refs", type=Path, required=True, help="references: a COCO caption annotation .json, or a "
                    "jsonl of {\"image\", \"captions\": [...]} (or {\"image\", \"caption\"}) rows")
     p.add_argument("--out", type=writable_dir, required=True, help="folder for metrics.json and report.html")
-    p.add_argument("--clip", type=Path, default=None, help=CLIP_HELP + " (CLIPScore, RefCLIPScore; needs --images)")
-    p.add_argument("--images", type=Path, default=None, help="the folder the predicted image names are in")
+    p.add_argument("--clip", type=Path, default=None,
+                   help=CLIP_HELP + " (CLIPScore, RefCLIPScore; needs --images; default: none)")
+    p.add_argument("--images", type=Path, default=None,
+                   help="the folder the predicted image names are in (default: none)")
     p.add_argument("--no-java", dest="java", action="store_false", default=None,
                    help="never run Java: pure-Python tokenisation, no METEOR or SPICE (default: Java when found)")
     _common(p, batch=64)
@@ -53,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("real", type=Path, help="folder of real images (files of the same name pair up)")
     p.add_argument("--inception", type=Path, required=True, help=INCEPTION_HELP)
     p.add_argument("--out", type=writable_dir, required=True, help="folder for metrics.json and report.html")
-    p.add_argument("--clip", type=Path, default=None, help=CLIP_HELP + " (CLIP-I of the pairs)")
+    p.add_argument("--clip", type=Path, default=None,
+                   help=CLIP_HELP + " (CLIP-I of the pairs; default: none)")
     p.add_argument("--resize", choices=["clean", "network"], default="clean", help=RESIZE_HELP)
     p.add_argument("--crop", choices=["none", "center"], default="none",
                    help="cut each image's centre square first (default none)")
@@ -78,10 +81,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="the pipeline's dtype (default fp32)")
     p.add_argument("--refs", type=Path, default=None, help="reference captions (as vlv evaluate captions "
-                   "takes): adds the captions' BLEU / ROUGE-L / CIDEr-D")
+                   "takes): adds the captions' BLEU / ROUGE-L / CIDEr-D (default: none)")
     p.add_argument("--no-java", dest="java", action="store_false", default=None,
                    help="with --refs: never run Java (pure-Python tokenisation)")
-    p.add_argument("--clip", type=Path, default=None, help=CLIP_HELP + " (CLIP-I of renders and originals)")
+    p.add_argument("--clip", type=Path, default=None,
+                   help=CLIP_HELP + " (CLIP-I of renders and originals; default: none)")
     p.add_argument("--resize", choices=["clean", "network"], default="clean", help=RESIZE_HELP)
     p.add_argument("--num-beams", type=positive_int, default=None, help="caption beams (default: the run's)")
     p.add_argument("--caption-batch-size", type=positive_int, default=64)
@@ -100,7 +104,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="paper: DDPM 50 steps (default); fast: DPM-Solver++ 20 steps")
     p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the sampler's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clip", type=Path, default=None, help=CLIP_HELP + " (CLIP-I of reconstructions and originals)")
+    p.add_argument("--clip", type=Path, default=None,
+                   help=CLIP_HELP + " (CLIP-I of reconstructions and originals; default: none)")
     p.add_argument("--resize", choices=["clean", "network"], default="clean", help=RESIZE_HELP)
     _common(p, batch=16)
     p.set_defaults(func=cmd_reconstruction)

@@ -98,7 +98,7 @@ def inception_features(net: torch.jit.ScriptModule, images: Sequence[Path | Imag
                        progress: bool = False, desc: str = "inception") -> np.ndarray:
     """Pool features (N, D) float64 of image files or PIL images, in input order. Under ``network`` a batch holds
     images of one size (the network resizes each batch as a whole)."""
-    from tqdm.auto import tqdm
+    from vlv.progress import tqdm
 
     rows: list[np.ndarray | None] = [None] * len(images)
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress):

@@ -127,7 +127,7 @@ def render_captions(pipe, captions: dict[str, str], folder: Path, guidance_scale
                     seed: int = 0, resolution: int | None = None, batch_size: int = 8) -> int:
     """folder/<name>.png of each caption not yet rendered; image i of the sorted names is seeded seed + i.
     Returns how many were made."""
-    from tqdm.auto import tqdm
+    from vlv.progress import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
     names = sorted(captions)
