@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget-minutes", dest="minutes", type=positive_float, default=None,
                    help="whole-run time budget: each stage's steps are planned to fill its share of what data and "
                         f"evaluation leave (default: {shown(recipe.get('minutes'))} from recipe {recipe['name']}: the "
-                        "recipe's step counts, the same numbers on any machine)")
+                        "recipe's fixed step counts)")
     # Its old spelling, hidden: train's --minutes is a stop time, not a budget (train's budget is --budget-minutes).
     p.add_argument("--minutes", dest="minutes", type=positive_float, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_demo)

@@ -10,7 +10,7 @@ One run dir, one folder per stage, each usable by the other commands as it is::
     RUN/metrics.json, RUN/report.html, RUN/report/
 
 What runs is a demo recipe (``vlv/recipes/demo/*.json``): scene counts, and per stage a training recipe with
-overrides, fixed step counts included, so a run's numbers are the same on every machine. The recipe's
+overrides, fixed step counts included, so a re-run on one machine gives the same numbers. The recipe's
 ``reference_minutes`` (each part's wall time on the machine README quotes) give the whole run's ETA, rescaled by
 the pace measured so far. With ``--minutes`` the run targets a wall time instead: data and evaluation take a
 fixed reserve, the rest is split among the three training stages by their shares, and each stage fixes its step
