@@ -290,7 +290,8 @@ class Captioner(nn.Module):
         """Rebuild from ``save_pretrained`` output (or a shipped name, ``shapes-stage2``) in ``dtype`` on
         ``device``; keys must match exactly.
 
-        T and the encoder are loaded from the sources the config names unless passed in. Every weight is read
+        T and the encoder are loaded from the sources the config names unless passed in (modules passed in are
+        used as they are: their device and dtype are the caller's to match). Every weight is read
         once, straight into ``dtype``: an LLM that trained in full is built empty and gets its weights from the
         captioner file alone (its source dir gives only the tokenizer); a frozen one comes from its dir.
         """
