@@ -82,3 +82,18 @@ def test_unknown_dirs_fail_with_one_clear_error(tmp_path):
     for fn in (presets.resolve_decoder, presets.resolve_encoder, presets.resolve_stage2):
         with pytest.raises(FileNotFoundError, match=str(tmp_path)):
             fn(tmp_path)
+
+
+def test_api_loads_in_a_dtype_and_the_decoder_follows(shipped, shapes_data):
+    import torch
+
+    from vlv.errors import InvalidInput
+
+    paths = [shapes_data["val"] / r.image for r in read_records(shapes_data["val"])][:2]
+    with pytest.raises(InvalidInput, match="precision 'fp8'"):
+        VLV.from_pretrained(device="cpu", dtype="fp8")
+    vlv = VLV.from_pretrained(device="cpu", dtype="bf16")
+    for model in (vlv.encoder, vlv.captioner, vlv.decoder):  # the decoder loads lazily, in the encoder's dtype
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}, type(model)
+    assert vlv.embed(paths).dtype == torch.float32
+    assert len(vlv.caption(paths)) == 2

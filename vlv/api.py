@@ -4,9 +4,11 @@
     vlv = VLV.from_pretrained()                       # shipped shapes weights: stage 1, teacher, stage 2
     vlv.caption(["scene.png"])                        # image -> z -> T -> psi -> LLM -> text
     vlv.reconstruct([Image.open("scene.png")])        # image -> z -> frozen T2I decoder -> image
+    VLV.from_pretrained(enc, dec, cap, device="cuda:1", dtype="bf16")   # or torch.bfloat16
 
 Any stage-1 run dir, Stable Diffusion dir and stage-2 run dir works in place of the shipped names. Captioning
-needs no UNet or VAE, so a decoder is loaded only when ``reconstruct`` is first called.
+needs no UNet or VAE, so a decoder is loaded only when ``reconstruct`` is first called, on the encoder's device
+and in its dtype. Results come back on the CPU (embeddings in fp32).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from vlv.data.images import open_image, to_pil
 from vlv.data.transforms import ImageTransform
 from vlv.decoder import DiffusionDecoder
 from vlv.encoder import VLVEncoder
-from vlv.inference import caption_images, embed_images, reconstruct_images
+from vlv.inference import caption_images, embed_images, placed, reconstruct_images
+from vlv.modeling import placement
 from vlv.shipped import resolve_decoder
 
 ImageLike = str | Path | Image.Image
@@ -37,16 +40,21 @@ class VLV:
 
     @classmethod
     def from_pretrained(cls, encoder: str | Path = "shapes-stage1", decoder: str | Path = "shapes-teacher",
-                        captioner: str | Path | None = "shapes-stage2") -> VLV:
-        """Shipped names or run dirs; ``captioner=None`` for reconstruction only."""
+                        captioner: str | Path | None = "shapes-stage2", device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None) -> VLV:
+        """Shipped names or run dirs; ``captioner=None`` for reconstruction only. ``device``: cpu, cuda, cuda:N
+        or mps (None: cuda when present, else cpu); ``dtype``: fp32, bf16, fp16 or a torch dtype (None: bf16 on a
+        GPU that computes it natively, else fp32). Every model loads straight into them."""
+        place = placed(device, dtype)  # checked before anything loads
         resolve_decoder(decoder)  # a bad path fails now, not at the first reconstruct
-        return cls(VLVEncoder.from_pretrained(encoder), decoder,
-                   Captioner.from_pretrained(captioner).eval() if captioner is not None else None)
+        return cls(VLVEncoder.from_pretrained(encoder, **place), decoder,
+                   Captioner.from_pretrained(captioner, **place).eval() if captioner is not None else None)
 
     @property
     def decoder(self) -> DiffusionDecoder:
         if not isinstance(self._decoder, DiffusionDecoder):
-            self._decoder = DiffusionDecoder.from_pretrained(self._decoder)
+            device, dtype = placement(self.encoder)
+            self._decoder = DiffusionDecoder.from_pretrained(self._decoder, dtype=dtype, device=device)
         return self._decoder
 
     def _images(self, images: Sequence[ImageLike], transform: ImageTransform) -> np.ndarray:

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextModel, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -42,8 +41,10 @@ from vlv.encoder import VLVEncoder
 from vlv.lm import IGNORE, build_lm, is_lm_dir, load_tokenizer, pad_id, right_pad
 from vlv.modeling import (
     atomic_save_file,
+    check_materialized,
+    empty_model,
     in_run_dir,
-    load_trainable_state,
+    load_weights_file,
     round_weights,
     trainable_state,
     write_json,
@@ -287,10 +288,15 @@ class Captioner(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, text_encoder: CLIPTextModel | None = None,
-                        encoder: VLVEncoder | None = None) -> Captioner:
-        """Rebuild from ``save_pretrained`` output (or a shipped name, ``shapes-stage2``); keys must match exactly.
+                        encoder: VLVEncoder | None = None, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> Captioner:
+        """Rebuild from ``save_pretrained`` output (or a shipped name, ``shapes-stage2``) in ``dtype`` on
+        ``device``; keys must match exactly.
 
-        T and the encoder are loaded from the sources the config names unless passed in.
+        T and the encoder are loaded from the sources the config names unless passed in (modules passed in are
+        used as they are: their device and dtype are the caller's to match). Every weight is read
+        once, straight into ``dtype``: an LLM that trained in full is built empty and gets its weights from the
+        captioner file alone (its source dir gives only the tokenizer); a frozen one comes from its dir.
         """
         path = resolve_stage2(path)
         if not (path / CONFIG_FILE).is_file():
@@ -303,16 +309,22 @@ class Captioner(nn.Module):
         if text_encoder is None:
             if config.text_encoder is None:
                 raise ValueError(f"{path}: its config names no text encoder: pass text_encoder")
-            text_encoder = load_text_encoder(resolve_decoder(in_run_dir(path, config.text_encoder)))
-        if encoder is None and config.encoder is not None:
-            encoder = VLVEncoder.from_pretrained(in_run_dir(path, config.encoder))  # relative: inside the run
-        lm = None if is_lm_dir(config.lm) else build_lm(meta["lm"])  # the architecture it was saved with
+            text_encoder = load_text_encoder(resolve_decoder(in_run_dir(path, config.text_encoder)), dtype=dtype,
+                                             device=device)
+        if encoder is None and config.encoder is not None:  # relative: inside the run
+            encoder = VLVEncoder.from_pretrained(in_run_dir(path, config.encoder), dtype=dtype, device=device)
+        lm_in_checkpoint = config.trainable != "mlp" and not config.lora  # trainable_prefixes holds "lm"
+        if lm_in_checkpoint or not is_lm_dir(config.lm):
+            lm = build_lm(meta["lm"], dtype=dtype, empty=True)  # the architecture it was saved with
+        else:
+            lm = build_lm(config.lm, dtype=dtype, device=device)
         tokenizer = (AutoTokenizer.from_pretrained(path / TOKENIZER_DIR, local_files_only=True)
                      if (path / TOKENIZER_DIR).is_dir() else load_tokenizer(config.lm))
-        model = cls(config, text_encoder, encoder, lm=lm, tokenizer=tokenizer)
-        load_trainable_state(model, load_file(path / TRAINABLE_FILE))
+        model = empty_model(lambda: cls(config, text_encoder, encoder, lm=lm, tokenizer=tokenizer), dtype)
+        load_weights_file(model, path / TRAINABLE_FILE, dtype=dtype, device=device)
         if any(not p.requires_grad for p in model.lm.parameters()) and not is_lm_dir(config.lm):
             if not (path / FROZEN_LM_FILE).is_file():
                 raise FileNotFoundError(f"{path} has no {FROZEN_LM_FILE} for its frozen random-init LM")
-            load_trainable_state(model.lm, load_file(path / FROZEN_LM_FILE), trainable=False)
-        return model
+            load_weights_file(model.lm, path / FROZEN_LM_FILE, trainable=False, dtype=dtype, device=device)
+        check_materialized(model, str(path))
+        return model.to(device)  # the buffers; the weights are there already

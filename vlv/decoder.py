@@ -43,9 +43,11 @@ class DiffusionDecoder(nn.Module):
         self.eval()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> DiffusionDecoder:
-        """Any Stable-Diffusion-layout dir or a shipped name (``shapes-teacher``); FileNotFoundError otherwise."""
-        return cls(load_pipeline(resolve_decoder(path)))
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> DiffusionDecoder:
+        """Any Stable-Diffusion-layout dir or a shipped name (``shapes-teacher``), in ``dtype`` on ``device``;
+        FileNotFoundError otherwise."""
+        return cls(load_pipeline(resolve_decoder(path), device=device, dtype=dtype))
 
     def train(self, mode: bool = True) -> DiffusionDecoder:
         """Always eval: the decoder is frozen, whatever mode the surrounding model is put in."""

@@ -46,13 +46,18 @@ def make_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffus
                                    requires_safety_checker=False)
 
 
-def load_pipeline(path: Path, device: str | torch.device = "cpu") -> StableDiffusionPipeline:
-    """Load any Stable-Diffusion-layout dir (a shapes teacher or SD 2.1-base) in fp32, frozen, for vlv."""
+def load_pipeline(path: Path, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """Load any Stable-Diffusion-layout dir (a shapes teacher or SD 2.1-base) in ``dtype``, frozen, for vlv.
+
+    diffusers builds each part empty and reads its weights straight into ``dtype`` (``low_cpu_mem_usage``, its
+    default with accelerate); the pipeline's ``device_map`` takes no ``cuda:N``, so the parts move after.
+    """
     path = Path(path)
     if not (path / "model_index.json").exists():
         raise FileNotFoundError(f"{path} is not a Stable Diffusion dir (no model_index.json)")
     with quiet_library():  # dtype, not torch_dtype: diffusers 0.42 deprecates the old name with a FutureWarning
-        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=torch.float32, safety_checker=None,
+        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)  # its sampling loop: vlv draws one bar per job, not per batch
     for m in (pipe.vae, pipe.text_encoder, pipe.unet):

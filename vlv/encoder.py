@@ -27,7 +27,6 @@ from typing import Literal
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from torch import nn
 from transformers import Florence2Config, Florence2ForConditionalGeneration
 
@@ -37,8 +36,10 @@ from vlv.data.transforms import ImageTransform
 from vlv.errors import InvalidInput
 from vlv.modeling import (
     atomic_save_file,
+    check_materialized,
+    empty_model,
     in_run_dir,
-    load_trainable_state,
+    load_weights_file,
     round_weights,
     trainable_state,
     write_json,
@@ -63,15 +64,18 @@ def florence2_config(source: str | dict) -> Florence2Config:
     return Florence2Config.from_dict(read_config(source))
 
 
-def load_florence2(path: str | Path) -> Florence2ForConditionalGeneration:
-    """A native (transformers) Florence-2 checkpoint from a local dir or shipped name, in fp32; never a download."""
+def load_florence2(path: str | Path, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> Florence2ForConditionalGeneration:
+    """A native (transformers) Florence-2 checkpoint from a local dir or shipped name, loaded straight into
+    ``dtype`` on ``device``; never a download."""
     path = check_native_florence2(resolve_florence2_name(str(path)))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no Florence-2 checkpoint at {path} (expected a local dir with config.json and "
                                 f"weights in transformers' native Florence2 format); configs for random init: "
                                 f"{', '.join(list_florence2_configs())}")
     with quiet_library():
-        return Florence2ForConditionalGeneration.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        return Florence2ForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=device,
+                                                                 local_files_only=True)
 
 
 def build_florence2(source: str | dict) -> Florence2ForConditionalGeneration:
@@ -248,9 +252,14 @@ class VLVEncoder(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> VLVEncoder:
-        """Rebuild from ``save_pretrained`` output (or a shipped name, ``shapes-stage1``); keys must match exactly
-        (trainable, and frozen when saved)."""
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> VLVEncoder:
+        """Rebuild from ``save_pretrained`` output (or a shipped name, ``shapes-stage1``) in ``dtype`` on
+        ``device``; keys must match exactly (trainable, and frozen when saved).
+
+        Built empty and filled from the files (or, for frozen weights, from the Florence-2 dir), so the weights
+        are read once, straight into ``dtype``.
+        """
         path = resolve_encoder(path)
         if not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"no VLV encoder at {path} (no {CONFIG_FILE})")
@@ -258,14 +267,16 @@ class VLVEncoder(nn.Module):
         config = EncoderConfig(**meta["config"])
         has_frozen = (path / FROZEN_FILE).is_file()
         if has_frozen or config.trainable == "all":
-            florence = Florence2ForConditionalGeneration(Florence2Config.from_dict(meta["florence2"]))
+            florence = empty_model(lambda: Florence2ForConditionalGeneration(Florence2Config.from_dict(
+                meta["florence2"])), dtype)
         elif _is_checkpoint_dir(config.florence2):
-            florence = load_florence2(in_run_dir(path, config.florence2))
+            florence = load_florence2(in_run_dir(path, config.florence2), dtype=dtype, device=device)
         else:
             raise FileNotFoundError(f"{path} has no {FROZEN_FILE} and its Florence-2 source {config.florence2!r} "
                                     f"is a random-init config: the frozen weights cannot be rebuilt")
-        model = cls(config, florence)
-        load_trainable_state(model, load_file(path / TRAINABLE_FILE), source=path / TRAINABLE_FILE)
+        model = empty_model(lambda: cls(config, florence), dtype)
+        load_weights_file(model, path / TRAINABLE_FILE, dtype=dtype, device=device)
         if has_frozen:
-            load_trainable_state(model, load_file(path / FROZEN_FILE), trainable=False, source=path / FROZEN_FILE)
-        return model
+            load_weights_file(model, path / FROZEN_FILE, trainable=False, dtype=dtype, device=device)
+        check_materialized(model, str(path))
+        return model.to(device)  # the buffers; the weights are there already

@@ -1,13 +1,14 @@
 """Inference with trained VLV parts, batched: images -> z (embed), z -> images (reconstruct), images -> captions.
 
 Images are uint8 (N, H, W, 3) as the encoder's transform cuts them (``encoder.transform.crop``), and become
-pixel_values by that transform (``encoder.transform.pixels``), as in training; each function moves its batches to
-the model's device and returns CPU-side results in input order. The ``*_files`` jobs (what ``vlv caption``,
-``reconstruct``, ``embed`` and ``compose`` run) check every input before a model loads, then write their outputs
-atomically, batch by batch where a killed run over many images should resume (:mod:`vlv.data.outputs`: image
-names relative to the input root, partial outputs, torchrun ranks). The models load alone from their run dirs or
-shipped names: ``VLVEncoder.from_pretrained``, ``DiffusionDecoder.from_pretrained``,
-``Captioner.from_pretrained``.
+pixel_values by that transform (``encoder.transform.pixels``), as in training; each function moves whole batches to
+the model's device and dtype (bf16 comes from the weights themselves: the models load in the chosen dtype, so no
+autocast is needed and the memory is halved) and returns fp32 CPU results in input order. The ``*_files`` jobs
+(what ``vlv caption``, ``reconstruct``, ``embed`` and ``compose`` run) check every input, the device and the
+precision included, before a model loads, then write their outputs atomically, batch by batch where a killed run
+over many images should resume (:mod:`vlv.data.outputs`: image names relative to the input root, partial outputs,
+torchrun ranks). The models load alone from their run dirs or shipped names, straight into the chosen device and
+dtype: ``VLVEncoder.from_pretrained``, ``DiffusionDecoder.from_pretrained``, ``Captioner.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -39,38 +40,68 @@ from vlv.diffusion import Sampler
 from vlv.encoder import CONFIG_FILE as ENCODER_FILE
 from vlv.encoder import VLVEncoder
 from vlv.errors import BadImage, InvalidInput
-from vlv.modeling import atomic_save_file, atomic_save_png, atomic_write_text, in_run_dir
+from vlv.modeling import (
+    atomic_save_file,
+    atomic_save_png,
+    atomic_write_text,
+    in_run_dir,
+    placement,
+    resolve_device,
+    resolve_dtype,
+)
 from vlv.shipped import resolve_decoder, resolve_encoder, resolve_stage2
 from vlv.text_encoder import clip_from_embeds, load_text_encoder
 
 
-def _device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
+@torch.no_grad()
+def _pixels(encoder: VLVEncoder, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """One batch of uint8 images (B, H, W, 3) -> pixel_values by the encoder's transform, on its device, in its
+    dtype. Made in fp32, then cast: bf16 holds normalised pixels to only ~3 digits."""
+    device, dtype = placement(encoder)
+    return encoder.transform.pixels(images, device).to(dtype)  # (B, 3, S, S)
+
+
+def _embed(encoder: VLVEncoder, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """One batch of uint8 images -> z on the encoder's device, in its dtype."""
+    return encoder(_pixels(encoder, images))  # (B, Nq, d_T)
+
+
+def _cpu(x: torch.Tensor) -> torch.Tensor:
+    """Results leave the device as fp32 on the CPU, whatever the model computed in."""
+    return x.float().cpu()
 
 
 @torch.no_grad()
 def embed_images(encoder: VLVEncoder, images: torch.Tensor | np.ndarray, batch_size: int = 128) -> torch.Tensor:
-    """Images (N, H, W, 3) uint8 -> caption embeddings z (N, Nq, d_T)."""
-    device = _device(encoder)
-    return torch.cat([encoder(encoder.transform.pixels(images[s : s + batch_size], device)).cpu()
-                      for s in range(0, len(images), batch_size)])
+    """Images (N, H, W, 3) uint8 -> caption embeddings z (N, Nq, d_T), fp32 on the CPU."""
+    return torch.cat([_cpu(_embed(encoder, images[s : s + batch_size])) for s in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def text_embeds_of(text_encoder: torch.nn.Module, z: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """T(z) (N, Nq, d_T) of caption embeddings z (N, Nq, d_T), through T on its device, fp32 on the CPU."""
+    device, dtype = placement(text_encoder)
+    return torch.cat([_cpu(clip_from_embeds(text_encoder, z[s : s + batch_size].to(device, dtype)))
+                      for s in range(0, len(z), batch_size)])
 
 
 @torch.no_grad()
 def reconstruct_images(encoder: VLVEncoder, decoder: DiffusionDecoder, images: torch.Tensor | np.ndarray,
                        sampler: Sampler = "fast", guidance_scale: float = 2.0, steps: int | None = None,
                        batch_size: int = 128, seed: int = 0) -> torch.Tensor:
-    """Images (N, H, W, 3) uint8 -> reconstructions (N, 3, H', W') in [-1, 1], caption-free, batched.
+    """Images (N, H, W, 3) uint8 -> reconstructions (N, 3, H', W') in [-1, 1], caption-free, batched; fp32 on the
+    CPU.
 
-    Each batch is seeded by its offset, so the result does not depend on ``batch_size``'s split of the work.
+    Each batch is seeded by its offset, so the result does not depend on ``batch_size``'s split of the work. The
+    noise is drawn on the CPU whatever the device, so a GPU run starts from the same latents as a CPU run.
     """
+    device, dtype = placement(decoder.unet)
     out = []
     for start in range(0, len(images), batch_size):
-        x = encoder.transform.pixels(images[start : start + batch_size], decoder.vae.device)  # (B, 3, S, S)
-        z = encoder(x)  # (B, Nq, d_T)
-        gen = torch.Generator(x.device).manual_seed(seed + start)
-        out.append(decoder.reconstruct(z, guidance_scale=guidance_scale, steps=steps, sampler=sampler,
-                                       generator=gen) * 2 - 1)
+        z = _embed(encoder, images[start : start + batch_size]).to(device, dtype)  # (B, Nq, d_T)
+        gen = torch.Generator().manual_seed(seed + start)
+        out.append(_cpu(decoder.reconstruct(z, guidance_scale=guidance_scale, steps=steps, sampler=sampler,
+                                            generator=gen)) * 2 - 1)
     return torch.cat(out)
 
 
@@ -79,27 +110,34 @@ def compose_images(encoder: VLVEncoder, decoder: DiffusionDecoder, a: torch.Tens
                    b: torch.Tensor | np.ndarray, k: int,
                    sampler: Sampler = "fast", guidance_scale: float = 2.0, steps: int | None = None,
                    seed: int = 0) -> torch.Tensor:
-    """Paper Fig. 6: images a and b (n, H, W, 3) uint8 -> one image each from the first k embeddings of both."""
-    device = decoder.vae.device
-    z_a, z_b = (encoder(encoder.transform.pixels(x, device)) for x in (a, b))  # (n, Nq, d_T) each
+    """Paper Fig. 6: images a and b (n, H, W, 3) uint8 -> one image each from the first k embeddings of both, fp32
+    on the CPU."""
+    device, dtype = placement(decoder.unet)
+    z_a, z_b = (_embed(encoder, x).to(device, dtype) for x in (a, b))  # (n, Nq, d_T) each
     gen = torch.Generator().manual_seed(seed)
-    return decoder.reconstruct(compose(z_a, z_b, k), guidance_scale=guidance_scale, steps=steps, sampler=sampler,
-                               generator=gen) * 2 - 1  # (n, 3, H', W') in [-1, 1]
+    return _cpu(decoder.reconstruct(compose(z_a, z_b, k), guidance_scale=guidance_scale, steps=steps,
+                                    sampler=sampler, generator=gen)) * 2 - 1  # (n, 3, H', W') in [-1, 1]
 
 
 @torch.no_grad()
 def caption_images(captioner: Captioner, images: torch.Tensor | np.ndarray, batch_size: int = 64,
                    num_beams: int | None = None, max_new_tokens: int | None = None,
                    postprocess: str | None = None) -> list[str]:
-    """Images (N, H, W, 3) uint8 -> N captions, batched through the encoder and ``generate`` (options left None
-    are the run's own)."""
-    device = captioner.psi[0].weight.device
+    """Images (N, H, W, 3) uint8 -> N captions, batched through the encoder and ``generate`` on the captioner's
+    device, in its dtype (options left None are the run's own)."""
     out: list[str] = []
     for start in range(0, len(images), batch_size):
-        pixel_values = captioner.encoder.transform.pixels(images[start : start + batch_size], device)  # (B, 3, S, S)
+        pixel_values = _pixels(captioner.encoder, images[start : start + batch_size])  # (B, 3, S, S)
         out += captioner.generate(pixel_values=pixel_values, num_beams=num_beams, max_new_tokens=max_new_tokens,
                                   postprocess_rule=postprocess)
     return out
+
+
+def placed(device: str | torch.device | None, precision: str | torch.dtype | None) -> dict[str, Any]:
+    """``device`` and ``dtype`` keywords for the models' ``from_pretrained``, checked before anything loads (None:
+    cuda when present, else cpu; the device's default precision, ``vlv.modeling.default_precision``)."""
+    dev = resolve_device(device)
+    return {"device": dev, "dtype": resolve_dtype(precision, dev)}
 
 
 # ------------------------------------------------------------------------------ jobs on image files
@@ -170,22 +208,25 @@ def _start(partial: Partial, inputs: Inputs, units: int, per_unit: int) -> list[
 
 def caption_files(images: list[Path], out: Path, model: str | Path = "shapes-stage2", batch_size: int = 64,
                   num_beams: int | None = None, max_new_tokens: int | None = None, postprocess: str | None = None,
-                  skip_bad: bool = False) -> int:
+                  skip_bad: bool = False, device: str | torch.device | None = None,
+                  precision: str | torch.dtype | None = None) -> int:
     """Caption image files into ``out`` (captions.jsonl: one ``{"image", "caption"}`` line each, ``image`` the name
     relative to the input root, in input order); returns the count. Resumable, and split over torchrun ranks
-    (:mod:`vlv.data.outputs`)."""
+    (:mod:`vlv.data.outputs`). ``device``/``precision``: see :func:`placed`."""
     if postprocess not in (None, "none", *POSTPROCESSORS):
         raise InvalidInput(f"postprocess {postprocess!r}: choose none or {', '.join(POSTPROCESSORS)}")
+    place = placed(device, precision)
     out = check_out(out, is_dir=False)
     inputs = read_inputs(images, skip_bad)
     refuse_input_as_output(out, inputs.paths)
     check_captioner(model)
     key = job_key("caption", inputs, [resolve_stage2(model)],
-                  {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "postprocess": postprocess})
+                  {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "postprocess": postprocess,
+                   "precision": str(place["dtype"])})
     partial = Partial(partial_folder(out, is_dir=False), key)
     todo = _start(partial, inputs, len(inputs), 1)
     if todo:
-        captioner = Captioner.from_pretrained(model).eval()
+        captioner = Captioner.from_pretrained(model, **place).eval()
         paths = [inputs.paths[i] for i in todo]
         for start, x in _batches(paths, captioner.encoder.transform.crop, batch_size, "caption"):
             idx = todo[start : start + batch_size]
@@ -202,10 +243,13 @@ def caption_files(images: list[Path], out: Path, model: str | Path = "shapes-sta
 
 def reconstruct_files(images: list[Path], out: Path, encoder: str | Path, decoder: str | Path, batch_size: int = 64,
                       sampler: Sampler = "fast", guidance_scale: float = 2.0, steps: int | None = None, seed: int = 0,
-                      skip_bad: bool = False) -> int:
+                      skip_bad: bool = False, device: str | torch.device | None = None,
+                      precision: str | torch.dtype | None = None) -> int:
     """Redraw image files from their embeddings into the folder ``out`` as PNGs, the inputs' relative paths
     mirrored (``sub/a.jpg`` -> ``out/sub/a.png``); returns the count. Resumable, and split over torchrun ranks
-    batch by batch: a batch's seed follows its offset, so the pictures do not depend on the split."""
+    batch by batch: a batch's seed follows its offset, so the pictures do not depend on the split.
+    ``device``/``precision``: see :func:`placed`."""
+    place = placed(device, precision)
     out = check_out(out, is_dir=True)
     inputs = read_inputs(images, skip_bad)
     targets = output_names(inputs, out, ".png")
@@ -213,11 +257,12 @@ def reconstruct_files(images: list[Path], out: Path, encoder: str | Path, decode
     check_text_width(encoder_config_of(encoder)["text_dim"], decoder_dir, encoder, decoder)
     key = job_key("reconstruct", inputs, [encoder_dir, decoder_dir],
                   {"batch_size": batch_size, "sampler": sampler, "guidance_scale": guidance_scale, "steps": steps,
-                   "seed": seed})
+                   "seed": seed, "precision": str(place["dtype"])})
     partial = Partial(partial_folder(out, is_dir=True), key)
     mine = _start(partial, inputs, -(-len(inputs) // batch_size), batch_size)
     if mine:
-        enc, dec = VLVEncoder.from_pretrained(encoder).eval(), DiffusionDecoder.from_pretrained(decoder)
+        enc = VLVEncoder.from_pretrained(encoder, **place).eval()
+        dec = DiffusionDecoder.from_pretrained(decoder, **place)
         # Only the last batch of all is short, so this rank's files re-batch into exactly its units.
         paths = [p for u in mine for p in inputs.paths[u * batch_size : (u + 1) * batch_size]]
         batches = _batches(paths, enc.transform.crop, batch_size, "reconstruct")
@@ -236,10 +281,12 @@ def reconstruct_files(images: list[Path], out: Path, encoder: str | Path, decode
 
 
 def embed_files(images: list[Path], out: Path, encoder: str | Path, decoder: str | Path | None = None,
-                batch_size: int = 64, skip_bad: bool = False) -> dict[str, tuple[int, ...]]:
+                batch_size: int = 64, skip_bad: bool = False, device: str | torch.device | None = None,
+                precision: str | torch.dtype | None = None) -> dict[str, tuple[int, ...]]:
     """z (N, Nq, d_T) of image files, and T(z) when ``decoder`` is given, into the safetensors file ``out`` (the
-    image names relative to the input root, and the root, in its metadata); returns each tensor's shape.
-    Resumable, and split over torchrun ranks."""
+    image names relative to the input root, and the root, in its metadata), fp32 whatever the precision; returns
+    each tensor's shape. Resumable, and split over torchrun ranks. ``device``/``precision``: see :func:`placed`."""
+    place = placed(device, precision)
     out = check_out(out, is_dir=False)
     inputs = read_inputs(images, skip_bad)
     refuse_input_as_output(out, inputs.paths)
@@ -247,19 +294,19 @@ def embed_files(images: list[Path], out: Path, encoder: str | Path, decoder: str
     text_dir = resolve_decoder(decoder) if decoder else None
     if text_dir is not None:
         check_text_width(z_width, text_dir, encoder, decoder)
-    key = job_key("embed", inputs, [encoder_dir, *([text_dir] if text_dir else [])], {"T_z": text_dir is not None})
+    key = job_key("embed", inputs, [encoder_dir, *([text_dir] if text_dir else [])],
+                  {"T_z": text_dir is not None, "precision": str(place["dtype"])})
     partial = Partial(partial_folder(out, is_dir=False), key)
     todo = _start(partial, inputs, len(inputs), 1)
     if todo:
-        enc = VLVEncoder.from_pretrained(encoder).eval()
-        text_encoder = load_text_encoder(text_dir) if text_dir else None
+        enc = VLVEncoder.from_pretrained(encoder, **place).eval()
+        text_encoder = load_text_encoder(text_dir, **place) if text_dir else None
         paths = [inputs.paths[i] for i in todo]
         for start, x in _batches(paths, enc.transform.crop, batch_size, "embed"):
             idx = todo[start : start + batch_size]
             tensors = {"z": embed_images(enc, x, batch_size=batch_size)}  # (B, Nq, d_T)
             if text_encoder is not None:
-                with torch.no_grad():
-                    tensors["T_z"] = clip_from_embeds(text_encoder, tensors["z"])  # (B, Nq, d_T)
+                tensors["T_z"] = text_embeds_of(text_encoder, tensors["z"], batch_size=batch_size)  # (B, Nq, d_T)
             partial.save_tensors(idx[0], [inputs.names[i] for i in idx], tensors)
     partial.barrier()
     if partial.is_main:
@@ -281,8 +328,11 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def compose_files(a: Path, b: Path, out: Path, encoder: str | Path, decoder: str | Path, k: int | None = None,
                   sampler: Sampler = "fast", guidance_scale: float = 2.0, steps: int | None = None, seed: int = 0,
-                  skip_bad: bool = False) -> int:
-    """Paper Fig. 6 on two image files: one PNG ``out`` from the first k embeddings of each; returns k."""
+                  skip_bad: bool = False, device: str | torch.device | None = None,
+                  precision: str | torch.dtype | None = None) -> int:
+    """Paper Fig. 6 on two image files: one PNG ``out`` from the first k embeddings of each; returns k.
+    ``device``/``precision``: see :func:`placed`."""
+    place = placed(device, precision)
     out = check_out(out, is_dir=False)
     for p in (a, b):
         if not Path(p).is_file():
@@ -297,7 +347,8 @@ def compose_files(a: Path, b: Path, out: Path, encoder: str | Path, decoder: str
     if not 0 < k <= min(nq, positions // 2):
         raise InvalidInput(f"--k {k}: must be in 1..{min(nq, positions // 2)} (the encoder has {nq} embeddings, "
                            f"and the 2k of both images must fit the decoder's {positions} text positions)")
-    enc, dec = VLVEncoder.from_pretrained(encoder).eval(), DiffusionDecoder.from_pretrained(decoder)
+    enc = VLVEncoder.from_pretrained(encoder, **place).eval()
+    dec = DiffusionDecoder.from_pretrained(decoder, **place)
     x_a, x_b = (np.stack([enc.transform.crop(open_image(p))]) for p in (a, b))
     image = compose_images(enc, dec, x_a, x_b, k, sampler=sampler, guidance_scale=guidance_scale, steps=steps,
                            seed=seed)

@@ -70,20 +70,30 @@ def lm_config(source: str | dict) -> PreTrainedConfig:
     return AutoConfig.for_model(**data)
 
 
-def build_lm(source: str | dict) -> PreTrainedModel:
-    """Random init from a config stem or dict, else the local checkpoint dir ``source``; fp32, never a download.
+def build_lm(source: str | dict, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+             empty: bool = False) -> PreTrainedModel:
+    """Random init from a config stem or dict, else the local checkpoint dir ``source``, in ``dtype`` on
+    ``device``; never a download. ``empty``: a config's architecture with its parameters on the meta device, for
+    weights that come from another file (``vlv.modeling.load_weights_file``).
 
-    fp32 is explicit: transformers 5 builds ``from_config`` in the config's stored dtype (Qwen2.5-3B's says
-    bfloat16), and precision belongs to the training loop.
+    The dtype is explicit: transformers 5 builds ``from_config`` in the config's stored dtype (Qwen2.5-3B's says
+    bfloat16), and precision belongs to the caller (fp32 for training).
     """
     if not is_lm_dir(source):
-        return AutoModelForCausalLM.from_config(lm_config(source), dtype=torch.float32)
+        config = lm_config(source)
+        if empty:
+            from vlv.modeling import empty_model
+
+            return empty_model(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype), dtype)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+    if empty:
+        raise ValueError("empty=True builds a config's architecture; a checkpoint dir is loaded with its weights")
     path = Path(resolve_lm_name(source))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no causal LM at {path} (expected a local dir with config.json and weights); "
                                 f"configs for random init: {', '.join(list_lm_configs())}")
     with quiet_library():
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device, local_files_only=True)
 
 
 def load_tokenizer(source: str | dict) -> PreTrainedTokenizerBase:

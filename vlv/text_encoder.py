@@ -30,11 +30,12 @@ def clip_from_embeds(text_encoder: CLIPTextModel, z: torch.Tensor) -> torch.Tens
     return te.final_layer_norm(hidden)  # (B, L, d_T)
 
 
-def load_text_encoder(sd_dir: str | Path) -> CLIPTextModel:
-    """T alone from a Stable-Diffusion-layout dir, fp32, frozen."""
+def load_text_encoder(sd_dir: str | Path, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu") -> CLIPTextModel:
+    """T alone from a Stable-Diffusion-layout dir, frozen, loaded straight into ``dtype`` on ``device``."""
     path = Path(sd_dir) / "text_encoder"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{sd_dir} has no text_encoder/ (a Stable Diffusion dir holds one)")
     with quiet_library():
-        te = CLIPTextModel.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        te = CLIPTextModel.from_pretrained(path, dtype=dtype, device_map=device, local_files_only=True)
     return te.requires_grad_(False).eval()

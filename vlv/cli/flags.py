@@ -207,3 +207,16 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the sampler's, "
                    + ", ".join(f"{name} {n}" for name, n in DEFAULT_STEPS.items()) + ")")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
+
+
+PRECISION_CHOICES = ("fp32", "bf16", "fp16")  # vlv.modeling.PRECISIONS, named here so the CLI loads no torch
+
+
+def add_device_args(p: argparse.ArgumentParser, batch_size: bool = True) -> None:
+    """Where and in what precision an inference command runs (checked by the library before anything loads)."""
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when present, else cpu)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                   help="the models' dtype, loaded straight into it (default: bf16 on a GPU that computes it "
+                        "natively, fp32 otherwise)")
+    if batch_size:
+        p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward (default 64)")
