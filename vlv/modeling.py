@@ -129,13 +129,16 @@ DEVICE_KINDS = ("cpu", "cuda", "mps")
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """None: cuda when present, else cpu. Checked before anything loads: an unknown or absent device is one line."""
+    """None: cuda when present, else cpu. Checked before anything loads: an unknown or absent device is one line.
+    Under a launcher (torchrun / accelerate launch set LOCAL_RANK), a bare cuda is this process's own GPU."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise InvalidInput(f"device {str(device)!r}: not a device (cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if dev.type not in DEVICE_KINDS:
         raise InvalidInput(f"device {str(device)!r}: vlv runs on {', '.join(DEVICE_KINDS)}")
     if dev.type == "cuda":

@@ -53,7 +53,20 @@ def test_defaults_on_a_cpu_only_machine_are_cpu_and_fp32(monkeypatch):
     assert placed(None, None) == {"device": torch.device("cpu"), "dtype": torch.float32}
 
 
+def test_under_a_launcher_cuda_is_this_processs_own_gpu(monkeypatch):
+    """torchrun sets LOCAL_RANK: every process on cuda:0 would put all of them on one GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device(None) == resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)  # an explicit index is the user's
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(InvalidInput, match="cuda:0..1"):
+        resolve_device("cuda")
+
+
 def test_defaults_on_a_gpu_are_cuda_and_bf16_where_it_is_native(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert placed(None, None) == {"device": torch.device("cuda"), "dtype": torch.bfloat16}
