@@ -89,3 +89,27 @@ def test_table1_protocol_end_to_end_and_resumed(scenes, tmp_path, standin_incept
     steps = args.index("--steps") + 1
     assert main([str(a) for a in (*args[:steps], 3, *args[steps + 1:])]) == 2
     assert "steps 4 -> 3" in capsys.readouterr().err
+
+
+@pytest.mark.dist
+def test_table1_protocol_under_torchrun_equals_one_process(scenes, tmp_path, standin_inception):
+    """Two CPU processes share the captions and the renders (image i seeded seed + i); the main one measures."""
+    import subprocess
+    import sys
+
+    def args(out):
+        return ["evaluate", "caption-to-image", str(scenes), "--model", "shapes-stage2", "--pipeline",
+                "shapes-teacher", "--inception", str(standin_inception), "--out", str(out), "--cfg", "2",
+                "--steps", "2", "--batch-size", "1", "--quiet"]
+
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "vlv.cli", *args(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("wrote ") == 1  # one process reports
+    _run(*args(tmp_path / "one"))
+    two, one = tmp_path / "two", tmp_path / "one"
+    assert (two / "captions.jsonl").read_text() == (one / "captions.jsonl").read_text()
+    for p in sorted((one / "renders" / "cfg-2").iterdir()):
+        assert np.array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(two / "renders" / "cfg-2" / p.name)))
+    m2, m1 = (json.loads((d / "metrics.json").read_text())["by_cfg"]["2"] for d in (two, one))
+    assert m2["paired"] == 4 and m2["fid"] == pytest.approx(m1["fid"], rel=1e-6)

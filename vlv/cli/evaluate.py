@@ -156,6 +156,8 @@ def cmd_images(args: argparse.Namespace) -> None:
 
 
 def _per_cfg(out: Path, metrics: dict) -> None:
+    if not metrics:  # another process of a launched run: the main one measures and reports
+        return
     for g, m in metrics["by_cfg"].items():
         print(f"CFG {g}: " + ", ".join(f"{k} {m[k]:.4g}" for k in ("fid", "kid", "clip_i") if k in m))
     print(f"wrote {out / 'metrics.json'} and {out / 'report.html'}")

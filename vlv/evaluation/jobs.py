@@ -39,8 +39,10 @@ EXAMPLES = 12
 
 
 def pick_device(device: str | None) -> str:
-    """The device asked for, else cuda when present."""
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """The device asked for, else cuda when present (under a launcher: this process's own GPU)."""
+    from vlv.modeling import resolve_device
+
+    return str(resolve_device(device))
 
 
 def require_file(path: str | Path, what: str) -> Path:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from vlv.checks import read_json
+from vlv.data.outputs import process_state
 from vlv.errors import InvalidInput
 from vlv.evaluation import captions as cap
 from vlv.evaluation.jobs import EXAMPLES, ImageMeter, finish, pick_device, require_file, use_java
@@ -40,7 +41,14 @@ PIPELINE_FETCH = "download the text-to-image pipeline (the paper: Stable Diffusi
 
 def claim_out(out: Path, made_with: dict[str, Any]) -> None:
     """An out dir holds the outputs of one setting: reusing them under another (other steps, seed, model, ...)
-    would mix two experiments, so it is refused; the first run records its setting in ``protocol.json``."""
+    would mix two experiments, so it is refused; the first run records its setting in ``protocol.json``. Every
+    process checks (so all refuse alike), the main one writes, then all go on together."""
+    state = process_state()
+    _claim(out, made_with, write=state.is_main_process)
+    state.wait_for_everyone()
+
+
+def _claim(out: Path, made_with: dict[str, Any], write: bool) -> None:
     record = out / PROTOCOL_FILE
     made_with = json.loads(json.dumps(made_with))  # as it reads back
     if record.is_file():
@@ -50,8 +58,9 @@ def claim_out(out: Path, made_with: dict[str, Any]) -> None:
             raise InvalidInput(f"--out {out} holds outputs made with other settings ({'; '.join(changed)}): pass "
                                "another --out, or delete it to start over")
         return
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(record, made_with)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(record, made_with)
 
 
 def cfg_dir(g: float) -> str:
@@ -112,26 +121,33 @@ def make_captions(images: dict[str, Path], out: Path, model: str | Path, batch_s
     _, missing = cap.match_names([cap.image_key(p.name) for p in images.values()], list(done))
     if missing:
         todo = [p for p in images.values() if cap.image_key(p.name) in set(missing)]
-        caption_files(todo, part, model=model, batch_size=batch_size, num_beams=num_beams,
+        caption_files(todo, part, model=model, batch_size=batch_size, num_beams=num_beams,  # every process a slice
                       max_new_tokens=max_new_tokens, postprocess=postprocess)
-        done.update(cap.read_predictions(part))
-        texts = _captions_for(images, done, part)
-        atomic_write_text(path, "".join(json.dumps({"image": p.name, "caption": texts[s]}) + "\n"
-                                        for s, p in images.items()))
-        part.unlink()
+        state = process_state()
+        if state.is_main_process:
+            done.update(cap.read_predictions(part))
+            texts = _captions_for(images, done, part)
+            atomic_write_text(path, "".join(json.dumps({"image": p.name, "caption": texts[s]}) + "\n"
+                                            for s, p in images.items()))
+            part.unlink()
+        state.wait_for_everyone()
+        done = _read_rows(path)
     return _captions_for(images, done, path)
 
 
 # ----------------------------------------------------------------------------------------------- renders
 def render_captions(pipe, captions: dict[str, str], folder: Path, guidance_scale: float, steps: int,
                     seed: int = 0, resolution: int | None = None, batch_size: int = 8) -> int:
-    """folder/<name>.png of each caption not yet rendered; image i of the sorted names is seeded seed + i.
-    Returns how many were made."""
+    """folder/<name>.png of each caption not yet rendered; image i of the sorted names is seeded seed + i, so the
+    renders do not depend on how many processes share the work (each takes every world-size-th one). Returns how
+    many this process made."""
     from vlv.progress import tqdm
 
+    state = process_state()
     folder.mkdir(parents=True, exist_ok=True)
     names = sorted(captions)
     todo = [i for i, n in enumerate(names) if not (folder / f"{n}.png").is_file()]
+    todo = todo[state.process_index :: state.num_processes]
     size = {"height": resolution, "width": resolution} if resolution else {}
     for s in tqdm(range(0, len(todo), batch_size), desc=f"render {folder.name}", unit="batch"):
         idx = todo[s : s + batch_size]
@@ -140,6 +156,7 @@ def render_captions(pipe, captions: dict[str, str], folder: Path, guidance_scale
                       output_type="pil", **size).images
         for i, im in zip(idx, images, strict=True):
             atomic_save_png(im, folder / f"{names[i]}.png")
+    state.wait_for_everyone()
     return len(todo)
 
 
@@ -195,7 +212,8 @@ def caption_to_image(images: Sequence[Path], out: str | Path, pipeline: str | Pa
     texts = given or make_captions(originals, out, model, caption_batch_size, num_beams, max_new_tokens, postprocess)
     metrics: dict[str, Any] = {"protocol": "caption -> text-to-image -> FID against the originals (paper Table 1)"}
     notes: list[str] = []
-    if reference_rows is not None:
+    state = process_state()  # under a launcher every process renders a slice; the main one measures
+    if reference_rows is not None and state.is_main_process:
         preds = {cap.image_key(originals[s].name): t for s, t in texts.items()}
         scores, _, notes = cap.coco_scores(preds, cap.match_references(preds, reference_rows), bool(java))
         metrics["captions"] = scores
@@ -204,10 +222,14 @@ def caption_to_image(images: Sequence[Path], out: str | Path, pipeline: str | Pa
     metrics["by_cfg"] = {}
     for g in cfg:
         folder = out / "renders" / cfg_dir(g)
+        state.wait_for_everyone()  # so every process sees the same renders done
         if any(not p.is_file() for p in _pngs(folder, texts).values()):
             pipe = pipe or load_text_to_image(pipeline_dir, device, precision)
             render_captions(pipe, texts, folder, g, steps, seed, resolution, batch_size)
-        metrics["by_cfg"][f"{g:g}"], _ = meter.measure(_pngs(folder, texts), originals)
+        if state.is_main_process:
+            metrics["by_cfg"][f"{g:g}"], _ = meter.measure(_pngs(folder, texts), originals)
+    if not state.is_main_process:
+        return {}
     metrics.update(notes=notes, settings={
         "images": len(originals), "captions": str(captions) if captions else f"{model} (captions.jsonl)",
         "pipeline": str(pipeline_dir), "steps": steps, "cfg": cfg, "seed": seed, "precision": precision,
@@ -237,13 +259,18 @@ def reconstruction(images: Sequence[Path], out: str | Path, encoder: str | Path,
                     "sampler": sampler, "steps": steps, "seed": seed})
     metrics: dict[str, Any] = {"protocol": "image -> z -> decoder -> FID against the originals (paper Tables 4, 5)",
                                "by_cfg": {}}
+    state = process_state()  # under a launcher every process reconstructs a slice; the main one measures
     for g in cfg:
         folder = out / "reconstructions" / cfg_dir(g)
+        state.wait_for_everyone()  # so every process sees the same reconstructions done
         todo = [p for s, p in originals.items() if not (folder / f"{s}.png").is_file()]
         if todo:
             reconstruct_files(todo, folder, encoder, decoder, batch_size=batch_size, sampler=sampler,  # type: ignore[arg-type]
                               guidance_scale=g, steps=steps, seed=seed)
-        metrics["by_cfg"][f"{g:g}"], _ = meter.measure(_pngs(folder, originals), originals)
+        if state.is_main_process:
+            metrics["by_cfg"][f"{g:g}"], _ = meter.measure(_pngs(folder, originals), originals)
+    if not state.is_main_process:
+        return {}
     metrics["settings"] = {"images": len(originals), "encoder": str(encoder), "decoder": str(decoder),
                            "sampler": sampler, "steps": steps or "the sampler's", "cfg": cfg, "seed": seed,
                            **meter.settings()}
