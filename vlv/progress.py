@@ -42,6 +42,15 @@ def tqdm(*args: Any, **kwargs: Any):
     return bar(*args, **kwargs)
 
 
+def clear_bars() -> None:
+    """Close every open bar and wipe its line, so an error message that follows stands alone on its line."""
+    from tqdm import tqdm as bar
+
+    for b in list(getattr(bar, "_instances", ())):
+        b.leave = False
+        b.close()
+
+
 def _no_bar(factory, args: tuple, kwargs: dict[str, Any]):
     """A transformers tqdm hook: the bar it would have drawn, disabled."""
     return factory(*args, **{**kwargs, "disable": True})

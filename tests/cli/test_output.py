@@ -208,3 +208,14 @@ def test_a_command_loading_the_decoder_shows_its_own_bar_only(tmp_path):
             assert r.stderr == "", r.stderr
         else:
             assert shown and all(line.startswith("reconstruct: ") for line in shown), r.stderr
+
+
+def test_an_error_after_a_bar_started_is_still_one_line(tmp_path, capsys):
+    """A bar open when a bad input stops the work is wiped (not left as a line above the error)."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_text("not a png")
+    assert main(["data", "shards", str(bad), "--out", str(tmp_path / "sh")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.rstrip("\n").split("\r")[-1].startswith("vlv: error: "), repr(err)
+    assert not (tmp_path / "sh").exists()

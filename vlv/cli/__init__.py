@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vlv.progress import no_bars
+    from vlv.progress import clear_bars, no_bars
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         else:  # a bug: one line saying so; --debug shows the traceback a report needs
             status, text = 1, (f"vlv: error: internal error (a bug in vlv): {type(e).__name__}: {one_line(e)}; "
                                "run again with --debug for the traceback")
+        clear_bars()
         _release(e)
         print(text, file=sys.stderr)
         return status
