@@ -70,7 +70,7 @@ def lm_config(source: str | dict) -> PreTrainedConfig:
     return AutoConfig.for_model(**data)
 
 
-def build_lm(source: str | dict, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+def build_lm(source: str | dict, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
              empty: bool = False) -> PreTrainedModel:
     """Random init from a config stem or dict, else the local checkpoint dir ``source``, in ``dtype`` on
     ``device``; never a download. ``empty``: a config's architecture with its parameters on the meta device, for
@@ -85,7 +85,8 @@ def build_lm(source: str | dict, dtype: torch.dtype = torch.float32, device: str
             from vlv.modeling import empty_model
 
             return empty_model(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype), dtype)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+        lm = AutoModelForCausalLM.from_config(config, dtype=dtype)  # on the default device (meta when built so)
+        return lm if device is None else lm.to(device)
     if empty:
         raise ValueError("empty=True builds a config's architecture; a checkpoint dir is loaded with its weights")
     path = Path(resolve_lm_name(source))
