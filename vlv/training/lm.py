@@ -22,7 +22,7 @@ from vlv.modeling import write_json
 from vlv.progress import quiet_library
 from vlv.training.config import LMSettings, TrainConfig
 from vlv.training.draws import Draws
-from vlv.training.loop import Loss, train
+from vlv.training.loop import Loss, train, write_once
 from vlv.training.resume import check_request
 
 LM_FILE = "lm.json"
@@ -131,7 +131,11 @@ def run_lm(plan: LMPlan) -> PreTrainedModel | None:
     task = LMTask(lm, tokenizer, plan.captions, plan.val_captions, seed=cfg.seed, judge=plan.judge)
     if not train(task, cfg, out).done:
         return None
+    write_once(lm, lambda: _save_lm(lm, tokenizer, out))
+    return lm
+
+
+def _save_lm(lm: PreTrainedModel, tokenizer, out: Path) -> None:
     with quiet_library():
         lm.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return lm

@@ -16,12 +16,15 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import torch
-from accelerate import Accelerator, DistributedType
+from accelerate import Accelerator, DistributedType, PartialState
+from accelerate.utils import InitProcessGroupKwargs
 from diffusers.training_utils import EMAModel
 
 from vlv.errors import InvalidInput, NonFiniteLoss
@@ -95,9 +98,11 @@ def global_mean(loss: torch.Tensor, count: torch.Tensor | int, world_size: int) 
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """The run's Accelerator: precision and gradient accumulation from the config, the GPU when there is one."""
+    """The run's Accelerator: precision and gradient accumulation from the config, the GPU when there is one, and
+    a process-group timeout long enough for the largest save (NCCL's default, 10 minutes, is not)."""
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.timeout_minutes))
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
-                       gradient_accumulation_steps=cfg.grad_accum)
+                       gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=[timeout])
 
 
 def global_batch(cfg: TrainConfig, accelerator: Accelerator) -> dict[str, int]:
@@ -317,14 +322,30 @@ def _record_eval(r: _Run, state: TrainState, bar: tqdm) -> None:
 
 
 def _save(r: _Run, state: TrainState) -> None:
-    """Collective: the checkpoint (sharded: every rank writes its shards; else rank 0 writes it), the config as
-    the run now stands (a budget's plan for its steps)."""
+    """Collective: the checkpoint, with the config as the run now stands (a budget's plan for its steps). Several
+    processes write a distributed checkpoint, every rank its share (sharded: its shards; DDP: its part of the
+    replicated tensors, which DCP's planner spreads over the ranks), so none waits minutes for rank 0 to write it
+    all; one process writes safetensors."""
     cfg = replace(r.cfg, steps=r.policy.total)
+    model = r.accelerator.unwrap_model(r.model)
     if r.sharded:
         save_sharded_checkpoint(r.dir, r.model, r.opt, state, cfg, r.task.name, r.accelerator)
-    elif r.accelerator.is_main_process:
-        save_checkpoint(r.dir, r.accelerator.unwrap_model(r.model), r.opt, r.ema, state, cfg, r.task.name)
+    elif r.accelerator.num_processes > 1:
+        save_sharded_checkpoint(r.dir, model, r.opt, state, cfg, r.task.name, r.accelerator, ema=r.ema)
+    else:
+        save_checkpoint(r.dir, model, r.opt, r.ema, state, cfg, r.task.name)
     r.accelerator.wait_for_everyone()
+
+
+def write_once(module: torch.nn.Module, write: Callable[[], object]) -> None:
+    """Collective: ``write()`` the module's weights (a save_pretrained) on the main process only, the others
+    waiting; a sharded module is gathered onto the main process first (every rank takes part). Why: N processes
+    writing the same multi-GB files would multiply the disk traffic for one result."""
+    state = PartialState()
+    with sharding.gathered(module, keep=state.is_main_process):
+        if state.is_main_process:
+            write()
+    state.wait_for_everyone()
 
 
 def _evaluate(task: Task, model: torch.nn.Module, ema: EMAModel | None) -> dict[str, float]:

@@ -50,7 +50,7 @@ from vlv.training.caches import KINDS, Kind, build_cache, run_caches
 from vlv.training.config import Stage1Settings, TrainConfig
 from vlv.training.data import StepImages, drop_bad_rows
 from vlv.training.draws import Draws
-from vlv.training.loop import Loss, global_batch, make_accelerator, train
+from vlv.training.loop import Loss, global_batch, make_accelerator, train, write_once
 from vlv.training.recipes import user_input
 from vlv.training.resume import check_request
 
@@ -318,7 +318,7 @@ def run_stage1(plan: Stage1Plan, progress: bool = True) -> VLVEncoder | None:
     task.images.bad.save(out, accelerator, task.name)
     if not state.done:
         return None
-    encoder.save_pretrained(out)
+    write_once(encoder, lambda: encoder.save_pretrained(out))
     return encoder
 
 

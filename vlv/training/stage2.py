@@ -42,7 +42,7 @@ from vlv.training.caches import build_cache, run_text_embeds_cache
 from vlv.training.config import Stage2Settings, TrainConfig
 from vlv.training.data import StepImages, drop_bad_rows
 from vlv.training.draws import Draws
-from vlv.training.loop import Loss, global_batch, make_accelerator, train
+from vlv.training.loop import Loss, global_batch, make_accelerator, train, write_once
 from vlv.training.resume import check_request
 from vlv.training.sharding import shard
 from vlv.training.stage1 import Precomputed, recorded_decoder, stage1_record
@@ -277,7 +277,7 @@ def run_stage2(plan: Stage2Plan) -> Captioner | None:
     task.images.bad.save(out, accelerator, task.name)
     if not state.done:
         return None
-    captioner.save_pretrained(out)
+    write_once(captioner, lambda: captioner.save_pretrained(out))
     return captioner
 
 
