@@ -45,6 +45,10 @@ class LMTask:
     def trainable(self) -> torch.nn.Module:
         return self.lm
 
+    def export(self, out: Path) -> None:
+        """An LM dir of the weights so far (``--export-every``), as the finished run writes it."""
+        _save_lm(self.lm, self.tokenizer, out)
+
     def batch(self, step: int, rank: int, batch_size: int, device: torch.device, world_size: int = 1
               ) -> dict[str, torch.Tensor]:
         idx = step_indices(len(self.captions), self.seed, step, rank, world_size, batch_size)

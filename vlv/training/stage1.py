@@ -14,6 +14,7 @@ run (``--latents-cache`` / ``--vision-cache`` name caches made by ``vlv precompu
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -88,8 +89,9 @@ class Stage1Task:
     def __init__(self, encoder: VLVEncoder, decoder: DiffusionDecoder, data: Dataset,
                  latents: Cache | dict[str, torch.Tensor] | None = None, seed: int = 0, evaluator=None,
                  high_noise_fraction: float = 0.0, vision: Cache | None = None, image_size: int | None = None,
-                 num_workers: int = 0, on_bad_image: Literal["skip", "fail"] = "skip"):
+                 num_workers: int = 0, on_bad_image: Literal["skip", "fail"] = "skip", record: Path | None = None):
         self.encoder, self.decoder, self.seed, self.evaluator = encoder, decoder, seed, evaluator
+        self.record = record  # the run's stage1.json, copied into exports (stage 2 reads the decoder there)
         self.latents = TensorRows(latents) if isinstance(latents, dict) else latents
         self.high_noise_fraction, self.vision, self.on_bad_image = high_noise_fraction, vision, on_bad_image
         size = image_size or (data.size if isinstance(data, InMemory) else decoder.image_size)
@@ -102,6 +104,12 @@ class Stage1Task:
 
     def trainable(self) -> torch.nn.Module:
         return self.encoder
+
+    def export(self, out: Path) -> None:
+        """A stage-1 run dir of the weights so far: VLVEncoder.from_pretrained and stage 2 take it as they are."""
+        self.encoder.save_pretrained(out)
+        if self.record is not None:
+            shutil.copyfile(self.record, out / self.record.name)
 
     def batch(self, step: int, rank: int, batch_size: int, device: torch.device, world_size: int = 1
               ) -> dict[str, torch.Tensor]:
@@ -310,7 +318,8 @@ def run_stage1(plan: Stage1Plan, progress: bool = True) -> VLVEncoder | None:
     task = Stage1Task(encoder, decoder, plan.dataset, latents, seed=cfg.seed,
                       evaluator=(lambda model: evaluator(model, decoder)) if evaluator else None,
                       high_noise_fraction=settings.high_noise_fraction, vision=vision, image_size=size,
-                      num_workers=settings.num_workers, on_bad_image=settings.on_bad_image)
+                      num_workers=settings.num_workers, on_bad_image=settings.on_bad_image,
+                      record=out / STAGE1_FILE)
     try:
         state = train(task, cfg, out, accelerator)
     finally:
