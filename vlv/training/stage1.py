@@ -50,7 +50,7 @@ from vlv.shipped import is_shipped, resolve_decoder, resolve_encoder
 from vlv.training.caches import KINDS, Kind, build_cache, run_caches
 from vlv.training.config import Stage1Settings, TrainConfig
 from vlv.training.data import StepImages, drop_bad_rows
-from vlv.training.draws import Draws
+from vlv.training.draws import Draws, step_seed
 from vlv.training.loop import Loss, global_batch, make_accelerator, train, write_once
 from vlv.training.recipes import user_input
 from vlv.training.resume import check_request
@@ -159,6 +159,62 @@ class Stage1Task:
 
     def close(self) -> None:
         self.images.close()
+
+
+# ------------------------------------------------------------------------------------ held-out loss
+class ImageDraws:
+    """Random draws fixed per held-out image: image i's posterior sample, timestep and noise come from its own
+    generator (seed, i), so every evaluation scores each image at the same t and noise, in any batch (diffusers'
+    training examples fix their validation draws likewise): the held-out loss moves only when the weights do."""
+
+    def __init__(self, seed: int, images: range, device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(step_seed(seed, i)) for i in images]
+
+    def randn(self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype | None = None
+              ) -> torch.Tensor:
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype)
+                            for g in self.generators])
+
+    def randint(self, low: int, high: int, b: int, device: torch.device | str) -> torch.Tensor:
+        return torch.cat([torch.randint(low, high, (1,), generator=g, device=device) for g in self.generators])
+
+    def rand(self, b: int, device: torch.device | str) -> torch.Tensor:
+        return torch.cat([torch.rand(1, generator=g, device=device) for g in self.generators])
+
+
+@torch.no_grad()
+def held_out_loss(encoder: VLVEncoder, decoder: DiffusionDecoder, data: InMemory, seed: int = 0,
+                  batch_size: int = 8) -> float:
+    """The stage-1 loss (uniform t) on held-out images, mean over them, with draws fixed per image."""
+    device = next(decoder.unet.parameters()).device
+    total = 0.0
+    for start in range(0, len(data), batch_size):
+        images = torch.from_numpy(data.images[start:start + batch_size])  # (B, H, W, 3) uint8
+        draws = ImageDraws(seed, range(start, start + len(images)), device)
+        z = encoder(encoder.transform.pixels(images, device))  # (B, Nq, d_T)
+        latents = decoder.latents(to_tensor(images.numpy()).to(device), draws)  # (B, C, h, w)
+        total += decoder.loss(latents, z, draws).item() * len(images)
+    return total / len(data)
+
+
+def val_loss_evaluator(val: str | Path, n: int, seed: int = 0) -> Evaluator:
+    """``evaluator(encoder, decoder)`` for ``train_stage1`` on any image data (folder, tars, parquet): the
+    held-out loss on its first ``n`` images (read once, at the decoder's resolution). The data is checked now,
+    before a run loads anything."""
+    require_data(val)
+    dataset = open_dataset(val)
+    if not len(dataset):
+        raise InvalidInput(f"--val {val}: no samples")
+    require_readable(dataset, f"--val {val}")  # an unreadable image is skipped when read, as in training
+    cache: dict[int, InMemory] = {}
+
+    def evaluate(encoder: VLVEncoder, decoder: DiffusionDecoder) -> dict[str, float]:
+        size = decoder.image_size
+        if size not in cache:
+            cache[size] = InMemory.of(val, size, limit=n, skip_bad=True)
+        return {"val_loss": held_out_loss(encoder, decoder, cache[size], seed)}
+
+    return evaluate
 
 
 def encoder_config(settings: Stage1Settings, text_dim: int) -> EncoderConfig:
