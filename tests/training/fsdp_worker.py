@@ -1,6 +1,6 @@
 """Run under torchrun by test_sharding: stage 2 on 2 processes with DDP, FSDP2 and ZeRO-2-style sharding, an
 FSDP2 run stopped halfway and resumed from its sharded checkpoint, and stage 1 (no layout of its own: the default
-one) with DDP and zero2. Each rank records its share of the trainable weights."""
+one) with DDP and zero2. Each rank records its share of the trainable weights and the final saves it made."""
 
 import json
 import os
@@ -11,6 +11,8 @@ import torch
 
 import vlv.training.stage1
 import vlv.training.stage2
+from vlv.captioner import Captioner
+from vlv.encoder import VLVEncoder
 from vlv.training import loop
 from vlv.training.config import Stage1Settings, Stage2Settings, TrainConfig
 from vlv.training.stage1 import train_stage1
@@ -33,6 +35,20 @@ def measuring(task, cfg, run, accelerator=None):
 
 
 vlv.training.stage2.train = vlv.training.stage1.train = measuring
+saves = {"captioner": 0, "encoder": 0}  # final weights written by this rank
+
+
+def counting(cls, kind):
+    save = cls.save_pretrained
+
+    def counted(self, *args, **kwargs):
+        saves[kind] += 1
+        return save(self, *args, **kwargs)
+    cls.save_pretrained = counted
+
+
+counting(Captioner, "captioner")
+counting(VLVEncoder, "encoder")
 for name in ("ddp", "fsdp2", "zero2"):
     assert train_stage2(settings, TrainConfig(**base, sharding=name), out / name, progress=False) is not None
 stopped = train_stage2(settings, TrainConfig(**base, sharding="fsdp2", stop_after=2), out / "resumed", progress=False)
@@ -42,5 +58,6 @@ s1 = Stage1Settings(decoder=str(teacher), data=str(data), encoder="shapes", num_
 for name in ("ddp", "zero2"):
     assert train_stage1(s1, TrainConfig(**base, sharding=name), out / f"s1-{name}", progress=False) is not None
 (out / f"shares.rank{rank}.json").write_text(json.dumps(shares))
+(out / f"saves.rank{rank}.json").write_text(json.dumps(saves))
 torch.distributed.barrier()
 print(f"rank {rank} done", flush=True)

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.dist  # torchrun, 2 processes
 
 
 def test_fsdp2_stage2_equals_ddp_resumes_exactly_and_loads_on_one_process(tiny_teacher, shapes_data, tmp_path):
-    """Each rank holds half the trainable weights; the consolidated run dir equals a DDP run's to float tolerance
+    """Each rank holds half the trainable weights; the final weights are written by rank 0 alone; the
+    consolidated run dir equals a DDP run's to float tolerance
     (stage 2 with its own layout, stage 1 with the default one),
     a run resumed from its sharded checkpoint equals an uninterrupted one bit for bit, and the run dir loads
     strictly on one process."""
@@ -39,6 +40,9 @@ def test_fsdp2_stage2_equals_ddp_resumes_exactly_and_loads_on_one_process(tiny_t
         shares = json.loads((tmp_path / f"shares.rank{rank}.json").read_text())
         assert shares["stage2-ddp"] == shares["stage1-ddp"] == 1.0, shares
         assert all(0.45 < shares[k] < 0.55 for k in ("stage2-fsdp2", "stage2-zero2", "stage1-zero2")), shares
+    # The final weights are written once, by rank 0 (sharded ones gathered onto it): 4 stage-2, 2 stage-1 runs.
+    assert [json.loads((tmp_path / f"saves.rank{rank}.json").read_text()) for rank in (0, 1)] == [
+        {"captioner": 4, "encoder": 2}, {"captioner": 0, "encoder": 0}]
     ddp, fsdp2, zero2, resumed = (load_file(tmp_path / run / TRAINABLE_FILE)
                                   for run in ("ddp", "fsdp2", "zero2", "resumed"))
     assert ddp.keys() == fsdp2.keys() == zero2.keys() == resumed.keys() and any(k.startswith("lm.") for k in ddp)

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import re
 import subprocess
@@ -138,6 +139,45 @@ def test_a_signal_to_one_rank_stops_both_at_one_step_with_one_checkpoint(tmp_pat
     assert d0 and d1 and s0 == s1 == p0 == p1
     a, b = (load_file(tmp_path / f"rank{i}.safetensors") for i in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.dist
+def test_a_ddp_checkpoint_is_written_by_every_rank_and_resumes_exactly_on_two_processes_or_one(tmp_path):
+    """DDP on 2 processes checkpoints through torch distributed checkpoint: both ranks write part of it (no rank
+    waits for another to write it all), a run stopped halfway and resumed ends bit for bit as an uninterrupted one
+    (weights, AdamW moments, EMA), the same checkpoint resumes on one process, write_once writes on rank 0 only and the
+    process group waits as long as the config says."""
+    from diffusers.training_utils import EMAModel
+
+    from vlv.training.checkpoint import load_checkpoint
+
+    worker = Path(__file__).with_name("ddp_checkpoint_worker.py")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(worker), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        full, resumed = (load_file(tmp_path / f"{name}.rank{rank}.safetensors") for name in ("full", "resumed"))
+        assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    ckpt = tmp_path / "half" / "checkpoint"
+    meta = json.loads((ckpt / "trainer.json").read_text())
+    assert meta["layout"] == "dcp" and meta["step"] == 3 and not meta["sharded"]
+    assert not (ckpt / "model.safetensors").exists()
+    written = sorted(f.name for f in (ckpt / "shards").glob("*.distcp") if f.stat().st_size > 0)
+    assert written == ["__0_0.distcp", "__1_0.distcp"]  # both ranks wrote a share
+    assert [f.name for f in tmp_path.glob("written.rank*")] == ["written.rank0"]
+    assert {(tmp_path / f"timeout.rank{rank}").read_text() for rank in (0, 1)} == {"1:00:00"}  # TrainConfig's
+    # One process (no process group) resumes it: weights, EMA and AdamW's step count.
+    spec = importlib.util.spec_from_file_location("ddp_checkpoint_worker", worker)
+    spec.loader.exec_module(toy := importlib.util.module_from_spec(spec))
+    model = toy.Toy().model
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ema = EMAModel(params, decay=0.9, use_ema_warmup=True, power=3 / 4)
+    assert load_checkpoint(tmp_path / "half", model, opt, ema).step == 3
+    ema.copy_to(params)
+    half = load_file(tmp_path / "half.rank0.safetensors")
+    assert all(torch.equal(v, half[k]) for k, v in model.state_dict().items())
+    assert all(int(opt.state[p]["step"]) == 3 for p in params) and ema.optimization_step == 3
 
 
 def _every_task(data: Path, out: Path, processes: int, inputs: Path | None = None

@@ -81,7 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     run_dir = "run dir (resumes when it holds a checkpoint)"
     stage("stage1", "distil a frozen diffusion decoder into the VLV encoder (images only)", run_dir, Stage1Settings,
-          "inputs and method", cmd_train_stage1, val_help="shapes folder for periodic reconstruction accuracy")
+          "inputs and method", cmd_train_stage1,
+          val_help="held-out images (folder, tars or parquet) for a periodic held-out loss, noise and timesteps "
+                   "fixed per image; a shapes folder adds reconstruction accuracy")
     stage("lm", "pre-train the small shapes language model on caption text", "LM dir (transformers layout)",
           LMSettings, "inputs", cmd_train_lm)
     stage("florence2", "pre-train the small shapes Florence-2 on object detection (<OD>)",
@@ -106,6 +108,22 @@ def _saved(done: bool, what: str, out: str) -> None:
     print(f"{what} saved to {out}" if done else f"stopped early; run the same command to resume ({out})")
 
 
+def _has_scenes(val: Path) -> bool:
+    """A shapes folder (its records hold scenes), which the shapes evaluators score too."""
+    from vlv.data.records import read_records
+
+    try:
+        records = read_records(val)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return bool(records) and records[0].scene is not None
+
+
+def _together(evaluators: list) -> object:
+    """One evaluator reporting every given one's metrics."""
+    return lambda *models: {k: v for e in evaluators for k, v in e(*models).items()}
+
+
 def cmd_train_stage1(args: argparse.Namespace) -> None:
     from vlv.training.recipes import resolved
     from vlv.training.stage1 import train_stage1
@@ -113,9 +131,14 @@ def cmd_train_stage1(args: argparse.Namespace) -> None:
     recipe, settings, cfg = _sections(args, "stage1")
     evaluator = None
     if args.val:
-        from vlv.shapes.metrics import stage1_evaluator
+        from vlv.training.stage1 import val_loss_evaluator
 
-        evaluator = stage1_evaluator(args.val, args.eval_n)
+        evaluators = [val_loss_evaluator(args.val, args.eval_n, cfg.seed)]
+        if _has_scenes(args.val):
+            from vlv.shapes.metrics import stage1_evaluator
+
+            evaluators.append(stage1_evaluator(args.val, args.eval_n))
+        evaluator = _together(evaluators)
     done = train_stage1(settings, cfg, args.out, evaluator=evaluator,
                         recipe=resolved(recipe, train=cfg, settings=settings))
     _saved(done is not None, "encoder", args.out)

@@ -2,8 +2,10 @@
 
 run/checkpoint holds the trainable weights (safetensors, by name), the optimizer state (``torch.save`` of its
 state dict, read back with ``weights_only=True``), the EMA weights by parameter name, and trainer.json (step,
-elapsed time, history, the plan of a budgeted run). Sharded runs write a torch distributed checkpoint instead
-(:mod:`vlv.training.sharding`). Checkpoints of an older vlv (optimizer.safetensors) still resume.
+elapsed time, history, the plan of a budgeted run). Runs on several processes (sharded, or DDP) write a torch
+distributed checkpoint instead, every rank its share (:mod:`vlv.training.sharding`), so no rank waits minutes
+for another to write it all; trainer.json's ``layout`` says which. Either layout resumes on any number of
+processes; checkpoints of an older vlv (optimizer.safetensors, or no layout) still resume.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from vlv.training.config import TrainConfig
 CHECKPOINT = "checkpoint"
 MODEL, OPTIMIZER, EMA, TRAINER = "model.safetensors", "optimizer.pt", "ema.safetensors", "trainer.json"
 LEGACY_OPTIMIZER = "optimizer.safetensors"  # an older vlv's flattened AdamW moments
+SAFETENSORS, DCP = "safetensors", "dcp"  # trainer.json's layout: one process's files, or a distributed checkpoint
 
 
 @dataclass
@@ -52,23 +55,35 @@ def save_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimize
     if ema is not None:
         save_file(dict(zip(_trainable_names(model), (p.contiguous() for p in ema.shadow_params), strict=True)),
                   tmp / EMA)
-    _write_meta(tmp, state, cfg, task_name, ema_step=ema.optimization_step if ema is not None else None)
+    _write_meta(tmp, state, cfg, task_name, layout=SAFETENSORS,
+                ema_step=ema.optimization_step if ema is not None else None)
     return _swap_in(run, tmp)
 
 
 def save_sharded_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: TrainState,
-                            cfg: TrainConfig, task_name: str, accelerator: Accelerator) -> Path:
-    """Collective: every rank writes its shards into checkpoint.tmp, then rank 0 adds trainer.json and swaps it in."""
+                            cfg: TrainConfig, task_name: str, accelerator: Accelerator, ema: EMAModel | None = None
+                            ) -> Path:
+    """Collective: every rank writes its share of a distributed checkpoint (an FSDP2 model's shards, or a DDP
+    model's replicated tensors spread over the ranks) into checkpoint.tmp, then rank 0 adds trainer.json and swaps
+    it in."""
     tmp = run / (CHECKPOINT + ".tmp")
     if accelerator.is_main_process:
         _fresh(tmp)
     accelerator.wait_for_everyone()
-    sharding.save_shards(tmp / sharding.SHARDS, model, opt)
+    sharding.save_shards(tmp / sharding.SHARDS, model, opt, _ema_state(model, ema))
     if accelerator.is_main_process:
-        _write_meta(tmp, state, cfg, task_name, sharded=True, processes=accelerator.num_processes)
+        _write_meta(tmp, state, cfg, task_name, sharded=sharding.is_sharded(model), layout=DCP,
+                    processes=accelerator.num_processes, ema_step=ema.optimization_step if ema is not None else None)
         _swap_in(run, tmp)
     accelerator.wait_for_everyone()
     return run / CHECKPOINT
+
+
+def _ema_state(model: torch.nn.Module, ema: EMAModel | None) -> dict[str, dict[str, torch.Tensor]]:
+    """The EMA weights by parameter name, as a distributed checkpoint's "ema" entry (none without an EMA)."""
+    if ema is None:
+        return {}
+    return {"ema": dict(zip(_trainable_names(model), ema.shadow_params, strict=True))}
 
 
 def load_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None,
@@ -80,8 +95,11 @@ def load_checkpoint(run: Path, model: torch.nn.Module, opt: torch.optim.Optimize
     if bool(meta.get("sharded")) != sharded:
         raise InvalidInput(f"{ckpt} was written {'with' if meta.get('sharded') else 'without'} sharding: resume "
                            f"with the --sharding it was trained with ({meta['config'].get('sharding', 'ddp')})")
-    if sharded:
-        sharding.load_shards(ckpt / sharding.SHARDS, model, opt)
+    if meta.get("layout", DCP if meta.get("sharded") else SAFETENSORS) == DCP:  # any number of processes
+        ema = ema if meta.get("ema_step") is not None else None
+        sharding.load_shards(ckpt / sharding.SHARDS, model, opt, _ema_state(model, ema))
+        if ema is not None:
+            ema.optimization_step = meta["ema_step"]
     else:
         load_trainable_state(model, load_file(ckpt / MODEL))
         if opt is not None:

@@ -55,6 +55,10 @@ class TrainConfig:
     ema_decay: float | None = _f(None, "keep an EMA of the weights with this decay (none: no EMA)")
     checkpoint_every: int = _f(500, "checkpoint every this many steps")
     checkpoint_minutes: float = _f(5.0, "also checkpoint at least this often")
+    timeout_minutes: float = _f(60.0, "how long a process waits for the others at a collective (the largest save, "
+                                      "a slow data shard) before the run fails")
+    export_every: int = _f(0, "write a loadable encoder / captioner dir to RUN/exports/step_N every this many steps "
+                              "(0: only the final one)")
     eval_every: int = _f(0, "steps between evaluations (0: never)")
     log_every: int = _f(10, "steps between loss records")
     max_minutes: float | None = _f(None, "stop (with a checkpoint, resumably) after this long in this invocation",
@@ -75,6 +79,10 @@ class TrainConfig:
             raise ValueError("steps, batch_size and grad_accum must be positive")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not self.timeout_minutes > 0:
+            raise ValueError(f"timeout_minutes must be positive, got {self.timeout_minutes}")
+        if self.export_every < 0:
+            raise ValueError(f"export_every must be >= 0, got {self.export_every}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("warmup_steps, weight_decay and grad_clip must be >= 0")
         if self.schedule not in ("cosine", "linear", "constant"):

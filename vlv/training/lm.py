@@ -22,7 +22,7 @@ from vlv.modeling import write_json
 from vlv.progress import quiet_library
 from vlv.training.config import LMSettings, TrainConfig
 from vlv.training.draws import Draws
-from vlv.training.loop import Loss, train
+from vlv.training.loop import Loss, train, write_once
 from vlv.training.resume import check_request
 
 LM_FILE = "lm.json"
@@ -44,6 +44,10 @@ class LMTask:
 
     def trainable(self) -> torch.nn.Module:
         return self.lm
+
+    def export(self, out: Path) -> None:
+        """An LM dir of the weights so far (``--export-every``), as the finished run writes it."""
+        _save_lm(self.lm, self.tokenizer, out)
 
     def batch(self, step: int, rank: int, batch_size: int, device: torch.device, world_size: int = 1
               ) -> dict[str, torch.Tensor]:
@@ -131,7 +135,11 @@ def run_lm(plan: LMPlan) -> PreTrainedModel | None:
     task = LMTask(lm, tokenizer, plan.captions, plan.val_captions, seed=cfg.seed, judge=plan.judge)
     if not train(task, cfg, out).done:
         return None
+    write_once(lm, lambda: _save_lm(lm, tokenizer, out))
+    return lm
+
+
+def _save_lm(lm: PreTrainedModel, tokenizer, out: Path) -> None:
     with quiet_library():
         lm.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return lm

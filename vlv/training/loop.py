@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import torch
-from accelerate import Accelerator, DistributedType
+from accelerate import Accelerator, DistributedType, PartialState
+from accelerate.utils import InitProcessGroupKwargs
 from diffusers.training_utils import EMAModel
 
 from vlv.errors import InvalidInput, NonFiniteLoss
@@ -37,6 +41,8 @@ from vlv.training.checkpoint import (
 from vlv.training.config import TrainConfig
 from vlv.training.draws import Draws, step_draws
 from vlv.training.stop import Clock, StopFlag, StopPolicy
+
+EXPORTS = "exports"  # run/exports/step_N: --export-every's loadable dirs
 
 
 class Loss(NamedTuple):
@@ -65,6 +71,10 @@ class Task(Protocol):
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Metrics on held-out data with the given weights (EMA when the loop keeps one)."""
+
+    # Optional, for --export-every: write a loadable dir of the trainable model (its save_pretrained) into out;
+    # the loop calls it on one process, with whole weights (the EMA's when kept):
+    # def export(self, out: Path) -> None
 
     # Optional, for --sharding fsdp2 / zero2 (default: vlv.training.sharding.shard of the trainable module):
     # def shard(self, mesh, policy, reshard_after_forward: bool) -> None: fully_shard the trainable module in place
@@ -95,9 +105,11 @@ def global_mean(loss: torch.Tensor, count: torch.Tensor | int, world_size: int) 
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """The run's Accelerator: precision and gradient accumulation from the config, the GPU when there is one."""
+    """The run's Accelerator: precision and gradient accumulation from the config, the GPU when there is one, and
+    a process-group timeout long enough for the largest save (NCCL's default, 10 minutes, is not)."""
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.timeout_minutes))
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
-                       gradient_accumulation_steps=cfg.grad_accum)
+                       gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=[timeout])
 
 
 def global_batch(cfg: TrainConfig, accelerator: Accelerator) -> dict[str, int]:
@@ -146,6 +158,8 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
     """
     run, accelerator = Path(run), accelerator or make_accelerator(cfg)
     _check_launch(accelerator, cfg)
+    if cfg.export_every and getattr(task, "export", None) is None:
+        raise InvalidInput(f"--export-every: {task.name} has no loadable export; drop the flag")
     # 1. The trainable module (sharded in place when asked), AdamW over what trains, and its EMA.
     model = _trainable(task, cfg, accelerator)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -181,7 +195,10 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
             # 3c. Evaluate (EMA weights when kept).
             if cfg.eval_every and (state.step % cfg.eval_every == 0 or r.policy.finished(state.step)):
                 _record_eval(r, state, bar)
-            # 3d. Checkpoint when due, before stopping, and at the end.
+            # 3d. A loadable export of the weights so far (the end's is the run dir itself).
+            if cfg.export_every and state.step % cfg.export_every == 0 and not r.policy.finished(state.step):
+                _export(r, state.step)
+            # 3e. Checkpoint when due, before stopping, and at the end.
             if save or stop or r.policy.finished(state.step):
                 _save(r, state)
                 marks.step, marks.time = state.step, clock()
@@ -317,14 +334,61 @@ def _record_eval(r: _Run, state: TrainState, bar: tqdm) -> None:
 
 
 def _save(r: _Run, state: TrainState) -> None:
-    """Collective: the checkpoint (sharded: every rank writes its shards; else rank 0 writes it), the config as
-    the run now stands (a budget's plan for its steps)."""
+    """Collective: the checkpoint, with the config as the run now stands (a budget's plan for its steps). Several
+    processes write a distributed checkpoint, every rank its share (sharded: its shards; DDP: its part of the
+    replicated tensors, which DCP's planner spreads over the ranks), so none waits minutes for rank 0 to write it
+    all; one process writes safetensors."""
     cfg = replace(r.cfg, steps=r.policy.total)
+    model = r.accelerator.unwrap_model(r.model)
     if r.sharded:
         save_sharded_checkpoint(r.dir, r.model, r.opt, state, cfg, r.task.name, r.accelerator)
-    elif r.accelerator.is_main_process:
-        save_checkpoint(r.dir, r.accelerator.unwrap_model(r.model), r.opt, r.ema, state, cfg, r.task.name)
+    elif r.accelerator.num_processes > 1:
+        save_sharded_checkpoint(r.dir, model, r.opt, state, cfg, r.task.name, r.accelerator, ema=r.ema)
+    else:
+        save_checkpoint(r.dir, model, r.opt, r.ema, state, cfg, r.task.name)
     r.accelerator.wait_for_everyone()
+
+
+def export_dir(run: Path, step: int) -> Path:
+    """Where ``--export-every`` puts the weights of step ``step``."""
+    return Path(run) / EXPORTS / f"step_{step}"
+
+
+def _export(r: _Run, step: int) -> None:
+    """Collective: the task's loadable dir of this step's weights (the EMA's when kept), written by one process
+    into a temp dir and renamed, so an export dir is whole or absent."""
+    final = export_dir(r.dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+
+    def write() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        r.task.export(tmp)
+        shutil.rmtree(final, ignore_errors=True)  # a resumed run exporting the same step again
+        tmp.rename(final)
+
+    model = r.accelerator.unwrap_model(r.model)
+    if r.ema is not None:
+        r.ema.store(r.params)
+        r.ema.copy_to(r.params)
+    try:
+        write_once(model, write)
+    finally:
+        if r.ema is not None:
+            r.ema.restore(r.params)
+    if r.accelerator.is_main_process:
+        print(f"[{r.task.name}] step {step}: exported to {final}", flush=True)
+
+
+def write_once(module: torch.nn.Module, write: Callable[[], object]) -> None:
+    """Collective: ``write()`` the module's weights (a save_pretrained) on the main process only, the others
+    waiting; a sharded module is gathered onto the main process first (every rank takes part). Why: N processes
+    writing the same multi-GB files would multiply the disk traffic for one result."""
+    state = PartialState()
+    with sharding.gathered(module, keep=state.is_main_process):
+        if state.is_main_process:
+            write()
+    state.wait_for_everyone()
 
 
 def _evaluate(task: Task, model: torch.nn.Module, ema: EMAModel | None) -> dict[str, float]:

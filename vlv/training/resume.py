@@ -15,7 +15,8 @@ from vlv.training.config import TrainConfig
 
 # Settings a resumed run may change: how it reports, checkpoints, stops and reads data, not what it computes.
 FREE_ON_RESUME = frozenset({"progress", "max_minutes", "stop_after", "checkpoint_minutes", "checkpoint_every",
-                            "log_every", "eval_every", "resume", "num_workers", "on_bad_image"})
+                            "log_every", "eval_every", "resume", "num_workers", "on_bad_image",
+                            "timeout_minutes", "export_every"})
 
 
 def changed_settings(saved: dict[str, dict], requested: dict[str, dict]) -> list[str]:

@@ -9,13 +9,17 @@ encoder) are ``ignored_params``: replicated, never gathered. Any task can train 
 that needs it. This module is the production path on GPUs and the one the CPU tests run (gloo): accelerate
 enables FSDP only on GPUs, so vlv calls ``fully_shard`` itself under a plain DDP-style launch.
 
-Checkpoints while training are sharded (``torch.distributed.checkpoint``: each rank writes its shards of the
-trainable weights and optimizer state); a finished run holds the usual consolidated safetensors (see
-``vlv.modeling.trainable_state``, which gathers DTensors).
+Checkpoints while training are distributed (``torch.distributed.checkpoint``: each rank writes its shards of the
+trainable weights and optimizer state; a DDP run on several processes writes the same layout, its replicated
+tensors spread over the ranks); a finished run holds the usual consolidated safetensors, gathered onto the
+process that writes them (:func:`gathered`).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,6 +29,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
 from vlv.errors import InvalidInput
 
@@ -87,16 +92,48 @@ def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_shards(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
-    """Collective: every rank writes its shards of the trainable weights and of the optimizer state under path."""
-    dcp.save({"model": _trainable(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+def save_shards(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                extra: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """Collective: every rank writes its shards of the trainable weights, the optimizer state and ``extra`` (an
+    EMA's weights by name) under path. Tensors every rank holds whole (DDP's) are written once, each by the rank
+    DCP's planner picks to even out the bytes per rank."""
+    dcp.save({"model": _trainable(model), "optim": get_optimizer_state_dict(model, opt), **(extra or {})},
+             checkpoint_id=path)
 
 
-def load_shards(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None) -> None:
-    """Collective and strict: the checkpoint's trainable weights (and optimizer state) into this sharded model."""
-    state: dict = {"model": _trainable(model)}
+def load_shards(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None,
+                extra: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """Collective and strict: the checkpoint's trainable weights (optimizer state, ``extra``) into this model, in
+    place, sharded or not, on any number of processes."""
+    state: dict = {"model": _trainable(model), **(extra or {})}
     if opt is not None:
         state["optim"] = get_optimizer_state_dict(model, opt)
-    dcp.load(state, checkpoint_id=path)  # weights in place; raises on a missing key
+    with warnings.catch_warnings():  # one process resuming a checkpoint of several is what it asked for
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, checkpoint_id=path)  # weights in place; raises on a missing key
     if opt is not None:
         set_optimizer_state_dict(model, opt, state["optim"])
+
+
+@contextmanager
+def gathered(module: nn.Module, keep: bool) -> Iterator[None]:
+    """Collective: inside, ``module``'s sharded parameters are whole, on the CPU, where ``keep`` (the process
+    that saves); elsewhere they are gathered and dropped, so a save_pretrained needs no collective and runs on
+    one process. The shards are put back on exit. Nothing happens to a module that is not sharded."""
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    whole: dict[int, nn.Parameter] = {}  # tied parameters gathered once
+    try:
+        for m in module.modules():  # the same order on every rank: the gathers pair up
+            for name, p in list(m._parameters.items()):
+                if not isinstance(p, DTensor):
+                    continue
+                if id(p) not in whole:
+                    full = p.detach().full_tensor().cpu()
+                    whole[id(p)] = nn.Parameter(full, requires_grad=p.requires_grad) if keep else p
+                if keep:
+                    swapped.append((m, name, p))
+                    m._parameters[name] = whole[id(p)]
+        yield
+    finally:
+        for m, name, p in swapped:
+            m._parameters[name] = p

@@ -14,6 +14,7 @@ run (``--latents-cache`` / ``--vision-cache`` name caches made by ``vlv precompu
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -49,8 +50,8 @@ from vlv.shipped import is_shipped, resolve_decoder, resolve_encoder
 from vlv.training.caches import KINDS, Kind, build_cache, run_caches
 from vlv.training.config import Stage1Settings, TrainConfig
 from vlv.training.data import StepImages, drop_bad_rows
-from vlv.training.draws import Draws
-from vlv.training.loop import Loss, global_batch, make_accelerator, train
+from vlv.training.draws import Draws, step_seed
+from vlv.training.loop import Loss, global_batch, make_accelerator, train, write_once
 from vlv.training.recipes import user_input
 from vlv.training.resume import check_request
 
@@ -88,8 +89,9 @@ class Stage1Task:
     def __init__(self, encoder: VLVEncoder, decoder: DiffusionDecoder, data: Dataset,
                  latents: Cache | dict[str, torch.Tensor] | None = None, seed: int = 0, evaluator=None,
                  high_noise_fraction: float = 0.0, vision: Cache | None = None, image_size: int | None = None,
-                 num_workers: int = 0, on_bad_image: Literal["skip", "fail"] = "skip"):
+                 num_workers: int = 0, on_bad_image: Literal["skip", "fail"] = "skip", record: Path | None = None):
         self.encoder, self.decoder, self.seed, self.evaluator = encoder, decoder, seed, evaluator
+        self.record = record  # the run's stage1.json, copied into exports (stage 2 reads the decoder there)
         self.latents = TensorRows(latents) if isinstance(latents, dict) else latents
         self.high_noise_fraction, self.vision, self.on_bad_image = high_noise_fraction, vision, on_bad_image
         size = image_size or (data.size if isinstance(data, InMemory) else decoder.image_size)
@@ -102,6 +104,12 @@ class Stage1Task:
 
     def trainable(self) -> torch.nn.Module:
         return self.encoder
+
+    def export(self, out: Path) -> None:
+        """A stage-1 run dir of the weights so far: VLVEncoder.from_pretrained and stage 2 take it as they are."""
+        self.encoder.save_pretrained(out)
+        if self.record is not None:
+            shutil.copyfile(self.record, out / self.record.name)
 
     def batch(self, step: int, rank: int, batch_size: int, device: torch.device, world_size: int = 1
               ) -> dict[str, torch.Tensor]:
@@ -151,6 +159,62 @@ class Stage1Task:
 
     def close(self) -> None:
         self.images.close()
+
+
+# ------------------------------------------------------------------------------------ held-out loss
+class ImageDraws:
+    """Random draws fixed per held-out image: image i's posterior sample, timestep and noise come from its own
+    generator (seed, i), so every evaluation scores each image at the same t and noise, in any batch (diffusers'
+    training examples fix their validation draws likewise): the held-out loss moves only when the weights do."""
+
+    def __init__(self, seed: int, images: range, device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(step_seed(seed, i)) for i in images]
+
+    def randn(self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype | None = None
+              ) -> torch.Tensor:
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype)
+                            for g in self.generators])
+
+    def randint(self, low: int, high: int, b: int, device: torch.device | str) -> torch.Tensor:
+        return torch.cat([torch.randint(low, high, (1,), generator=g, device=device) for g in self.generators])
+
+    def rand(self, b: int, device: torch.device | str) -> torch.Tensor:
+        return torch.cat([torch.rand(1, generator=g, device=device) for g in self.generators])
+
+
+@torch.no_grad()
+def held_out_loss(encoder: VLVEncoder, decoder: DiffusionDecoder, data: InMemory, seed: int = 0,
+                  batch_size: int = 8) -> float:
+    """The stage-1 loss (uniform t) on held-out images, mean over them, with draws fixed per image."""
+    device = next(decoder.unet.parameters()).device
+    total = 0.0
+    for start in range(0, len(data), batch_size):
+        images = torch.from_numpy(data.images[start:start + batch_size])  # (B, H, W, 3) uint8
+        draws = ImageDraws(seed, range(start, start + len(images)), device)
+        z = encoder(encoder.transform.pixels(images, device))  # (B, Nq, d_T)
+        latents = decoder.latents(to_tensor(images.numpy()).to(device), draws)  # (B, C, h, w)
+        total += decoder.loss(latents, z, draws).item() * len(images)
+    return total / len(data)
+
+
+def val_loss_evaluator(val: str | Path, n: int, seed: int = 0) -> Evaluator:
+    """``evaluator(encoder, decoder)`` for ``train_stage1`` on any image data (folder, tars, parquet): the
+    held-out loss on its first ``n`` images (read once, at the decoder's resolution). The data is checked now,
+    before a run loads anything."""
+    require_data(val)
+    dataset = open_dataset(val)
+    if not len(dataset):
+        raise InvalidInput(f"--val {val}: no samples")
+    require_readable(dataset, f"--val {val}")  # an unreadable image is skipped when read, as in training
+    cache: dict[int, InMemory] = {}
+
+    def evaluate(encoder: VLVEncoder, decoder: DiffusionDecoder) -> dict[str, float]:
+        size = decoder.image_size
+        if size not in cache:
+            cache[size] = InMemory.of(val, size, limit=n, skip_bad=True)
+        return {"val_loss": held_out_loss(encoder, decoder, cache[size], seed)}
+
+    return evaluate
 
 
 def encoder_config(settings: Stage1Settings, text_dim: int) -> EncoderConfig:
@@ -310,7 +374,8 @@ def run_stage1(plan: Stage1Plan, progress: bool = True) -> VLVEncoder | None:
     task = Stage1Task(encoder, decoder, plan.dataset, latents, seed=cfg.seed,
                       evaluator=(lambda model: evaluator(model, decoder)) if evaluator else None,
                       high_noise_fraction=settings.high_noise_fraction, vision=vision, image_size=size,
-                      num_workers=settings.num_workers, on_bad_image=settings.on_bad_image)
+                      num_workers=settings.num_workers, on_bad_image=settings.on_bad_image,
+                      record=out / STAGE1_FILE)
     try:
         state = train(task, cfg, out, accelerator)
     finally:
@@ -318,7 +383,7 @@ def run_stage1(plan: Stage1Plan, progress: bool = True) -> VLVEncoder | None:
     task.images.bad.save(out, accelerator, task.name)
     if not state.done:
         return None
-    encoder.save_pretrained(out)
+    write_once(encoder, lambda: encoder.save_pretrained(out))
     return encoder
 
 

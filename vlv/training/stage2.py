@@ -16,6 +16,7 @@ captioner weights, so the stage-1 encoder that reconstructs images stays as it w
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -42,7 +43,7 @@ from vlv.training.caches import build_cache, run_text_embeds_cache
 from vlv.training.config import Stage2Settings, TrainConfig
 from vlv.training.data import StepImages, drop_bad_rows
 from vlv.training.draws import Draws
-from vlv.training.loop import Loss, global_batch, make_accelerator, train
+from vlv.training.loop import Loss, global_batch, make_accelerator, train, write_once
 from vlv.training.resume import check_request
 from vlv.training.sharding import shard
 from vlv.training.stage1 import Precomputed, recorded_decoder, stage1_record
@@ -63,7 +64,7 @@ class Stage2Task:
 
     def __init__(self, captioner: Captioner, data: Dataset, seed: int = 0, evaluator=None,
                  num_workers: int = 0, on_bad_image: Literal["skip", "fail"] = "skip",
-                 text_embeds: Cache | None = None, image_size: int | None = None):
+                 text_embeds: Cache | None = None, image_size: int | None = None, record: Path | None = None):
         if captioner.encoder is None:
             raise ValueError("stage 2 trains from images: the captioner needs the stage-1 encoder")
         if text_embeds is not None and captioner.encoder_trains:
@@ -75,6 +76,7 @@ class Stage2Task:
         elif isinstance(data, FolderDataset) and any(r.caption is None for r in data.records):
             raise ValueError(f"{data.folder} has images without captions")
         self.captioner, self.seed, self.evaluator = captioner, seed, evaluator
+        self.record = record  # the run's stage2.json, copied into exports
         self.data, self.text_embeds, self.on_bad_image = data, text_embeds, on_bad_image
         transform = captioner.encoder.transform  # the crop stage 1 trained on, unless the run reads another size
         self.images = StepImages(data, (transform.at(image_size) if image_size else transform).crop, seed,
@@ -83,6 +85,12 @@ class Stage2Task:
 
     def trainable(self) -> torch.nn.Module:
         return self.captioner
+
+    def export(self, out: Path) -> None:
+        """A stage-2 run dir of the weights so far: Captioner.from_pretrained loads it as it is."""
+        self.captioner.save_pretrained(out)
+        if self.record is not None:
+            shutil.copyfile(self.record, out / self.record.name)
 
     def batch(self, step: int, rank: int, batch_size: int, device: torch.device, world_size: int = 1
               ) -> dict[str, torch.Tensor]:
@@ -269,7 +277,7 @@ def run_stage2(plan: Stage2Plan) -> Captioner | None:
                                             cfg.batch_size, progress=cfg.progress)
     task = Stage2Task(captioner, plan.dataset, seed=cfg.seed, evaluator=plan.evaluator,
                       num_workers=settings.num_workers, on_bad_image=settings.on_bad_image, text_embeds=text_embeds,
-                      image_size=size)
+                      image_size=size, record=out / STAGE2_FILE)
     try:
         state = train(task, cfg, out, accelerator)
     finally:
@@ -277,7 +285,7 @@ def run_stage2(plan: Stage2Plan) -> Captioner | None:
     task.images.bad.save(out, accelerator, task.name)
     if not state.done:
         return None
-    captioner.save_pretrained(out)
+    write_once(captioner, lambda: captioner.save_pretrained(out))
     return captioner
 
 
