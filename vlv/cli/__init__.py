@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 
-from vlv.cli import data, demo, infer, official, train
+from vlv.cli import data, demo, infer, official, plan, train
 from vlv.errors import NonFiniteLoss, UserError
 
 # A user's mistake: an input vlv checked (UserError), or a path the system refused; any other error is a bug.
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="before the command: an unexpected error (a bug) prints one line and exits 1, "
                              "not a traceback")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (data, train, infer, official, demo):
+    for group in (data, train, plan, infer, official, demo):
         group.register(sub)
     return parser
 

@@ -11,6 +11,7 @@ from vlv.cli.flags import (
     add_fields,
     command_line,
     given,
+    gpu_memory_arg,
     positive_float,
     positive_int,
     recipe_arg,
@@ -74,7 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         recipe_arg(p, name)
         add_fields(p, settings, f"{settings_title} (recipe section 'settings')", defaults=defaults)
         add_fields(p, TrainConfig, "training loop (recipe section 'train')")
-        p.set_defaults(func=func, settings_type=settings)
+        if name in ("stage1", "stage2"):
+            gpu_memory_arg(p)
+        p.set_defaults(func=func, settings_type=settings, gpu_memory=None)
 
     run_dir = "run dir (resumes when it holds a checkpoint)"
     stage("stage1", "distil a frozen diffusion decoder into the VLV encoder (images only)", run_dir, Stage1Settings,
@@ -115,7 +118,7 @@ def cmd_train_stage1(args: argparse.Namespace) -> None:
 
         evaluator = stage1_evaluator(args.val, args.eval_n)
     done = train_stage1(settings, cfg, args.out, evaluator=evaluator,
-                        recipe=resolved(recipe, train=cfg, settings=settings))
+                        recipe=resolved(recipe, train=cfg, settings=settings), gpu_memory=args.gpu_memory)
     _saved(done is not None, "encoder", args.out)
 
 
@@ -131,7 +134,7 @@ def cmd_train_stage2(args: argparse.Namespace) -> None:
 
         evaluator = stage2_evaluator(args.val, args.eval_n)
     done = train_stage2(settings, cfg, args.out, evaluator=evaluator, tokenizer=tokenizer_for(settings.lm),
-                        recipe=resolved(recipe, train=cfg, settings=settings))
+                        recipe=resolved(recipe, train=cfg, settings=settings), gpu_memory=args.gpu_memory)
     _saved(done is not None, "captioner", args.out)
 
 
