@@ -133,3 +133,28 @@ def test_cli_plan_says_what_a_recipe_costs_and_refuses_what_does_not_fit(capsys)
     assert "name it stage1/paper or stage2/paper" in capsys.readouterr().err
     assert main(["plan", "--recipe", "stage1/shapes", "--lm", "qwen2-shapes"]) == 2
     assert "--lm is a stage2 setting" in capsys.readouterr().err
+
+
+def test_a_gpu_plan_runs_attention_as_a_gpu_does():
+    """With attention dropout a CPU falls back to the math path (it holds the L x L probabilities); a GPU plan
+    runs the memory-efficient kernel a GPU runs, and puts torch's function back."""
+    import contextlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from vlv.training.plan import _gpu_attention, _StepMemory
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def peak(gpu: bool) -> tuple[torch.Size, int]:
+        with FakeTensorMode():
+            q = torch.empty(4, 8, 256, 32, requires_grad=True)
+            tracker = _StepMemory()
+            with _gpu_attention() if gpu else contextlib.nullcontext(), tracker:
+                out = torch.nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+                out.sum().backward()
+        return out.shape, sum(s["Total"] for s in tracker.get_tracker_snapshot("peak").values())
+
+    (cpu_shape, cpu), (gpu_shape, gpu) = peak(False), peak(True)
+    assert cpu_shape == gpu_shape and gpu < cpu / 3
+    assert torch.nn.functional.scaled_dot_product_attention is sdpa

@@ -34,7 +34,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
-from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPTextConfig, CLIPTextModel, Florence2Config
 from transformers import Florence2ForConditionalGeneration as Florence2
 
@@ -176,6 +176,10 @@ def check_fits(plan: CostPlan, gpu_gib: float) -> None:
     if plan.fits(gpu_gib):
         return
     m = plan.memory
+    if not plan.trainable:  # a forward over a batch (precompute)
+        raise InvalidInput(f"{plan.task} does not fit the GPU: a batch's forward needs {_binary(m.peak)} (weights "
+                           f"{_binary(m.weights)}, activations {_binary(m.activations)} at batch {plan.batch_size}), "
+                           f"more than {USABLE:.0%} of {gpu_gib:g} GiB; try a smaller --batch-size")
     hints = [h for h, ok in (("a smaller --batch-size (with --grad-accum to keep the global batch)", True),
                              ("--gradient-checkpointing", not plan.gradient_checkpointing),
                              ("--sharding fsdp2", plan.sharding != "fsdp2" and plan.processes > 1)) if ok]
@@ -205,8 +209,9 @@ def check_memory(make_plan: Callable[[], CostPlan], gpu_gib: float | None = None
     plan = make_plan()
     check_fits(plan, limit)
     if not int(os.environ.get("RANK", 0)):
-        print(f"[plan] {plan.memory.peak / GIB:.1f} GiB per process at the peak of a step, of "
-              f"{USABLE * limit:.1f} GiB usable ({USABLE:.0%} of {limit:g}); vlv plan gives the breakdown")
+        what = "a step" if plan.trainable else "a batch's forward"
+        print(f"[plan] {_binary(plan.memory.peak)} per process at the peak of {what}, of {USABLE * limit:.1f} GiB "
+              f"usable ({USABLE:.0%} of {limit:g})" + ("; vlv plan gives the breakdown" if plan.trainable else ""))
     return plan
 
 
@@ -242,10 +247,58 @@ class _StepMemory(MemTracker):
                 self._peak_mem_snap[dev] = dict(snap)
 
 
+@contextlib.contextmanager
+def _gpu_attention() -> Iterator[None]:
+    """A GPU plan's attention: the GPU's memory-efficient kernel (torch's own op, whose fake version gives its
+    outputs and saved tensors), where the CPU's dispatch would fall back to the math path whenever attention
+    dropout is on (Florence-2's BART trains with it) and hold every L x L probability a GPU never makes. Swapped in
+    where transformers and diffusers look it up (a torch function mode would be off inside backward, where
+    gradient checkpointing recomputes the forward)."""
+    functional = torch.nn.functional
+    original = functional.scaled_dot_product_attention
+    functional.scaled_dot_product_attention = _efficient_attention
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = original
+
+
+def _efficient_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None,
+                         dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                         enable_gqa: bool = False) -> torch.Tensor:
+    """``scaled_dot_product_attention`` as CUDA runs it with a mask, dropout or fp32: (B, H, Lq, E) out."""
+    if enable_gqa and key.shape[-3] != query.shape[-3]:  # grouped keys repeated to the query heads, as SDPA does
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
+        value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
+    bias = None
+    if attn_mask is not None:  # a boolean mask becomes an additive bias, as SDPA converts it
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill(~attn_mask, float("-inf"))
+        bias = attn_mask.to(query.dtype).expand(*query.shape[:-1], key.shape[-2])
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    return torch.ops.aten._scaled_dot_product_efficient_attention(
+        query, key.to(query.dtype), value.to(query.dtype), bias, needs_grad, dropout_p, is_causal, scale=scale)[0]
+
+
+def _cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
 class _Flops(FlopCounterMode):
     """torch's FlopCounterMode without its per-module tracking, which wraps every module's tensors in autograd
     functions: under gradient checkpointing those keep alive activations the step frees, and a plan of memory
-    must not change the memory it plans."""
+    must not change the memory it plans. The CPU's attention kernel, which the fake step dispatches to, counts
+    with torch's own attention formulas (torch 2.13 registers them for the GPU kernels only)."""
+
+    def __init__(self) -> None:
+        aten = torch.ops.aten
+        super().__init__(display=False, custom_mapping={
+            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward})
 
     def __enter__(self) -> _Flops:
         self.flop_counts.clear()
@@ -339,9 +392,11 @@ def _measure(step: _Step, cfg: TrainConfig, processes: int, target: Target) -> _
             p.grad = torch.zeros_like(p)
         opt.step()  # the state a step finds from the second step on
         opt.zero_grad(set_to_none=True)
+        if target == "cuda":
+            stack.enter_context(_gpu_attention())
         tracker = _StepMemory()
         tracker.track_external(*step.parts, opt)
-        counter = _Flops(display=False)
+        counter = _Flops()
         micro = min(cfg.grad_accum, 2)
         with tracker, counter:
             for i in range(micro):
@@ -595,7 +650,7 @@ def plan_precompute(kind: str, decoder: str | Path | dict, image_size: int | Non
         part.eval()
     tracker = _StepMemory()
     tracker.track_external(*parts)
-    with mode, tracker, _Flops(display=False) as counter, torch.no_grad(), \
+    with mode, tracker, _Flops() as counter, torch.no_grad(), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         forward()
     peak = sum(s[_TOTAL_KEY] for s in tracker.get_tracker_snapshot("peak").values())
