@@ -7,14 +7,15 @@ communication), and one optimizer step of the run's own loss runs on them: the t
 shapes, under the recipe's autocast, then gradient clipping and AdamW, with the optimizer state already there (as
 from the second step on). torch's ``MemTracker`` (``torch.distributed._tools``) follows every tensor the step
 holds and gives the peak one process reaches, split into weights, gradients, optimizer state and activations;
-``torch.utils.flop_counter.FlopCounterMode`` counts the step's FLOPs (as executed: gradient checkpointing's
-recomputation included). Seconds of CPU at full scale; no GPU and no weights are needed.
+torch's FLOP counter (``torch.utils.flop_counter``) counts the step's FLOPs as executed (gradient checkpointing's
+recomputation included). No GPU and no weights are needed: a full-scale plan takes under a minute of CPU.
 
-By hand, and said so in the report: DDP's gradient buckets (one more copy of the trainable gradients: accelerate
-leaves ``gradient_as_bucket_view`` off), and the share of a GPU the check leaves to what no tensor holds (the
-CUDA context, NCCL buffers, the caching allocator's fragmentation). The fake step runs on the CPU's dispatch
-(autocast's CPU op lists and attention kernels); a GPU plan takes the GPU's optimizer (foreach AdamW, whose
-temporaries a CPU step does not make).
+The fake step runs on the CPU's dispatch (autocast's CPU op lists). A GPU plan (``target="cuda"``, the default)
+takes what a GPU runs where the two differ in memory: the memory-efficient attention kernel (a CPU falls back to
+the math path under attention dropout) and foreach AdamW (its temporaries); ``target="cpu"`` plans a CPU's step
+(``benchmarks/plan_check.py`` measures those). By hand, and said so in the report: DDP's gradient buckets (one
+more copy of the trainable gradients: accelerate leaves ``gradient_as_bucket_view`` off), and the share of a GPU
+the check leaves to what no tensor holds (the CUDA context, NCCL buffers, the caching allocator's fragmentation).
 """
 
 from __future__ import annotations
@@ -74,10 +75,11 @@ class Memory:
     optimizer: int
     activations: int  # activations, backward temporaries, gathered shards, the batch
     buckets: int = 0  # DDP's gradient buckets, by hand
+    optimizer_step: int = 0  # the temporaries of AdamW's step (foreach), when the peak is in it
 
     @property
     def peak(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.buckets
+        return self.weights + self.gradients + self.optimizer + self.optimizer_step + self.activations + self.buckets
 
 
 @dataclass
@@ -131,7 +133,9 @@ class CostPlan:
                f"{self.grad_accum} accumulation step(s)",
                f"parameters {_count(self.parameters)}, {_count(self.trainable)} trainable",
                f"peak memory per process, one step: {_binary(m.peak)} = weights {_binary(m.weights)} + gradients "
-               f"{_binary(m.gradients)} + optimizer {_binary(m.optimizer)} + activations {_binary(m.activations)}"
+               f"{_binary(m.gradients)} + optimizer {_binary(m.optimizer)}"
+               + (f" + its step's temporaries {_binary(m.optimizer_step)}" if m.optimizer_step else "")
+               + f" + activations {_binary(m.activations)}"
                + (f" + DDP buckets {_binary(m.buckets)} (by hand)" if m.buckets else ""),
                f"FLOPs per {unit}, forward + backward: {_flops(self.flops_per_sample)}"
                + (" (recomputation included)" if self.gradient_checkpointing else ""),
@@ -185,7 +189,8 @@ def check_fits(plan: CostPlan, gpu_gib: float) -> None:
                              ("--sharding fsdp2", plan.sharding != "fsdp2" and plan.processes > 1)) if ok]
     raise InvalidInput(f"{plan.recipe or plan.task} does not fit the GPU: a step needs {_binary(m.peak)} per process "
                        f"(weights {_binary(m.weights)}, gradients {_binary(m.gradients + m.buckets)}, optimizer "
-                       f"{_binary(m.optimizer)}, activations {_binary(m.activations)} at batch {plan.batch_size}), "
+                       f"{_binary(m.optimizer + m.optimizer_step)}, activations {_binary(m.activations)} at batch "
+                       f"{plan.batch_size}), "
                        f"more than {USABLE:.0%} of {gpu_gib:g} GiB; try {' or '.join(hints)}")
 
 
@@ -352,6 +357,11 @@ def _global_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _local_bytes(t: torch.Tensor) -> int:
+    """A tensor's bytes on this rank (a DTensor's shard)."""
+    return _global_bytes(t.to_local() if isinstance(t, DTensor) else t)
+
+
 @dataclass
 class _Step:
     """What one training step holds and runs, on fake modules (see :func:`_measure`)."""
@@ -419,13 +429,14 @@ def _measure(step: _Step, cfg: TrainConfig, processes: int, target: Target) -> _
         optimizer_bytes = sum(_global_bytes(v) for s in opt.state.values() for v in s.values()
                               if isinstance(v, torch.Tensor))
         trainable_bytes = sum(_global_bytes(p) for p in params)
-        local_grads = sum(p.to_local().numel() * p.element_size() if isinstance(p, DTensor)
-                          else p.numel() * p.element_size() for p in params)
+        local_grads = sum(_local_bytes(p) for p in params)
+        state = sum(_local_bytes(v) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
     buckets = local_grads if not sharded and processes > 1 else 0
+    in_optimizer = snap.get(_MemRefType.OPT, 0)  # the state, and the step's temporaries when the peak is in it
     memory = Memory(weights=snap.get(_MemRefType.PARAM, 0) + snap.get(_MemRefType.BUFFER, 0),
-                    gradients=snap.get(_MemRefType.GRAD, 0), optimizer=snap.get(_MemRefType.OPT, 0),
+                    gradients=snap.get(_MemRefType.GRAD, 0), optimizer=min(state, in_optimizer),
                     activations=sum(snap.get(k, 0) for k in (_MemRefType.ACT, _MemRefType.TEMP, _MemRefType.OTH)),
-                    buckets=buckets)
+                    buckets=buckets, optimizer_step=max(0, in_optimizer - state))
     return _Measured(memory, counter.get_total_flops() / micro, optimizer_bytes, trainable_bytes)
 
 
