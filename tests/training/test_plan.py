@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from vlv.errors import InvalidInput
 from vlv.training.config import Stage1Settings, Stage2Settings, TrainConfig
 from vlv.training.recipes import load_recipe, load_sections, section
 
@@ -102,15 +101,16 @@ def test_the_estimate_is_the_memory_a_real_step_holds():
     assert plan.flops_per_sample > 0 and [c.kind for c in plan.caches] == ["latents"]
 
 
-def test_a_run_that_does_not_fit_stops_in_one_line_before_anything_loads(shapes_data, tmp_path):
-    from vlv.training.stage1 import prepare_stage1
+def test_a_run_that_does_not_fit_stops_in_one_line_before_anything_loads(shapes_data, tmp_path, capsys):
+    from vlv.cli import main
 
-    recipe, settings, cfg = load_sections("shapes", "stage1", Stage1Settings,
-                                          {"decoder": "shapes-teacher", "data": str(shapes_data["train"])})
-    with pytest.raises(InvalidInput, match=r"does not fit the GPU: a step needs .* at batch 32\), more than 90% of "
-                                           r"0.01 GiB; try a smaller --batch-size"):
-        prepare_stage1(settings, cfg, tmp_path / "run", recipe=recipe, gpu_memory=0.01)
-    assert not (tmp_path / "run").exists()
+    run = tmp_path / "run"
+    assert main(["train", "stage1", "--decoder", "shapes-teacher", "--data", str(shapes_data["train"]), "--out",
+                 str(run), "--gpu-memory", "0.01"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stage1/shapes does not fit the GPU: a step needs" in err[0]
+    assert "at batch 32), more than 90% of 0.01 GiB; try a smaller --batch-size" in err[0]
+    assert not run.exists()  # refused before the run dir, a model or a cache was made
 
 
 def test_without_a_gpu_nothing_is_planned(monkeypatch):

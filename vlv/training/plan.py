@@ -116,6 +116,7 @@ class CostPlan:
     caches: list[CacheSize]
     samples: int | None = None
     gradient_checkpointing: bool = False
+    caption_tokens: int | None = None  # stage 2: caption + EOS tokens a sample's step took
 
     @property
     def global_batch(self) -> int:
@@ -130,7 +131,8 @@ class CostPlan:
         out = [f"{self.recipe or self.task}: {self.processes} process(es), sharding {self.sharding}, precision "
                f"{self.precision}, gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}",
                f"global batch {self.global_batch} = {self.batch_size} per process x {self.processes} process(es) x "
-               f"{self.grad_accum} accumulation step(s)",
+               f"{self.grad_accum} accumulation step(s)"
+               + (f"; captions of {self.caption_tokens} tokens" if self.caption_tokens else ""),
                f"parameters {_count(self.parameters)}, {_count(self.trainable)} trainable",
                f"peak memory per process, one step: {_binary(m.peak)} = weights {_binary(m.weights)} + gradients "
                f"{_binary(m.gradients)} + optimizer {_binary(m.optimizer)}"
@@ -618,7 +620,9 @@ def plan_stage2_models(captioner: Captioner, settings: Stage2Settings, cfg: Trai
                  lambda model, x: stage2_loss(captioner, model, x).mean, methods=("generate_ids",))
     caches = [] if captioner.encoder_trains else [
         CacheSize("text_embeds", nq * d_t * _itemsize("text_embeds") + 1, cached, samples)]
-    return _plan("stage2", recipe, step, cfg, processes, target, caches, samples, settings.gradient_checkpointing)
+    plan = _plan("stage2", recipe, step, cfg, processes, target, caches, samples, settings.gradient_checkpointing)
+    plan.caption_tokens = length
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------- precompute
