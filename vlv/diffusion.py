@@ -71,15 +71,30 @@ def random_pipeline(tokenizer, config: str = "sd21-base") -> StableDiffusionPipe
     For benchmarks without weights. SD's CLIP BPE vocabulary is not shipped, so the caller brings a tokenizer
     whose ids fit the text encoder's vocabulary.
     """
-    files = {part: CONFIGS / f"{config}-{part}.json" for part in SD_PARTS}
+    return pipeline_from_configs(pipeline_configs(config), tokenizer)
+
+
+def pipeline_configs(source: str | Path) -> dict[str, dict]:
+    """Each part's config (unet, vae, text_encoder, scheduler) of a shipped config stem (``sd21-base``) or of a
+    Stable-Diffusion-layout dir: the architecture alone, no weights read."""
+    if (Path(source) / "model_index.json").is_file():
+        files = {part: Path(source) / part / ("scheduler_config.json" if part == "scheduler" else "config.json")
+                 for part in SD_PARTS}
+    else:
+        files = {part: CONFIGS / f"{source}-{part}.json" for part in SD_PARTS}
     missing = [str(f) for f in files.values() if not f.is_file()]
     if missing:
-        raise FileNotFoundError(f"no decoder config {config!r}: missing {', '.join(missing)}")
-    cfg = {part: json.loads(f.read_text()) for part, f in files.items()}
+        raise FileNotFoundError(f"no decoder config {str(source)!r}: missing {', '.join(missing)}")
+    return {part: json.loads(f.read_text()) for part, f in files.items()}
+
+
+def pipeline_from_configs(configs: dict[str, dict], tokenizer=None) -> StableDiffusionPipeline:
+    """A random-init pipeline of these part configs (built on the current default device: ``meta`` for none)."""
     # Drop SD's stored "float16": built in fp32, and saved in fp32 so a reload stays fp32.
-    text_config = CLIPTextConfig.from_dict({k: v for k, v in cfg["text_encoder"].items() if k != "torch_dtype"})
-    return make_pipeline(AutoencoderKL.from_config(cfg["vae"]), CLIPTextModel(text_config), tokenizer,
-                         UNet2DConditionModel.from_config(cfg["unet"]), PNDMScheduler.from_config(cfg["scheduler"]))
+    text_config = CLIPTextConfig.from_dict({k: v for k, v in configs["text_encoder"].items() if k != "torch_dtype"})
+    return make_pipeline(AutoencoderKL.from_config(configs["vae"]), CLIPTextModel(text_config), tokenizer,
+                         UNet2DConditionModel.from_config(configs["unet"]),
+                         PNDMScheduler.from_config(configs["scheduler"]))
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:

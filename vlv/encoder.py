@@ -64,6 +64,17 @@ def florence2_config(source: str | dict) -> Florence2Config:
     return Florence2Config.from_dict(read_config(source))
 
 
+def florence2_architecture(source: str | dict) -> Florence2Config:
+    """The Florence2Config of any source (a config stem, a dict, a native checkpoint dir), no weights read: what
+    ``vlv.training.plan`` builds on the meta device."""
+    if not _is_checkpoint_dir(source):
+        return florence2_config(source)
+    path = check_native_florence2(resolve_florence2_name(str(source)))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no Florence-2 checkpoint at {path} (no config.json)")
+    return Florence2Config.from_pretrained(path, local_files_only=True)
+
+
 def load_florence2(path: str | Path, dtype: torch.dtype = torch.float32,
                    device: str | torch.device = "cpu") -> Florence2ForConditionalGeneration:
     """A native (transformers) Florence-2 checkpoint from a local dir or shipped name, loaded straight into

@@ -48,8 +48,9 @@ def stage1():
 
 def test_paper_stage1_is_the_official_run(stage1):
     settings, cfg, encoder, decoder = stage1
-    # The official train_stage1.sh: 384 px, fp32, no warm-up, 64 per GPU on 8 GPUs, UNet checkpointing.
-    assert (settings.image_size, cfg.mixed_precision, cfg.warmup_steps, cfg.batch_size * 8) == (384, "no", 0, 512)
+    # The official train_stage1.sh: 384 px, fp32, no warm-up, a global batch of 512 on 8 GPUs, UNet checkpointing.
+    assert (settings.image_size, cfg.mixed_precision, cfg.warmup_steps, cfg.batch_size * cfg.grad_accum * 8) == (
+        384, "no", 0, 512)
     assert (cfg.lr, cfg.betas, cfg.weight_decay, cfg.grad_clip) == (5e-5, (0.9, 0.99), 0.01, 1.0)
     assert decoder.unet.is_gradient_checkpointing
     # What trains: the queries, phi and Florence-2-large's BART (the official set), nothing of the DaViT.

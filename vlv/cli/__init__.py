@@ -15,7 +15,7 @@ import copy
 import os
 import sys
 
-from vlv.cli import data, demo, evaluate, infer, official, train
+from vlv.cli import data, demo, evaluate, infer, official, plan, train
 from vlv.errors import NonFiniteLoss, UserError
 
 # A user's mistake: an input vlv checked (UserError), or a path the system refused; any other error is a bug.
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (data, train, infer, official, demo, evaluate):
+    for group in (data, train, plan, infer, official, demo, evaluate):
         group.register(sub)
     for command in commands(parser):  # also after the command; SUPPRESS keeps a value given before it
         command.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from vlv.cli.flags import add_parquet_columns, positive_int, writable_dir, writable_file
+from vlv.cli.flags import add_parquet_columns, gpu_memory_arg, positive_int, writable_dir, writable_file
 from vlv.config import CACHE_BATCH_SIZE, CACHE_SHARD_ROWS
 
 
@@ -71,6 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="an unreadable image: an empty row (skipped in training) or stop")
         p.add_argument("--precision", choices=["no", "bf16"], default="no",
                        help="autocast of the frozen model, as the runs' --precision")
+        gpu_memory_arg(p)
         p.set_defaults(func=cmd_precompute, what=kind)
 
 
@@ -109,13 +110,14 @@ def cmd_precompute(args: argparse.Namespace) -> None:
                                       shard_rows=args.shard_rows, num_workers=args.num_workers,
                                       on_bad_image=args.on_bad_image, precision=args.precision,
                                       image_column=args.image_column, caption_column=args.caption_column,
-                                      progress=not args.quiet, image_size=args.image_size)
+                                      progress=not args.quiet, image_size=args.image_size,
+                                      gpu_memory=args.gpu_memory)
     else:
         done = precompute(args.what, args.decoder, args.data, args.out, encoder=getattr(args, "encoder", None),
                           trainable=getattr(args, "trainable", "config"), seed=getattr(args, "seed", 0),
                           image_size=args.image_size, batch_size=args.batch_size, shard_rows=args.shard_rows,
                           num_workers=args.num_workers, on_bad_image=args.on_bad_image, precision=args.precision,
                           image_column=args.image_column, caption_column=args.caption_column,
-                          progress=not args.quiet)
+                          progress=not args.quiet, gpu_memory=args.gpu_memory)
     print(f"rank {done.rank}/{done.world}: {args.what} cache of {done.samples} samples at {done.image_size} px in "
           f"{args.out} ({done.bad} bad image(s) left empty) in {time.perf_counter() - t0:.1f}s")

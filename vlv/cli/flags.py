@@ -173,6 +173,13 @@ def recipe_arg(p: argparse.ArgumentParser, task: str, default: str = "shapes") -
                    f"and the defaults they show are those of recipe {default}")
 
 
+def gpu_memory_arg(p: argparse.ArgumentParser) -> None:
+    """--gpu-memory: the GiB a plan of the command's step is checked against (vlv.training.plan)."""
+    p.add_argument("--gpu-memory", type=positive_float, default=None, metavar="GIB",
+                   help="check the plan of a step (vlv plan) against this many GiB per GPU before anything loads, "
+                        "and stop in one line when it does not fit (default: the GPU found; on a CPU, no check)")
+
+
 def command_line() -> str:
     return "vlv " + " ".join(sys.argv[1:])
 

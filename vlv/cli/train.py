@@ -12,6 +12,7 @@ from vlv.cli.flags import (
     add_sampling_args,
     command_line,
     given,
+    gpu_memory_arg,
     positive_float,
     positive_int,
     recipe_arg,
@@ -77,7 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_fields(p, settings, f"{settings_title} (recipe section 'settings')",
                    recipe=recipe_section(name, "settings"))
         add_fields(p, TrainConfig, "training loop (recipe section 'train')", recipe=recipe_section(name, "train"))
-        p.set_defaults(func=func, settings_type=settings)
+        if name in ("stage1", "stage2"):
+            gpu_memory_arg(p)
+        p.set_defaults(func=func, settings_type=settings, gpu_memory=None)
 
     run_dir = "run dir (resumes when it holds a checkpoint)"
     stage("stage1", "distil a frozen diffusion decoder into the VLV encoder (images only)", run_dir, Stage1Settings,
@@ -140,7 +143,7 @@ def cmd_train_stage1(args: argparse.Namespace) -> None:
             evaluators.append(stage1_evaluator(args.val, args.eval_n))
         evaluator = _together(evaluators)
     done = train_stage1(settings, cfg, args.out, evaluator=evaluator,
-                        recipe=resolved(recipe, train=cfg, settings=settings))
+                        recipe=resolved(recipe, train=cfg, settings=settings), gpu_memory=args.gpu_memory)
     _saved(done is not None, "encoder", args.out)
 
 
@@ -156,7 +159,7 @@ def cmd_train_stage2(args: argparse.Namespace) -> None:
 
         evaluator = stage2_evaluator(args.val, args.eval_n)
     done = train_stage2(settings, cfg, args.out, evaluator=evaluator, tokenizer=tokenizer_for(settings.lm),
-                        recipe=resolved(recipe, train=cfg, settings=settings))
+                        recipe=resolved(recipe, train=cfg, settings=settings), gpu_memory=args.gpu_memory)
     _saved(done is not None, "captioner", args.out)
 
 

@@ -42,6 +42,8 @@ from vlv.text_encoder import clip_from_embeds
 
 CACHE_FILE = "cache.json"
 CACHE_VERSION = 1
+# What each cache stores its rows in (``vlv.training.plan`` sizes a cache from it before one is made).
+CACHE_DTYPES = {"latents": "float16", "vision": "float16", "text_embeds": "float32"}
 KEY_FIELDS = ("kind", "model", "weights", "data", "resolution", "crop", "dtype", "version")
 
 
@@ -86,7 +88,7 @@ def latents_key(vae: torch.nn.Module, dataset: Dataset, resolution: int | Crop) 
     """Only what encoding touches: the VAE's config, and its encoder + quant_conv weights."""
     parts = [m for m in (vae.encoder, getattr(vae, "quant_conv", None)) if m is not None]
     return {"kind": "latents", "model": config_hash(dict(vae.config)), "weights": tensors_checksum(parts),
-            "data": data_fingerprint(dataset), **decoded_at(resolution), "dtype": "float16",
+            "data": data_fingerprint(dataset), **decoded_at(resolution), "dtype": CACHE_DTYPES["latents"],
             "version": CACHE_VERSION}
 
 
@@ -97,7 +99,8 @@ def vision_key(encoder: torch.nn.Module, dataset: Dataset, resolution: int | Cro
                  "image_mean": list(config.image_mean), "image_std": list(config.image_std)}
     return {"kind": "vision", "model": config_hash(described),
             "weights": tensors_checksum([model.vision_tower, model.multi_modal_projector]),
-            "data": data_fingerprint(dataset), **decoded_at(resolution), "dtype": "float16", "version": CACHE_VERSION}
+            "data": data_fingerprint(dataset), **decoded_at(resolution), "dtype": CACHE_DTYPES["vision"],
+            "version": CACHE_VERSION}
 
 
 def text_embeds_key(encoder: torch.nn.Module, text_encoder: torch.nn.Module, dataset: Dataset, resolution: int | Crop,
@@ -113,7 +116,8 @@ def text_embeds_key(encoder: torch.nn.Module, text_encoder: torch.nn.Module, dat
                  "text_encoder": _fields(text_encoder.config.to_dict()), "precision": precision}
     weights = tensors_checksum([encoder, text_encoder])
     return {"kind": "text_embeds", "model": config_hash(described), "weights": weights,
-            "data": data_fingerprint(dataset), **decoded_at(resolution), "dtype": "float32", "version": CACHE_VERSION}
+            "data": data_fingerprint(dataset), **decoded_at(resolution), "dtype": CACHE_DTYPES["text_embeds"],
+            "version": CACHE_VERSION}
 
 
 def _fields(config: dict[str, Any]) -> dict[str, Any]:

@@ -144,21 +144,28 @@ class Stage1Task:
 
     def loss(self, model, batch: dict[str, torch.Tensor], draws: Draws) -> Loss:
         """The diffusion loss, a mean over the batch's samples."""
-        if "vision" in batch:
-            z = model(image_features=batch["vision"])  # (B, Nq, d_T)
-        else:
-            z = model(batch["pixel_values"])  # (B, Nq, d_T)
-        if "mean" in batch:
-            latents = sample_latents(batch["mean"], batch["std"], self.decoder.vae.config.scaling_factor, draws)
-        else:
-            latents = self.decoder.latents(batch["images"], draws)  # (B, C, h, w)
-        return Loss(self.decoder.loss(latents, z, draws, high_noise_fraction=self.high_noise_fraction), len(z))
+        return stage1_loss(self.decoder, model, batch, draws, self.high_noise_fraction)
 
     def evaluate(self, model) -> dict[str, float]:
         return self.evaluator(model) if self.evaluator is not None else {}
 
     def close(self) -> None:
         self.images.close()
+
+
+def stage1_loss(decoder: DiffusionDecoder, model, batch: dict[str, torch.Tensor], draws,
+                high_noise_fraction: float = 0.0) -> Loss:
+    """One step's loss over a batch as :meth:`Stage1Task.batch` makes it (``vlv.training.plan`` runs the same one
+    on shapes alone): ``model`` is the encoder as the loop wraps it."""
+    if "vision" in batch:
+        z = model(image_features=batch["vision"])  # (B, Nq, d_T)
+    else:
+        z = model(batch["pixel_values"])  # (B, Nq, d_T)
+    if "mean" in batch:
+        latents = sample_latents(batch["mean"], batch["std"], decoder.vae.config.scaling_factor, draws)
+    else:
+        latents = decoder.latents(batch["images"], draws)  # (B, C, h, w)
+    return Loss(decoder.loss(latents, z, draws, high_noise_fraction=high_noise_fraction), len(z))
 
 
 # ------------------------------------------------------------------------------------ held-out loss
@@ -311,10 +318,11 @@ class Stage1Plan:
 
 
 def prepare_stage1(settings: Stage1Settings, cfg: TrainConfig, out: str | Path, evaluator: Evaluator | None = None,
-                   recipe: dict | None = None) -> Stage1Plan:
+                   recipe: dict | None = None, gpu_memory: float | None = None) -> Stage1Plan:
     """Check every input of a stage-1 run, reading only configs, headers and the data's index (no model loads,
     nothing is created): a mistake is one line before minutes of loading. ``evaluator(encoder, decoder)`` measures
-    held-out data every ``cfg.eval_every`` steps; ``recipe`` (the resolved recipe) is recorded in stage1.json."""
+    held-out data every ``cfg.eval_every`` steps; ``recipe`` (the resolved recipe) is recorded in stage1.json.
+    On a GPU (or given ``gpu_memory`` GiB) a run whose step does not fit is refused (:mod:`vlv.training.plan`)."""
     out = Path(out)
     decoder = resolve_decoder(settings.decoder)
     if settings.init:
@@ -341,14 +349,19 @@ def prepare_stage1(settings: Stage1Settings, cfg: TrainConfig, out: str | Path, 
         require_readable(dataset, settings.data)
     check_checkpoints(out)
     check_request(out, STAGE1_FILE, {"settings": asdict(settings), "train": asdict(cfg)}, cfg)
+    from vlv.training.plan import check_memory, plan_stage1, world_size  # it builds on this module
+
+    check_memory(lambda: plan_stage1(settings, cfg, world_size(), len(dataset), (recipe or {}).get("name"),
+                                     decoder=decoder, config=config), gpu_memory)
     return Stage1Plan(settings, cfg, out, decoder, dataset, config, evaluator, recipe)
 
 
 def train_stage1(settings: Stage1Settings, cfg: TrainConfig, out: str | Path, progress: bool = True,
-                 evaluator: Evaluator | None = None, recipe: dict | None = None) -> VLVEncoder | None:
+                 evaluator: Evaluator | None = None, recipe: dict | None = None,
+                 gpu_memory: float | None = None) -> VLVEncoder | None:
     """Check (:func:`prepare_stage1`), then train or resume a stage-1 run; returns the trained encoder, or None
     if stopped early (a re-run resumes)."""
-    return run_stage1(prepare_stage1(settings, cfg, out, evaluator, recipe), progress)
+    return run_stage1(prepare_stage1(settings, cfg, out, evaluator, recipe, gpu_memory), progress)
 
 
 def run_stage1(plan: Stage1Plan, progress: bool = True) -> VLVEncoder | None:
@@ -416,11 +429,13 @@ def precompute(kind: Kind, decoder: str | Path, data: str, out: str | Path, enco
                trainable: str = "config", seed: int = 0, image_size: int | None = None, batch_size: int | None = None,
                shard_rows: int = CACHE_SHARD_ROWS, num_workers: int = 2,
                on_bad_image: Literal["skip", "fail"] = "skip", precision: Literal["no", "bf16"] = "no",
-               image_column: str = "image", caption_column: str = "caption", progress: bool = True) -> Precomputed:
+               image_column: str = "image", caption_column: str = "caption", progress: bool = True,
+               gpu_memory: float | None = None) -> Precomputed:
     """Cache what a stage-1 run keeps frozen, once, for any number of runs (this process's shards).
 
     ``encoder`` (vision only) is a stage-1 run dir, or a named encoder / Florence-2 dir built as a stage-1 run with
-    this ``trainable`` and ``seed`` builds it. Every input is checked before a model loads.
+    this ``trainable`` and ``seed`` builds it. Every input is checked before a model loads; on a GPU (or given
+    ``gpu_memory`` GiB) a batch whose forward does not fit is refused (:mod:`vlv.training.plan`).
     """
     if kind not in KINDS:
         raise InvalidInput(f"nothing to precompute of {kind!r}: choose {' or '.join(KINDS)}")
@@ -433,6 +448,11 @@ def precompute(kind: Kind, decoder: str | Path, data: str, out: str | Path, enco
     if not len(dataset):
         raise InvalidInput(f"{data}: no samples")
     require_readable(dataset, data)  # else a cache of empty rows
+    from vlv.training.plan import check_memory, plan_precompute  # it builds on this module
+
+    check_memory(lambda: plan_precompute(kind, decoder_dir, image_size, batch_size,
+                                         vision_config if vision_config is not None else encoder, precision),
+                 gpu_memory)
     state = process_state()
     model = DiffusionDecoder.from_pretrained(decoder_dir)
     size = image_size or model.image_size

@@ -123,12 +123,7 @@ class Stage2Task:
     def loss(self, model, batch: dict[str, torch.Tensor], draws: Draws) -> Loss:
         """Cross-entropy, a mean over the caption tokens (+ EOS): the loop weighs every token of the global batch
         the same on any world size."""
-        if "text_embeds" in batch:
-            source = {"text_embeds": batch["text_embeds"]}
-        else:
-            source = {"pixel_values": batch["pixel_values"]}  # (B, 3, S, S)
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **source).loss
-        return Loss(loss, batch["attention_mask"].sum())
+        return stage2_loss(model, batch)
 
     def evaluate(self, model) -> dict[str, float]:
         return self.evaluator(model) if self.evaluator is not None else {}
@@ -140,6 +135,17 @@ class Stage2Task:
 
     def close(self) -> None:
         self.images.close()
+
+
+def stage2_loss(model, batch: dict[str, torch.Tensor]) -> Loss:
+    """One step's loss over a batch as :meth:`Stage2Task.batch` makes it (``vlv.training.plan`` runs the same one
+    on shapes alone): ``model`` is the captioner as the loop wraps it."""
+    if "text_embeds" in batch:
+        source = {"text_embeds": batch["text_embeds"]}
+    else:
+        source = {"pixel_values": batch["pixel_values"]}  # (B, 3, S, S)
+    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **source).loss
+    return Loss(loss, batch["attention_mask"].sum())
 
 
 def build_captioner(settings: Stage2Settings, seed: int,
@@ -206,10 +212,12 @@ class Stage2Plan:
 
 
 def prepare_stage2(settings: Stage2Settings, cfg: TrainConfig, out: str | Path, evaluator: Evaluator | None = None,
-                   tokenizer: PreTrainedTokenizerBase | None = None, recipe: dict | None = None) -> Stage2Plan:
+                   tokenizer: PreTrainedTokenizerBase | None = None, recipe: dict | None = None,
+                   gpu_memory: float | None = None) -> Stage2Plan:
     """Check every input of a stage-2 run before any model loads (nothing is created).
 
-    ``tokenizer`` is needed only for a random-init LM source; ``recipe`` is recorded in stage2.json.
+    ``tokenizer`` is needed only for a random-init LM source; ``recipe`` is recorded in stage2.json. On a GPU (or
+    given ``gpu_memory`` GiB) a run whose step does not fit is refused (:mod:`vlv.training.plan`).
     """
     out = Path(out)
     require_data(settings.data)
@@ -236,6 +244,10 @@ def prepare_stage2(settings: Stage2Settings, cfg: TrainConfig, out: str | Path, 
         settings = replace(settings, text_embeds_cache=str(Path(settings.text_embeds_cache).resolve()))
     check_checkpoints(out)
     check_request(out, STAGE2_FILE, {"settings": asdict(settings), "train": asdict(cfg)}, cfg)
+    from vlv.training.plan import check_memory, plan_stage2, world_size  # it builds on this module
+
+    check_memory(lambda: plan_stage2(settings, cfg, world_size(), len(dataset), (recipe or {}).get("name"),
+                                     tokenizer=tokenizer), gpu_memory)
     return Stage2Plan(settings, cfg, out, dataset, evaluator, tokenizer, recipe)
 
 
@@ -253,10 +265,10 @@ def check_text_embeds(settings: Stage2Settings) -> None:
 
 def train_stage2(settings: Stage2Settings, cfg: TrainConfig, out: str | Path, progress: bool = True,
                  evaluator: Evaluator | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
-                 recipe: dict | None = None) -> Captioner | None:
+                 recipe: dict | None = None, gpu_memory: float | None = None) -> Captioner | None:
     """Check (:func:`prepare_stage2`), then train or resume a stage-2 run; returns the trained captioner, or None
     if stopped early (a re-run resumes)."""
-    return run_stage2(prepare_stage2(settings, cfg, out, evaluator, tokenizer, recipe))
+    return run_stage2(prepare_stage2(settings, cfg, out, evaluator, tokenizer, recipe, gpu_memory))
 
 
 def run_stage2(plan: Stage2Plan) -> Captioner | None:
@@ -294,7 +306,7 @@ def precompute_text_embeds(decoder: str | Path | None, encoder: str, data: str, 
                            num_workers: int = 2, on_bad_image: Literal["skip", "fail"] = "skip",
                            precision: Literal["no", "bf16"] = "no", image_column: str = "image",
                            caption_column: str = "caption", progress: bool = True,
-                           image_size: int | None = None) -> Precomputed:
+                           image_size: int | None = None, gpu_memory: float | None = None) -> Precomputed:
     """Cache c = T(E(x)) once for any number of stage-2 runs at level mlp / mlp+llm (``--text-embeds-cache``) with
     this decoder's T (None: the stage-1 run's), stage-1 ``encoder``, data at ``image_size`` (None: the stage-1
     run's, as stage 2 reads it) and ``precision`` (this process's shards). ``batch_size``: the runs' per-process
@@ -311,6 +323,10 @@ def precompute_text_embeds(decoder: str | Path | None, encoder: str, data: str, 
     if not len(dataset):
         raise InvalidInput(f"{data}: no samples")
     require_readable(dataset, data)  # else a cache of empty rows
+    from vlv.training.plan import check_memory, plan_precompute  # it builds on this module
+
+    check_memory(lambda: plan_precompute("text_embeds", decoder_dir, image_size, batch_size, encoder, precision),
+                 gpu_memory)
     state = process_state()
     text_encoder = load_text_encoder(decoder_dir).to(state.device)
     vlv_encoder = VLVEncoder.from_pretrained(encoder).to(state.device)
