@@ -195,7 +195,7 @@ def stage2_rows(args: argparse.Namespace, dev: torch.device, plans: dict) -> lis
         captioner = Captioner(config, te.requires_grad_(False), encoder, lm=build_lm(settings.lm),
                               tokenizer=build_shapes_tokenizer())
     if settings.gradient_checkpointing:
-        captioner.lm.gradient_checkpointing_enable()
+        captioner.lm.activation_checkpointing_enable()
     captioner.to(dev).train()
     params = [p for p in captioner.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)

@@ -202,7 +202,7 @@ def measure(row: str) -> dict:
     else:
         trained = captioner = models["captioner"]
         if settings.gradient_checkpointing:
-            captioner.lm.gradient_checkpointing_enable()
+            captioner.lm.activation_checkpointing_enable()
         side, length = captioner.encoder.config.image_size, settings.max_new_tokens
 
         def batch() -> dict[str, torch.Tensor]:

@@ -97,7 +97,7 @@ def sharded_child(args: argparse.Namespace) -> None:
     config = CaptionerConfig(text_dim=text_encoder.config.hidden_size, lm=args.lm, trainable="mlp+llm")
     captioner = Captioner(config, text_encoder, tokenizer=build_shapes_tokenizer()).to(dev)
     if args.gradient_checkpointing:
-        captioner.lm.gradient_checkpointing_enable()
+        captioner.lm.activation_checkpointing_enable()
     precision = (args.precision or ["fp32"])[0]
     if mode == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(captioner, device_ids=[dev] if dev.type == "cuda" else None)
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                                  max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams)
         captioner = Captioner(config, text_encoder, tokenizer=tokenizer).to(dev)
         if settings.gradient_checkpointing:
-            captioner.lm.gradient_checkpointing_enable()
+            captioner.lm.activation_checkpointing_enable()
         params = [q for q in captioner.parameters() if q.requires_grad]
         n_train = sum(q.numel() for q in params)
         n_lm = sum(q.numel() for q in captioner.lm.parameters())

@@ -233,7 +233,9 @@ class Captioner(nn.Module):
         # Position Nq - 1 predicts the first caption token; padding is ignored by the mask, not by id.
         labels = torch.cat([input_ids.new_full((b, 1), IGNORE), input_ids.masked_fill(attention_mask == 0, IGNORE)],
                            dim=1)  # (B, 1 + L)
+        # use_cache=False: a loss needs no KV cache (and with gradient checkpointing transformers warns about it)
         return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels, logits_to_keep=labels.shape[1],
+                       use_cache=False,
                        **({"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}))
 
     # ------------------------------------------------------------------------------------ generation

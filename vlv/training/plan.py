@@ -607,7 +607,7 @@ def plan_stage2_models(captioner: Captioner, settings: Stage2Settings, cfg: Trai
     """The cost of a stage-2 run of this meta captioner, its captions at ``caption_tokens`` tokens + EOS (default
     the longest a step trains on, ``max_new_tokens``)."""
     if settings.gradient_checkpointing:  # as build_captioner does
-        captioner.lm.gradient_checkpointing_enable()
+        captioner.lm.activation_checkpointing_enable()
     cached = settings.caches_text_embeds
     b, length = cfg.batch_size, caption_tokens or settings.max_new_tokens
     nq, side, d_t = captioner.encoder.config.num_queries, captioner.encoder.config.image_size, captioner.config.text_dim
