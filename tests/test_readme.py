@@ -44,3 +44,36 @@ def test_the_results_file_quotes_metrics_json():
         assert row[1] == f"{100 * m['scene_accuracy']:.1f}%" and row[2] == f"{m['object_f1']:.3f}", row
         checked += 1
     assert checked == 5
+
+
+def _command_lines(text: str) -> list[list[str]]:
+    """Every vlv command in README's code blocks, as argv (continuations joined, comments and prompts cut)."""
+    import shlex
+
+    lines, out = [], []
+    for block in re.findall(r"```(?:bash)?\n(.*?)```", text, re.S):
+        lines += re.sub(r"\\\n\s*", " ", block).splitlines()
+    for line in lines:
+        line = re.sub(r"\s+#.*$", "", line.removeprefix("$ ")).strip()
+        if "..." in line or "<" in line:
+            continue  # an elided or templated line
+        words = shlex.split(line)
+        if words[:1] == ["vlv"]:
+            out.append(words[1:])
+        elif "vlv.cli" in words:
+            out.append(words[words.index("vlv.cli") + 1:])
+    return out
+
+
+def test_every_vlv_command_readme_shows_parses(tmp_path, monkeypatch):
+    """A researcher copies README's commands as written: each names flags and values the CLI takes."""
+    from vlv.cli import build_parser
+
+    monkeypatch.chdir(tmp_path)  # --out paths are checked for writability, relative to here
+    commands = _command_lines((ROOT / "README.md").read_text())
+    assert len(commands) > 30
+    for argv in commands:
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"README: `vlv {' '.join(argv)}` does not parse")
