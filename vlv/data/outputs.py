@@ -22,6 +22,7 @@ import os
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -133,12 +134,17 @@ def job_key(command: str, inputs: Inputs, models: Sequence[Path], settings: dict
 
 
 # --------------------------------------------------------------------------------------------------- partial
+# How long a process of a job (a cache, an inference or evaluation over a large set) waits at a collective: the
+# early ones wait there for the slowest one's share, longer than torch's default (10 minutes under NCCL).
+JOB_TIMEOUT = timedelta(hours=3)
+
+
 def process_state():
     """This process's rank and the world: accelerate's, so torchrun and accelerate launch work alike. Without a
     GPU, accelerate joins the processes only when told it runs on CPUs (else each would think it is alone)."""
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=JOB_TIMEOUT)
 
 
 def partial_folder(out: Path, is_dir: bool) -> Path:
