@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--out", type=writable_dir, required=True, help=out_help)
         if val_help:
             p.add_argument("--val", type=Path, default=None, help=val_help + " (default: none, no evaluation)")
-            p.add_argument("--eval-n", type=positive_int, default=200, help="val scenes per evaluation")
+            p.add_argument("--eval-n", type=positive_int, default=200, help="val samples per evaluation")
         recipe_arg(p, name)
         add_fields(p, settings, f"{settings_title} (recipe section 'settings')",
                    recipe=recipe_section(name, "settings"))
@@ -86,13 +86,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     stage("stage1", "distil a frozen diffusion decoder into the VLV encoder (images only)", run_dir, Stage1Settings,
           "inputs and method", cmd_train_stage1,
           val_help="held-out images (folder, tars or parquet) for a periodic held-out loss, noise and timesteps "
-                   "fixed per image; a shapes folder adds reconstruction accuracy")
+                   "fixed per image, and a few reconstructions (RUN/val); a shapes folder adds reconstruction "
+                   "accuracy")
     stage("lm", "pre-train the small shapes language model on caption text", "LM dir (transformers layout)",
           LMSettings, "inputs", cmd_train_lm)
     stage("florence2", "pre-train the small shapes Florence-2 on object detection (<OD>)",
           "Florence-2 dir (transformers' native layout)", DetectionSettings, "inputs", cmd_train_florence2)
     stage("stage2", "teach a causal LM to read stage-1 embeddings out as captions", run_dir, Stage2Settings,
-          "inputs and method", cmd_train_stage2, val_help="shapes folder for periodic caption accuracy")
+          "inputs and method", cmd_train_stage2,
+          val_help="held-out image-caption data (folder, tars or parquet) for a periodic held-out caption loss and "
+                   "a few sample captions (RUN/val); a shapes folder adds caption accuracy")
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -155,9 +158,14 @@ def cmd_train_stage2(args: argparse.Namespace) -> None:
     recipe, settings, cfg = _sections(args, "stage2")
     evaluator = None
     if args.val:
-        from vlv.shapes.metrics import stage2_evaluator
+        from vlv.training.stage2 import val_caption_evaluator
 
-        evaluator = stage2_evaluator(args.val, args.eval_n)
+        evaluators = [val_caption_evaluator(args.val, args.eval_n, settings.image_column, settings.caption_column)]
+        if _has_scenes(args.val):
+            from vlv.shapes.metrics import stage2_evaluator
+
+            evaluators.append(stage2_evaluator(args.val, args.eval_n))
+        evaluator = _together(evaluators)
     done = train_stage2(settings, cfg, args.out, evaluator=evaluator, tokenizer=tokenizer_for(settings.lm),
                         recipe=resolved(recipe, train=cfg, settings=settings), gpu_memory=args.gpu_memory)
     _saved(done is not None, "captioner", args.out)

@@ -57,8 +57,9 @@ def _f(default, help: str):
 
 
 # Loop fields that are the whole teacher's, not a phase's: one seed for the run (section ``settings``); the
-# time limit, resume policy and progress bar come from the command. Neither a phase section nor a flag sets them.
-TEACHER_OWNED = ("seed", "max_minutes", "budget_minutes", "progress", "resume")
+# time limit, resume policy and progress bar come from the command; it reports to no tracker. Neither a phase
+# section nor a flag sets them.
+TEACHER_OWNED = ("seed", "max_minutes", "budget_minutes", "progress", "resume", "report_to")
 PHASES = ("vae", "unet")
 
 

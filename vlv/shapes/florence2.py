@@ -37,6 +37,7 @@ from vlv.shapes.config import DetectionSettings
 from vlv.training.config import TrainConfig
 from vlv.training.draws import Draws
 from vlv.training.loop import Loss, train
+from vlv.training.tracking import check_report_to
 
 RECORD_FILE = "florence2.json"
 LOC_BINS = world.SIZE  # one location token per pixel of the 64-px canvas
@@ -129,6 +130,7 @@ class DetectionTask:
     """Trainable: the whole Florence-2. Loss: next-token cross-entropy of the OD text (the model's own loss)."""
 
     name = "florence2"
+    unit = "tokens"  # what a loss's count counts: the trackers' throughput
 
     def __init__(self, model: Florence2ForConditionalGeneration, tokenizer: PreTrainedTokenizerFast,
                  scenes: list[world.Scene], val: list[world.Scene] | None = None, image_size: int = world.SIZE,
@@ -199,6 +201,7 @@ def train_florence2(settings: DetectionSettings, cfg: TrainConfig, out: Path, re
     """
     out = Path(out)
     require_dirs(settings.data, settings.val)
+    check_report_to(cfg.report_to)
     check_checkpoints(out)
     scenes = read_scenes(Path(settings.data))
     val = read_scenes(Path(settings.val))[: settings.eval_n] if settings.val else None

@@ -61,6 +61,9 @@ class TrainConfig:
                               "(0: only the final one)")
     eval_every: int = _f(0, "steps between evaluations (0: never)")
     log_every: int = _f(10, "steps between loss records")
+    report_to: Literal["none", "tensorboard"] = _f(
+        "none", "also send loss, lr, throughput and evaluations (with their sample images and captions) to this "
+                "tracker, through accelerate, into RUN/logs (tensorboard: pip install 'vlv[tracking]')")
     max_minutes: float | None = _f(None, "stop (with a checkpoint, resumably) after this long in this invocation",
                                    flag="--minutes")
     budget_minutes: float | None = _f(None, "plan the step count (and the schedule) to fill this wall time; "
@@ -93,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"sharding must be ddp, fsdp2 or zero2, got {self.sharding!r}")
         if self.sharding != "ddp" and self.ema_decay:
             raise ValueError("EMA is not kept under sharded training (--sharding fsdp2/zero2): drop --ema-decay")
+        if self.report_to not in ("none", "tensorboard"):
+            raise ValueError(f"report_to must be none or tensorboard, got {self.report_to!r}")
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if self.budget_minutes is not None and self.budget_minutes <= 0:

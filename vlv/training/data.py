@@ -14,10 +14,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from vlv.checks import read_json
-from vlv.data.datasets import Dataset, InMemory
+from vlv.checks import read_json, require_data
+from vlv.data.datasets import Dataset, InMemory, open_dataset, require_readable
 from vlv.data.images import Crop
 from vlv.data.loader import StepLoader
+from vlv.errors import InvalidInput
 from vlv.modeling import write_json
 
 DATA_FILE = "data.json"
@@ -103,3 +104,23 @@ def drop_bad_rows(idx: np.ndarray, ok: np.ndarray, source: StepImages, step: int
         raise ValueError(f"bad image {names[0]}: it could not be read when the cache was made")
     source.bad.add(step, rank, names)
     return ok
+
+
+def open_val(val: str | Path, image_column: str = "image", caption_column: str = "caption",
+             captions: int = 0) -> Dataset:
+    """Held-out data for ``--val`` (folder, tars or parquet), checked before a run loads anything: it exists, holds
+    samples, some image reads (an unreadable one is skipped when read, as in training) and, given ``captions``,
+    its first ``captions`` samples have one."""
+    try:
+        require_data(val)
+        dataset = open_dataset(val, image_column, caption_column)
+    except (FileNotFoundError, NotADirectoryError, InvalidInput) as e:  # each names the path
+        raise InvalidInput(f"--val: {e}") from None
+    if not len(dataset):
+        raise InvalidInput(f"--val {val}: no samples")
+    missing = next((i for i in range(min(captions, len(dataset))) if dataset.caption(i) is None), None)
+    if missing is not None:
+        raise InvalidInput(f"--val {val}: sample {dataset.where(missing)} has no caption; a held-out caption loss "
+                           "needs image-caption data")
+    require_readable(dataset, f"--val {val}")
+    return dataset

@@ -32,6 +32,7 @@ class LMTask:
     """Trainable: the whole LM. Loss: next-token cross-entropy on ``[bos] caption [eos]`` (padding ignored)."""
 
     name = "lm"
+    unit = "tokens"  # what a loss's count counts: the trackers' throughput
 
     def __init__(self, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, captions: list[str],
                  val_captions: list[str] | None = None, seed: int = 0, eval_samples: int = 64,

@@ -2,7 +2,8 @@
 
 A stage is a :class:`Task`: it names its trainable module and computes ``loss(model, batch, draws)``. The loop
 owns everything else: AdamW, warmup + cosine schedule, gradient clipping, mixed precision, EMA, progress bar,
-when to stop (:mod:`vlv.training.stop`) and checkpoints that survive a kill (:mod:`vlv.training.checkpoint`).
+when to stop (:mod:`vlv.training.stop`), checkpoints that survive a kill (:mod:`vlv.training.checkpoint`) and what
+the run reports (:mod:`vlv.training.tracking`).
 
 Determinism: the batch of step k on process r is a pure function of (seed, k, r), and its random draws (noise,
 timesteps) of (seed, k) and the sample's place in the global batch (:mod:`vlv.training.draws`), so a run
@@ -18,7 +19,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -30,7 +31,7 @@ from diffusers.training_utils import EMAModel
 
 from vlv.errors import InvalidInput, NonFiniteLoss
 from vlv.progress import tqdm
-from vlv.training import sharding
+from vlv.training import sharding, tracking
 from vlv.training.checkpoint import (
     TrainState,
     has_checkpoint,
@@ -56,6 +57,8 @@ class Task(Protocol):
     """What a stage supplies to the loop."""
 
     name: str
+    # Optional: what a loss's count counts ("images", "tokens"), for the trackers' throughput (default "items").
+    # unit: str
 
     def trainable(self) -> torch.nn.Module:
         """The module whose parameters with requires_grad train; frozen parts live elsewhere."""
@@ -69,8 +72,9 @@ class Task(Protocol):
         """(mean loss, item count) on this rank; ``model`` is the (possibly DDP-wrapped) trainable module. Random
         draws come from ``draws`` (per sample of the global batch). The loop weighs ranks by their counts."""
 
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """Metrics on held-out data with the given weights (EMA when the loop keeps one)."""
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float | tracking.ImageGrid | tracking.Texts]:
+        """Metrics on held-out data with the given weights (EMA when the loop keeps one), and samples to show
+        (reconstructions, captions: written to RUN/val and sent to the trackers)."""
 
     # Optional, for --export-every: write a loadable dir of the trainable model (its save_pretrained) into out;
     # the loop calls it on one process, with whole weights (the EMA's when kept):
@@ -92,24 +96,27 @@ def lr_at(step: int, cfg: TrainConfig, total: int | None) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
 
 
-def global_mean(loss: torch.Tensor, count: torch.Tensor | int, world_size: int) -> torch.Tensor:
-    """A rank's mean over its ``count`` items, weighted by count x world size / all ranks' count: DDP's gradient
-    average is then the mean over every rank's items, as one process takes it. One device all-reduce of the
-    count, no host sync; one process returns the loss untouched (bit for bit)."""
+def global_mean(loss: torch.Tensor, count: torch.Tensor | int, world_size: int
+                ) -> tuple[torch.Tensor, torch.Tensor | int]:
+    """(a rank's mean over its ``count`` items weighted by count x world size / all ranks' count, all ranks' count):
+    DDP's gradient average is then the mean over every rank's items, as one process takes it. One device
+    all-reduce of the count, no host sync; one process returns the loss untouched (bit for bit)."""
     if world_size == 1:
-        return loss
+        return loss, count
     count = count.float() if torch.is_tensor(count) else torch.full((), float(count), device=loss.device)
     total = count.clone()
     torch.distributed.all_reduce(total)
-    return loss * (count * world_size / total)
+    return loss * (count * world_size / total), total
 
 
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """The run's Accelerator: precision and gradient accumulation from the config, the GPU when there is one, and
-    a process-group timeout long enough for the largest save (NCCL's default, 10 minutes, is not)."""
+def make_accelerator(cfg: TrainConfig, run: Path | None = None) -> Accelerator:
+    """The run's Accelerator: precision and gradient accumulation from the config, the GPU when there is one, a
+    process-group timeout long enough for the largest save (NCCL's default, 10 minutes, is not), and the tracker
+    of ``cfg.report_to`` writing into ``run``/logs."""
     timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.timeout_minutes))
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
-                       gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=[timeout])
+                       gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=[timeout],
+                       **tracking.tracking_kwargs(cfg.report_to, run))
 
 
 def global_batch(cfg: TrainConfig, accelerator: Accelerator) -> dict[str, int]:
@@ -140,11 +147,18 @@ class _Run:
 
 @dataclass
 class _Marks:
-    """The last checkpoint (step, clock time) and the first step with a non-finite loss (on the device, -1)."""
+    """The last checkpoint (step, clock time) and the first step with a non-finite loss (on the device, -1); for
+    the trackers, since the last log step (clock time, step): the summed step losses and items (on the device) and
+    the seconds spent on evaluations, exports and checkpoints (not steps, so not in the throughput)."""
 
     step: int
     time: float
     bad: torch.Tensor
+    losses: torch.Tensor
+    items: torch.Tensor
+    logged: float
+    logged_step: int
+    paused: float = 0.0
 
 
 def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | None = None,
@@ -154,9 +168,13 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
     The trainable module trains in train mode (its own ``train()`` keeps frozen parts in eval) and evaluates in
     eval mode. On return it is in eval mode and holds the final weights, or the EMA weights when cfg.ema_decay is
     set.
-    ``clock`` times the run (limits, budget, time-based checkpoints): tests pass a fake one.
+    The Accelerator's trackers (``make_accelerator``'s for ``cfg.report_to``, or any accelerate takes in
+    ``log_with``) get the mean loss, lr and items per second at log steps, and each evaluation's metrics and
+    samples (:mod:`vlv.training.tracking`); they are closed on return.
+    ``clock`` times the run (limits, budget, time-based checkpoints, throughput): tests pass a fake one.
     """
-    run, accelerator = Path(run), accelerator or make_accelerator(cfg)
+    run = Path(run)
+    accelerator = accelerator or make_accelerator(cfg, run)
     _check_launch(accelerator, cfg)
     if cfg.export_every and getattr(task, "export", None) is None:
         raise InvalidInput(f"--export-every: {task.name} has no loadable export; drop the flag")
@@ -174,43 +192,63 @@ def train(task: Task, cfg: TrainConfig, run: Path, accelerator: Accelerator | No
     model.train()
     r = _Run(task, cfg, run, accelerator, model, opt, params, ema, StopPolicy.of(cfg, state.planned_steps, clock))
     _announce(r, state)
-    # 3. Steps until the policy, a signal or a non-finite loss ends the run.
-    bar = tqdm(total=r.policy.total, initial=state.step, desc=task.name, unit="step",
-               disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
-    marks = _Marks(state.step, clock(), torch.full((), -1, dtype=torch.long, device=accelerator.device))
-    r.policy.start(state.step, state.elapsed_s)
-    running = None  # the smoothed loss, kept on the device between log steps
-    with StopFlag() as flag:
-        while not r.policy.finished(state.step):
-            # 3a. One optimiser step over grad_accum micro-steps, with no host sync.
-            r.policy.step_begins(state.step)
-            value = _optimizer_step(r, state.step)
-            state.step += 1
-            marks.bad = torch.where((marks.bad < 0) & ~torch.isfinite(value), state.step, marks.bad)
-            state.elapsed_s = r.policy.elapsed_s()
-            running = value if running is None else 0.95 * running + 0.05 * value
-            bar.update(1)
-            # 3b. At decision steps: log; stop, checkpoint and plan, decided once for all ranks.
-            save, stop = _decide(r, state, marks, running, flag.stop, bar)
-            # 3c. Evaluate (EMA weights when kept).
-            if cfg.eval_every and (state.step % cfg.eval_every == 0 or r.policy.finished(state.step)):
-                _record_eval(r, state, bar)
-            # 3d. A loadable export of the weights so far (the end's is the run dir itself).
-            if cfg.export_every and state.step % cfg.export_every == 0 and not r.policy.finished(state.step):
-                _export(r, state.step)
-            # 3e. Checkpoint when due, before stopping, and at the end.
-            if save or stop or r.policy.finished(state.step):
-                _save(r, state)
-                marks.step, marks.time = state.step, clock()
-            if stop:
-                break
-    bar.close()
+    accelerator.init_trackers(task.name, config=tracking.hparams(asdict(cfg)))  # those of make_accelerator's
+    try:
+        _steps(r, state, clock)
+    finally:
+        tracking.finish(accelerator)
     # 4. The final weights: the EMA's when kept.
     state.done = r.policy.finished(state.step)
     if ema is not None:
         ema.copy_to([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad])
     model.eval()  # handed back for saving and use, as from_pretrained would give it
     return state
+
+
+def _steps(r: _Run, state: TrainState, clock: Clock) -> None:
+    """3. Steps until the policy, a signal or a non-finite loss ends the run."""
+    cfg, accelerator = r.cfg, r.accelerator
+    bar = tqdm(total=r.policy.total, initial=state.step, desc=r.task.name, unit="step",
+               disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
+    zero, start = torch.zeros((), device=accelerator.device), clock()
+    marks = _Marks(state.step, start, torch.full((), -1, dtype=torch.long, device=accelerator.device),
+                   zero.clone(), zero.clone(), start, state.step)
+    r.policy.start(state.step, state.elapsed_s)
+    running = None  # the smoothed loss, kept on the device between log steps
+    with StopFlag() as flag:
+        while not r.policy.finished(state.step):
+            # 3a. One optimiser step over grad_accum micro-steps, with no host sync.
+            r.policy.step_begins(state.step)
+            value, items = _optimizer_step(r, state.step)
+            state.step += 1
+            marks.bad = torch.where((marks.bad < 0) & ~torch.isfinite(value), state.step, marks.bad)
+            marks.losses += value
+            marks.items += items
+            state.elapsed_s = r.policy.elapsed_s()
+            running = value if running is None else 0.95 * running + 0.05 * value
+            bar.update(1)
+            # 3b. At decision steps: log; stop, checkpoint and plan, decided once for all ranks.
+            save, stop = _decide(r, state, marks, running, flag.stop, bar)
+            finished = r.policy.finished(state.step)
+            evaluate = cfg.eval_every and (state.step % cfg.eval_every == 0 or finished)
+            export = cfg.export_every and state.step % cfg.export_every == 0 and not finished
+            save = save or stop or finished
+            if evaluate or export or save:
+                began = clock()
+                # 3c. Evaluate (EMA weights when kept).
+                if evaluate:
+                    _record_eval(r, state, bar)
+                # 3d. A loadable export of the weights so far (the end's is the run dir itself).
+                if export:
+                    _export(r, state.step)
+                # 3e. Checkpoint when due, before stopping, and at the end.
+                if save:
+                    _save(r, state)
+                    marks.step, marks.time = state.step, clock()
+                marks.paused += clock() - began  # not step time: kept out of the throughput
+            if stop:
+                break
+    bar.close()
 
 
 def _check_launch(accelerator: Accelerator, cfg: TrainConfig) -> None:
@@ -258,13 +296,14 @@ def _announce(r: _Run, state: TrainState) -> None:
           f"{sizes['processes']} process(es) x {cfg.grad_accum} accumulation step(s)")
 
 
-def _optimizer_step(r: _Run, step: int) -> torch.Tensor:
-    """Optimiser step ``step`` over its grad_accum micro-steps (and the EMA's); returns its mean loss (device)."""
+def _optimizer_step(r: _Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimiser step ``step`` over its grad_accum micro-steps (and the EMA's); returns its mean loss and the
+    items it was taken over, on all ranks (device)."""
     cfg, accelerator = r.cfg, r.accelerator
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     for group in r.opt.param_groups:
         group["lr"] = lr_at(step, cfg, r.policy.total)
-    value = torch.zeros((), device=device)
+    value, items = torch.zeros((), device=device), torch.zeros((), device=device)
     for micro in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
         draws = step_draws(cfg.seed, micro, rank, world, device)
         batch = r.task.batch(micro, rank, cfg.batch_size, device, world_size=world)
@@ -272,16 +311,17 @@ def _optimizer_step(r: _Run, step: int) -> torch.Tensor:
             if r.sharded:
                 r.model.set_requires_gradient_sync(accelerator.sync_gradients)
             with accelerator.autocast():
-                loss = global_mean(*r.task.loss(r.model, batch, draws), world)
+                loss, count = global_mean(*r.task.loss(r.model, batch, draws), world)
             accelerator.backward(loss)  # the loss / grad_accum
             if cfg.grad_clip and accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(r.params, cfg.grad_clip)
             r.opt.step()
             r.opt.zero_grad(set_to_none=True)
         value += loss.detach().float() / cfg.grad_accum
+        items += count
     if r.ema is not None:
         r.ema.step(r.params)
-    return value
+    return value, items
 
 
 def _decide(r: _Run, state: TrainState, marks: _Marks, running: torch.Tensor, signalled: bool, bar: tqdm
@@ -295,10 +335,13 @@ def _decide(r: _Run, state: TrainState, marks: _Marks, running: torch.Tensor, si
     if not (log or plan_due or due or stop):
         return False, False
     shown = running.item()
-    bar.set_postfix(loss=f"{shown:.4f}", lr=f"{r.opt.param_groups[0]['lr']:.2e}")
+    lr = r.opt.param_groups[0]["lr"]
+    bar.set_postfix(loss=f"{shown:.4f}", lr=f"{lr:.2e}")
     if log:
         state.history.append({"step": step, "loss": shown, "elapsed_s": round(state.elapsed_s, 2)})
     now = policy.clock()
+    if log:
+        _report(r, step, lr, marks, now)
     planned = policy.plan(step, state.elapsed_s, now) if plan_due else None
     signal, late, due_now, planned, bad = _agree(r.accelerator, int(marks.bad), signalled, policy.time_out(now),
                                                  now - marks.time > 60 * cfg.checkpoint_minutes, planned)
@@ -308,6 +351,21 @@ def _decide(r: _Run, state: TrainState, marks: _Marks, running: torch.Tensor, si
     if planned is not None:
         state.planned_steps = policy.planned = bar.total = planned
     return due or due_now, stop or late or signal
+
+
+def _report(r: _Run, step: int, lr: float, marks: _Marks, now: float) -> None:
+    """To the trackers (main process): the mean step loss, lr and items per second of the steps since the last log
+    step. Read after the log step's own sync (``running.item()``), so the steps between stay sync-free."""
+    if r.accelerator.trackers:  # only the main process holds them
+        losses, items = torch.stack([marks.losses, marks.items]).tolist()
+        seconds = now - marks.logged - marks.paused
+        values = {"train/loss": losses / (step - marks.logged_step), "train/lr": lr}
+        if seconds > 0:
+            values[f"train/{getattr(r.task, 'unit', 'items')}_per_s"] = items / seconds
+        r.accelerator.log(values, step=step)
+    marks.losses.zero_()
+    marks.items.zero_()
+    marks.logged, marks.logged_step, marks.paused = now, step, 0.0
 
 
 def _agree(accelerator: Accelerator, bad_step: int, stop: bool, out_of_time: bool, checkpoint_due: bool,
@@ -326,11 +384,16 @@ def _agree(accelerator: Accelerator, bad_step: int, stop: bool, out_of_time: boo
 
 
 def _record_eval(r: _Run, state: TrainState, bar: tqdm) -> None:
-    metrics = _evaluate(r.task, r.accelerator.unwrap_model(r.model), r.ema)
+    """An evaluation: its scalars into the history and to the trackers, its samples into RUN/val and to the
+    trackers."""
+    metrics, samples = tracking.split(_evaluate(r.task, r.accelerator.unwrap_model(r.model), r.ema))
     r.model.train()  # whatever modes the evaluation left behind (pipelines, generate), the steps train
+    r.accelerator.log({tracking.EVAL_PREFIX + k: v for k, v in metrics.items()}, step=state.step)
+    paths = tracking.record_samples(r.accelerator, r.dir, state.step, samples)
     metrics.update(step=state.step, elapsed_s=round(state.elapsed_s, 2))
     state.history.append({"eval": metrics})
-    bar.write(f"[{r.task.name}] step {state.step}: " + json.dumps(metrics))
+    bar.write(f"[{r.task.name}] step {state.step}: " + json.dumps(metrics)
+              + "".join(f"\n  {key}: {path}" for key, path in zip(samples, paths, strict=False)))
 
 
 def _save(r: _Run, state: TrainState) -> None:

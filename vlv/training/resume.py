@@ -12,11 +12,12 @@ from vlv.checks import read_json
 from vlv.errors import InvalidInput
 from vlv.training.checkpoint import has_checkpoint
 from vlv.training.config import TrainConfig
+from vlv.training.tracking import check_report_to
 
 # Settings a resumed run may change: how it reports, checkpoints, stops and reads data, not what it computes.
 FREE_ON_RESUME = frozenset({"progress", "max_minutes", "stop_after", "checkpoint_minutes", "checkpoint_every",
                             "log_every", "eval_every", "resume", "num_workers", "on_bad_image",
-                            "timeout_minutes", "export_every"})
+                            "timeout_minutes", "export_every", "report_to"})
 
 
 def changed_settings(saved: dict[str, dict], requested: dict[str, dict]) -> list[str]:
@@ -34,8 +35,9 @@ def _json(value: Any) -> Any:
 
 
 def check_request(run: Path, record_file: str, requested: dict[str, dict], cfg: TrainConfig) -> None:
-    """What a training command checks before it loads anything: the launch fits the sharding, and a started run
-    dir is resumed with its own settings."""
+    """What a training command checks before it loads anything: the launch fits the sharding, the tracker asked
+    for is installed, and a started run dir is resumed with its own settings."""
+    check_report_to(cfg.report_to)
     if cfg.sharding != "ddp" and int(os.environ.get("WORLD_SIZE", 1)) < 2:
         raise InvalidInput(f"sharding {cfg.sharding} (the recipe's or --sharding) needs several processes: launch "
                            "with torchrun or accelerate launch, or pass --sharding ddp")

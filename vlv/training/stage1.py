@@ -49,15 +49,17 @@ from vlv.modeling import write_json
 from vlv.shipped import is_shipped, resolve_decoder, resolve_encoder
 from vlv.training.caches import KINDS, Kind, build_cache, run_caches
 from vlv.training.config import Stage1Settings, TrainConfig
-from vlv.training.data import StepImages, drop_bad_rows
+from vlv.training.data import StepImages, drop_bad_rows, open_val
 from vlv.training.draws import Draws, step_seed
 from vlv.training.loop import Loss, global_batch, make_accelerator, train, write_once
 from vlv.training.recipes import user_input
 from vlv.training.resume import check_request
+from vlv.training.tracking import ImageGrid, Texts, image_grid
 
-Evaluator = Callable[[VLVEncoder, DiffusionDecoder], dict[str, float]]
+Evaluator = Callable[[VLVEncoder, DiffusionDecoder], dict[str, float | ImageGrid | Texts]]
 
 STAGE1_FILE = "stage1.json"
+SAMPLES = 4  # held-out images an evaluation shows (reconstructions here, captions in stage 2)
 
 
 class TensorRows:
@@ -85,6 +87,7 @@ class Stage1Task:
     """
 
     name = "stage1"
+    unit = "images"  # what a loss's count counts: the trackers' throughput
 
     def __init__(self, encoder: VLVEncoder, decoder: DiffusionDecoder, data: Dataset,
                  latents: Cache | dict[str, torch.Tensor] | None = None, seed: int = 0, evaluator=None,
@@ -146,7 +149,7 @@ class Stage1Task:
         """The diffusion loss, a mean over the batch's samples."""
         return stage1_loss(self.decoder, model, batch, draws, self.high_noise_fraction)
 
-    def evaluate(self, model) -> dict[str, float]:
+    def evaluate(self, model) -> dict[str, float | ImageGrid | Texts]:
         return self.evaluator(model) if self.evaluator is not None else {}
 
     def close(self) -> None:
@@ -204,22 +207,35 @@ def held_out_loss(encoder: VLVEncoder, decoder: DiffusionDecoder, data: InMemory
     return total / len(data)
 
 
-def val_loss_evaluator(val: str | Path, n: int, seed: int = 0) -> Evaluator:
+@torch.no_grad()
+def reconstructions(encoder: VLVEncoder, decoder: DiffusionDecoder, images: np.ndarray, seed: int = 0) -> ImageGrid:
+    """Held-out images (N, H, W, 3) uint8 over their caption-free reconstructions by the decoder's fast sampler,
+    from noise fixed by ``seed`` (drawn on the CPU, as ``vlv.inference`` draws it): a grid that changes only as
+    the weights do."""
+    device = next(decoder.unet.parameters()).device
+    z = encoder(encoder.transform.pixels(images, device))  # (N, Nq, d_T)
+    side = images.shape[1]
+    out = decoder.reconstruct(z.to(decoder.unet.dtype), sampler="fast", height=side, width=side,
+                              generator=torch.Generator().manual_seed(seed))  # (N, 3, H, W) in [0, 1]
+    recon = out.float().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
+    return image_grid([images, recon])
+
+
+def val_loss_evaluator(val: str | Path, n: int, seed: int = 0, samples: int = SAMPLES) -> Evaluator:
     """``evaluator(encoder, decoder)`` for ``train_stage1`` on any image data (folder, tars, parquet): the
-    held-out loss on its first ``n`` images (read once, at the decoder's resolution). The data is checked now,
-    before a run loads anything."""
-    require_data(val)
-    dataset = open_dataset(val)
-    if not len(dataset):
-        raise InvalidInput(f"--val {val}: no samples")
-    require_readable(dataset, f"--val {val}")  # an unreadable image is skipped when read, as in training
+    held-out loss on its first ``n`` images (read once, at the decoder's resolution), and the first ``samples``
+    of them over their reconstructions (``reconstructions``). The data is checked now, before a run loads
+    anything."""
+    dataset = open_val(val)
     cache: dict[int, InMemory] = {}
 
-    def evaluate(encoder: VLVEncoder, decoder: DiffusionDecoder) -> dict[str, float]:
+    def evaluate(encoder: VLVEncoder, decoder: DiffusionDecoder) -> dict[str, float | ImageGrid | Texts]:
         size = decoder.image_size
         if size not in cache:
-            cache[size] = InMemory.of(val, size, limit=n, skip_bad=True)
-        return {"val_loss": held_out_loss(encoder, decoder, cache[size], seed)}
+            cache[size] = InMemory(dataset, size, limit=n, skip_bad=True)
+        data = cache[size]
+        shown = {"reconstructions": reconstructions(encoder, decoder, data.images[:samples], seed)} if samples else {}
+        return {"val_loss": held_out_loss(encoder, decoder, data, seed), **shown}
 
     return evaluate
 
@@ -368,7 +384,7 @@ def run_stage1(plan: Stage1Plan, progress: bool = True) -> VLVEncoder | None:
     """Train (or resume) a prepared stage-1 run; returns the trained encoder, or None if stopped early."""
     settings, cfg, out = plan.settings, plan.train, plan.out
     out.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, out)
     # The frozen decoder never goes through ``prepare`` (nothing of it trains), so it is placed here.
     decoder = frozen_decoder(load_pipeline(plan.decoder), settings).to(accelerator.device)  # resolved by prepare
     size = data_size(settings, decoder)

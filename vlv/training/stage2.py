@@ -41,15 +41,16 @@ from vlv.shipped import is_shipped, resolve_decoder, resolve_encoder
 from vlv.text_encoder import load_text_encoder
 from vlv.training.caches import build_cache, run_text_embeds_cache
 from vlv.training.config import Stage2Settings, TrainConfig
-from vlv.training.data import StepImages, drop_bad_rows
+from vlv.training.data import StepImages, drop_bad_rows, open_val
 from vlv.training.draws import Draws
 from vlv.training.loop import Loss, global_batch, make_accelerator, train, write_once
 from vlv.training.resume import check_request
 from vlv.training.sharding import shard
-from vlv.training.stage1 import Precomputed, recorded_decoder, stage1_record
+from vlv.training.stage1 import SAMPLES, Precomputed, recorded_decoder, stage1_record
+from vlv.training.tracking import ImageGrid, Texts
 
 STAGE2_FILE = "stage2.json"
-Evaluator = Callable[[Captioner], dict[str, float]]
+Evaluator = Callable[[Captioner], dict[str, float | ImageGrid | Texts]]
 
 
 class Stage2Task:
@@ -61,6 +62,7 @@ class Stage2Task:
     """
 
     name = "stage2"
+    unit = "tokens"  # what a loss's count counts: the trackers' throughput
 
     def __init__(self, captioner: Captioner, data: Dataset, seed: int = 0, evaluator=None,
                  num_workers: int = 0, on_bad_image: Literal["skip", "fail"] = "skip",
@@ -125,7 +127,7 @@ class Stage2Task:
         the same on any world size."""
         return stage2_loss(model, batch)
 
-    def evaluate(self, model) -> dict[str, float]:
+    def evaluate(self, model) -> dict[str, float | ImageGrid | Texts]:
         return self.evaluator(model) if self.evaluator is not None else {}
 
     def shard(self, mesh, policy, reshard_after_forward: bool) -> None:
@@ -146,6 +148,50 @@ def stage2_loss(model, batch: dict[str, torch.Tensor]) -> Loss:
         source = {"pixel_values": batch["pixel_values"]}  # (B, 3, S, S)
     loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **source).loss
     return Loss(loss, batch["attention_mask"].sum())
+
+
+# ------------------------------------------------------------------------------------ held-out loss
+@torch.no_grad()
+def held_out_caption_loss(captioner: Captioner, data: InMemory, batch_size: int = 16) -> float:
+    """The stage-2 loss on held-out image-caption pairs: cross-entropy of caption + EOS after the prefix, a mean
+    over all their tokens, as training weighs them. Nothing is drawn: it moves only when the weights do."""
+    device = next(captioner.text_encoder.parameters()).device  # T is never sharded
+    captions, total, count = data.captions, 0.0, 0
+    for start in range(0, len(data), batch_size):
+        batch = {k: v.to(device) for k, v in captioner.tokenize(captions[start:start + batch_size]).items()}
+        pixel_values = captioner.encoder.transform.pixels(data.images[start:start + batch_size], device)
+        loss, n = stage2_loss(captioner, {**batch, "pixel_values": pixel_values})  # (B, 3, S, S) images
+        total, count = total + loss.item() * int(n), count + int(n)
+    return total / count
+
+
+@torch.no_grad()
+def sample_captions(captioner: Captioner, data: InMemory, n: int) -> Texts:
+    """The captioner's captions (its own decoding: greedy or beam search) of the first ``n`` held-out images,
+    each beside the image's name and its reference caption."""
+    device = next(captioner.text_encoder.parameters()).device
+    made = captioner.generate(pixel_values=captioner.encoder.transform.pixels(data.images[:n], device))
+    return Texts(tuple(f"{data.where(i)}: {c}  (reference: {data.read(i).caption})" for i, c in enumerate(made)))
+
+
+def val_caption_evaluator(val: str | Path, n: int, image_column: str = "image", caption_column: str = "caption",
+                          samples: int = SAMPLES) -> Evaluator:
+    """``evaluator(captioner)`` for ``train_stage2`` on any image-caption data (folder, tars, parquet): the
+    held-out caption loss on its first ``n`` samples (read once, as the stage-1 encoder crops) and the captions
+    of the first ``samples``. The data is checked now, before a run loads anything: it exists, holds samples,
+    and the first ``n`` have captions."""
+    dataset = open_val(val, image_column, caption_column, captions=n)
+    cache: dict[int, InMemory] = {}
+
+    def evaluate(captioner: Captioner) -> dict[str, float | ImageGrid | Texts]:
+        size = captioner.encoder.transform.crop_size
+        if size not in cache:
+            cache[size] = InMemory(dataset, size, limit=n, skip_bad=True)
+        data = cache[size]
+        shown = {"captions": sample_captions(captioner, data, samples)} if samples else {}
+        return {"val_loss": held_out_caption_loss(captioner, data), **shown}
+
+    return evaluate
 
 
 def build_captioner(settings: Stage2Settings, seed: int,
@@ -275,7 +321,7 @@ def run_stage2(plan: Stage2Plan) -> Captioner | None:
     """Train (or resume) a prepared stage-2 run; returns the trained captioner, or None if stopped early."""
     settings, cfg, out = plan.settings, plan.train, plan.out
     out.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, out)
     captioner = build_captioner(settings, cfg.seed, plan.tokenizer)
     size = settings.image_size or captioner.encoder.transform.crop_size
     write_json(out / STAGE2_FILE, {"settings": asdict(settings), "train": asdict(cfg), "image_size": size,
