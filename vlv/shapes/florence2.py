@@ -36,7 +36,7 @@ from vlv.shapes import world
 from vlv.shapes.config import DetectionSettings
 from vlv.training.config import TrainConfig
 from vlv.training.draws import Draws
-from vlv.training.loop import Loss, train
+from vlv.training.loop import Loss, train, write_once
 from vlv.training.tracking import check_report_to
 
 RECORD_FILE = "florence2.json"
@@ -220,8 +220,12 @@ def train_florence2(settings: DetectionSettings, cfg: TrainConfig, out: Path, re
               **({"recipe": recipe} if recipe else {})}
     if val:
         record["val"] = {"n": len(val), **detection_scores(model, task, val)}
+    write_once(model, lambda: _save(model, tokenizer, out, record))  # one process writes, as every task's end
+    return model
+
+
+def _save(model: Florence2ForConditionalGeneration, tokenizer, out: Path, record: dict) -> None:
     with quiet_library():
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     write_json(out / RECORD_FILE, record)
-    return model
