@@ -35,6 +35,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from vlv.config import CONFIGS, DEFAULT_GUIDANCE, DEFAULT_STEPS
 from vlv.data.images import to_pil
+from vlv.decoders import family_of
 from vlv.progress import quiet_library
 
 Sampler = Literal["paper", "fast"]
@@ -77,11 +78,15 @@ def random_pipeline(tokenizer, config: str = "sd21-base") -> StableDiffusionPipe
 
 
 def pipeline_configs(source: str | Path) -> dict[str, dict]:
-    """Each part's config (unet, vae, text_encoder, scheduler) of a shipped config stem (``sd21-base``) or of a
-    Stable-Diffusion-layout dir: the architecture alone, no weights read."""
+    """Each part's config (unet, vae, text_encoder, scheduler) of a shipped config stem (``sd21-base``), or of a
+    diffusers dir of any family vlv takes (its parts: ``vlv.decoders.Family.parts``, and ``model_index``, which
+    names the family): the architecture alone, no weights read."""
     if (Path(source) / "model_index.json").is_file():
+        family = family_of(source)
+        parts = [p for p in family.parts if p not in family.tokenizers]
         files = {part: Path(source) / part / ("scheduler_config.json" if part == "scheduler" else "config.json")
-                 for part in SD_PARTS}
+                 for part in parts}
+        files["model_index"] = Path(source) / "model_index.json"
     else:
         files = {part: CONFIGS / f"{source}-{part}.json" for part in SD_PARTS}
     missing = [str(f) for f in files.values() if not f.is_file()]
@@ -209,10 +214,12 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: t
 
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float,
-                   generator: Random = None) -> torch.Tensor:
-    """A draw from a cached VAE posterior, scaled: exactly what encoding the image online would give."""
+                   generator: Random = None, shift_factor: float | None = None) -> torch.Tensor:
+    """A draw from a cached VAE posterior, scaled (after subtracting the VAE's ``shift_factor``, SD3/FLUX):
+    exactly what encoding the image online would give."""
     eps = as_draws(generator).randn(mean.shape, mean.device, mean.dtype)
-    return (mean + std * eps) * scaling_factor  # (B, C, h, w)
+    sample = mean + std * eps  # (B, C, h, w)
+    return sample * scaling_factor if shift_factor is None else (sample - shift_factor) * scaling_factor
 
 
 def diffusion_loss(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler,

@@ -95,7 +95,7 @@ def reconstruct_images(encoder: VLVEncoder, decoder: DiffusionDecoder, images: t
     Each batch is seeded by its offset, so the result does not depend on ``batch_size``'s split of the work. The
     noise is drawn on the CPU whatever the device, so a GPU run starts from the same latents as a CPU run.
     """
-    device, dtype = placement(decoder.unet)
+    device, dtype = placement(decoder.denoiser)
     out = []
     for start in range(0, len(images), batch_size):
         z = _embed(encoder, images[start : start + batch_size]).to(device, dtype)  # (B, Nq, d_T)
@@ -112,7 +112,7 @@ def compose_images(encoder: VLVEncoder, decoder: DiffusionDecoder, a: torch.Tens
                    seed: int = 0) -> torch.Tensor:
     """Paper Fig. 6: images a and b (n, H, W, 3) uint8 -> one image each from the first k embeddings of both, fp32
     on the CPU."""
-    device, dtype = placement(decoder.unet)
+    device, dtype = placement(decoder.denoiser)
     z_a, z_b = (_embed(encoder, x).to(device, dtype) for x in (a, b))  # (n, Nq, d_T) each
     gen = torch.Generator().manual_seed(seed)
     return _cpu(decoder.reconstruct(compose(z_a, z_b, k), guidance_scale=guidance_scale, steps=steps,

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import CLIPTextModel
+from torch import nn
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 from transformers.masking_utils import create_causal_mask
 
 from vlv.progress import quiet_library
@@ -28,6 +29,64 @@ def clip_from_embeds(text_encoder: CLIPTextModel, z: torch.Tensor) -> torch.Tens
     mask = create_causal_mask(config=te.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None)
     hidden = te.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state  # (B, L, d_T)
     return te.final_layer_norm(hidden)  # (B, L, d_T)
+
+
+def clip_penultimate_and_pooled(text_encoder: CLIPTextModelWithProjection, z: torch.Tensor
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What SD3/SDXL pipelines take from a CLIP, given z as inputs_embeds: (penultimate hidden states (B, L, d),
+    pooled (B, p)).
+
+    As diffusers' ``_get_clip_prompt_embeds`` with clip_skip None: ``hidden_states[-2]`` (the input of the last
+    layer, no final LayerNorm) and ``text_embeds`` (text_projection of the final-LayerNormed state at the EOS
+    token). z has no EOS token; its last position is the one that has attended to all of z (CLIP is causal), so
+    it is pooled. Equal to the stock outputs when z = token_embedding(ids) and ids end in EOS.
+    """
+    te = text_encoder.text_model
+    hidden = te.embeddings(inputs_embeds=z)  # (B, L, d): z + position_embedding(0..L-1)
+    mask = create_causal_mask(config=te.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None)
+    *first, last = te.encoder.layers
+    for layer in first:
+        hidden = layer(hidden, mask, is_causal=True)
+    penultimate = hidden  # (B, L, d)
+    final = te.final_layer_norm(last(hidden, mask, is_causal=True))  # (B, L, d)
+    return penultimate, text_encoder.text_projection(final[:, -1])  # (B, L, d), (B, p)
+
+
+class CLIPStack(nn.Module):
+    """T of a model with several CLIP text encoders (SD3: CLIP-L + CLIP-G): z's channels split among them in
+    order, each part fed to its CLIP as inputs_embeds.
+
+    ``forward`` gives c = the penultimate hidden states concatenated on the feature axis, (B, L, sum d_i): as wide
+    as z, what the denoiser reads of T besides the pooled vectors, and what stage 2 reads. ``states`` also gives
+    each CLIP's pooled vector.
+    """
+
+    def __init__(self, encoders: list[CLIPTextModelWithProjection]):
+        super().__init__()
+        self.encoders = nn.ModuleList(encoders)
+        self.widths = [e.config.hidden_size for e in encoders]
+
+    @property
+    def hidden_size(self) -> int:
+        """The width z must have, and c has."""
+        return sum(self.widths)
+
+    @property
+    def max_length(self) -> int:
+        """The most positions z may hold: the fewest of the CLIPs'."""
+        return min(e.config.max_position_embeddings for e in self.encoders)
+
+    def states(self, z: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """z (B, L, sum d_i) -> (c (B, L, sum d_i), [pooled_i (B, p_i)])."""
+        if z.shape[-1] != self.hidden_size:
+            raise ValueError(f"z is {z.shape[-1]} wide; these text encoders take {self.hidden_size} "
+                             f"({' + '.join(map(str, self.widths))})")
+        out = [clip_penultimate_and_pooled(e, part) for e, part in zip(self.encoders, z.split(self.widths, -1),
+                                                                          strict=True)]
+        return torch.cat([o[0] for o in out], dim=-1), [o[1] for o in out]
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.states(z)[0]
 
 
 def load_text_encoder(sd_dir: str | Path, dtype: torch.dtype = torch.float32,

@@ -43,7 +43,7 @@ from vlv.captioner import Captioner
 from vlv.config import CACHE_BATCH_SIZE, CaptionerConfig, EncoderConfig
 from vlv.data.caches import CACHE_DTYPES
 from vlv.decoder import DiffusionDecoder
-from vlv.diffusion import pipeline_configs, pipeline_from_configs
+from vlv.diffusion import pipeline_configs
 from vlv.encoder import CONFIG_FILE as ENCODER_FILE
 from vlv.encoder import VLVEncoder, florence2_architecture
 from vlv.errors import InvalidInput
@@ -483,7 +483,7 @@ def meta_decoder(source: str | Path | dict) -> DiffusionDecoder:
     """The frozen decoder's architecture on the meta device (see :func:`decoder_configs`)."""
     configs = decoder_configs(source)
     with torch.device("meta"):
-        return DiffusionDecoder(pipeline_from_configs(configs))
+        return DiffusionDecoder.from_configs(configs)
 
 
 def meta_encoder(config: EncoderConfig) -> VLVEncoder:
@@ -509,7 +509,7 @@ def plan_stage1_models(encoder: VLVEncoder, decoder: DiffusionDecoder, settings:
                        target: Target = "cuda") -> CostPlan:
     """The cost of a stage-1 run of these meta modules (:func:`plan_stage1` builds them from the settings)."""
     if settings.gradient_checkpointing:  # as run_stage1 does
-        decoder.unet.enable_gradient_checkpointing()
+        decoder.enable_gradient_checkpointing()
     size = settings.image_size or decoder.image_size
     down = 2 ** (len(decoder.vae.config.block_out_channels) - 1)  # the VAE's downsampling, as DiffusionDecoder's
     latent = (decoder.vae.config.latent_channels, size // down, size // down)
