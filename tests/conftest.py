@@ -31,3 +31,46 @@ def tiny_teacher(tmp_path_factory, shapes_data):
     out = train_teacher(shapes_data["train"], tmp_path_factory.mktemp("teacher") / "t", TINY, recipe, progress=False)
     assert out is not None
     return out
+
+
+def build_tiny_sd3(out):
+    """A random-init StableDiffusion3Pipeline dir in diffusers' own test-config sizes (two CLIPs of different
+    widths so z's split shows, a VAE with shift_factor, no T5), with the shapes world's local tokenizer."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from vlv.shapes.tokenizers import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(77)
+
+    def clip(hidden, layers, heads):
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=hidden, intermediate_size=37, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=77, projection_dim=16, hidden_act="gelu",
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
+                                        joint_attention_dim=48, pooled_projection_dim=32, pos_embed_max_size=16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=4, norm_num_groups=4, sample_size=32, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=clip(24, 3, 4), tokenizer=tok, text_encoder_2=clip(16, 2, 2),
+                                    tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """A tiny SD3-layout dir (random init): z is 24 + 16 = 40 wide, images 32 px."""
+    return build_tiny_sd3(tmp_path_factory.mktemp("sd3") / "tiny-sd3")

@@ -19,7 +19,7 @@ from vlv.errors import InvalidInput
 @dataclass(frozen=True)
 class Family:
     """What a family's dir holds: its denoiser, the text encoders z goes through (in the order z's channels are
-    split among them), their tokenizers, and the decoder class (``module:Class``)."""
+    split among them), their tokenizers, the decoder class (``module:Class``), and its training loss."""
 
     name: str
     pipeline: str  # diffusers' pipeline class, model_index.json's _class_name
@@ -27,6 +27,7 @@ class Family:
     text_encoders: tuple[str, ...]
     tokenizers: tuple[str, ...]
     decoder: str
+    loss: str  # "ddpm" (eps / v on a DDPM schedule) or "flow matching"
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -39,9 +40,9 @@ class Family:
 
 
 SD2 = Family("sd2", "StableDiffusionPipeline", "unet", ("text_encoder",), ("tokenizer",),
-             "vlv.decoders.sd2:SD2Decoder")
+             "vlv.decoders.sd2:SD2Decoder", "ddpm")
 SD3 = Family("sd3", "StableDiffusion3Pipeline", "transformer", ("text_encoder", "text_encoder_2"),
-             ("tokenizer", "tokenizer_2"), "vlv.decoders.sd3:SD3Decoder")
+             ("tokenizer", "tokenizer_2"), "vlv.decoders.sd3:SD3Decoder", "flow matching")
 FAMILIES = {f.pipeline: f for f in (SD2, SD3)}
 # Families diffusers has that vlv does not distil from yet: refused in one line naming them.
 NOT_YET = {"StableDiffusionXLPipeline": "SDXL", "FluxPipeline": "FLUX.1", "PixArtSigmaPipeline": "PixArt-Sigma"}
