@@ -116,24 +116,31 @@ def check_text_encoder_dir(sd_dir: str | Path) -> Path:
 
 
 def same_text_encoder(a: str | Path, b: str | Path) -> bool:
-    """Whether two Stable-Diffusion-layout dirs hold the same text encoder T: the same dir, or T's config (its model
-    fields) and weight files equal byte for byte (a copy). Only T matters to stage 2; reads the files only when
-    the dirs differ."""
+    """Whether two diffusers dirs hold the same text encoder T (SD3: both CLIPs): the same dir, or T's configs (their
+    model fields) and weight files equal byte for byte (a copy). Only T matters to stage 2; reads the files only
+    when the dirs differ."""
     import filecmp
 
     a, b = Path(a), Path(b)
     if a.resolve() == b.resolve():
         return True
-    ta, tb = a / "text_encoder", b / "text_encoder"
+    names_a, names_b = (family_of(d).text_encoders if (d / "model_index.json").is_file() else ("text_encoder",)
+                        for d in (a, b))
+    if names_a != names_b:
+        return False
 
     def fields(folder: Path) -> dict:
         return {k: v for k, v in _json(folder / "config.json").items() if not k.startswith("_")
                 and k not in ("transformers_version", "architectures", "torch_dtype", "dtype")}
 
-    weights = sorted(f.name for f in ta.iterdir() if f.suffix in WEIGHTS_SUFFIXES)
-    if fields(ta) != fields(tb) or weights != sorted(f.name for f in tb.iterdir() if f.suffix in WEIGHTS_SUFFIXES):
-        return False
-    return all(filecmp.cmp(ta / f, tb / f, shallow=False) for f in weights)
+    def same(ta: Path, tb: Path) -> bool:
+        weights = sorted(f.name for f in ta.iterdir() if f.suffix in WEIGHTS_SUFFIXES)
+        if fields(ta) != fields(tb) or weights != sorted(f.name for f in tb.iterdir()
+                                                         if f.suffix in WEIGHTS_SUFFIXES):
+            return False
+        return all(filecmp.cmp(ta / f, tb / f, shallow=False) for f in weights)
+
+    return all(same(a / name, b / name) for name in names_a)
 
 
 def check_native_florence2(path: str | Path) -> Path:

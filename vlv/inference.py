@@ -50,7 +50,7 @@ from vlv.modeling import (
     resolve_dtype,
 )
 from vlv.shipped import resolve_decoder, resolve_encoder, resolve_stage2
-from vlv.text_encoder import clip_from_embeds, load_text_encoder
+from vlv.text_encoder import encode_embeds, load_text_encoder
 
 
 @torch.no_grad()
@@ -81,7 +81,7 @@ def embed_images(encoder: VLVEncoder, images: torch.Tensor | np.ndarray, batch_s
 def text_embeds_of(text_encoder: torch.nn.Module, z: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
     """T(z) (N, Nq, d_T) of caption embeddings z (N, Nq, d_T), through T on its device, fp32 on the CPU."""
     device, dtype = placement(text_encoder)
-    return torch.cat([_cpu(clip_from_embeds(text_encoder, z[s : s + batch_size].to(device, dtype)))
+    return torch.cat([_cpu(encode_embeds(text_encoder, z[s : s + batch_size].to(device, dtype)))
                       for s in range(0, len(z), batch_size)])
 
 

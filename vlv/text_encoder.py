@@ -2,11 +2,13 @@
 
 Paper Sec. 3.1-3.2: c = T(inputs_embeds=z), learned positions 0..Nq-1 added, causal CLIP encoder, final
 LayerNorm: (B, Nq, d_T). Stage 1 conditions the frozen UNet on c (``vlv.decoder``); stage 2 feeds c to psi
-(``vlv.captioner``). Stage 2 needs T alone, so it is loaded without the UNet and VAE.
+(``vlv.captioner``). Stage 2 needs T alone, so it is loaded without the UNet and VAE. A model with several CLIPs
+(SD3) has a :class:`CLIPStack` for T: z's channels split among them, c their penultimate states side by side.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +16,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 from transformers.masking_utils import create_causal_mask
 
+from vlv.decoders import family_of
 from vlv.progress import quiet_library
 
 
@@ -52,6 +55,17 @@ def clip_penultimate_and_pooled(text_encoder: CLIPTextModelWithProjection, z: to
     return penultimate, text_encoder.text_projection(final[:, -1])  # (B, L, d), (B, p)
 
 
+@dataclass(frozen=True)
+class CLIPStackConfig:
+    """What callers read of a T's config, for a stack of CLIPs: the width of z and c, and each CLIP's config."""
+
+    hidden_size: int
+    encoders: tuple[dict, ...]
+
+    def to_dict(self) -> dict:
+        return {"hidden_size": self.hidden_size, "encoders": list(self.encoders)}
+
+
 class CLIPStack(nn.Module):
     """T of a model with several CLIP text encoders (SD3: CLIP-L + CLIP-G): z's channels split among them in
     order, each part fed to its CLIP as inputs_embeds.
@@ -65,11 +79,13 @@ class CLIPStack(nn.Module):
         super().__init__()
         self.encoders = nn.ModuleList(encoders)
         self.widths = [e.config.hidden_size for e in encoders]
+        fields = ({k: v for k, v in e.config.to_dict().items() if not k.startswith("_")} for e in encoders)
+        self.config = CLIPStackConfig(sum(self.widths), tuple(fields))  # "_": where it was read, not what it is
 
     @property
     def hidden_size(self) -> int:
         """The width z must have, and c has."""
-        return sum(self.widths)
+        return self.config.hidden_size
 
     @property
     def max_length(self) -> int:
@@ -89,12 +105,27 @@ class CLIPStack(nn.Module):
         return self.states(z)[0]
 
 
+def encode_embeds(text_encoder: CLIPTextModel | CLIPStack, z: torch.Tensor) -> torch.Tensor:
+    """c = T(z) of any family's T (B, L, d_T): a CLIPStack's concatenated states, or one CLIP's
+    :func:`clip_from_embeds`."""
+    return text_encoder(z) if isinstance(text_encoder, CLIPStack) else clip_from_embeds(text_encoder, z)
+
+
 def load_text_encoder(sd_dir: str | Path, dtype: torch.dtype = torch.float32,
-                      device: str | torch.device = "cpu") -> CLIPTextModel:
-    """T alone from a Stable-Diffusion-layout dir, frozen, loaded straight into ``dtype`` on ``device``."""
-    path = Path(sd_dir) / "text_encoder"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{sd_dir} has no text_encoder/ (a Stable Diffusion dir holds one)")
+                      device: str | torch.device = "cpu") -> CLIPTextModel | CLIPStack:
+    """T alone from a diffusers dir (SD 2.x: its CLIP; SD3: both CLIPs as a :class:`CLIPStack`), frozen, loaded
+    straight into ``dtype`` on ``device``."""
+    sd_dir = Path(sd_dir)
+    names = family_of(sd_dir).text_encoders if (sd_dir / "model_index.json").is_file() else ("text_encoder",)
+    for name in names:
+        if not (sd_dir / name / "config.json").is_file():
+            raise FileNotFoundError(f"{sd_dir} has no {name}/ (a Stable Diffusion dir holds one)")
+    if names == ("text_encoder",):
+        with quiet_library():
+            te = CLIPTextModel.from_pretrained(sd_dir / "text_encoder", dtype=dtype, device_map=device,
+                                               local_files_only=True)
+        return te.requires_grad_(False).eval()
     with quiet_library():
-        te = CLIPTextModel.from_pretrained(path, dtype=dtype, device_map=device, local_files_only=True)
-    return te.requires_grad_(False).eval()
+        encoders = [CLIPTextModelWithProjection.from_pretrained(sd_dir / name, dtype=dtype, device_map=device,
+                                                                local_files_only=True) for name in names]
+    return CLIPStack(encoders).requires_grad_(False).eval()

@@ -1,4 +1,5 @@
-"""Stage 1 against an SD3-layout decoder (tiny random init): it trains, its run dir loads in one call, it plans."""
+"""The chain against an SD3-layout decoder (tiny random init): stage 1 trains, its run dir loads in one call, stage 2
+reads T = both CLIPs, and both plan."""
 
 import numpy as np
 import pytest
@@ -7,24 +8,52 @@ import torch
 from vlv.api import VLV
 from vlv.decoder import DiffusionDecoder
 from vlv.errors import InvalidInput
-from vlv.training.config import Stage1Settings, TrainConfig
+from vlv.shapes.tokenizers import build_shapes_tokenizer
+from vlv.text_encoder import CLIPStack, encode_embeds, load_text_encoder
+from vlv.training.config import Stage1Settings, Stage2Settings, TrainConfig
 from vlv.training.draws import Draws
 from vlv.training.stage1 import stage1_loss, train_stage1
+from vlv.training.stage2 import train_stage2
 
 
 def _settings(decoder, data, **kw):
     return Stage1Settings(decoder=str(decoder), data=str(data), **{"encoder": "shapes", "num_queries": 8, **kw})
 
 
-def test_stage1_trains_against_sd3_and_the_run_reconstructs_in_one_call(tiny_sd3, shapes_data, tmp_path):
-    run = tmp_path / "run"
+def test_the_chain_trains_against_sd3_and_its_runs_load_in_one_call(tiny_sd3, shapes_data, tmp_path):
+    run, run2 = tmp_path / "run", tmp_path / "s2"
     enc = train_stage1(_settings(tiny_sd3, shapes_data["train"]),
                        TrainConfig(steps=2, batch_size=4, lr=1e-3, progress=False), run)
     assert enc is not None and enc.config.text_dim == 24 + 16 and (run / "latents" / "cache.json").is_file()
-    vlv = VLV.from_pretrained(run, tiny_sd3, captioner=None)
+    cap = train_stage2(Stage2Settings(decoder=str(tiny_sd3), encoder=str(run), lm="qwen2-shapes",
+                                      data=str(shapes_data["train"]), max_new_tokens=4),
+                       TrainConfig(steps=2, batch_size=4, lr=1e-3, progress=False), run2, progress=False,
+                       tokenizer=build_shapes_tokenizer())
+    assert cap is not None and isinstance(cap.text_encoder, CLIPStack) and cap.config.text_dim == 40
+    vlv = VLV.from_pretrained(run, tiny_sd3, run2)
     images = sorted(shapes_data["val"].glob("*.png"))[:2]
     out = vlv.reconstruct(images, steps=2)
     assert [im.size for im in out] == [(32, 32)] * 2 and np.asarray(out[0]).std() > 0
+    assert len(vlv.caption(images, num_beams=1)) == 2
+
+
+def test_stage_2_reads_t_as_the_decoder_conditions_on_it(tiny_sd3, tmp_path):
+    import shutil
+
+    from vlv.checks import same_text_encoder
+    from vlv.training.plan import meta_text_encoder
+
+    te, decoder = load_text_encoder(tiny_sd3), DiffusionDecoder.from_pretrained(tiny_sd3)
+    z = torch.randn(2, 5, 40)
+    with torch.no_grad():
+        assert torch.equal(encode_embeds(te, z), decoder.encode_text_embeds(z))
+    meta = meta_text_encoder(tiny_sd3)
+    assert isinstance(meta, CLIPStack) and meta.config.hidden_size == te.config.hidden_size == 40
+    assert [p.shape for p in meta.parameters()] == [p.shape for p in te.parameters()]
+    copy = shutil.copytree(tiny_sd3, tmp_path / "copy")
+    assert same_text_encoder(tiny_sd3, copy)
+    (copy / "text_encoder_2" / "model.safetensors").write_bytes(b"0" * 8)
+    assert not same_text_encoder(tiny_sd3, copy)  # the second CLIP counts too
 
 
 def test_cached_latents_train_as_the_images_do(tiny_sd3):

@@ -36,20 +36,28 @@ from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRef
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-from transformers import AutoConfig, AutoModelForCausalLM, CLIPTextConfig, CLIPTextModel, Florence2Config
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    Florence2Config,
+)
 from transformers import Florence2ForConditionalGeneration as Florence2
 
 from vlv.captioner import Captioner
 from vlv.config import CACHE_BATCH_SIZE, CaptionerConfig, EncoderConfig
 from vlv.data.caches import CACHE_DTYPES
 from vlv.decoder import DiffusionDecoder
+from vlv.decoders import SD2, family_named
 from vlv.diffusion import pipeline_configs
 from vlv.encoder import CONFIG_FILE as ENCODER_FILE
 from vlv.encoder import VLVEncoder, florence2_architecture
 from vlv.errors import InvalidInput
 from vlv.lm import is_lm_dir, lm_config, load_tokenizer
 from vlv.shipped import is_shipped, resolve_encoder, resolve_lm_name
-from vlv.text_encoder import clip_from_embeds
+from vlv.text_encoder import CLIPStack, encode_embeds
 from vlv.training.config import Stage1Settings, Stage2Settings, TrainConfig
 from vlv.training.draws import Draws
 from vlv.training.recipes import RECIPES, list_recipes, load_sections, user_input
@@ -555,11 +563,20 @@ def _itemsize(kind: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- stage 2
-def meta_text_encoder(decoder: str | Path | dict) -> CLIPTextModel:
-    """The decoder's T on the meta device, frozen."""
-    text = decoder_configs(decoder)["text_encoder"]
+def meta_text_encoder(decoder: str | Path | dict) -> CLIPTextModel | CLIPStack:
+    """The decoder's T on the meta device, frozen (SD3: both CLIPs, as ``load_text_encoder`` gives them)."""
+    configs = decoder_configs(decoder)
+    pipeline = configs.get("model_index", {}).get("_class_name", SD2.pipeline)
+    names = family_named(pipeline).text_encoders
+
+    def config(name: str) -> CLIPTextConfig:
+        return CLIPTextConfig.from_dict({k: v for k, v in configs[name].items() if k != "torch_dtype"})
+
     with torch.device("meta"):
-        te = CLIPTextModel(CLIPTextConfig.from_dict({k: v for k, v in text.items() if k != "torch_dtype"}))
+        if names == ("text_encoder",):
+            te = CLIPTextModel(config("text_encoder"))
+        else:
+            te = CLIPStack([CLIPTextModelWithProjection(config(name)) for name in names])
     return te.requires_grad_(False).eval()
 
 
@@ -664,7 +681,7 @@ def plan_precompute(kind: str, decoder: str | Path | dict, image_size: int | Non
 
             def forward() -> torch.Tensor:
                 z = vlv_encoder(torch.empty(b, 3, size, size))  # (B, Nq, d_T)
-                return clip_from_embeds(text_encoder, z)
+                return encode_embeds(text_encoder, z)
     parameters = _parameters(parts)[0]
     for part in parts:
         _to_fake(part, mode)
