@@ -74,3 +74,52 @@ def build_tiny_sd3(out):
 def tiny_sd3(tmp_path_factory):
     """A tiny SD3-layout dir (random init): z is 24 + 16 = 40 wide, images 32 px."""
     return build_tiny_sd3(tmp_path_factory.mktemp("sd3") / "tiny-sd3")
+
+
+def build_tiny_sdxl(out, force_zeros_for_empty_prompt=True):
+    """A random-init StableDiffusionXLPipeline dir in diffusers' own test-config sizes (a CLIPTextModel and a
+    CLIPTextModelWithProjection of different widths, the UNet's text_time added conditions), shapes tokenizer."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from vlv.shapes.tokenizers import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(77)
+
+    def config(hidden, layers, heads):
+        return CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=37, num_hidden_layers=layers,
+                              num_attention_heads=heads, max_position_embeddings=77, projection_dim=16,
+                              hidden_act="gelu", bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id)
+
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + 16,
+                                cross_attention_dim=24 + 16, norm_num_groups=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.13025)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                       beta_schedule="scaled_linear", timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(config(24, 3, 4)),
+                                     text_encoder_2=CLIPTextModelWithProjection(config(16, 2, 2)), tokenizer=tok,
+                                     tokenizer_2=tok, unet=unet, scheduler=scheduler, add_watermarker=False,
+                                     force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny SDXL-layout dir (random init): z is 24 + 16 = 40 wide, images 32 px."""
+    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_no_zeros(tmp_path_factory):
+    """The same tiny SDXL with force_zeros_for_empty_prompt off: its negative branch is "" through both CLIPs."""
+    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl-no-zeros", force_zeros_for_empty_prompt=False)

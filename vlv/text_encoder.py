@@ -8,6 +8,7 @@ LayerNorm: (B, Nq, d_T). Stage 1 conditions the frozen UNet on c (``vlv.decoder`
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 from transformers.masking_utils import create_causal_mask
 
 from vlv.decoders import family_of
+from vlv.errors import InvalidInput
 from vlv.progress import quiet_library
 
 
@@ -34,17 +36,18 @@ def clip_from_embeds(text_encoder: CLIPTextModel, z: torch.Tensor) -> torch.Tens
     return te.final_layer_norm(hidden)  # (B, L, d_T)
 
 
-def clip_penultimate_and_pooled(text_encoder: CLIPTextModelWithProjection, z: torch.Tensor
+def clip_penultimate_and_pooled(text_encoder: CLIPTextModelWithProjection | CLIPTextModel, z: torch.Tensor
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """What SD3/SDXL pipelines take from a CLIP, given z as inputs_embeds: (penultimate hidden states (B, L, d),
     pooled (B, p)).
 
     As diffusers' ``_get_clip_prompt_embeds`` with clip_skip None: ``hidden_states[-2]`` (the input of the last
     layer, no final LayerNorm) and ``text_embeds`` (text_projection of the final-LayerNormed state at the EOS
-    token). z has no EOS token; its last position is the one that has attended to all of z (CLIP is causal), so
-    it is pooled. Equal to the stock outputs when z = token_embedding(ids) and ids end in EOS.
+    token; a CLIPTextModel without projection: that state itself, its ``pooler_output``). z has no EOS token; its
+    last position is the one that has attended to all of z (CLIP is causal), so it is pooled. Equal to the stock
+    outputs when z = token_embedding(ids) and ids end in EOS.
     """
-    te = text_encoder.text_model
+    te = getattr(text_encoder, "text_model", text_encoder)
     hidden = te.embeddings(inputs_embeds=z)  # (B, L, d): z + position_embedding(0..L-1)
     mask = create_causal_mask(config=te.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None)
     *first, last = te.encoder.layers
@@ -52,7 +55,8 @@ def clip_penultimate_and_pooled(text_encoder: CLIPTextModelWithProjection, z: to
         hidden = layer(hidden, mask, is_causal=True)
     penultimate = hidden  # (B, L, d)
     final = te.final_layer_norm(last(hidden, mask, is_causal=True))  # (B, L, d)
-    return penultimate, text_encoder.text_projection(final[:, -1])  # (B, L, d), (B, p)
+    projection = getattr(text_encoder, "text_projection", torch.nn.Identity())
+    return penultimate, projection(final[:, -1])  # (B, L, d), (B, p)
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ class CLIPStack(nn.Module):
     each CLIP's pooled vector.
     """
 
-    def __init__(self, encoders: list[CLIPTextModelWithProjection]):
+    def __init__(self, encoders: list[CLIPTextModelWithProjection | CLIPTextModel]):
         super().__init__()
         self.encoders = nn.ModuleList(encoders)
         self.widths = [e.config.hidden_size for e in encoders]
@@ -111,6 +115,15 @@ def encode_embeds(text_encoder: CLIPTextModel | CLIPStack, z: torch.Tensor) -> t
     return text_encoder(z) if isinstance(text_encoder, CLIPStack) else clip_from_embeds(text_encoder, z)
 
 
+def clip_class(model_index: dict, name: str) -> type[CLIPTextModel | CLIPTextModelWithProjection]:
+    """The CLIP class a diffusers dir's model_index.json names for its text encoder ``name``."""
+    listed = (model_index.get(name) or [None, None])[1]
+    classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}
+    if listed not in classes:
+        raise InvalidInput(f"the decoder's {name} is a {listed}; vlv feeds z to CLIP text encoders only")
+    return classes[listed]
+
+
 def load_text_encoder(sd_dir: str | Path, dtype: torch.dtype = torch.float32,
                       device: str | torch.device = "cpu") -> CLIPTextModel | CLIPStack:
     """T alone from a diffusers dir (SD 2.x: its CLIP; SD3: both CLIPs as a :class:`CLIPStack`), frozen, loaded
@@ -125,7 +138,8 @@ def load_text_encoder(sd_dir: str | Path, dtype: torch.dtype = torch.float32,
             te = CLIPTextModel.from_pretrained(sd_dir / "text_encoder", dtype=dtype, device_map=device,
                                                local_files_only=True)
         return te.requires_grad_(False).eval()
-    with quiet_library():
-        encoders = [CLIPTextModelWithProjection.from_pretrained(sd_dir / name, dtype=dtype, device_map=device,
-                                                                local_files_only=True) for name in names]
+    index = json.loads((sd_dir / "model_index.json").read_text())
+    with quiet_library():  # each CLIP as its dir names it (SDXL's first has no projection)
+        encoders = [clip_class(index, name).from_pretrained(sd_dir / name, dtype=dtype, device_map=device,
+                                                            local_files_only=True) for name in names]
     return CLIPStack(encoders).requires_grad_(False).eval()

@@ -41,7 +41,6 @@ from transformers import (
     AutoModelForCausalLM,
     CLIPTextConfig,
     CLIPTextModel,
-    CLIPTextModelWithProjection,
     Florence2Config,
 )
 from transformers import Florence2ForConditionalGeneration as Florence2
@@ -57,7 +56,7 @@ from vlv.encoder import VLVEncoder, florence2_architecture
 from vlv.errors import InvalidInput
 from vlv.lm import is_lm_dir, lm_config, load_tokenizer
 from vlv.shipped import is_shipped, resolve_encoder, resolve_lm_name
-from vlv.text_encoder import CLIPStack, encode_embeds
+from vlv.text_encoder import CLIPStack, clip_class, encode_embeds
 from vlv.training.config import Stage1Settings, Stage2Settings, TrainConfig
 from vlv.training.draws import Draws
 from vlv.training.recipes import RECIPES, list_recipes, load_sections, user_input
@@ -576,7 +575,7 @@ def meta_text_encoder(decoder: str | Path | dict) -> CLIPTextModel | CLIPStack:
         if names == ("text_encoder",):
             te = CLIPTextModel(config("text_encoder"))
         else:
-            te = CLIPStack([CLIPTextModelWithProjection(config(name)) for name in names])
+            te = CLIPStack([clip_class(configs["model_index"], name)(config(name)) for name in names])
     return te.requires_grad_(False).eval()
 
 

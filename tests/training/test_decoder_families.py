@@ -1,5 +1,5 @@
-"""The chain against an SD3-layout decoder (tiny random init): stage 1 trains, its run dir loads in one call, stage 2
-reads T = both CLIPs, and both plan."""
+"""The chain against decoders beyond SD 2.x (tiny random init): with SD3, stage 1 trains, its run dir loads in one
+call, stage 2 reads T = both CLIPs, and both plan; SDXL trains and reconstructs through the same code."""
 
 import numpy as np
 import pytest
@@ -80,10 +80,22 @@ def test_a_ddpm_setting_is_refused_before_loading(tiny_sd3, shapes_data, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-def test_an_sd3_run_plans_on_the_meta_device(tiny_sd3):
+@pytest.mark.parametrize("family", ["sd3", "sdxl"])
+def test_a_run_plans_on_the_meta_device(family, request):
     from vlv.training.plan import meta_decoder, plan_stage1
 
-    decoder = meta_decoder(tiny_sd3)
-    assert type(decoder).__name__ == "SD3Decoder" and all(p.is_meta for p in decoder.parameters())
-    plan = plan_stage1(_settings(tiny_sd3, ""), TrainConfig(batch_size=2), target="cpu")
+    path = request.getfixturevalue(f"tiny_{family}")
+    decoder = meta_decoder(path)
+    assert decoder.family.name == family and all(p.is_meta for p in decoder.parameters())
+    plan = plan_stage1(_settings(path, ""), TrainConfig(batch_size=2), target="cpu")
     assert plan.memory.peak > plan.memory.weights > 0 and plan.trainable > 0
+
+
+def test_stage1_trains_against_sdxl_and_reconstructs(tiny_sdxl, shapes_data, tmp_path):
+    run = tmp_path / "run"
+    enc = train_stage1(_settings(tiny_sdxl, shapes_data["train"], high_noise_fraction=0.25),
+                       TrainConfig(steps=2, batch_size=4, lr=1e-3, progress=False), run)
+    assert enc is not None and enc.config.text_dim == 40
+    out = VLV.from_pretrained(run, tiny_sdxl, captioner=None).reconstruct(sorted(shapes_data["val"].glob("*.png"))[:1],
+                                                                          steps=2)
+    assert out[0].size == (32, 32)
