@@ -123,3 +123,42 @@ def tiny_sdxl(tmp_path_factory):
 def tiny_sdxl_no_zeros(tmp_path_factory):
     """The same tiny SDXL with force_zeros_for_empty_prompt off: its negative branch is "" through both CLIPs."""
     return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl-no-zeros", force_zeros_for_empty_prompt=False)
+
+
+def build_tiny_flux(out, guidance_embeds=True):
+    """A random-init FluxPipeline dir in diffusers' own test-config sizes (CLIP + a local T5Config, a VAE with
+    shift_factor whose 4 latent channels the transformer takes packed 2x2), shapes tokenizer for both."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from vlv.shapes.tokenizers import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(77)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=24, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
+                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                        pad_token_id=tok.pad_token_id))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id, decoder_start_token_id=0))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=24, axes_dims_rope=[4, 4, 8],
+                                         guidance_embeds=guidance_embeds)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=4, norm_num_groups=4, sample_size=32, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok, text_encoder_2=t5,
+                        tokenizer_2=tok, transformer=transformer)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    """A tiny FLUX.1-dev-layout dir (random init, guidance embedded): z is 24 + 32 = 56 wide."""
+    return build_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny-flux")

@@ -173,8 +173,8 @@ def text_length(sd_dir: str | Path) -> int:
 
 def text_width(sd_dir: str | Path) -> int:
     """d_T, the width z must have, read from the text encoders' configs (no model is built): their widths
-    summed, as z's channels are split among them."""
-    return sum(int(c["hidden_size"]) for c in _text_configs(sd_dir))
+    summed, as z's channels are split among them (a T5 config names its width d_model)."""
+    return sum(int(c["hidden_size"] if "hidden_size" in c else c["d_model"]) for c in _text_configs(sd_dir))  # T5
 
 
 def read_json(path: str | Path, keys: Iterable[str] = ()) -> dict:

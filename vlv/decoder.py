@@ -172,8 +172,13 @@ class DiffusionDecoder(nn.Module):
         pipe = self.pipeline(sampler)
         cond = self.conditioning(z)
         uncond = {k: v.expand(len(z), *v.shape[1:]) for k, v in self.unconditional(z.shape[1]).items()}
-        return pipe(**cond, **uncond, guidance_scale=guidance_scale, num_inference_steps=sampler_steps(sampler, steps),
-                    generator=generator, output_type=output_type, **pipeline_kwargs).images
+        return pipe(**cond, **uncond, **self.guidance(guidance_scale),
+                    num_inference_steps=sampler_steps(sampler, steps), generator=generator, output_type=output_type,
+                    **pipeline_kwargs).images
+
+    def guidance(self, guidance_scale: float) -> dict[str, float]:
+        """The stock pipeline's arguments for classifier-free guidance at this scale against the negative branch."""
+        return {"guidance_scale": guidance_scale}
 
 
 def compose(z_a: torch.Tensor, z_b: torch.Tensor, k: int) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Paper Sec. 3.1-3.2: c = T(inputs_embeds=z), learned positions 0..Nq-1 added, causal CLIP encoder, final
 LayerNorm: (B, Nq, d_T). Stage 1 conditions the frozen UNet on c (``vlv.decoder``); stage 2 feeds c to psi
 (``vlv.captioner``). Stage 2 needs T alone, so it is loaded without the UNet and VAE. A model with several CLIPs
-(SD3) has a :class:`CLIPStack` for T: z's channels split among them, c their penultimate states side by side.
+(SD3, SDXL) has a :class:`CLIPStack` for T, FLUX.1 a :class:`CLIPAndT5`: z's channels split among them, c their
+states side by side.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 from transformers.masking_utils import create_causal_mask
 
 from vlv.decoders import family_of
@@ -109,24 +110,72 @@ class CLIPStack(nn.Module):
         return self.states(z)[0]
 
 
-def encode_embeds(text_encoder: CLIPTextModel | CLIPStack, z: torch.Tensor) -> torch.Tensor:
-    """c = T(z) of any family's T (B, L, d_T): a CLIPStack's concatenated states, or one CLIP's
-    :func:`clip_from_embeds`."""
-    return text_encoder(z) if isinstance(text_encoder, CLIPStack) else clip_from_embeds(text_encoder, z)
+class CLIPAndT5(nn.Module):
+    """T of FLUX.1: CLIP-L + T5. z's first d_clip channels go through CLIP as inputs_embeds (the transformer reads
+    only its pooled vector: the final-LayerNormed state at z's last position, z having no EOS token), the rest
+    through T5 as inputs_embeds (its last hidden state is ``prompt_embeds``).
+
+    ``forward`` gives c = the CLIP's final states and T5's side by side, (B, L, d_clip + d_t5): as wide as z, for
+    stage 2. ``states`` gives (c, pooled (B, d_clip), T5's states (B, L, d_t5)).
+    """
+
+    def __init__(self, clip: CLIPTextModel, t5: T5EncoderModel):
+        super().__init__()
+        self.clip, self.t5 = clip, t5
+        self.widths = [clip.config.hidden_size, t5.config.d_model]
+        fields = ({k: v for k, v in e.config.to_dict().items() if not k.startswith("_")} for e in (clip, t5))
+        self.config = CLIPStackConfig(sum(self.widths), tuple(fields))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def states(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if z.shape[-1] != self.hidden_size:
+            raise ValueError(f"z is {z.shape[-1]} wide; these text encoders take {self.hidden_size} "
+                             f"({' + '.join(map(str, self.widths))})")
+        z_clip, z_t5 = z.split(self.widths, -1)
+        clip = clip_from_embeds(self.clip, z_clip)  # (B, L, d_clip)
+        t5 = self.t5(inputs_embeds=z_t5).last_hidden_state  # (B, L, d_t5)
+        return torch.cat([clip, t5], dim=-1), clip[:, -1], t5
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.states(z)[0]
 
 
-def clip_class(model_index: dict, name: str) -> type[CLIPTextModel | CLIPTextModelWithProjection]:
-    """The CLIP class a diffusers dir's model_index.json names for its text encoder ``name``."""
+def encode_embeds(text_encoder: CLIPTextModel | CLIPStack | CLIPAndT5, z: torch.Tensor) -> torch.Tensor:
+    """c = T(z) of any family's T (B, L, d_T): one CLIP's :func:`clip_from_embeds`, or a stack's own forward."""
+    return clip_from_embeds(text_encoder, z) if isinstance(text_encoder, CLIPTextModel) else text_encoder(z)
+
+
+# What a diffusers dir's model_index.json may name for a text encoder z goes through, and its config class.
+TEXT_CLASSES = {"CLIPTextModel": (CLIPTextModel, CLIPTextConfig),
+                "CLIPTextModelWithProjection": (CLIPTextModelWithProjection, CLIPTextConfig),
+                "T5EncoderModel": (T5EncoderModel, T5Config)}
+
+
+def text_class(model_index: dict, name: str) -> tuple[type, type]:
+    """(model class, config class) a diffusers dir's model_index.json names for its text encoder ``name``."""
     listed = (model_index.get(name) or [None, None])[1]
-    classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}
-    if listed not in classes:
-        raise InvalidInput(f"the decoder's {name} is a {listed}; vlv feeds z to CLIP text encoders only")
-    return classes[listed]
+    if listed not in TEXT_CLASSES:
+        raise InvalidInput(f"the decoder's {name} is a {listed}; vlv feeds z to "
+                           f"{', '.join(TEXT_CLASSES)} only")
+    return TEXT_CLASSES[listed]
+
+
+def assemble_text_encoder(parts: list[nn.Module]) -> CLIPTextModel | CLIPStack | CLIPAndT5:
+    """A family's T from its text encoders in the dir's order: one CLIP (SD 2.x), CLIPs (SD3, SDXL), CLIP + T5
+    (FLUX.1)."""
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[-1], T5EncoderModel):
+        return CLIPAndT5(*parts)
+    return CLIPStack(parts)
 
 
 def load_text_encoder(sd_dir: str | Path, dtype: torch.dtype = torch.float32,
-                      device: str | torch.device = "cpu") -> CLIPTextModel | CLIPStack:
-    """T alone from a diffusers dir (SD 2.x: its CLIP; SD3: both CLIPs as a :class:`CLIPStack`), frozen, loaded
+                      device: str | torch.device = "cpu") -> CLIPTextModel | CLIPStack | CLIPAndT5:
+    """T alone from a diffusers dir (SD 2.x: its CLIP; SD3/SDXL: both CLIPs; FLUX.1: CLIP + T5), frozen, loaded
     straight into ``dtype`` on ``device``."""
     sd_dir = Path(sd_dir)
     names = family_of(sd_dir).text_encoders if (sd_dir / "model_index.json").is_file() else ("text_encoder",)
@@ -139,7 +188,7 @@ def load_text_encoder(sd_dir: str | Path, dtype: torch.dtype = torch.float32,
                                                local_files_only=True)
         return te.requires_grad_(False).eval()
     index = json.loads((sd_dir / "model_index.json").read_text())
-    with quiet_library():  # each CLIP as its dir names it (SDXL's first has no projection)
-        encoders = [clip_class(index, name).from_pretrained(sd_dir / name, dtype=dtype, device_map=device,
+    with quiet_library():  # each as its dir names it (SDXL's first CLIP has no projection)
+        parts = [text_class(index, name)[0].from_pretrained(sd_dir / name, dtype=dtype, device_map=device,
                                                             local_files_only=True) for name in names]
-    return CLIPStack(encoders).requires_grad_(False).eval()
+    return assemble_text_encoder(parts).requires_grad_(False).eval()

@@ -131,6 +131,6 @@ def test_reconstruct_is_the_stock_pipeline(decoder, stock):
 
 
 def test_other_families_are_refused_in_one_line(tmp_path):
-    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
-    with pytest.raises(InvalidInput, match="FLUX.1"):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "PixArtSigmaPipeline"}')
+    with pytest.raises(InvalidInput, match="PixArt-Sigma"):
         DiffusionDecoder.from_pretrained(tmp_path)

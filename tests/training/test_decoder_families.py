@@ -1,5 +1,5 @@
 """The chain against decoders beyond SD 2.x (tiny random init): with SD3, stage 1 trains, its run dir loads in one
-call, stage 2 reads T = both CLIPs, and both plan; SDXL trains and reconstructs through the same code."""
+call, stage 2 reads T = both CLIPs, and both plan; SDXL and FLUX.1 train through the same code."""
 
 import numpy as np
 import pytest
@@ -80,15 +80,17 @@ def test_a_ddpm_setting_is_refused_before_loading(tiny_sd3, shapes_data, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("family", ["sd3", "sdxl"])
+@pytest.mark.parametrize("family", ["sd3", "sdxl", "flux"])
 def test_a_run_plans_on_the_meta_device(family, request):
-    from vlv.training.plan import meta_decoder, plan_stage1
+    from vlv.training.plan import meta_decoder, meta_text_encoder, plan_stage1
 
     path = request.getfixturevalue(f"tiny_{family}")
     decoder = meta_decoder(path)
     assert decoder.family.name == family and all(p.is_meta for p in decoder.parameters())
-    plan = plan_stage1(_settings(path, ""), TrainConfig(batch_size=2), target="cpu")
+    plan = plan_stage1(_settings(path, "", image_size=32), TrainConfig(batch_size=2), target="cpu")
     assert plan.memory.peak > plan.memory.weights > 0 and plan.trainable > 0
+    meta, te = meta_text_encoder(path), load_text_encoder(path)  # stage 2's T, as it loads
+    assert type(meta) is type(te) and [p.shape for p in meta.parameters()] == [p.shape for p in te.parameters()]
 
 
 def test_stage1_trains_against_sdxl_and_reconstructs(tiny_sdxl, shapes_data, tmp_path):
@@ -99,3 +101,9 @@ def test_stage1_trains_against_sdxl_and_reconstructs(tiny_sdxl, shapes_data, tmp
     out = VLV.from_pretrained(run, tiny_sdxl, captioner=None).reconstruct(sorted(shapes_data["val"].glob("*.png"))[:1],
                                                                           steps=2)
     assert out[0].size == (32, 32)
+
+
+def test_stage1_trains_against_flux(tiny_flux, shapes_data, tmp_path):
+    enc = train_stage1(_settings(tiny_flux, shapes_data["train"], image_size=32),
+                       TrainConfig(steps=2, batch_size=4, lr=1e-3, progress=False), tmp_path / "run")
+    assert enc is not None and enc.config.text_dim == 24 + 32

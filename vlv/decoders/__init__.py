@@ -2,7 +2,7 @@
 pipeline class a dir's ``model_index.json`` names (``_class_name``).
 
 Torch-free: the checks read this table before a weight loads. Each family's decoder is a
-:class:`vlv.decoder.DiffusionDecoder` in its own module (``vlv.decoders.sd2``, ``sd3``, ``sdxl``), imported
+:class:`vlv.decoder.DiffusionDecoder` in its own module (``vlv.decoders.sd2``, ``sd3``, ``sdxl``, ``flux``), imported
 only when a decoder of it is built.
 """
 
@@ -45,9 +45,11 @@ SD3 = Family("sd3", "StableDiffusion3Pipeline", "transformer", ("text_encoder", 
              ("tokenizer", "tokenizer_2"), "vlv.decoders.sd3:SD3Decoder", "flow matching")
 SDXL = Family("sdxl", "StableDiffusionXLPipeline", "unet", ("text_encoder", "text_encoder_2"),
               ("tokenizer", "tokenizer_2"), "vlv.decoders.sdxl:SDXLDecoder", "ddpm")
-FAMILIES = {f.pipeline: f for f in (SD2, SD3, SDXL)}
+FLUX = Family("flux", "FluxPipeline", "transformer", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"),
+              "vlv.decoders.flux:FluxDecoder", "flow matching")
+FAMILIES = {f.pipeline: f for f in (SD2, SD3, SDXL, FLUX)}
 # Families diffusers has that vlv does not distil from yet: refused in one line naming them.
-NOT_YET = {"FluxPipeline": "FLUX.1", "PixArtSigmaPipeline": "PixArt-Sigma"}
+NOT_YET = {"PixArtSigmaPipeline": "PixArt-Sigma"}
 
 
 def family_named(pipeline: str, where: str | Path = "this decoder") -> Family:

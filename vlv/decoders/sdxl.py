@@ -19,13 +19,12 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig
 
 from vlv.decoder import DiffusionDecoder
 from vlv.decoders import SDXL
 from vlv.diffusion import Random, Sampler, diffusion_loss, sampler_scheduler
 from vlv.progress import quiet_library
-from vlv.text_encoder import CLIPStack, clip_class
+from vlv.text_encoder import CLIPStack, text_class
 
 
 class SDXLDecoder(DiffusionDecoder):
@@ -56,8 +55,8 @@ class SDXLDecoder(DiffusionDecoder):
     @classmethod
     def build(cls, configs: dict[str, dict], tokenizer=None) -> SDXLDecoder:
         def clip(name: str):
-            config = CLIPTextConfig.from_dict({k: v for k, v in configs[name].items() if k != "torch_dtype"})
-            return clip_class(configs["model_index"], name)(config)
+            model, config = text_class(configs["model_index"], name)
+            return model(config.from_dict({k: v for k, v in configs[name].items() if k != "torch_dtype"}))
 
         pipe = StableDiffusionXLPipeline(
             vae=AutoencoderKL.from_config(configs["vae"]), text_encoder=clip("text_encoder"),

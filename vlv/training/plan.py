@@ -56,7 +56,7 @@ from vlv.encoder import VLVEncoder, florence2_architecture
 from vlv.errors import InvalidInput
 from vlv.lm import is_lm_dir, lm_config, load_tokenizer
 from vlv.shipped import is_shipped, resolve_encoder, resolve_lm_name
-from vlv.text_encoder import CLIPStack, clip_class, encode_embeds
+from vlv.text_encoder import assemble_text_encoder, encode_embeds, text_class
 from vlv.training.config import Stage1Settings, Stage2Settings, TrainConfig
 from vlv.training.draws import Draws
 from vlv.training.recipes import RECIPES, list_recipes, load_sections, user_input
@@ -562,20 +562,19 @@ def _itemsize(kind: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- stage 2
-def meta_text_encoder(decoder: str | Path | dict) -> CLIPTextModel | CLIPStack:
-    """The decoder's T on the meta device, frozen (SD3: both CLIPs, as ``load_text_encoder`` gives them)."""
+def meta_text_encoder(decoder: str | Path | dict) -> torch.nn.Module:
+    """The decoder's T on the meta device, frozen (SD3, SDXL, FLUX.1: all of it, as ``load_text_encoder`` gives it)."""
     configs = decoder_configs(decoder)
     pipeline = configs.get("model_index", {}).get("_class_name", SD2.pipeline)
     names = family_named(pipeline).text_encoders
 
-    def config(name: str) -> CLIPTextConfig:
-        return CLIPTextConfig.from_dict({k: v for k, v in configs[name].items() if k != "torch_dtype"})
+    def part(name: str) -> torch.nn.Module:
+        model, config = text_class(configs["model_index"], name) if "model_index" in configs else \
+            (CLIPTextModel, CLIPTextConfig)
+        return model(config.from_dict({k: v for k, v in configs[name].items() if k != "torch_dtype"}))
 
     with torch.device("meta"):
-        if names == ("text_encoder",):
-            te = CLIPTextModel(config("text_encoder"))
-        else:
-            te = CLIPStack([clip_class(configs["model_index"], name)(config(name)) for name in names])
+        te = assemble_text_encoder([part(name) for name in names])
     return te.requires_grad_(False).eval()
 
 
