@@ -107,3 +107,16 @@ def test_stage1_trains_against_flux(tiny_flux, shapes_data, tmp_path):
     enc = train_stage1(_settings(tiny_flux, shapes_data["train"], image_size=32),
                        TrainConfig(steps=2, batch_size=4, lr=1e-3, progress=False), tmp_path / "run")
     assert enc is not None and enc.config.text_dim == 24 + 32
+
+
+def test_the_official_importers_take_an_sd2_dir_only(tiny_sd3, tmp_path):
+    """The official code distils SD 2.1-base: an SD3 dir is refused in one line, before the checkpoint is read."""
+    from vlv.official.stage1 import import_stage1
+    from vlv.official.stage2 import import_stage2
+
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(b"never read")
+    with pytest.raises(InvalidInput, match="2.1-base"):
+        import_stage1(ckpt, tmp_path, tiny_sd3, tmp_path / "out")
+    with pytest.raises(InvalidInput, match="2.1-base"):
+        import_stage2(ckpt, tmp_path, tiny_sd3, tmp_path, tmp_path / "out2")
