@@ -7,9 +7,9 @@ with the embeddings (``prompt_embeds``, ``pooled_prompt_embeds`` and the negativ
 
 :class:`DiffusionDecoder` is the one interface; what differs between families (what T(z) yields, the
 unconditional branch, the loss, the latent scaling, the pipeline) lives in one subclass per family
-(``vlv.decoders``): SD 2.x (:class:`vlv.decoders.sd2.SD2Decoder`, the paper's) and SD3
-(:class:`vlv.decoders.sd3.SD3Decoder`). ``DiffusionDecoder.from_pretrained(dir)`` picks the family from the dir's
-``model_index.json``.
+(``vlv.decoders``): SD 2.x (:class:`vlv.decoders.sd2.SD2Decoder`, the paper's), SD3 (``sd3.SD3Decoder``), SDXL
+(``sdxl.SDXLDecoder``) and FLUX.1 (``flux.FluxDecoder``). ``DiffusionDecoder.from_pretrained(dir)`` and
+``DiffusionDecoder(pipe)`` pick the family from the dir's ``model_index.json`` / the pipeline's class.
 """
 
 from __future__ import annotations
