@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).parent.parent / "vlv"
-CORE = ("data", "modeling", "config", "diffusion", "text_encoder", "encoder", "decoder", "lm",
+CORE = ("data", "modeling", "config", "diffusion", "text_encoder", "encoder", "decoder", "decoders", "lm",
         "captioner", "shipped", "version", "errors", "checks", "progress")
 # module (or package) -> what it may not import
 FORBIDDEN = {**{m: ("vlv.shapes", "vlv.training", "vlv.inference", "vlv.api", "vlv.cli") for m in CORE},

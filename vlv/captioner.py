@@ -50,7 +50,7 @@ from vlv.modeling import (
     write_json,
 )
 from vlv.shipped import resolve_decoder, resolve_stage2
-from vlv.text_encoder import clip_from_embeds, load_text_encoder
+from vlv.text_encoder import encode_embeds, load_text_encoder
 
 FROZEN_ENCODER_PARTS = ("queries", "phi")  # frozen in stage 2 at every level
 CONFIG_FILE, TRAINABLE_FILE, FROZEN_LM_FILE = "captioner.json", "captioner.safetensors", "lm-frozen.safetensors"
@@ -169,7 +169,7 @@ class Captioner(nn.Module):
     # ---------------------------------------------------------------------------------- z -> prefix
     def encode_text_embeds(self, z: torch.Tensor) -> torch.Tensor:
         """c = T(inputs_embeds=z) (B, L, d_T); stage 2 holds T only, not the UNet and VAE."""
-        return clip_from_embeds(self.text_encoder, z)
+        return encode_embeds(self.text_encoder, z)
 
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (B, 3, S, S), as the encoder's ``transform`` makes them -> z (B, Nq, d_T)."""

@@ -13,11 +13,9 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from vlv.decoders import family_of
 from vlv.errors import InvalidInput, UserError
 
-# What vlv loads of a Stable-Diffusion-layout dir, and the file each part cannot do without.
-SD_PARTS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
-            "tokenizer": None, "scheduler": "scheduler_config.json"}
 WEIGHTS_SUFFIXES = (".safetensors", ".bin")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -83,20 +81,29 @@ def check_sd_dir(path: str | Path) -> Path:
     if not index.is_file():
         raise FileNotFoundError(f"{path} is not a Stable Diffusion dir (no model_index.json)")
     listed = _json(index)
-    for part, marker in SD_PARTS.items():
+    family = family_of(path)  # a family vlv does not take: one line naming it
+    parts = {part: _part_marker(part, family) for part in family.parts}
+    for part, marker in parts.items():
         folder = path / part
         if not isinstance(listed.get(part), list) or not folder.is_dir():
             raise InvalidInput(f"{path} is an incomplete Stable Diffusion dir: no {part}/ "
-                               f"(it needs {', '.join(p + '/' for p in SD_PARTS)})")
+                               f"(it needs {', '.join(p + '/' for p in parts)})")
         if marker and not (folder / marker).is_file():
             raise InvalidInput(f"{path} is an incomplete Stable Diffusion dir: no {part}/{marker}")
-        if part == "tokenizer" and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        if part in family.tokenizers and not any((folder / f).is_file() for f in TOKENIZER_FILES):
             raise InvalidInput(f"{path} is an incomplete Stable Diffusion dir: no tokenizer files in {part}/")
         if marker == "config.json":
             if not any(f.suffix in WEIGHTS_SUFFIXES for f in folder.iterdir()):
                 raise InvalidInput(f"{path} is an incomplete Stable Diffusion dir: no weights in {part}/")
             check_weights_in(folder)
     return path
+
+
+def _part_marker(part: str, family) -> str | None:
+    """The file a part of a family's dir cannot do without (tokenizers: any of TOKENIZER_FILES)."""
+    if part in family.tokenizers:
+        return None
+    return "scheduler_config.json" if part == "scheduler" else "config.json"
 
 
 def check_text_encoder_dir(sd_dir: str | Path) -> Path:
@@ -109,24 +116,31 @@ def check_text_encoder_dir(sd_dir: str | Path) -> Path:
 
 
 def same_text_encoder(a: str | Path, b: str | Path) -> bool:
-    """Whether two Stable-Diffusion-layout dirs hold the same text encoder T: the same dir, or T's config (its model
-    fields) and weight files equal byte for byte (a copy). Only T matters to stage 2; reads the files only when
-    the dirs differ."""
+    """Whether two diffusers dirs hold the same text encoder T (SD3: both CLIPs): the same dir, or T's configs (their
+    model fields) and weight files equal byte for byte (a copy). Only T matters to stage 2; reads the files only
+    when the dirs differ."""
     import filecmp
 
     a, b = Path(a), Path(b)
     if a.resolve() == b.resolve():
         return True
-    ta, tb = a / "text_encoder", b / "text_encoder"
+    names_a, names_b = (family_of(d).text_encoders if (d / "model_index.json").is_file() else ("text_encoder",)
+                        for d in (a, b))
+    if names_a != names_b:
+        return False
 
     def fields(folder: Path) -> dict:
         return {k: v for k, v in _json(folder / "config.json").items() if not k.startswith("_")
                 and k not in ("transformers_version", "architectures", "torch_dtype", "dtype")}
 
-    weights = sorted(f.name for f in ta.iterdir() if f.suffix in WEIGHTS_SUFFIXES)
-    if fields(ta) != fields(tb) or weights != sorted(f.name for f in tb.iterdir() if f.suffix in WEIGHTS_SUFFIXES):
-        return False
-    return all(filecmp.cmp(ta / f, tb / f, shallow=False) for f in weights)
+    def same(ta: Path, tb: Path) -> bool:
+        weights = sorted(f.name for f in ta.iterdir() if f.suffix in WEIGHTS_SUFFIXES)
+        if fields(ta) != fields(tb) or weights != sorted(f.name for f in tb.iterdir()
+                                                         if f.suffix in WEIGHTS_SUFFIXES):
+            return False
+        return all(filecmp.cmp(ta / f, tb / f, shallow=False) for f in weights)
+
+    return all(same(a / name, b / name) for name in names_a)
 
 
 def check_native_florence2(path: str | Path) -> Path:
@@ -146,15 +160,21 @@ def check_native_florence2(path: str | Path) -> Path:
     return path
 
 
+def _text_configs(sd_dir: str | Path) -> list[dict]:
+    """The configs of the text encoders z goes through (SD 2.x: one; SD3: both CLIPs, z's channels split)."""
+    names = family_of(sd_dir).text_encoders if (Path(sd_dir) / "model_index.json").is_file() else ("text_encoder",)
+    return [_json(Path(sd_dir) / name / "config.json") for name in names]
+
+
 def text_length(sd_dir: str | Path) -> int:
-    """How many positions the decoder's text encoder has: the most embeddings z may hold (Nq)."""
-    config = _json(Path(sd_dir) / "text_encoder" / "config.json")
-    return int(config.get("max_position_embeddings", 77))
+    """How many positions the decoder's text encoder(s) have: the most embeddings z may hold (Nq)."""
+    return min(int(c.get("max_position_embeddings", 77)) for c in _text_configs(sd_dir))
 
 
 def text_width(sd_dir: str | Path) -> int:
-    """d_T, the width z must have, read from the text encoder's config (no model is built)."""
-    return int(_json(Path(sd_dir) / "text_encoder" / "config.json")["hidden_size"])
+    """d_T, the width z must have, read from the text encoders' configs (no model is built): their widths
+    summed, as z's channels are split among them (a T5 config names its width d_model)."""
+    return sum(int(c["hidden_size"] if "hidden_size" in c else c["d_model"]) for c in _text_configs(sd_dir))  # T5
 
 
 def read_json(path: str | Path, keys: Iterable[str] = ()) -> dict:

@@ -13,6 +13,7 @@ on a CPU); everything here reads its constants from the components' configs (``s
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +29,13 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from diffusers.training_utils import compute_loss_weighting_for_sd3
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from vlv.config import CONFIGS, DEFAULT_GUIDANCE, DEFAULT_STEPS
 from vlv.data.images import to_pil
+from vlv.decoders import family_of
 from vlv.progress import quiet_library
 
 Sampler = Literal["paper", "fast"]
@@ -75,11 +78,15 @@ def random_pipeline(tokenizer, config: str = "sd21-base") -> StableDiffusionPipe
 
 
 def pipeline_configs(source: str | Path) -> dict[str, dict]:
-    """Each part's config (unet, vae, text_encoder, scheduler) of a shipped config stem (``sd21-base``) or of a
-    Stable-Diffusion-layout dir: the architecture alone, no weights read."""
+    """Each part's config (unet, vae, text_encoder, scheduler) of a shipped config stem (``sd21-base``), or of a
+    diffusers dir of any family vlv takes (its parts: ``vlv.decoders.Family.parts``, and ``model_index``, which
+    names the family): the architecture alone, no weights read."""
     if (Path(source) / "model_index.json").is_file():
+        family = family_of(source)
+        parts = [p for p in family.parts if p not in family.tokenizers]
         files = {part: Path(source) / part / ("scheduler_config.json" if part == "scheduler" else "config.json")
-                 for part in SD_PARTS}
+                 for part in parts}
+        files["model_index"] = Path(source) / "model_index.json"
     else:
         files = {part: CONFIGS / f"{source}-{part}.json" for part in SD_PARTS}
     missing = [str(f) for f in files.values() if not f.is_file()]
@@ -207,10 +214,12 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: t
 
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float,
-                   generator: Random = None) -> torch.Tensor:
-    """A draw from a cached VAE posterior, scaled: exactly what encoding the image online would give."""
+                   generator: Random = None, shift_factor: float | None = None) -> torch.Tensor:
+    """A draw from a cached VAE posterior, scaled (after subtracting the VAE's ``shift_factor``, SD3/FLUX):
+    exactly what encoding the image online would give."""
     eps = as_draws(generator).randn(mean.shape, mean.device, mean.dtype)
-    return (mean + std * eps) * scaling_factor  # (B, C, h, w)
+    sample = mean + std * eps  # (B, C, h, w)
+    return sample * scaling_factor if shift_factor is None else (sample - shift_factor) * scaling_factor
 
 
 def diffusion_loss(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler,
@@ -226,6 +235,52 @@ def diffusion_loss(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     noisy = scheduler.add_noise(latents, noise, t)  # (B, C, h, w)
     target = diffusion_target(scheduler, latents, noise, t)  # (B, C, h, w)
     return F.mse_loss(denoise(noisy, t).float(), target.float())
+
+
+def flow_matching_density(b: int, random: Random = None, weighting_scheme: str = "logit_normal",
+                          logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
+                          device: torch.device | str = "cpu") -> torch.Tensor:
+    """u in [0, 1] per sample: ``diffusers.training_utils.compute_density_for_timestep_sampling``'s formulas.
+
+    Restated here because diffusers' function draws from a torch.Generator only; vlv's draws (``RandomDraws``)
+    make a resumed or N-process run draw what one process would. logit_normal: sigmoid(mean + std * randn);
+    mode: 1 - u - mode_scale * (cos(pi u / 2)^2 - 1 + u) on u ~ U[0, 1); anything else: U[0, 1).
+    """
+    draws = as_draws(random)
+    if weighting_scheme == "logit_normal":
+        return torch.sigmoid(logit_mean + logit_std * draws.randn((b,), device))
+    u = draws.rand(b, device)
+    if weighting_scheme == "mode":
+        return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    return u
+
+
+def flow_matching_loss(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler,
+                       latents: torch.Tensor, random: Random = None, weighting_scheme: str = "logit_normal",
+                       logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29) -> torch.Tensor:
+    """The rectified-flow loss of SD3/FLUX-class models, as diffusers' ``train_dreambooth_sd3.py`` computes it.
+
+    u from :func:`flow_matching_density`, index = floor(u * N) into the training schedule of a
+    ``FlowMatchEulerDiscreteScheduler`` (its shift applied; never ``set_timesteps``'d), noisy = (1 - s) x0 + s eps,
+    target eps - x0, weighted by ``compute_loss_weighting_for_sd3``; per-sample mean, then the batch mean.
+    ``denoise(noisy, timesteps)`` is the conditioned model's prediction, timesteps on the scheduler's scale.
+    Draws: u first, then the noise (the order of :func:`diffusion_loss`: timesteps, then noise).
+    """
+    num_train = scheduler.config.num_train_timesteps
+    if len(scheduler.timesteps) != num_train:
+        raise ValueError("flow_matching_loss needs the training schedule: pass a scheduler never set_timesteps'd")
+    b, device = latents.shape[0], latents.device
+    u = flow_matching_density(b, random, weighting_scheme, logit_mean, logit_std, mode_scale, device)  # (B,)
+    # u can reach 1.0 ("mode" at u=0, sigmoid rounding): diffusers would index past the end; clamp to the last step.
+    indices = (u * num_train).long().clamp(0, num_train - 1).cpu()  # (B,)
+    timesteps = scheduler.timesteps[indices].to(device)  # (B,)
+    sigmas = scheduler.sigmas[indices].to(device=device, dtype=latents.dtype).view(b, *[1] * (latents.ndim - 1))
+    noise = as_draws(random).randn(latents.shape, device, latents.dtype)  # (B, C, h, w)
+    noisy = (1.0 - sigmas) * latents + sigmas * noise  # (B, C, h, w)
+    target = noise - latents  # (B, C, h, w)
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme, sigmas).float()  # (B, 1, 1, 1)
+    err = weighting * (denoise(noisy, timesteps).float() - target.float()) ** 2  # (B, C, h, w)
+    return err.reshape(b, -1).mean(1).mean()
 
 
 # ------------------------------------------------------------------------------------------- sampling

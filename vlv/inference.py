@@ -50,7 +50,7 @@ from vlv.modeling import (
     resolve_dtype,
 )
 from vlv.shipped import resolve_decoder, resolve_encoder, resolve_stage2
-from vlv.text_encoder import clip_from_embeds, load_text_encoder
+from vlv.text_encoder import encode_embeds, load_text_encoder
 
 
 @torch.no_grad()
@@ -81,7 +81,7 @@ def embed_images(encoder: VLVEncoder, images: torch.Tensor | np.ndarray, batch_s
 def text_embeds_of(text_encoder: torch.nn.Module, z: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
     """T(z) (N, Nq, d_T) of caption embeddings z (N, Nq, d_T), through T on its device, fp32 on the CPU."""
     device, dtype = placement(text_encoder)
-    return torch.cat([_cpu(clip_from_embeds(text_encoder, z[s : s + batch_size].to(device, dtype)))
+    return torch.cat([_cpu(encode_embeds(text_encoder, z[s : s + batch_size].to(device, dtype)))
                       for s in range(0, len(z), batch_size)])
 
 
@@ -95,7 +95,7 @@ def reconstruct_images(encoder: VLVEncoder, decoder: DiffusionDecoder, images: t
     Each batch is seeded by its offset, so the result does not depend on ``batch_size``'s split of the work. The
     noise is drawn on the CPU whatever the device, so a GPU run starts from the same latents as a CPU run.
     """
-    device, dtype = placement(decoder.unet)
+    device, dtype = placement(decoder.denoiser)
     out = []
     for start in range(0, len(images), batch_size):
         z = _embed(encoder, images[start : start + batch_size]).to(device, dtype)  # (B, Nq, d_T)
@@ -112,7 +112,7 @@ def compose_images(encoder: VLVEncoder, decoder: DiffusionDecoder, a: torch.Tens
                    seed: int = 0) -> torch.Tensor:
     """Paper Fig. 6: images a and b (n, H, W, 3) uint8 -> one image each from the first k embeddings of both, fp32
     on the CPU."""
-    device, dtype = placement(decoder.unet)
+    device, dtype = placement(decoder.denoiser)
     z_a, z_b = (_embed(encoder, x).to(device, dtype) for x in (a, b))  # (n, Nq, d_T) each
     gen = torch.Generator().manual_seed(seed)
     return _cpu(decoder.reconstruct(compose(z_a, z_b, k), guidance_scale=guidance_scale, steps=steps,

@@ -40,13 +40,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                             "mlp+llm")):
         p = pre_sub.add_parser(what, help=help_text + "; sharded, resumable, split over torchrun/accelerate ranks")
         if what == "text-embeds":
-            p.add_argument("--decoder", default=None, help="Stable Diffusion dir or shipped name: the stage-2 "
-                           "runs' decoder (only its text encoder T runs; default: the stage-1 run's own)")
+            p.add_argument("--decoder", default=None, help="diffusers dir (SD2/3/XL, FLUX) or shipped name: the "
+                           "stage-2 runs' decoder (only its text encoder T runs; default: the stage-1 run's own)")
             p.add_argument("--encoder", required=True, help="the stage-2 runs' --encoder: a stage-1 run dir or "
                            "shipped name")
         else:
-            p.add_argument("--decoder", required=True, help="Stable Diffusion dir or shipped name: the stage-1 "
-                           "run's decoder (its VAE%s and resolution)" % ("" if what == "latents" else " is not run"))
+            p.add_argument("--decoder", required=True, help="diffusers dir (SD2/3/XL, FLUX) or shipped name: the "
+                           "stage-1 run's decoder (its VAE%s and resolution)"
+                           % ("" if what == "latents" else " is not run"))
         if what == "vision":
             p.add_argument("--encoder", required=True, help="stage-1 run dir, named encoder config or local "
                            "Florence-2 dir, as vlv train stage1 --encoder / --init take")

@@ -96,7 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "CLIP-I against the originals, per CFG scale (resumable)")
     add_images(p)
     p.add_argument("--encoder", required=True, help="stage-1 run dir or shipped name (shapes-stage1)")
-    p.add_argument("--decoder", required=True, help="Stable Diffusion dir or shipped name (shapes-teacher)")
+    p.add_argument("--decoder", required=True, help="diffusers dir (SD2/3/XL, FLUX) or shipped name (shapes-teacher)")
     p.add_argument("--inception", type=Path, required=True, help=INCEPTION_HELP)
     p.add_argument("--out", type=writable_dir, required=True, help="folder for reconstructions, metrics, page")
     p.add_argument("--cfg", type=float, nargs="+", default=[2.0], help="guidance scales, one FID each (default 2)")

@@ -8,7 +8,7 @@ from pathlib import Path
 from vlv.cli.flags import add_device_args, add_images, add_sampling_args, positive_int, writable_dir, writable_file
 
 ENCODER_HELP = "stage-1 run dir or shipped name"
-DECODER_HELP = "Stable Diffusion dir or shipped name"
+DECODER_HELP = "diffusers dir (SD2/3/XL, FLUX) or shipped name"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="the caption embeddings z of images (optionally T(z)), as safetensors")
     add_images(p)
     p.add_argument("--encoder", default="shapes-stage1", help=ENCODER_HELP)
-    p.add_argument("--decoder", default=None, help="Stable Diffusion dir or shipped name: also write T(z) "
+    p.add_argument("--decoder", default=None, help="diffusers dir (SD2/3/XL, FLUX) or shipped name: also write T(z) "
                    "(its text encoder's output; default: none, z alone)")
     p.add_argument("--out", type=writable_file, required=True, help="safetensors file: z (N, Nq, d_T) [and T_z], the "
                    "image names in its metadata (replaced if it exists; a stopped run resumes)")

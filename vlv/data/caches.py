@@ -38,7 +38,7 @@ from vlv.data.images import Crop, as_crop, to_tensor
 from vlv.data.loader import row_loader
 from vlv.errors import InvalidInput
 from vlv.modeling import atomic_save_file, write_json
-from vlv.text_encoder import clip_from_embeds
+from vlv.text_encoder import encode_embeds
 
 CACHE_FILE = "cache.json"
 CACHE_VERSION = 1
@@ -285,7 +285,7 @@ def text_embeds_rows(encoder: torch.nn.Module, text_encoder: torch.nn.Module, ba
         text_encoder.eval()
         with torch.no_grad():
             z = encoder(encoder.transform.pixels(images, device))  # (B, Nq, d_T)
-            c = clip_from_embeds(text_encoder, z)  # (B, Nq, d_T)
+            c = encode_embeds(text_encoder, z)  # (B, Nq, d_T)
         encoder.train(modes[0])
         text_encoder.train(modes[1])
         return {"text_embeds": c[:n]}

@@ -36,6 +36,7 @@ from transformers import AutoTokenizer
 from vlv.checks import check_sd_dir, require_dirs
 from vlv.config import DEFAULT_TRAINABLE, EncoderConfig
 from vlv.decoder import DiffusionDecoder
+from vlv.decoders import SD2, family_of
 from vlv.encoder import VLVEncoder, load_florence2
 from vlv.errors import InvalidInput
 from vlv.modeling import load_torch_file
@@ -176,6 +177,14 @@ def check_frozen(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], nam
 def _rounded(got: torch.Tensor, ref: torch.Tensor) -> str:
     lower = got.dtype.itemsize < ref.dtype.itemsize
     return f" even rounded to the checkpoint's {SAVED_DTYPES[got.dtype]}" if lower else ""
+
+
+def check_sd2(decoder_dir: str | Path) -> None:
+    """The official code distils SD 2.1-base: its checkpoints pair with an SD 2.x dir only."""
+    family = family_of(decoder_dir) if (Path(decoder_dir) / "model_index.json").is_file() else SD2
+    if family is not SD2:
+        raise InvalidInput(f"--decoder {decoder_dir} is an {family.name} dir; the official checkpoints distil "
+                           "Stable Diffusion 2.1-base: give its dir")
 
 
 def check_decoder_parts(state: dict[str, torch.Tensor], decoder: DiffusionDecoder, decoder_dir) -> dict[str, int]:
@@ -341,6 +350,7 @@ def import_stage1(ckpt: str | Path, florence2_dir: str | Path, decoder_dir: str 
         raise FileNotFoundError(f"no such checkpoint: {ckpt}")
     require_dirs(florence2_dir, decoder_dir)
     check_sd_dir(decoder_dir)
+    check_sd2(decoder_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty dir: refusing to overwrite it")
     state = load_stage1_state(ckpt)

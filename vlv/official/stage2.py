@@ -43,6 +43,7 @@ from vlv.official.stage1 import (
     Imported,
     check_dtype,
     check_frozen,
+    check_sd2,
     dtype_counts,
     encoder_state,
     frozen_dtype,
@@ -206,6 +207,7 @@ def import_stage2(model_pt: str | Path, florence2_dir: str | Path, decoder_dir: 
         raise FileNotFoundError(f"no such checkpoint: {model_pt}")
     require_dirs(florence2_dir, decoder_dir, lm_dir)
     check_text_encoder_dir(decoder_dir)  # T is all stage 2 reads of the decoder
+    check_sd2(decoder_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty dir: refusing to overwrite it")
     decoder_dir, lm_dir = Path(decoder_dir).resolve(), Path(lm_dir).resolve()

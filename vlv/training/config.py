@@ -115,7 +115,7 @@ class Stage1Settings:
     (``vlv/recipes/stage1/*.json``, section ``settings``) fixes and flags override one by one.
     """
 
-    decoder: str = field(metadata={"help": "Stable Diffusion dir or shipped name (shapes-teacher)"})
+    decoder: str = field(metadata={"help": "diffusers dir (SD2/3/XL, FLUX) or shipped name (shapes-teacher)"})
     data: str = field(metadata={"help": "image(-caption) folder, tar shards (a dir, or data/{00000..00099}.tar) or "
                                         "parquet; captions are not used"})
     encoder: str = field(default="florence2-large", metadata={
@@ -175,8 +175,8 @@ class Stage2Settings:
                                       "(random init) or the shipped shapes-lm"})
     data: str = field(metadata={"help": "image-caption folder, tar shards or parquet (with captions)"})
     decoder: str | None = field(default=None, metadata={
-        "help": "Stable Diffusion dir or shipped name whose text encoder T the stage-1 run trained against (only T "
-                "is loaded); none: the stage-1 run's own (its stage1.json; an imported run needs it given); "
+        "help": "diffusers dir (SD2/3/XL, FLUX) or shipped name whose text encoder T the stage-1 run trained against "
+                "(only T is loaded); none: the stage-1 run's own (its stage1.json; an imported run needs it given); "
                 "another one is refused"})
     image_size: int | None = field(default=None, metadata={
         "help": "data resolution (the encoder resizes to its own size); none: the stage-1 run's, else the "

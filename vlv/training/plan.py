@@ -36,25 +36,32 @@ from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRef
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-from transformers import AutoConfig, AutoModelForCausalLM, CLIPTextConfig, CLIPTextModel, Florence2Config
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    CLIPTextConfig,
+    CLIPTextModel,
+    Florence2Config,
+)
 from transformers import Florence2ForConditionalGeneration as Florence2
 
 from vlv.captioner import Captioner
 from vlv.config import CACHE_BATCH_SIZE, CaptionerConfig, EncoderConfig
 from vlv.data.caches import CACHE_DTYPES
 from vlv.decoder import DiffusionDecoder
-from vlv.diffusion import pipeline_configs, pipeline_from_configs
+from vlv.decoders import SD2, family_named
+from vlv.diffusion import pipeline_configs
 from vlv.encoder import CONFIG_FILE as ENCODER_FILE
 from vlv.encoder import VLVEncoder, florence2_architecture
 from vlv.errors import InvalidInput
 from vlv.lm import is_lm_dir, lm_config, load_tokenizer
 from vlv.shipped import is_shipped, resolve_encoder, resolve_lm_name
-from vlv.text_encoder import clip_from_embeds
+from vlv.text_encoder import assemble_text_encoder, encode_embeds, text_class
 from vlv.training.config import Stage1Settings, Stage2Settings, TrainConfig
 from vlv.training.draws import Draws
 from vlv.training.recipes import RECIPES, list_recipes, load_sections, user_input
 from vlv.training.sharding import precision_policy, shard
-from vlv.training.stage1 import encoder_config, stage1_loss
+from vlv.training.stage1 import check_family, encoder_config, stage1_loss
 from vlv.training.stage2 import stage2_loss
 
 GIB = 2**30
@@ -483,7 +490,7 @@ def meta_decoder(source: str | Path | dict) -> DiffusionDecoder:
     """The frozen decoder's architecture on the meta device (see :func:`decoder_configs`)."""
     configs = decoder_configs(source)
     with torch.device("meta"):
-        return DiffusionDecoder(pipeline_from_configs(configs))
+        return DiffusionDecoder.from_configs(configs)
 
 
 def meta_encoder(config: EncoderConfig) -> VLVEncoder:
@@ -499,6 +506,7 @@ def plan_stage1(settings: Stage1Settings, cfg: TrainConfig, processes: int = 1, 
     """The cost of a stage-1 run with these settings: the decoder (``decoder``, default ``settings.decoder``) and
     the encoder (``config``, default the one ``settings`` builds) as architectures only."""
     dec = meta_decoder(decoder if decoder is not None else settings.decoder)
+    check_family(settings, dec.family)
     with user_input():
         config = config or encoder_config(settings, dec.text_dim)
     return plan_stage1_models(meta_encoder(config), dec, settings, cfg, processes, samples, recipe, target)
@@ -509,7 +517,7 @@ def plan_stage1_models(encoder: VLVEncoder, decoder: DiffusionDecoder, settings:
                        target: Target = "cuda") -> CostPlan:
     """The cost of a stage-1 run of these meta modules (:func:`plan_stage1` builds them from the settings)."""
     if settings.gradient_checkpointing:  # as run_stage1 does
-        decoder.unet.enable_gradient_checkpointing()
+        decoder.enable_gradient_checkpointing()
     size = settings.image_size or decoder.image_size
     down = 2 ** (len(decoder.vae.config.block_out_channels) - 1)  # the VAE's downsampling, as DiffusionDecoder's
     latent = (decoder.vae.config.latent_channels, size // down, size // down)
@@ -554,11 +562,19 @@ def _itemsize(kind: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- stage 2
-def meta_text_encoder(decoder: str | Path | dict) -> CLIPTextModel:
-    """The decoder's T on the meta device, frozen."""
-    text = decoder_configs(decoder)["text_encoder"]
+def meta_text_encoder(decoder: str | Path | dict) -> torch.nn.Module:
+    """The decoder's T on the meta device, frozen (SD3, SDXL, FLUX.1: all of it, as ``load_text_encoder`` gives it)."""
+    configs = decoder_configs(decoder)
+    pipeline = configs.get("model_index", {}).get("_class_name", SD2.pipeline)
+    names = family_named(pipeline).text_encoders
+
+    def part(name: str) -> torch.nn.Module:
+        model, config = text_class(configs["model_index"], name) if "model_index" in configs else \
+            (CLIPTextModel, CLIPTextConfig)
+        return model(config.from_dict({k: v for k, v in configs[name].items() if k != "torch_dtype"}))
+
     with torch.device("meta"):
-        te = CLIPTextModel(CLIPTextConfig.from_dict({k: v for k, v in text.items() if k != "torch_dtype"}))
+        te = assemble_text_encoder([part(name) for name in names])
     return te.requires_grad_(False).eval()
 
 
@@ -663,7 +679,7 @@ def plan_precompute(kind: str, decoder: str | Path | dict, image_size: int | Non
 
             def forward() -> torch.Tensor:
                 z = vlv_encoder(torch.empty(b, 3, size, size))  # (B, Nq, d_T)
-                return clip_from_embeds(text_encoder, z)
+                return encode_embeds(text_encoder, z)
     parameters = _parameters(parts)[0]
     for part in parts:
         _to_fake(part, mode)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from vlv.checks import (
     check_checkpoints,
@@ -41,7 +41,7 @@ from vlv.data.images import to_tensor
 from vlv.data.outputs import process_state
 from vlv.data.sampling import step_indices
 from vlv.decoder import DiffusionDecoder
-from vlv.diffusion import load_pipeline, sample_latents
+from vlv.decoders import Family, family_of
 from vlv.encoder import CONFIG_FILE as ENCODER_FILE
 from vlv.encoder import VLVEncoder, resolved_florence2
 from vlv.errors import InvalidInput
@@ -165,7 +165,7 @@ def stage1_loss(decoder: DiffusionDecoder, model, batch: dict[str, torch.Tensor]
     else:
         z = model(batch["pixel_values"])  # (B, Nq, d_T)
     if "mean" in batch:
-        latents = sample_latents(batch["mean"], batch["std"], decoder.vae.config.scaling_factor, draws)
+        latents = decoder.posterior_latents(batch["mean"], batch["std"], draws)  # (B, C, h, w)
     else:
         latents = decoder.latents(batch["images"], draws)  # (B, C, h, w)
     return Loss(decoder.loss(latents, z, draws, high_noise_fraction=high_noise_fraction), len(z))
@@ -196,7 +196,7 @@ class ImageDraws:
 def held_out_loss(encoder: VLVEncoder, decoder: DiffusionDecoder, data: InMemory, seed: int = 0,
                   batch_size: int = 8) -> float:
     """The stage-1 loss (uniform t) on held-out images, mean over them, with draws fixed per image."""
-    device = next(decoder.unet.parameters()).device
+    device = decoder.device
     total = 0.0
     for start in range(0, len(data), batch_size):
         images = torch.from_numpy(data.images[start:start + batch_size])  # (B, H, W, 3) uint8
@@ -270,12 +270,20 @@ def check_settings(settings: Stage1Settings, config: EncoderConfig) -> None:
                            f" for {settings.encoder!r}), so its features cannot be cached")
 
 
-def frozen_decoder(pipe: StableDiffusionPipeline, settings: Stage1Settings) -> DiffusionDecoder:
-    """The frozen decoder a run with these settings trains against (UNet gradient checkpointing as asked: diffusers
-    checkpoints whenever grad is on, in train or eval mode, so gradients still reach z through the frozen UNet)."""
-    decoder = DiffusionDecoder(pipe)
+def check_family(settings: Stage1Settings, family: Family) -> None:
+    """Refuse a setting the decoder's family has no use for (the paper's SD 2.x takes them all)."""
+    if settings.high_noise_fraction and family.loss != "ddpm":
+        raise InvalidInput(f"--high-noise-fraction {settings.high_noise_fraction} over-samples a DDPM schedule; "
+                           f"{settings.decoder} is an {family.name} decoder ({family.loss}, its own timestep "
+                           "density): set high_noise_fraction 0 (--high-noise-fraction 0)")
+
+
+def frozen_decoder(pipe: DiffusionPipeline | DiffusionDecoder, settings: Stage1Settings) -> DiffusionDecoder:
+    """The frozen decoder a run with these settings trains against (denoiser gradient checkpointing as asked:
+    diffusers checkpoints whenever grad is on, in train or eval mode, so gradients still reach z through it)."""
+    decoder = pipe if isinstance(pipe, DiffusionDecoder) else DiffusionDecoder(pipe)
     if settings.gradient_checkpointing:
-        decoder.unet.enable_gradient_checkpointing()
+        decoder.enable_gradient_checkpointing()
     return decoder
 
 
@@ -352,6 +360,7 @@ def prepare_stage1(settings: Stage1Settings, cfg: TrainConfig, out: str | Path, 
             require_dirs(cache)
             Cache(cache)  # made and finished: what it was made from is checked once the models load
     check_name_or_path(settings.encoder, list_encoders(), "named encoder", "--encoder")
+    check_family(settings, family_of(decoder))
     limit = text_length(decoder)
     if settings.num_queries > limit:
         raise InvalidInput(f"--nq {settings.num_queries}: the decoder's text encoder has only {limit} positions")
@@ -386,7 +395,7 @@ def run_stage1(plan: Stage1Plan, progress: bool = True) -> VLVEncoder | None:
     out.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg, out)
     # The frozen decoder never goes through ``prepare`` (nothing of it trains), so it is placed here.
-    decoder = frozen_decoder(load_pipeline(plan.decoder), settings).to(accelerator.device)  # resolved by prepare
+    decoder = frozen_decoder(DiffusionDecoder.from_pretrained(plan.decoder), settings).to(accelerator.device)
     size = data_size(settings, decoder)
     # The encoder records the crop it trains on, so inference cuts images as training did.
     encoder = seeded_encoder(replace(plan.encoder, crop_size=size), cfg.seed)

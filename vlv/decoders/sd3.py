@@ -1,0 +1,149 @@
+"""SD 3 / 3.5 (``StableDiffusion3Pipeline``): CLIP-L + CLIP-G (+ T5), an MMDiT transformer, flow matching.
+
+How z maps onto the two CLIPs (``vlv.text_encoder.CLIPStack``): z is d_1 + d_2 wide (768 + 1280 = 2048 for
+SD 3.5); its first d_1 channels go to CLIP 1 and the rest to CLIP 2, each as inputs_embeds. Then exactly what the
+stock ``encode_prompt`` builds from token ids:
+
+- ``prompt_embeds``: each CLIP's penultimate hidden states (clip_skip None), concatenated on the feature axis,
+  zero-padded to the transformer's joint_attention_dim, then the T5 part on the sequence axis. z never goes
+  through T5 (no T5 is loaded: 4.7 B parameters that z would not reach); the T5 part is zeros of
+  ``max_sequence_length`` (256) positions, as the stock pipeline makes it with ``text_encoder_3=None``.
+  Shape (B, L + 256, joint_attention_dim).
+- ``pooled_prompt_embeds``: each CLIP's text_projection of its final-LayerNormed state at z's last position (z has
+  no EOS token: the last position is the one that has attended to all of z), concatenated: (B, p_1 + p_2).
+- unconditional: the stock encoding of "" (the pipeline's negative prompt) with the same zero T5 part, its CLIP
+  part cut to z's L positions (CLIP is causal: the first L positions do not see the rest).
+- loss: :func:`vlv.diffusion.flow_matching_loss` on ``(sample - shift_factor) * scaling_factor`` latents.
+- reconstruction: the stock pipeline with the four embeddings; both samplers are its FlowMatchEuler scheduler
+  (paper: 50 steps; fast: 20).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+from vlv.decoder import DiffusionDecoder
+from vlv.decoders import SD3
+from vlv.diffusion import Random, Sampler, flow_matching_loss
+from vlv.progress import quiet_library
+from vlv.text_encoder import CLIPStack
+
+T5_LENGTH = 256  # the stock pipeline's default max_sequence_length: the zero T5 part's positions
+
+
+def make_sd3_pipeline(decoder: SD3Decoder, scheduler) -> StableDiffusion3Pipeline:
+    clip_1, clip_2 = decoder.text_encoder.encoders
+    pipe = StableDiffusion3Pipeline(transformer=decoder.transformer, scheduler=scheduler, vae=decoder.vae,
+                                    text_encoder=clip_1, tokenizer=decoder.tokenizer, text_encoder_2=clip_2,
+                                    tokenizer_2=decoder.tokenizer_2, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)  # vlv draws one bar per job, not per batch
+    return pipe
+
+
+class SD3Decoder(DiffusionDecoder):
+    """A StableDiffusion3Pipeline's frozen parts (T5 left out) as a decoder of z (B, Nq, d_1 + d_2)."""
+
+    family = SD3
+
+    def __init__(self, pipe: StableDiffusion3Pipeline, weighting_scheme: str = "logit_normal"):
+        super().__init__()
+        self.vae, self.transformer = pipe.vae, pipe.transformer
+        self.text_encoder = CLIPStack([pipe.text_encoder, pipe.text_encoder_2])
+        self.tokenizer, self.tokenizer_2 = pipe.tokenizer, pipe.tokenizer_2
+        # The training schedule: never set_timesteps'd (sampling builds its own scheduler from this config).
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        self.weighting_scheme = weighting_scheme  # diffusers' SD3 training default
+        joint, pooled = self.transformer.config.joint_attention_dim, self.transformer.config.pooled_projection_dim
+        if self.text_dim > joint:
+            raise ValueError(f"the CLIPs are {self.text_dim} wide together, more than the transformer's "
+                             f"joint_attention_dim {joint}")
+        projected = sum(e.config.projection_dim for e in self.text_encoder.encoders)
+        if projected != pooled:
+            raise ValueError(f"the CLIPs pool to {projected}, the transformer takes {pooled}")
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def load(cls, path: Path, dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu") -> SD3Decoder:
+        """The dir's parts but T5 (``text_encoder_3=None``: z never reaches it), in ``dtype`` on ``device``."""
+        with quiet_library():
+            pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, text_encoder_3=None, tokenizer_3=None,
+                                                            local_files_only=True)
+        return cls(pipe).to(device)
+
+    @classmethod
+    def build(cls, configs: dict[str, dict], tokenizer=None) -> SD3Decoder:
+        def clip(config: dict) -> CLIPTextModelWithProjection:
+            return CLIPTextModelWithProjection(CLIPTextConfig.from_dict(
+                {k: v for k, v in config.items() if k != "torch_dtype"}))
+
+        pipe = StableDiffusion3Pipeline(
+            transformer=SD3Transformer2DModel.from_config(configs["transformer"]),
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(configs["scheduler"]),
+            vae=AutoencoderKL.from_config(configs["vae"]), text_encoder=clip(configs["text_encoder"]),
+            tokenizer=tokenizer, text_encoder_2=clip(configs["text_encoder_2"]), tokenizer_2=tokenizer,
+            text_encoder_3=None, tokenizer_3=None)
+        return cls(pipe)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
+
+    @property
+    def text_dim(self) -> int:
+        """d_1 + d_2: z's channels, split between the CLIPs."""
+        return self.text_encoder.hidden_size
+
+    # -------------------------------------------------------------------------------- T(z)
+    def encode_text_embeds(self, z: torch.Tensor) -> torch.Tensor:
+        """c = both CLIPs' penultimate hidden states, concatenated: (B, L, d_1 + d_2)."""
+        return self.text_encoder(z)
+
+    def _embeds(self, clip: torch.Tensor, pooled: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """As the stock encode_prompt: pad the CLIP part to joint_attention_dim, append the zero T5 part."""
+        joint = self.transformer.config.joint_attention_dim
+        clip = torch.nn.functional.pad(clip, (0, joint - clip.shape[-1]))  # (B, L, joint)
+        t5 = clip.new_zeros(clip.shape[0], T5_LENGTH, joint)  # (B, 256, joint)
+        return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)  # (B, L + 256, joint), (B, p_1 + p_2)
+
+    def conditioning(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        embeds, pooled = self._embeds(*self.text_encoder.states(z))
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def unconditional(self, length: int) -> dict[str, torch.Tensor]:
+        """The stock pipeline's encoding of "" (zero T5 part), its CLIP part cut to ``length`` positions."""
+        embeds, _, pooled, _ = self.pipeline().encode_prompt(
+            prompt="", prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
+            max_sequence_length=T5_LENGTH)  # (1, 77 + 256, joint), (1, p_1 + p_2)
+        positions = embeds.shape[1] - T5_LENGTH
+        if length > positions:
+            raise ValueError(f"z has {length} positions; the tokenizer pads \"\" to {positions}")
+        embeds = torch.cat([embeds[:, :length], embeds[:, positions:]], dim=1)  # (1, L + 256, joint)
+        return {"negative_prompt_embeds": embeds, "negative_pooled_prompt_embeds": pooled}
+
+    # -------------------------------------------------------------------------------- loss
+    def denoising_loss(self, latents: torch.Tensor, z: torch.Tensor, generator: Random = None,
+                       high_noise_fraction: float = 0.0) -> torch.Tensor:
+        """:func:`vlv.diffusion.flow_matching_loss` of the frozen transformer given T(z)."""
+        if high_noise_fraction:
+            raise ValueError("high_noise_fraction over-samples a DDPM schedule; an SD3 decoder trains with flow "
+                             "matching's own timestep density (weighting_scheme)")
+        c = self.conditioning(z)
+
+        def denoise(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.transformer(hidden_states=noisy, timestep=t, encoder_hidden_states=c["prompt_embeds"],
+                                    pooled_projections=c["pooled_prompt_embeds"], return_dict=False)[0]
+
+        return flow_matching_loss(denoise, self.scheduler, latents, generator, self.weighting_scheme)
+
+    # ------------------------------------------------------------------------------ sampling
+    def pipeline(self, sampler: Sampler = "paper") -> StableDiffusion3Pipeline:
+        """The stock pipeline on a fresh copy of the model's own FlowMatchEuler scheduler (either sampler)."""
+        if sampler not in ("paper", "fast"):
+            raise ValueError(f"sampler must be 'paper' or 'fast', got {sampler!r}")
+        return make_sd3_pipeline(self, FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config))
