@@ -13,6 +13,7 @@ on a CPU); everything here reads its constants from the components' configs (``s
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from diffusers.training_utils import compute_loss_weighting_for_sd3
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -226,6 +228,52 @@ def diffusion_loss(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     noisy = scheduler.add_noise(latents, noise, t)  # (B, C, h, w)
     target = diffusion_target(scheduler, latents, noise, t)  # (B, C, h, w)
     return F.mse_loss(denoise(noisy, t).float(), target.float())
+
+
+def flow_matching_density(b: int, random: Random = None, weighting_scheme: str = "logit_normal",
+                          logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
+                          device: torch.device | str = "cpu") -> torch.Tensor:
+    """u in [0, 1] per sample: ``diffusers.training_utils.compute_density_for_timestep_sampling``'s formulas.
+
+    Restated here because diffusers' function draws from a torch.Generator only; vlv's draws (``RandomDraws``)
+    make a resumed or N-process run draw what one process would. logit_normal: sigmoid(mean + std * randn);
+    mode: 1 - u - mode_scale * (cos(pi u / 2)^2 - 1 + u) on u ~ U[0, 1); anything else: U[0, 1).
+    """
+    draws = as_draws(random)
+    if weighting_scheme == "logit_normal":
+        return torch.sigmoid(logit_mean + logit_std * draws.randn((b,), device))
+    u = draws.rand(b, device)
+    if weighting_scheme == "mode":
+        return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    return u
+
+
+def flow_matching_loss(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler,
+                       latents: torch.Tensor, random: Random = None, weighting_scheme: str = "logit_normal",
+                       logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29) -> torch.Tensor:
+    """The rectified-flow loss of SD3/FLUX-class models, as diffusers' ``train_dreambooth_sd3.py`` computes it.
+
+    u from :func:`flow_matching_density`, index = floor(u * N) into the training schedule of a
+    ``FlowMatchEulerDiscreteScheduler`` (its shift applied; never ``set_timesteps``'d), noisy = (1 - s) x0 + s eps,
+    target eps - x0, weighted by ``compute_loss_weighting_for_sd3``; per-sample mean, then the batch mean.
+    ``denoise(noisy, timesteps)`` is the conditioned model's prediction, timesteps on the scheduler's scale.
+    Draws: u first, then the noise (the order of :func:`diffusion_loss`: timesteps, then noise).
+    """
+    num_train = scheduler.config.num_train_timesteps
+    if len(scheduler.timesteps) != num_train:
+        raise ValueError("flow_matching_loss needs the training schedule: pass a scheduler never set_timesteps'd")
+    b, device = latents.shape[0], latents.device
+    u = flow_matching_density(b, random, weighting_scheme, logit_mean, logit_std, mode_scale, device)  # (B,)
+    # u can reach 1.0 ("mode" at u=0, sigmoid rounding): diffusers would index past the end; clamp to the last step.
+    indices = (u * num_train).long().clamp(0, num_train - 1).cpu()  # (B,)
+    timesteps = scheduler.timesteps[indices].to(device)  # (B,)
+    sigmas = scheduler.sigmas[indices].to(device=device, dtype=latents.dtype).view(b, *[1] * (latents.ndim - 1))
+    noise = as_draws(random).randn(latents.shape, device, latents.dtype)  # (B, C, h, w)
+    noisy = (1.0 - sigmas) * latents + sigmas * noise  # (B, C, h, w)
+    target = noise - latents  # (B, C, h, w)
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme, sigmas).float()  # (B, 1, 1, 1)
+    err = weighting * (denoise(noisy, timesteps).float() - target.float()) ** 2  # (B, C, h, w)
+    return err.reshape(b, -1).mean(1).mean()
 
 
 # ------------------------------------------------------------------------------------------- sampling
