@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         TeacherSettings,
     )
     from vlv.training.config import LMSettings, Stage1Settings, Stage2Settings, TrainConfig
+    from vlv.training.recipes import list_recipes
 
     teacher = sub.add_parser("teacher", help="train or sample the shapes text-to-image teacher")
     t_sub = teacher.add_subparsers(dest="teacher_command", required=True, metavar="TEACHER_COMMAND")
@@ -58,8 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source", default=None,
                    help="sd3 layout: the SD-layout teacher (dir or shipped name) whose VAE and tokenizer it reuses "
                         "(default: shapes-teacher)")
-    recipe_arg(p, "teacher")
-    p.set_defaults(recipe=None)  # the layout's own recipe unless one is given
+    p.add_argument("--recipe", default=None, help="how the teacher trains: a recipe of vlv/recipes/teacher/ "
+                   f"({', '.join(list_recipes('teacher'))}) or a JSON file, which names its layout; the flags below "
+                   "override single fields, and the defaults they show are those of recipes shapes and shapes-sd3 "
+                   "(default: shapes; with --layout sd3, shapes-sd3)")
     add_fields(p, TeacherSettings, "teacher settings (recipe section 'settings')",
                recipe=recipe_section("teacher", "settings"))
     shared = tuple(f.name for f in fields(TeacherSettings))

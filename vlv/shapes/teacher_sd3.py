@@ -53,7 +53,7 @@ from vlv.diffusion import flow_matching_loss, sample_latents, tokenize
 from vlv.errors import InvalidInput
 from vlv.modeling import write_json
 from vlv.progress import quiet_library
-from vlv.shapes import world
+from vlv.shapes import metrics, world
 from vlv.shapes.config import SD3TeacherConfig, SD3TeacherRecipe
 from vlv.shapes.teacher import UNetTask
 from vlv.shipped import resolve_decoder
@@ -238,9 +238,7 @@ def sample(pipe: StableDiffusion3Pipeline, captions: list[str], guidance_scale: 
 
 def sample_accuracy(pipe: StableDiffusion3Pipeline, captions: list[str], **kwargs) -> world.Scores:
     """Text -> image -> detector vs the captions themselves, as ``vlv.shapes.metrics.sample_accuracy``."""
-    from vlv.shapes.metrics import sample_accuracy as scores
-
-    return scores(pipe, captions, draw=sample, **kwargs)
+    return metrics.sample_accuracy(pipe, captions, draw=sample, **kwargs)
 
 
 def is_sd3_dir(path: str | Path) -> bool:
