@@ -51,7 +51,7 @@ from vlv.data.images import to_pil
 from vlv.data.records import read_captions
 from vlv.diffusion import flow_matching_loss, sample_latents, tokenize
 from vlv.errors import InvalidInput
-from vlv.modeling import write_json
+from vlv.modeling import resolve_device, write_json
 from vlv.progress import quiet_library
 from vlv.shapes import metrics, world
 from vlv.shapes.config import SD3TeacherConfig, SD3TeacherRecipe
@@ -328,6 +328,7 @@ def train_sd3_teacher(data: Path, out: Path, cfg: SD3TeacherConfig, recipe: SD3T
     check_resume(work, "recipe.json", {"config": asdict(cfg), **recipe.record()}, resume_override,
                  checkpoint_dir=work / "transformer")
     vae, tokenizer = source_parts(cfg)
+    vae.to(resolve_device())  # the loop's device: encoding the cache and evaluation's decoding run there
     image_size, latent_size, channels = latent_geometry(vae)
     settings = recipe.settings
     skip = on_bad_image == "skip"
