@@ -158,6 +158,8 @@ def test_cli_trains_resumes_and_refuses_the_other_layouts_flags(shapes_data, tin
     assert main([*base[:2], "--recipe", "shapes-sd3", *base[4:]]) == 0  # the recipe names its layout
     record = json.loads((out / "teacher.json").read_text())["training"]
     assert record["recipe"]["name"] == "teacher/shapes-sd3" and record["recipe"]["transformer"]["steps"] == 3
+    assert main(["teacher", "export", str(out), "--out", str(tmp_path / "e"), "--fp16"]) == 0  # the layout's own
+    assert json.loads((tmp_path / "e" / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
     capsys.readouterr()
     assert main(["teacher", "train", "--layout", "sd2", "--recipe", "shapes-sd3", "--data", "d", "--out", "x"]) == 2
     assert main(["teacher", "train", "--data", "d", "--out", "x", "--weighting-scheme", "mode"]) == 2
