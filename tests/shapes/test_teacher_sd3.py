@@ -138,6 +138,7 @@ def test_export_checkpoint_equals_the_final_export(tiny_sd3, tmp_path):
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), part
     record = json.loads((out / "teacher.json").read_text())
     assert record["layout"] == "sd3" and record["training"]["transformer_step"] == 4
+    assert record["training"]["command"] == "test"  # the finished run's
 
 
 def test_cli_trains_resumes_and_refuses_the_other_layouts_flags(shapes_data, tiny_teacher, tmp_path, capsys):

@@ -371,7 +371,8 @@ def is_sd3_run(teacher_dir: str | Path) -> bool:
 
 def export_checkpoint(teacher_dir: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
     """Export an SD3-layout teacher from its latest checkpoint (EMA weights) in SD3 layout, its record saying the
-    step: for shipping a finished run again, or measuring one mid-schedule."""
+    step: for shipping a finished run (``--fp16``: the transformer and VAE in fp16), or measuring one
+    mid-schedule."""
     work = Path(teacher_dir) / "training"
     check_checkpoints(teacher_dir)
     ckpt = work / "transformer" / "checkpoint"
@@ -388,7 +389,9 @@ def export_checkpoint(teacher_dir: Path, out: Path, dtype: torch.dtype = torch.f
         for p, v in zip((p for p in model.parameters() if p.requires_grad), shadow, strict=True):
             p.copy_(v)
     meta = read_json(ckpt / "trainer.json")
-    record = {"exported_from": str(teacher_dir),
+    finished = Path(teacher_dir) / "teacher.json"  # a finished run's own export records its command
+    command = read_json(finished).get("training", {}).get("command") if finished.is_file() else None
+    record = {"exported_from": str(teacher_dir), "command": command,
               "recipe": {"name": spec.get("name"), "settings": spec["settings"], "transformer": spec["transformer"]},
               "transformer_step": meta["step"], "transformer_steps_planned": meta["config"]["steps"],
               "transformer_wall_s": round(meta["elapsed_s"], 1), "history": {"transformer": meta["history"]}}
