@@ -5,7 +5,8 @@
 
 Prints scene accuracy / object F1 per CFG scale (DPM-Solver++ 20 steps unless --steps), the VAE's own
 reconstruction accuracy, the training record (wall time, accuracy-vs-time curve), and writes a PNG grid
-(true render | sample) for the first test scenes.
+(true render | sample) for the first test scenes. An SD3-layout teacher (``vlv teacher train --layout sd3``) is
+sampled through the stock StableDiffusion3Pipeline with its own FlowMatchEuler scheduler (28 steps unless --steps).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from common import test_scenes, write_result  # benchmarks/
 from PIL import Image
 
 from vlv.diffusion import load_pipeline, sample
+from vlv.shapes import teacher_sd3
 from vlv.shapes.metrics import image_scores, vae_accuracy
 from vlv.shapes.report import contact_sheet
 from vlv.shipped import resolve_decoder
@@ -31,19 +33,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher", default="shapes-teacher", help="teacher dir or shipped name")
     p.add_argument("--n", type=int, default=500, help="test-split scenes")
     p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0])
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--sampler", choices=["fast", "paper"], default="fast")
+    p.add_argument("--steps", type=int, default=None, help="default: 20 (SD layout), 28 (SD3 layout)")
+    p.add_argument("--sampler", choices=["fast", "paper"], default="fast", help="SD layout only")
     p.add_argument("--grid", type=Path, default=Path("runs/benchmarks/teacher_grid.png"))
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
 
-    path = resolve_decoder(args.teacher)
-    pipe = load_pipeline(path)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the resolution the teacher draws at
+    if teacher_sd3.is_sd3_dir(args.teacher):
+        path = teacher_sd3.check_sd3_dir(args.teacher)
+        pipe, steps = teacher_sd3.load_pipeline(path), args.steps or teacher_sd3.DEFAULT_STEPS
+        denoiser, sampler = pipe.transformer, "flow-match-euler"
+
+        def draw(captions: list[str], g: float) -> list:
+            return teacher_sd3.sample(pipe, captions, guidance_scale=g, steps=steps)
+    else:
+        path = resolve_decoder(args.teacher)
+        pipe, steps, sampler = load_pipeline(path), args.steps or 20, args.sampler
+        denoiser = pipe.unet
+
+        def draw(captions: list[str], g: float) -> list:
+            return sample(pipe, captions, guidance_scale=g, steps=steps, sampler=sampler)
+    size = denoiser.config.sample_size * pipe.vae_scale_factor  # the resolution the teacher draws at
     test = test_scenes(args.n, size)
     captions = test.captions
-    result: dict = {"teacher": str(path), "n": args.n, "sampler": args.sampler, "steps": args.steps}
+    result: dict = {"teacher": str(path), "n": args.n, "sampler": sampler, "steps": steps}
 
     t0 = time.perf_counter()
     result["vae_scene_accuracy"] = vae_accuracy(pipe.vae, test)
@@ -54,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'cfg':>5} {'scene acc':>10} {'object F1':>10} {'attr acc':>9} {'s':>7}")
     for g in args.cfg:
         t0 = time.perf_counter()
-        images = sample(pipe, captions, guidance_scale=g, steps=args.steps, sampler=args.sampler)
+        images = draw(captions, g)
         s = image_scores(images, test)
         dt = time.perf_counter() - t0
         result["cfg"][str(g)] = {**s.as_dict(), "seconds": round(dt, 1)}
@@ -69,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     record_file = path / "teacher.json"
     record = json.loads(record_file.read_text()).get("training", {}) if record_file.exists() else {}
     if record:
-        result["training_wall_s"] = {"vae": record.get("vae_wall_s"), "unet": record.get("unet_wall_s")}
-        print(f"training wall time: VAE {record.get('vae_wall_s')} s, UNet {record.get('unet_wall_s')} s")
+        result["training_wall_s"] = {k[: -len("_wall_s")]: v for k, v in record.items() if k.endswith("_wall_s")}
+        print("training wall time (s): " + json.dumps(result["training_wall_s"]))
         print("accuracy against training time (val split, during training):")
-        for phase in ("vae", "unet"):
+        for phase in record.get("history", {}):
             for row in record.get("history", {}).get(phase, []):
                 if "eval" in row:
                     e = row["eval"]

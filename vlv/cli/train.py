@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import fields, replace
 from pathlib import Path
 
 from vlv.cli.flags import (
@@ -24,8 +25,17 @@ from vlv.errors import InvalidInput
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from vlv.shapes.config import PHASES, TEACHER_OWNED, DetectionSettings, TeacherSettings
+    from vlv.shapes.config import (
+        LAYOUTS,
+        PHASES,
+        SD3_PHASES,
+        TEACHER_OWNED,
+        DetectionSettings,
+        SD3TeacherSettings,
+        TeacherSettings,
+    )
     from vlv.training.config import LMSettings, Stage1Settings, Stage2Settings, TrainConfig
+    from vlv.training.recipes import list_recipes
 
     teacher = sub.add_parser("teacher", help="train or sample the shapes text-to-image teacher")
     t_sub = teacher.add_subparsers(dest="teacher_command", required=True, metavar="TEACHER_COMMAND")
@@ -42,20 +52,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", choices=["check", "override"], default="check",
                    help="check: a started OUT resumes only with the recipe it was started with (the differing "
                         "fields are named); override: resume with these settings anyway")
-    recipe_arg(p, "teacher")
+    p.add_argument("--layout", choices=LAYOUTS, default=None,
+                   help="sd2: VAE + CLIP + UNet (StableDiffusionPipeline); sd3: SD3Transformer2DModel + two CLIPs "
+                        "by flow matching (StableDiffusion3Pipeline), on a frozen VAE reused from --source "
+                        "(default: the recipe's; no recipe given: sd2, recipe shapes; sd3: recipe shapes-sd3)")
+    p.add_argument("--source", default=None,
+                   help="sd3 layout: the SD-layout teacher (dir or shipped name) whose VAE and tokenizer it reuses "
+                        "(default: shapes-teacher)")
+    p.add_argument("--recipe", default=None, help="how the teacher trains: a recipe of vlv/recipes/teacher/ "
+                   f"({', '.join(list_recipes('teacher'))}) or a JSON file, which names its layout; the flags below "
+                   "override single fields, and the defaults they show are those of recipes shapes and shapes-sd3 "
+                   "(default: shapes; with --layout sd3, shapes-sd3)")
     add_fields(p, TeacherSettings, "teacher settings (recipe section 'settings')",
                recipe=recipe_section("teacher", "settings"))
+    shared = tuple(f.name for f in fields(TeacherSettings))
+    add_fields(p, SD3TeacherSettings, "sd3 layout settings (recipe section 'settings'; the ones above apply too)",
+               skip=shared, recipe=recipe_section("teacher", "settings", "shapes-sd3"))
     for phase, what in zip(PHASES, ("phase 1, the VAE", "phase 2, the text encoder + UNet"), strict=True):
         add_fields(p, TrainConfig, f"{what}: its training loop (recipe section '{phase}')", skip=TEACHER_OWNED,
                    prefix=phase, recipe=recipe_section("teacher", phase))
+    for phase in SD3_PHASES:
+        add_fields(p, TrainConfig, f"sd3 layout, the text encoders + transformer: its training loop (recipe section "
+                   f"'{phase}')", skip=TEACHER_OWNED, prefix=phase,
+                   recipe=recipe_section("teacher", phase, "shapes-sd3"))
     p.set_defaults(func=cmd_teacher_train)
-    p = t_sub.add_parser("export", help="export a teacher still training (latest EMA checkpoint) in SD layout")
+    p = t_sub.add_parser("export", help="export a teacher run's latest EMA checkpoint in its layout (SD or SD3)")
     p.add_argument("teacher", type=Path, help="teacher dir being trained (holds training/)")
     p.add_argument("--out", type=writable_dir, required=True)
-    p.add_argument("--fp16", action="store_true", help="UNet and VAE in fp16 (the text encoder stays fp32)")
+    p.add_argument("--fp16", action="store_true",
+                   help="UNet or transformer, and VAE, in fp16 (the text encoders stay fp32)")
     p.set_defaults(func=cmd_teacher_export)
     p = t_sub.add_parser("sample", help="draw images from captions")
-    p.add_argument("teacher", help="teacher dir or shipped name (shapes-teacher)")
+    p.add_argument("teacher", help="teacher dir (SD or SD3 layout) or shipped name (shapes-teacher); an SD3-layout "
+                                   "one samples with its own FlowMatchEuler scheduler (--steps, default 28)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", help="one caption")
     g.add_argument("--captions", type=Path, help="text file, one caption a line")
@@ -193,25 +222,70 @@ def cmd_train_florence2(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------- teacher
-def cmd_teacher_train(args: argparse.Namespace) -> None:
-    from vlv.shapes.config import TINY, TeacherConfig, TeacherSettings, teacher_recipe
-    from vlv.shapes.teacher import train_teacher
+def _flags_given(args: argparse.Namespace, cls: type, prefix: str = "", not_in: type | None = None) -> list[str]:
+    """The flags of ``cls``'s fields given on the command line, as typed (those of ``not_in``'s fields left out)."""
+    skip = {f.name for f in fields(not_in)} if not_in else set()
+    out = []
+    for f in fields(cls):
+        if f.name in given(args, cls, prefix) and f.name not in skip:
+            flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+            out.append(f"--{prefix}-{flag[2:]}" if prefix else flag)
+    return out
+
+
+def _teacher_layout(args: argparse.Namespace) -> tuple[str, str]:
+    """(layout, recipe) of a teacher command: --layout picks its own recipe when none is given; a recipe of the
+    other layout is refused, as is a flag that only the other layout reads."""
+    from vlv.shapes.config import PHASES, SD3_PHASES, SD3TeacherSettings, TeacherSettings, recipe_layout
     from vlv.training.config import TrainConfig
 
-    recipe = teacher_recipe(args.recipe, given(args, TeacherSettings), given(args, TrainConfig, "vae"),
-                            given(args, TrainConfig, "unet"))
-    done = train_teacher(args.data, args.out, TINY if args.tiny else TeacherConfig(), recipe, val=args.val,
-                         max_minutes=args.minutes, command=command_line(), on_bad_image=args.on_bad_image,
-                         resume_override=args.resume == "override")
+    recipe = args.recipe or ("shapes-sd3" if args.layout == "sd3" else "shapes")
+    layout = recipe_layout(recipe)
+    if args.layout is not None and args.layout != layout:
+        raise InvalidInput(f"--recipe {recipe} trains the {layout} layout, not --layout {args.layout}")
+    sd2_only = _flags_given(args, TeacherSettings, not_in=SD3TeacherSettings)
+    sd3_only = _flags_given(args, SD3TeacherSettings, not_in=TeacherSettings)
+    for phases, names in ((PHASES, sd2_only), (SD3_PHASES, sd3_only)):
+        names += [flag for phase in phases for flag in _flags_given(args, TrainConfig, phase)]
+    sd3_only += ["--source"] if args.source is not None else []
+    other = sorted(sd2_only if layout == "sd3" else sd3_only)
+    if other:
+        raise InvalidInput(f"{', '.join(other)}: not a flag of the {layout} layout's teacher")
+    return layout, recipe
+
+
+def cmd_teacher_train(args: argparse.Namespace) -> None:
+    from vlv.shapes.config import TINY, TeacherConfig, TeacherSettings, teacher_recipe
+    from vlv.training.config import TrainConfig
+
+    layout, name = _teacher_layout(args)
+    common = dict(val=args.val, max_minutes=args.minutes, command=command_line(), on_bad_image=args.on_bad_image,
+                  resume_override=args.resume == "override")
+    if layout == "sd3":
+        from vlv.shapes.config import TINY_SD3, SD3TeacherConfig, SD3TeacherSettings, sd3_teacher_recipe
+        from vlv.shapes.teacher_sd3 import train_sd3_teacher
+
+        recipe = sd3_teacher_recipe(name, given(args, SD3TeacherSettings), given(args, TrainConfig, "transformer"))
+        cfg = TINY_SD3 if args.tiny else SD3TeacherConfig()
+        if args.source is not None:
+            cfg = replace(cfg, source=args.source)
+        done = train_sd3_teacher(args.data, args.out, cfg, recipe, **common)
+    else:
+        from vlv.shapes.teacher import train_teacher
+
+        recipe = teacher_recipe(name, given(args, TeacherSettings), given(args, TrainConfig, "vae"),
+                                given(args, TrainConfig, "unet"))
+        done = train_teacher(args.data, args.out, TINY if args.tiny else TeacherConfig(), recipe, **common)
     print(f"teacher saved to {done}" if done else f"time budget reached; run the same command to resume ({args.out})")
 
 
 def cmd_teacher_export(args: argparse.Namespace) -> None:
     import torch
 
-    from vlv.shapes.teacher import export_checkpoint
+    from vlv.shapes import teacher, teacher_sd3
 
-    export_checkpoint(args.teacher, args.out, dtype=torch.float16 if args.fp16 else torch.float32)
+    layout = teacher_sd3 if teacher_sd3.is_sd3_run(args.teacher) else teacher
+    layout.export_checkpoint(args.teacher, args.out, dtype=torch.float16 if args.fp16 else torch.float32)
     print(f"exported to {args.out}")
 
 

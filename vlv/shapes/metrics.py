@@ -44,9 +44,10 @@ def vae_accuracy(vae: AutoencoderKL, data: InMemory, batch_size: int = 256) -> f
     return world.score(preds, truths(data)).scene_accuracy
 
 
-def sample_accuracy(pipe, captions: list[str], **kwargs) -> world.Scores:
-    """Text -> image -> detector vs the captions themselves: the teacher's own accuracy (its ceiling)."""
-    images = sample(pipe, captions, **kwargs)
+def sample_accuracy(pipe, captions: list[str], draw=sample, **kwargs) -> world.Scores:
+    """Text -> image -> detector vs the captions themselves: the teacher's own accuracy (its ceiling). ``draw`` is
+    the layout's sampler (``vlv.diffusion.sample``; an SD3-layout teacher's draws through its own pipeline)."""
+    images = draw(pipe, captions, **kwargs)
     return world.score([world.detect(im) for im in images], [world.parse_caption(c) for c in captions])
 
 

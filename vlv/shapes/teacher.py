@@ -348,14 +348,27 @@ def export_checkpoint(teacher_dir: Path, out: Path, dtype: torch.dtype = torch.f
 def sample_files(teacher: str | Path, prompts: list[str], out: Path, guidance_scale: float = DEFAULT_GUIDANCE,
                  steps: int | None = None, sampler: Sampler = "fast", seed: int = 0) -> int:
     """Draw one image per caption into ``out``: a PNG file for one caption (``out`` with a suffix), else a folder
-    of ``000000.png``, ...; returns the count. ``steps`` None: the sampler's own count (fast 20, paper 50)."""
-    path = resolve_decoder(teacher)
+    of ``000000.png``, ...; returns the count. ``steps`` None: the sampler's own count (fast 20, paper 50).
+
+    An SD3-layout teacher draws with its own FlowMatchEuler scheduler (``steps`` None: 28); ``sampler`` names the
+    SD-2 family's schedulers, so only its default applies there."""
+    from vlv.shapes import teacher_sd3
+
+    sd3 = teacher_sd3.is_sd3_dir(teacher)
+    if sd3 and sampler != "fast":
+        raise InvalidInput(f"{teacher}: an SD3-layout teacher samples with its own FlowMatchEuler scheduler; "
+                           "drop --sampler (--steps sets its steps)")
+    path = teacher_sd3.check_sd3_dir(teacher) if sd3 else resolve_decoder(teacher)
     out = Path(out)
     single = len(prompts) == 1 and bool(out.suffix) and not out.is_dir()
     if not single and out.is_file():
         raise InvalidInput(f"--out {out}: a file, but {len(prompts)} captions need a folder")
-    images = sample(load_pipeline(path), prompts, guidance_scale=guidance_scale, steps=steps, sampler=sampler,
-                    seed=seed)
+    if sd3:
+        images = teacher_sd3.sample(teacher_sd3.load_pipeline(path), prompts, guidance_scale=guidance_scale,
+                                    steps=steps, seed=seed)
+    else:
+        images = sample(load_pipeline(path), prompts, guidance_scale=guidance_scale, steps=steps, sampler=sampler,
+                        seed=seed)
     if single:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_png(images[0], out)
