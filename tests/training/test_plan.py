@@ -161,7 +161,7 @@ def test_a_gpu_plan_runs_attention_as_a_gpu_does():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["stage1/paper", "stage2/paper"])
+@pytest.mark.parametrize("name", ["stage1/paper"])  # stage2/paper fits with room (test_paper_recipes holds its fsdp2)
 def test_the_paper_recipes_as_shipped_fit_8_gpus_of_80_gb(name):
     """The recipes cannot drift into a run that stops on its first step (a full-scale plan: 20-40 s of CPU)."""
     from vlv.shapes.tokenizers import build_shapes_tokenizer
