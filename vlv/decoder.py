@@ -76,8 +76,8 @@ class DiffusionDecoder(nn.Module):
 
     @property
     def denoiser(self) -> nn.Module:
-        """The UNet or transformer."""
-        raise NotImplementedError
+        """The UNet or transformer: the attribute the family's table names."""
+        return getattr(self, self.family.denoiser)
 
     @property
     def text_dim(self) -> int:

@@ -82,10 +82,6 @@ class FluxDecoder(DiffusionDecoder):
         return cls(pipe)
 
     @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.transformer
-
-    @property
     def text_dim(self) -> int:
         return self.text_encoder.hidden_size
 

@@ -50,10 +50,6 @@ class SD2Decoder(DiffusionDecoder):
         return cls(pipeline_from_configs(configs, tokenizer))
 
     @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.unet
-
-    @property
     def text_dim(self) -> int:
         """d_T: the width z must have (the text encoder's token-embedding width)."""
         return self.text_encoder.config.hidden_size

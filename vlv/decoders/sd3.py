@@ -91,10 +91,6 @@ class SD3Decoder(DiffusionDecoder):
         return cls(pipe)
 
     @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.transformer
-
-    @property
     def text_dim(self) -> int:
         """d_1 + d_2: z's channels, split between the CLIPs."""
         return self.text_encoder.hidden_size

@@ -67,10 +67,6 @@ class SDXLDecoder(DiffusionDecoder):
         return cls(pipe)
 
     @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.unet
-
-    @property
     def text_dim(self) -> int:
         return self.text_encoder.hidden_size
 
