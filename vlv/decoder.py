@@ -143,8 +143,8 @@ class DiffusionDecoder(nn.Module):
         """The stage-1 loss (paper Eq. 2): the family's denoising loss of the frozen denoiser given T(z).
 
         ``latents_or_images`` is told apart by its channels: the VAE's in_channels (images in [-1, 1]) or its
-        latent_channels (latents already scaled, e.g. cached). ``high_noise_fraction`` > 0 over-samples t in the
-        upper half (:func:`vlv.diffusion.sample_timesteps`; DDPM families only); 0 is the paper.
+        latent_channels (latents already scaled, e.g. cached). ``high_noise_fraction`` > 0 over-samples the noisier
+        half of the schedule (:func:`vlv.diffusion.sample_timesteps`, ``flow_matching_loss``); 0 is the paper.
         """
         x = latents_or_images
         latents = x if self._is_latents(x) else self.latents(x, generator)  # (B, C, h, w)

@@ -257,20 +257,27 @@ def flow_matching_density(b: int, random: Random = None, weighting_scheme: str =
 
 def flow_matching_loss(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler,
                        latents: torch.Tensor, random: Random = None, weighting_scheme: str = "logit_normal",
-                       logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29) -> torch.Tensor:
+                       logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
+                       high_noise_fraction: float = 0.0) -> torch.Tensor:
     """The rectified-flow loss of SD3/FLUX-class models, as diffusers' ``train_dreambooth_sd3.py`` computes it.
 
     u from :func:`flow_matching_density`, index = floor(u * N) into the training schedule of a
     ``FlowMatchEulerDiscreteScheduler`` (its shift applied; never ``set_timesteps``'d), noisy = (1 - s) x0 + s eps,
     target eps - x0, weighted by ``compute_loss_weighting_for_sd3``; per-sample mean, then the batch mean.
     ``denoise(noisy, timesteps)`` is the conditioned model's prediction, timesteps on the scheduler's scale.
-    Draws: u first, then the noise (the order of :func:`diffusion_loss`: timesteps, then noise).
+    ``high_noise_fraction``: as :func:`sample_timesteps`, that share of the batch draws its index uniformly from the
+    noisier half of the schedule instead (index 0 is the noisiest); 0 = diffusers, the same draws.
+    Draws: u first (then the high-noise ones), then the noise (the order of :func:`diffusion_loss`).
     """
     num_train = scheduler.config.num_train_timesteps
     if len(scheduler.timesteps) != num_train:
         raise ValueError("flow_matching_loss needs the training schedule: pass a scheduler never set_timesteps'd")
     b, device = latents.shape[0], latents.device
     u = flow_matching_density(b, random, weighting_scheme, logit_mean, logit_std, mode_scale, device)  # (B,)
+    if high_noise_fraction:
+        draws = as_draws(random)
+        high = draws.rand(b, device) < high_noise_fraction
+        u = torch.where(high, 0.5 * draws.rand(b, device), u)  # indices in [0, N/2): sigma above the midpoint's
     # u can reach 1.0 ("mode" at u=0, sigmoid rounding): diffusers would index past the end; clamp to the last step.
     indices = (u * num_train).long().clamp(0, num_train - 1).cpu()  # (B,)
     timesteps = scheduler.timesteps[indices].to(device)  # (B,)

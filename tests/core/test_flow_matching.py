@@ -83,3 +83,17 @@ def test_refuses_a_sampling_schedule():
     sched.set_timesteps(10)
     with pytest.raises(ValueError, match="training schedule"):
         flow_matching_loss(_denoise, sched, torch.randn(2, 4, 4, 4))
+
+
+def test_high_noise_fraction_draws_the_noisier_half():
+    """A share of 1 puts every index in the schedule's first (noisier) half; 0 leaves diffusers' draws."""
+    sched = FlowMatchEulerDiscreteScheduler(shift=SHIFT)
+    seen = []
+    flow_matching_loss(lambda x, t: seen.append(t) or x, sched, torch.randn(256, 1, 1, 1),
+                       torch.Generator().manual_seed(0), high_noise_fraction=1.0)
+    midpoint = sched.timesteps[N // 2]
+    assert (seen[0] > midpoint).all() and seen[0].min() < sched.timesteps[N // 2 - 50]  # the whole half, not a point
+    latents = torch.randn(3, 4, 4, 4)
+    plain = flow_matching_loss(_denoise, sched, latents, torch.Generator().manual_seed(1))
+    zero = flow_matching_loss(_denoise, sched, latents, torch.Generator().manual_seed(1), high_noise_fraction=0.0)
+    assert torch.equal(plain, zero)

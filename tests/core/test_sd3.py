@@ -111,11 +111,6 @@ def test_gradients_reach_z_through_the_frozen_parts(decoder):
     assert all(p.grad is None for p in decoder.parameters())
 
 
-def test_high_noise_fraction_is_a_ddpm_setting(decoder):
-    with pytest.raises(ValueError, match="flow matching"):
-        decoder.loss(torch.randn(1, 4, 16, 16), torch.randn(1, 4, 40), high_noise_fraction=0.3)
-
-
 def test_reconstruct_is_the_stock_pipeline(decoder, stock):
     """vlv's reconstruction equals the stock pipeline called with the same four embeddings and generator."""
     z = torch.randn(2, 6, 40, generator=torch.Generator().manual_seed(2))

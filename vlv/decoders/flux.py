@@ -116,9 +116,6 @@ class FluxDecoder(DiffusionDecoder):
     def denoising_loss(self, latents: torch.Tensor, z: torch.Tensor, generator: Random = None,
                        high_noise_fraction: float = 0.0) -> torch.Tensor:
         """:func:`vlv.diffusion.flow_matching_loss` of the frozen transformer on 2x2-packed latents given T(z)."""
-        if high_noise_fraction:
-            raise ValueError("high_noise_fraction over-samples a DDPM schedule; a FLUX decoder trains with flow "
-                             "matching's own timestep density (weighting_scheme)")
         b, ch, h, w = latents.shape
         if h % 2 or w % 2:
             raise ValueError(f"FLUX packs latents 2x2: {h}x{w} latents are odd; give an image size that is a "
@@ -138,7 +135,8 @@ class FluxDecoder(DiffusionDecoder):
                                    return_dict=False)[0]
             return FluxPipeline._unpack_latents(out, h * scale, w * scale, scale)  # (B, C, h, w)
 
-        return flow_matching_loss(denoise, self.scheduler, latents, generator, self.weighting_scheme)
+        return flow_matching_loss(denoise, self.scheduler, latents, generator, self.weighting_scheme,
+                                  high_noise_fraction=high_noise_fraction)
 
     # ------------------------------------------------------------------------------ sampling
     def pipeline(self, sampler: Sampler = "paper") -> FluxPipeline:

@@ -126,16 +126,14 @@ class SD3Decoder(DiffusionDecoder):
     def denoising_loss(self, latents: torch.Tensor, z: torch.Tensor, generator: Random = None,
                        high_noise_fraction: float = 0.0) -> torch.Tensor:
         """:func:`vlv.diffusion.flow_matching_loss` of the frozen transformer given T(z)."""
-        if high_noise_fraction:
-            raise ValueError("high_noise_fraction over-samples a DDPM schedule; an SD3 decoder trains with flow "
-                             "matching's own timestep density (weighting_scheme)")
         c = self.conditioning(z)
 
         def denoise(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.transformer(hidden_states=noisy, timestep=t, encoder_hidden_states=c["prompt_embeds"],
                                     pooled_projections=c["pooled_prompt_embeds"], return_dict=False)[0]
 
-        return flow_matching_loss(denoise, self.scheduler, latents, generator, self.weighting_scheme)
+        return flow_matching_loss(denoise, self.scheduler, latents, generator, self.weighting_scheme,
+                                  high_noise_fraction=high_noise_fraction)
 
     # ------------------------------------------------------------------------------ sampling
     def pipeline(self, sampler: Sampler = "paper") -> StableDiffusion3Pipeline:

@@ -61,7 +61,7 @@ from vlv.training.config import Stage1Settings, Stage2Settings, TrainConfig
 from vlv.training.draws import Draws
 from vlv.training.recipes import RECIPES, list_recipes, load_sections, user_input
 from vlv.training.sharding import precision_policy, shard
-from vlv.training.stage1 import check_family, encoder_config, stage1_loss
+from vlv.training.stage1 import encoder_config, stage1_loss
 from vlv.training.stage2 import stage2_loss
 
 GIB = 2**30
@@ -506,7 +506,6 @@ def plan_stage1(settings: Stage1Settings, cfg: TrainConfig, processes: int = 1, 
     """The cost of a stage-1 run with these settings: the decoder (``decoder``, default ``settings.decoder``) and
     the encoder (``config``, default the one ``settings`` builds) as architectures only."""
     dec = meta_decoder(decoder if decoder is not None else settings.decoder)
-    check_family(settings, dec.family)
     with user_input():
         config = config or encoder_config(settings, dec.text_dim)
     return plan_stage1_models(meta_encoder(config), dec, settings, cfg, processes, samples, recipe, target)

@@ -41,7 +41,6 @@ from vlv.data.images import to_tensor
 from vlv.data.outputs import process_state
 from vlv.data.sampling import step_indices
 from vlv.decoder import DiffusionDecoder
-from vlv.decoders import Family, family_of
 from vlv.encoder import CONFIG_FILE as ENCODER_FILE
 from vlv.encoder import VLVEncoder, resolved_florence2
 from vlv.errors import InvalidInput
@@ -270,14 +269,6 @@ def check_settings(settings: Stage1Settings, config: EncoderConfig) -> None:
                            f" for {settings.encoder!r}), so its features cannot be cached")
 
 
-def check_family(settings: Stage1Settings, family: Family) -> None:
-    """Refuse a setting the decoder's family has no use for (the paper's SD 2.x takes them all)."""
-    if settings.high_noise_fraction and family.loss != "ddpm":
-        raise InvalidInput(f"--high-noise-fraction {settings.high_noise_fraction} over-samples a DDPM schedule; "
-                           f"{settings.decoder} is an {family.name} decoder ({family.loss}, its own timestep "
-                           "density): set high_noise_fraction 0 (--high-noise-fraction 0)")
-
-
 def frozen_decoder(pipe: DiffusionPipeline | DiffusionDecoder, settings: Stage1Settings) -> DiffusionDecoder:
     """The frozen decoder a run with these settings trains against (denoiser gradient checkpointing as asked:
     diffusers checkpoints whenever grad is on, in train or eval mode, so gradients still reach z through it)."""
@@ -360,7 +351,6 @@ def prepare_stage1(settings: Stage1Settings, cfg: TrainConfig, out: str | Path, 
             require_dirs(cache)
             Cache(cache)  # made and finished: what it was made from is checked once the models load
     check_name_or_path(settings.encoder, list_encoders(), "named encoder", "--encoder")
-    check_family(settings, family_of(decoder))
     limit = text_length(decoder)
     if settings.num_queries > limit:
         raise InvalidInput(f"--nq {settings.num_queries}: the decoder's text encoder has only {limit} positions")
