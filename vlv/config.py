@@ -22,6 +22,7 @@ CACHE_BATCH_SIZE = {"latents": 128, "vision": 32, "text_embeds": 32}
 CACHE_SHARD_ROWS = 4096
 # The two samplers, defined once for every command and function that draws images (vlv.diffusion.with_sampler
 # builds their schedulers): paper is DDPM for 50 steps, the official code's default; fast is DPM-Solver++(2M).
+# Flow-matching decoders (SD3, FLUX) sample both with their own FlowMatchEuler scheduler, at these step counts.
 SAMPLERS = {"fast": "DPM-Solver++(2M)", "paper": "DDPM"}
 DEFAULT_STEPS = {"fast": 20, "paper": 50}
 # Classifier-free guidance scale: the paper's (and the official code's) 2.0, the scale every shipped number is

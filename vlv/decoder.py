@@ -17,10 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 
 from vlv.decoders import Family, family_named, family_of
-from vlv.diffusion import DEFAULT_GUIDANCE, Random, Sampler, posterior_sample, sample_latents, sampler_steps
+from vlv.diffusion import DEFAULT_GUIDANCE, Random, Sampler, draw, posterior_sample, sample_latents, sampler_steps
 from vlv.shipped import resolve_decoder
 
 
@@ -175,6 +176,12 @@ class DiffusionDecoder(nn.Module):
         return pipe(**cond, **uncond, **self.guidance(guidance_scale),
                     num_inference_steps=sampler_steps(sampler, steps), generator=generator, output_type=output_type,
                     **pipeline_kwargs).images
+
+    def generate(self, captions: list[str], guidance_scale: float = DEFAULT_GUIDANCE, steps: int | None = None,
+                 sampler: Sampler = "fast", seed: int = 0, batch_size: int = 256) -> list[Image.Image]:
+        """The model as a text-to-image teacher: captions through the stock pipeline with the family's sampler
+        (:func:`vlv.diffusion.draw`: batched, each chunk seeded by its offset)."""
+        return draw(self.pipeline(sampler), captions, guidance_scale, sampler_steps(sampler, steps), seed, batch_size)
 
     def guidance(self, guidance_scale: float) -> dict[str, float]:
         """The stock pipeline's arguments for classifier-free guidance at this scale against the negative branch."""

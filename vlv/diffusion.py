@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
@@ -292,13 +293,10 @@ def flow_matching_loss(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Ten
 
 # ------------------------------------------------------------------------------------------- sampling
 @torch.no_grad()
-def sample(pipe: StableDiffusionPipeline, captions: list[str], guidance_scale: float = DEFAULT_GUIDANCE,
-           steps: int | None = None, sampler: Sampler = "fast", seed: int = 0,
-           batch_size: int = 256) -> list[Image.Image]:
-    """Text-to-image samples of captions, batched; each chunk seeded by its offset, so batching is invisible.
-    ``steps`` None: the sampler's own count."""
-    steps = sampler_steps(sampler, steps)
-    pipe = with_sampler(pipe, sampler)
+def draw(pipe: DiffusionPipeline, captions: list[str], guidance_scale: float, steps: int, seed: int = 0,
+         batch_size: int = 256) -> list[Image.Image]:
+    """Text-to-image through any stock pipeline as it is (its scheduler), batched; each chunk seeded by its offset,
+    so batching is invisible."""
     images = []
     for start in range(0, len(captions), batch_size):
         gen = torch.Generator(pipe.device).manual_seed(seed + start)
@@ -306,3 +304,10 @@ def sample(pipe: StableDiffusionPipeline, captions: list[str], guidance_scale: f
                    guidance_scale=guidance_scale, generator=gen, output_type="pt")
         images += to_pil(out.images * 2 - 1)
     return images
+
+
+def sample(pipe: StableDiffusionPipeline, captions: list[str], guidance_scale: float = DEFAULT_GUIDANCE,
+           steps: int | None = None, sampler: Sampler = "fast", seed: int = 0,
+           batch_size: int = 256) -> list[Image.Image]:
+    """:func:`draw` through an SD 2.x pipeline with the sampler's scheduler; ``steps`` None: the sampler's own."""
+    return draw(with_sampler(pipe, sampler), captions, guidance_scale, sampler_steps(sampler, steps), seed, batch_size)

@@ -1,6 +1,7 @@
 """Named weights shipped inside the package, resolved separately from architectures.
 
-``shapes-teacher`` is a Stable-Diffusion-layout dir; ``shapes-florence2`` a native Florence-2 dir (pre-trained on
+``shapes-teacher`` is a Stable-Diffusion-layout dir, ``shapes-teacher-sd3`` an SD3-layout one (the second teacher,
+``vlv.shapes.teacher_sd3``); ``shapes-florence2`` a native Florence-2 dir (pre-trained on
 shapes detection, ``vlv.shapes.florence2``); ``shapes-stage1`` a stage-1 run (``encoder.json`` +
 safetensors); ``shapes-lm`` the pre-trained shapes LM (transformers layout); ``shapes-stage2`` a stage-2 run
 whose ``captioner.json`` names the other three by these names. Wherever a command takes one of these dirs it
@@ -14,10 +15,12 @@ from pathlib import Path
 WEIGHTS = Path(__file__).parent / "weights"
 # name -> (dir, the file that marks a complete dir)
 SHIPPED = {"shapes-teacher": (WEIGHTS / "shapes-teacher", "model_index.json"),
+           "shapes-teacher-sd3": (WEIGHTS / "shapes-teacher-sd3", "model_index.json"),
            "shapes-florence2": (WEIGHTS / "shapes-florence2", "config.json"),
            "shapes-stage1": (WEIGHTS / "shapes-stage1", "encoder.json"),
            "shapes-lm": (WEIGHTS / "shapes-lm", "config.json"),
            "shapes-stage2": (WEIGHTS / "shapes-stage2", "captioner.json")}
+TEACHERS = ("shapes-teacher", "shapes-teacher-sd3")  # the shipped diffusers dirs, one per decoder family
 # The sections a run dir's marker must hold (what from_pretrained reads first).
 MARKER_SECTIONS = {"shapes-stage1": ("config",), "shapes-stage2": ("config",)}
 
@@ -49,7 +52,7 @@ def _resolve(name_or_path: str | Path, name: str, what: str) -> Path:
         path = shipped_dir(name)
     elif not (path / SHIPPED[name][1]).exists():
         raise FileNotFoundError(f"{path} is not {what} (no {SHIPPED[name][1]}) nor the shipped {name!r}")
-    if name == "shapes-teacher":
+    if name in TEACHERS:
         return check_sd_dir(path)
     read_json(path / SHIPPED[name][1], keys=MARKER_SECTIONS.get(name, ()))  # torn or edited: one line, now
     check_weights_in(path)
@@ -57,8 +60,10 @@ def _resolve(name_or_path: str | Path, name: str, what: str) -> Path:
 
 
 def resolve_decoder(name_or_path: str | Path) -> Path:
-    """A shipped name (``shapes-teacher``) or a complete Stable-Diffusion-layout dir -> its path."""
-    return _resolve(name_or_path, "shapes-teacher", "a Stable Diffusion dir")
+    """A shipped teacher's name (``shapes-teacher``, ``shapes-teacher-sd3``) or a complete diffusers dir of a family
+    vlv takes -> its path."""
+    name = str(name_or_path) if str(name_or_path) in TEACHERS else "shapes-teacher"
+    return _resolve(name_or_path, name, "a diffusers pipeline dir")
 
 
 def resolve_encoder(name_or_path: str | Path) -> Path:

@@ -2,11 +2,13 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
 from vlv.checks import check_sd_dir, text_length, text_width
+from vlv.data.images import to_pil
 from vlv.decoder import DiffusionDecoder
 from vlv.decoders.sd3 import T5_LENGTH, SD3Decoder
 from vlv.diffusion import tokenize
@@ -123,6 +125,19 @@ def test_reconstruct_is_the_stock_pipeline(decoder, stock):
                      guidance_scale=2.0, num_inference_steps=3, generator=torch.Generator().manual_seed(7),
                      output_type="pt").images
     assert got.shape == (2, 3, 32, 32) and torch.equal(got, want)
+
+
+def test_generate_is_the_stock_pipeline_on_captions(decoder, stock):
+    """The teacher role (shapes evaluation draws the true and the predicted captions): the stock pipeline's own
+    prompt path, its own scheduler, each chunk seeded by its offset."""
+    captions = [shapes.caption(shapes.scene_at(i, "train", 0)) for i in range(3)]
+    got = decoder.generate(captions, guidance_scale=2.0, steps=2, seed=5, batch_size=2)
+    with torch.no_grad():
+        want = [stock(prompt=captions[i : i + 2], guidance_scale=2.0, num_inference_steps=2, output_type="pt",
+                      generator=torch.Generator().manual_seed(5 + i)).images for i in (0, 2)]
+    assert [im.size for im in got] == [(32, 32)] * 3
+    want = to_pil(torch.cat(want) * 2 - 1)  # as PNG pixels
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, want, strict=True))
 
 
 def test_other_families_are_refused_in_one_line(tmp_path):

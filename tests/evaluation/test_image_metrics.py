@@ -155,7 +155,7 @@ def test_protocol_inputs_are_checked_before_anything_loads(tmp_path, standin_inc
              "give one or more scales >= 0"),
             (lambda: caption_to_image([scenes, dup], out, "shapes-teacher", net, model="shapes-stage2"),
              "share the name '000000'"),
-            (lambda: reconstruction([scenes], out, "shapes-stage1", tmp_path, net), "not a Stable Diffusion dir")):
+            (lambda: reconstruction([scenes], out, "shapes-stage1", tmp_path, net), "not a diffusers pipeline dir")):
         with pytest.raises((UserError, FileNotFoundError), match=re.escape(text)):
             call()
         assert not out.exists()

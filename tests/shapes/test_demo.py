@@ -79,6 +79,19 @@ def test_a_run_dir_of_one_recipe_is_refused_by_another(demo_run, capsys):
     assert json.loads((demo_run / "metrics.json").read_text()) == m  # nothing touched
 
 
+def test_a_run_dir_distils_one_teacher(demo_run, tiny_sd3, tmp_path, capsys):
+    """--teacher picks the teacher; another one is never distilled into a run dir made with the first."""
+    from vlv.cli import main
+
+    m = json.loads((demo_run / "metrics.json").read_text())
+    assert m["teacher_name"] == "shapes-teacher"
+    assert main(["demo", "--preset", "quick", "--out", str(demo_run), "--teacher", str(tiny_sd3)]) == 2
+    assert "holds the teacher 'shapes-teacher'" in capsys.readouterr().err
+    assert main(["demo", "--preset", "quick", "--out", str(tmp_path / "new"), "--teacher", "no-such-teacher"]) == 2
+    assert "no-such-teacher" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    assert json.loads((demo_run / "metrics.json").read_text()) == m
+
+
 def test_evaluate_writes_elsewhere_prints_its_headline_and_keeps_the_larger_evaluation(demo_run, tmp_path, capsys):
     from vlv.cli import main
 

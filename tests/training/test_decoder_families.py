@@ -8,6 +8,7 @@ import torch
 from vlv.api import VLV
 from vlv.decoder import DiffusionDecoder
 from vlv.errors import InvalidInput
+from vlv.shapes.evaluate import EvalSettings, evaluate_run
 from vlv.shapes.tokenizers import build_shapes_tokenizer
 from vlv.text_encoder import CLIPStack, encode_embeds, load_text_encoder
 from vlv.training.config import Stage1Settings, Stage2Settings, TrainConfig
@@ -35,6 +36,13 @@ def test_the_chain_trains_against_sd3_and_its_runs_load_in_one_call(tiny_sd3, sh
     out = vlv.reconstruct(images, steps=2)
     assert [im.size for im in out] == [(32, 32)] * 2 and np.asarray(out[0]).std() > 0
     assert len(vlv.caption(images, num_beams=1)) == 2
+    demo = tmp_path / "demo"  # the layout `vlv demo --teacher` leaves: the shapes evaluation draws through SD3
+    for part, src in (("teacher", tiny_sd3), ("stage1", run), ("stage2", run2)):
+        (demo / part).parent.mkdir(exist_ok=True)
+        (demo / part).symlink_to(src)
+    m = evaluate_run(demo, EvalSettings(n=2, examples=0, compositions=0), progress=False, force=True)
+    assert {k: m[k]["n"] for k in ("teacher", "reconstruction", "captions", "caption_to_image")} == dict.fromkeys(
+        ("teacher", "reconstruction", "captions", "caption_to_image"), 2)
 
 
 def test_stage_2_reads_t_as_the_decoder_conditions_on_it(tiny_sd3, tmp_path):

@@ -134,9 +134,10 @@ def test_a_demo_run_dir_recorded_under_the_old_names_keeps_its_identity(tmp_path
     from vlv.shapes.demo import _check_stages
 
     meta = {"recipe": "demo-quick", "stages": {s: "demo-quick" for s in ("lm", "stage1", "stage2")}}
-    _check_stages(tmp_path, meta, "demo/quick")  # made by the quick recipe before it was renamed: resumes
+    # made by the quick recipe before it was renamed: resumes
+    _check_stages(tmp_path, meta, "demo/quick", "shapes-teacher")
     with pytest.raises(InvalidInput, match="lm by 'demo/quick'"):
-        _check_stages(tmp_path, meta, "demo/default")
+        _check_stages(tmp_path, meta, "demo/default", "shapes-teacher")
 
 
 def test_the_teacher_recipe_is_a_loop_per_phase_and_its_settings():

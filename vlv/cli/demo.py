@@ -21,6 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="whole-run time budget: each stage's steps are planned to fill its share of what data and "
                         f"evaluation leave (default: {shown(recipe.get('minutes'))} from recipe {recipe['name']}: the "
                         "recipe's fixed step counts)")
+    p.add_argument("--teacher", default=None,
+                   help="the teacher to distil: shapes-teacher (the UNet), shapes-teacher-sd3 (the SD3-layout "
+                        f"transformer) or a diffusers dir (default: {recipe.get('teacher', 'shapes-teacher')} from "
+                        f"recipe {recipe['name']})")
     # Its old spelling, hidden: train's --minutes is a stop time, not a budget (train's budget is --budget-minutes).
     p.add_argument("--minutes", dest="minutes", type=positive_float, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_demo)
@@ -29,4 +33,4 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from vlv.shapes.demo import run_demo
 
-    run_demo(args.out, recipe=args.recipe, minutes=args.minutes)
+    run_demo(args.out, recipe=args.recipe, minutes=args.minutes, teacher=args.teacher)

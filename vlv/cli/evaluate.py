@@ -101,7 +101,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=writable_dir, required=True, help="folder for reconstructions, metrics, page")
     p.add_argument("--cfg", type=float, nargs="+", default=[2.0], help="guidance scales, one FID each (default 2)")
     p.add_argument("--sampler", choices=["fast", "paper"], default="paper",
-                   help="paper: DDPM 50 steps (default); fast: DPM-Solver++ 20 steps")
+                   help="paper: DDPM 50 steps (default); fast: DPM-Solver++ 20 steps (SD3/FLUX: FlowMatchEuler at "
+                        "those steps)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the sampler's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip", type=Path, default=None,

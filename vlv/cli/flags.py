@@ -208,7 +208,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     from vlv.config import DEFAULT_GUIDANCE, DEFAULT_STEPS, SAMPLERS
 
     p.add_argument("--sampler", choices=list(SAMPLERS), default="fast",
-                   help="; ".join(f"{name}: {kind}, {DEFAULT_STEPS[name]} steps" for name, kind in SAMPLERS.items()))
+                   help="; ".join(f"{name}: {kind}, {DEFAULT_STEPS[name]} steps" for name, kind in SAMPLERS.items())
+                   + " (SD3/FLUX decoders: their FlowMatchEuler at these steps)")
     p.add_argument("--cfg", type=float, default=DEFAULT_GUIDANCE,
                    help="classifier-free guidance scale (the paper's; the shipped weights are measured at it)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the sampler's, "

@@ -3,7 +3,7 @@
 One run dir, one folder per stage, each usable by the other commands as it is::
 
     RUN/data/{train,test}   shapes scenes (image-caption folders)
-    RUN/teacher/            the shipped teacher, copied (Stable Diffusion layout)
+    RUN/teacher/            the teacher (shapes-teacher, the UNet; or shapes-teacher-sd3, ``--teacher``), copied
     RUN/lm/                 the shapes LM, pre-trained on the training captions (vlv train lm)
     RUN/stage1/             the VLV encoder distilled from the teacher, images only (vlv train stage1)
     RUN/stage2/             the captioner on the frozen stage-1 embeddings (vlv train stage2)
@@ -89,10 +89,10 @@ def _stage2(run: Path, demo: dict[str, Any], budget: float | None) -> None:
         raise InterruptedError("stage 2")
 
 
-def _copy_teacher(run: Path) -> None:
+def _copy_teacher(run: Path, teacher: str) -> None:
     if (run / "teacher" / "model_index.json").is_file():
         return
-    src = resolve_decoder("shapes-teacher")  # FileNotFoundError with a clear message when not shipped
+    src = resolve_decoder(teacher)
     tmp = run / "teacher.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
@@ -107,9 +107,12 @@ def _data(run: Path, demo: dict[str, Any]) -> None:
             write_shapes(folder, n=n, seed=0, split=split)
 
 
-def _check_stages(run: Path, meta: dict[str, Any], name: str) -> None:
+def _check_stages(run: Path, meta: dict[str, Any], name: str, teacher: str) -> None:
     """A run dir holds one demo recipe's stages: a stage another recipe made (finished or not) is never reused
-    or resumed by this one, since its numbers would be reported as this recipe's."""
+    or resumed by this one, since its numbers would be reported as this recipe's; nor is another teacher."""
+    if (run / "teacher").is_dir() and meta.get("teacher_name", "shapes-teacher") != teacher:
+        raise InvalidInput(f"{run} holds the teacher {meta.get('teacher', 'shapes-teacher')!r}, recipe {name!r} "
+                           f"distils {teacher!r}: use another --out")
     made = {s: meta.get("stages", {}).get(s) or (meta.get("recipe") if finished(run, s) else None) for s in STAGES}
     made = {s: RENAMED.get(r, r) for s, r in made.items()}  # a run dir from before recipes were named per task
     other = {s: r for s, r in made.items() if r is not None and r != name}
@@ -119,8 +122,10 @@ def _check_stages(run: Path, meta: dict[str, Any], name: str) -> None:
                            "--out, or run that recipe")
 
 
-def run_demo(out: Path, recipe: str = "default", minutes: float | None = None) -> dict[str, Any]:
-    """Run (or resume) the demo recipe ``recipe`` into ``out``; returns the metrics written to out/metrics.json."""
+def run_demo(out: Path, recipe: str = "default", minutes: float | None = None,
+             teacher: str | None = None) -> dict[str, Any]:
+    """Run (or resume) the demo recipe ``recipe`` into ``out``, distilling ``teacher`` (None: the recipe's, else
+    ``shapes-teacher``); returns the metrics written to out/metrics.json."""
     demo, run = demo_recipe(recipe), Path(out)
     check_checkpoints(run)
     total = minutes if minutes is not None else demo.get("minutes")
@@ -130,8 +135,10 @@ def run_demo(out: Path, recipe: str = "default", minutes: float | None = None) -
                            "--minutes")
     if total is not None and total <= reserve:
         raise InvalidInput(f"--minutes must exceed the {reserve} minutes data and evaluation take")
+    teacher = teacher or demo.get("teacher", "shapes-teacher")
+    resolve_decoder(teacher)  # not shipped in this install: one line, before anything runs
     meta_file = run / "metrics.json"
-    _check_stages(run, _read(meta_file), demo["name"])
+    _check_stages(run, _read(meta_file), demo["name"], teacher)
     run.mkdir(parents=True, exist_ok=True)
     train_minutes = None if total is None else total - reserve
     timings: dict[str, float] = _read(meta_file).get("timings", {})
@@ -142,10 +149,11 @@ def run_demo(out: Path, recipe: str = "default", minutes: float | None = None) -
             fn()
         finally:  # a stopped stage's time counts too: a resumed run adds to it
             timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 1)
-            write_json(meta_file, {**_read(meta_file), "recipe": demo["name"], "budget_minutes": total,
-                                   "timings": timings})
+            write_json(meta_file, {**_read(meta_file), "recipe": demo["name"], "teacher_name": teacher,
+                                   "budget_minutes": total, "timings": timings})
 
-    plan = [("data", lambda: _data(run, demo), lambda: False), ("teacher", lambda: _copy_teacher(run), lambda: False)]
+    plan = [("data", lambda: _data(run, demo), lambda: False),
+            ("teacher", lambda: _copy_teacher(run, teacher), lambda: False)]
     for stage, fn in (("lm", _stage_lm), ("stage1", _stage1), ("stage2", _stage2)):
         budget = None if train_minutes is None else train_minutes * demo["stages"][stage]["share"]
         plan.append((stage, lambda fn=fn, budget=budget: fn(run, demo, budget),

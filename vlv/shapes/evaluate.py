@@ -32,7 +32,6 @@ from vlv.checks import check_out
 from vlv.data.datasets import InMemory
 from vlv.data.images import to_pil
 from vlv.decoder import DiffusionDecoder
-from vlv.diffusion import make_pipeline, sample
 from vlv.encoder import VLVEncoder
 from vlv.errors import InvalidInput
 from vlv.inference import caption_images, compose_images, reconstruct_images
@@ -52,7 +51,7 @@ class EvalSettings:
 
     split: str = "test"
     n: int = 500
-    sampler: str = "fast"  # DPM-Solver++ 20 steps (reconstruction and teacher alike)
+    sampler: str = "fast"  # 20 steps of the family's fast sampler (reconstruction and teacher alike)
     guidance_scale: float = 2.0  # the paper's reconstruction CFG, used for the teacher too: same footing
     num_beams: int = 1  # greedy captions
     examples: int = 16  # test scenes shown in the page
@@ -206,7 +205,6 @@ def evaluate_run(run: Path, settings: EvalSettings | None = None, progress: bool
     check_replace(out, scene_count(run, settings), force)
     record = _run_record(run, force)
     decoder = DiffusionDecoder.from_pretrained(run / "teacher")
-    pipe = make_pipeline(decoder.vae, decoder.text_encoder, decoder.tokenizer, decoder.unet, decoder.scheduler)
     data = split_data(run, settings.split, settings.n, decoder.image_size)
     truths = [world.parse_caption(c) for c in data.captions]
     images = data.images  # (N, H, W, 3) uint8: each model cuts them by its encoder's transform
@@ -218,7 +216,7 @@ def evaluate_run(run: Path, settings: EvalSettings | None = None, progress: bool
     drawn: dict[str, list[Image.Image]] = {}  # kind -> one image per scene, for the shown ones' PNGs
     reads: dict[str, list[set]] = {}  # drawing part -> what the detector read in each
 
-    drawn["teacher"] = sample(pipe, data.captions, **kw)
+    drawn["teacher"] = decoder.generate(data.captions, **kw)
     reads["teacher"] = _detected(drawn["teacher"])
     metrics["teacher"], passed["teacher"] = _measure(reads["teacher"], truths)
     bar.update()
@@ -242,7 +240,7 @@ def evaluate_run(run: Path, settings: EvalSettings | None = None, progress: bool
                                "exact": float(np.mean([p == t for p, t in zip(preds, data.captions, strict=True)])),
                                "well_formed": float(np.mean([world.is_well_formed(p) for p in preds]))}
         bar.update()
-        metrics["caption_to_image"] = _scores(sample(pipe, preds, **kw), truths)  # Table 1 analogue
+        metrics["caption_to_image"] = _scores(decoder.generate(preds, **kw), truths)  # Table 1 analogue
         bar.update()
     bar.close()
 
@@ -267,7 +265,8 @@ def evaluate_run(run: Path, settings: EvalSettings | None = None, progress: bool
     metrics["examples"] = examples
     metrics["curves"] = loss_curves(run)
     metrics["shipped"] = shipped_metrics()
-    metrics = {**{k: record[k] for k in ("timings", "recipe", "stages", "budget_minutes") if k in record}, **metrics}
+    kept = ("timings", "recipe", "teacher_name", "stages", "budget_minutes")
+    metrics = {**{k: record[k] for k in kept if k in record}, **metrics}
     write_json(out / METRICS_FILE, metrics)
     return metrics
 

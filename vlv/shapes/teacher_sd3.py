@@ -47,9 +47,8 @@ from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProject
 from vlv.checks import check_checkpoints, read_json, require_dirs, safetensors_keys
 from vlv.data.caches import posteriors_file
 from vlv.data.datasets import InMemory
-from vlv.data.images import to_pil
 from vlv.data.records import read_captions
-from vlv.diffusion import flow_matching_loss, sample_latents, tokenize
+from vlv.diffusion import draw, flow_matching_loss, sample_latents, tokenize
 from vlv.errors import InvalidInput
 from vlv.modeling import resolve_device, write_json
 from vlv.progress import quiet_library
@@ -224,16 +223,10 @@ class FlowTask(UNetTask):
 @torch.no_grad()
 def sample(pipe: StableDiffusion3Pipeline, captions: list[str], guidance_scale: float = 2.0,
            steps: int | None = None, seed: int = 0, batch_size: int = 256) -> list:
-    """Text-to-image through the stock pipeline (its FlowMatchEuler scheduler), batched; each chunk seeded by its
-    offset, so batching is invisible. ``steps`` None: the pipeline's default."""
+    """:func:`vlv.diffusion.draw` through the stock pipeline (its FlowMatchEuler scheduler); ``steps`` None: the
+    teacher's evaluation count."""
     pipe.set_progress_bar_config(disable=True)
-    images = []
-    for start in range(0, len(captions), batch_size):
-        gen = torch.Generator(pipe.device).manual_seed(seed + start)
-        out = pipe(prompt=captions[start : start + batch_size], num_inference_steps=steps or DEFAULT_STEPS,
-                   guidance_scale=guidance_scale, generator=gen, output_type="pt")
-        images += to_pil(out.images * 2 - 1)
-    return images
+    return draw(pipe, captions, guidance_scale, steps or DEFAULT_STEPS, seed, batch_size)
 
 
 def sample_accuracy(pipe: StableDiffusion3Pipeline, captions: list[str], **kwargs) -> world.Scores:
