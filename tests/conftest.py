@@ -35,7 +35,8 @@ def tiny_teacher(tmp_path_factory, shapes_data):
 
 def build_tiny_sd3(out):
     """A random-init StableDiffusion3Pipeline dir in diffusers' own test-config sizes (two CLIPs of different
-    widths so z's split shows, a VAE with shift_factor, no T5), with the shapes world's local tokenizer."""
+    widths so z's split shows, a VAE with shift_factor, a dual-attention layer and qk-norm, no T5), with the shapes
+    world's local tokenizer."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -58,7 +59,8 @@ def build_tiny_sd3(out):
 
     transformer = SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, out_channels=4, num_layers=2,
                                         attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
-                                        joint_attention_dim=48, pooled_projection_dim=32, pos_embed_max_size=16)
+                                        joint_attention_dim=48, pooled_projection_dim=32, pos_embed_max_size=16,
+                                        dual_attention_layers=(0,), qk_norm="rms_norm")  # SD 3.5 Medium's kinds
     vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         latent_channels=4, norm_num_groups=4, sample_size=32, use_quant_conv=False,

@@ -1,5 +1,6 @@
 """The SD3 family (tiny random-init StableDiffusion3Pipeline dir, no T5): T(z), the loss, reconstruction."""
 
+import copy
 import math
 
 import numpy as np
@@ -111,6 +112,31 @@ def test_gradients_reach_z_through_the_frozen_parts(decoder):
     decoder.loss(torch.randn(2, 4, 16, 16), z, torch.Generator().manual_seed(0)).backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
     assert all(p.grad is None for p in decoder.parameters())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_collapsed_t5_loss_is_the_stock_context_loss(tiny_sd3, checkpointing):
+    """One zero T5 key counted 256 times is the stock 256 zero positions: the same loss and gradient into z (a
+    dual-attention layer, whose image-only attn2 is handed the same kwargs, and qk-norm included)."""
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, text_encoder_3=None, tokenizer_3=None)
+    collapsed, full = SD3Decoder(pipe), SD3Decoder(copy.deepcopy(pipe), collapse_t5=False)
+    seen = []
+    full.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["encoder_hidden_states"].shape[1]),
+                                               with_kwargs=True)
+    grads, losses = [], []
+    for decoder in (collapsed, full):
+        if checkpointing:
+            decoder.enable_gradient_checkpointing()
+        z = torch.randn(3, 6, 40, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        loss = decoder.loss(torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(2)), z,
+                            torch.Generator().manual_seed(3))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(z.grad)
+    assert seen == [6 + T5_LENGTH]  # the reference ran the stock context
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+    assert grads[0].abs().sum() > 0
 
 
 def test_reconstruct_is_the_stock_pipeline(decoder, stock):

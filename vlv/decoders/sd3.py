@@ -13,17 +13,23 @@ stock ``encode_prompt`` builds from token ids:
   no EOS token: the last position is the one that has attended to all of z), concatenated: (B, p_1 + p_2).
 - unconditional: the stock encoding of "" (the pipeline's negative prompt) with the same zero T5 part, its CLIP
   part cut to z's L positions (CLIP is causal: the first L positions do not see the rest).
-- loss: :func:`vlv.diffusion.flow_matching_loss` on ``(sample - shift_factor) * scaling_factor`` latents.
+- loss: :func:`vlv.diffusion.flow_matching_loss` on ``(sample - shift_factor) * scaling_factor`` latents. The 256
+  zero T5 positions are identical, so every layer maps them to identical states and every query weighs them
+  alike: the loss keeps one and adds log(256) to its attention logit (:class:`KeyBiasJointAttnProcessor`), the
+  same function on L + 1 context tokens instead of L + 256 (``collapse_t5``; off: the stock context).
 - reconstruction: the stock pipeline with the four embeddings; both samplers are its FlowMatchEuler scheduler
   (paper: 50 steps; fast: 20).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from vlv.decoder import DiffusionDecoder
@@ -33,6 +39,51 @@ from vlv.progress import quiet_library
 from vlv.text_encoder import CLIPStack
 
 T5_LENGTH = 256  # the stock pipeline's default max_sequence_length: the zero T5 part's positions
+
+
+class KeyBiasJointAttnProcessor(JointAttnProcessor2_0):
+    """diffusers' ``JointAttnProcessor2_0`` that applies ``attention_mask`` as an additive bias on the joint
+    attention's logits (the stock one takes the argument and ignores it). Without a mask, or without context (the
+    dual-attention layers' image-only ``attn2``, handed the same kwargs), it is the stock processor.
+
+    Written out because no diffusers processor adds a bias to SD3's joint attention; the projections and norms
+    are the stock processor's, in its order."""
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
+                 attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        if attention_mask is None or encoder_hidden_states is None:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, None, *args, **kwargs)
+        b, n_image = hidden_states.shape[0], hidden_states.shape[1]
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)  # (B, H, N, d)
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        cq, ck = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))
+        cv = heads(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            cq = attn.norm_added_q(cq)
+        if attn.norm_added_k is not None:
+            ck = attn.norm_added_k(ck)
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)  # image tokens, then context
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask.to(q.dtype))  # (B, H, N, d)
+        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]).to(q.dtype)
+        out, context = out[:, :n_image], out[:, n_image:]
+        if not attn.context_pre_only:
+            context = attn.to_add_out(context)
+        return attn.to_out[1](attn.to_out[0](out)), context
+
+
+def repeated_tail_bias(n_keys: int, repeats: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Logit bias (1, 1, 1, n_keys) making the last key count as ``repeats`` identical keys: softmax weights
+    exp(s) x repeats = exp(s + log repeats)."""
+    bias = torch.zeros(1, 1, 1, n_keys, device=device)
+    bias[..., -1] = math.log(repeats)
+    return bias
 
 
 def make_sd3_pipeline(decoder: SD3Decoder, scheduler) -> StableDiffusion3Pipeline:
@@ -49,7 +100,8 @@ class SD3Decoder(DiffusionDecoder):
 
     family = SD3
 
-    def __init__(self, pipe: StableDiffusion3Pipeline, weighting_scheme: str = "logit_normal"):
+    def __init__(self, pipe: StableDiffusion3Pipeline, weighting_scheme: str = "logit_normal",
+                 collapse_t5: bool = True):
         super().__init__()
         self.vae, self.transformer = pipe.vae, pipe.transformer
         self.text_encoder = CLIPStack([pipe.text_encoder, pipe.text_encoder_2])
@@ -57,6 +109,9 @@ class SD3Decoder(DiffusionDecoder):
         # The training schedule: never set_timesteps'd (sampling builds its own scheduler from this config).
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         self.weighting_scheme = weighting_scheme  # diffusers' SD3 training default
+        self.collapse_t5 = collapse_t5
+        if collapse_t5:  # stock without a mask: the pipeline's sampling is unchanged
+            self.transformer.set_attn_processor(KeyBiasJointAttnProcessor())
         joint, pooled = self.transformer.config.joint_attention_dim, self.transformer.config.pooled_projection_dim
         if self.text_dim > joint:
             raise ValueError(f"the CLIPs are {self.text_dim} wide together, more than the transformer's "
@@ -100,11 +155,12 @@ class SD3Decoder(DiffusionDecoder):
         """c = both CLIPs' penultimate hidden states, concatenated: (B, L, d_1 + d_2)."""
         return self.text_encoder(z)
 
-    def _embeds(self, clip: torch.Tensor, pooled: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embeds(self, clip: torch.Tensor, pooled: list[torch.Tensor],
+                t5_positions: int = T5_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
         """As the stock encode_prompt: pad the CLIP part to joint_attention_dim, append the zero T5 part."""
         joint = self.transformer.config.joint_attention_dim
-        clip = torch.nn.functional.pad(clip, (0, joint - clip.shape[-1]))  # (B, L, joint)
-        t5 = clip.new_zeros(clip.shape[0], T5_LENGTH, joint)  # (B, 256, joint)
+        clip = F.pad(clip, (0, joint - clip.shape[-1]))  # (B, L, joint)
+        t5 = clip.new_zeros(clip.shape[0], t5_positions, joint)  # (B, 256, joint)
         return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)  # (B, L + 256, joint), (B, p_1 + p_2)
 
     def conditioning(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -125,12 +181,18 @@ class SD3Decoder(DiffusionDecoder):
     # -------------------------------------------------------------------------------- loss
     def denoising_loss(self, latents: torch.Tensor, z: torch.Tensor, generator: Random = None,
                        high_noise_fraction: float = 0.0) -> torch.Tensor:
-        """:func:`vlv.diffusion.flow_matching_loss` of the frozen transformer given T(z)."""
-        c = self.conditioning(z)
+        """:func:`vlv.diffusion.flow_matching_loss` of the frozen transformer given T(z) (the T5 part collapsed to
+        one key counted 256 times when ``collapse_t5``: see the module doc)."""
+        embeds, pooled = self._embeds(*self.text_encoder.states(z), t5_positions=1 if self.collapse_t5 else T5_LENGTH)
+        patch = self.transformer.config.patch_size
 
         def denoise(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.transformer(hidden_states=noisy, timestep=t, encoder_hidden_states=c["prompt_embeds"],
-                                    pooled_projections=c["pooled_prompt_embeds"], return_dict=False)[0]
+            kwargs = None
+            if self.collapse_t5:
+                keys = (noisy.shape[-2] // patch) * (noisy.shape[-1] // patch) + embeds.shape[1]  # image, context
+                kwargs = {"attention_mask": repeated_tail_bias(keys, T5_LENGTH, noisy.device)}
+            return self.transformer(hidden_states=noisy, timestep=t, encoder_hidden_states=embeds,
+                                    pooled_projections=pooled, joint_attention_kwargs=kwargs, return_dict=False)[0]
 
         return flow_matching_loss(denoise, self.scheduler, latents, generator, self.weighting_scheme,
                                   high_noise_fraction=high_noise_fraction)

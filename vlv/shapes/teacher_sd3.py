@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Literal
@@ -39,7 +38,6 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection
@@ -48,6 +46,7 @@ from vlv.checks import check_checkpoints, read_json, require_dirs, safetensors_k
 from vlv.data.caches import posteriors_file
 from vlv.data.datasets import InMemory
 from vlv.data.records import read_captions
+from vlv.decoders.sd3 import KeyBiasJointAttnProcessor, repeated_tail_bias
 from vlv.diffusion import draw, flow_matching_loss, sample_latents, tokenize
 from vlv.errors import InvalidInput
 from vlv.modeling import resolve_device, write_json
@@ -67,47 +66,6 @@ DEFAULT_STEPS = 28  # StableDiffusion3Pipeline's num_inference_steps
 
 
 # ------------------------------------------------------------------------------------------- attention
-class KeyBiasJointAttnProcessor(JointAttnProcessor2_0):
-    """diffusers' ``JointAttnProcessor2_0`` that applies ``attention_mask`` as an additive bias on the attention
-    logits (the stock one takes the argument and ignores it). Without a mask it is the stock processor."""
-
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
-                 attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
-        if attention_mask is None:
-            return super().__call__(attn, hidden_states, encoder_hidden_states, None, *args, **kwargs)
-        b, n_image = hidden_states.shape[0], hidden_states.shape[1]
-
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)  # (B, H, N, d)
-
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        cq, ck = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))
-        cv = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            cq = attn.norm_added_q(cq)
-        if attn.norm_added_k is not None:
-            ck = attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)  # image tokens, then context
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask.to(q.dtype))  # (B, H, N, d)
-        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]).to(q.dtype)
-        out, context = out[:, :n_image], out[:, n_image:]
-        if not attn.context_pre_only:
-            context = attn.to_add_out(context)
-        return attn.to_out[1](attn.to_out[0](out)), context
-
-
-def repeated_tail_bias(n_keys: int, repeats: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Logit bias (1, 1, 1, n_keys) making the last key count as ``repeats`` identical keys: softmax weights
-    exp(s) x repeats = exp(s + log repeats)."""
-    bias = torch.zeros(1, 1, 1, n_keys, device=device)
-    bias[..., -1] = math.log(repeats)
-    return bias
-
-
 # ---------------------------------------------------------------------------------------------- models
 def build_text_encoders(cfg: SD3TeacherConfig, tokenizer) -> list[CLIPTextModelWithProjection]:
     """SD3's two CLIPs (CLIP-L, CLIP-G), small: each projects its pooled state to its own width."""
