@@ -11,6 +11,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+@pytest.fixture
+def cli(capsys):
+    """``cli(*args)`` -> (exit code, stderr): vlv's main() in this process, as the console script runs it (an
+    interpreter's start-up saved per call; tests/cli/test_output.py runs ``python -m vlv.cli`` itself)."""
+    from vlv.cli import main
+
+    def run(*args) -> tuple[int, str]:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        return code, capsys.readouterr().err
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
     from vlv.shapes.data import write_shapes

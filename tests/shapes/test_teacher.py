@@ -92,26 +92,19 @@ def test_shipped_teacher_loads_strictly():
         assert set(built.state_dict()) == set(loaded.state_dict())
 
 
-@pytest.mark.slow
-def test_cli_sample_writes_images(tiny_teacher, tmp_path):
-    import subprocess
-    import sys
-
+def test_cli_sample_writes_images(tiny_teacher, tmp_path, cli):
     from PIL import Image
 
-    run = [sys.executable, "-m", "vlv.cli", "teacher", "sample", str(tiny_teacher), "--steps", "2"]
-    r = subprocess.run(run + ["--prompt", "a small red circle at the top left", "--out", str(tmp_path / "a.png")],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    run = ["teacher", "sample", tiny_teacher, "--steps", "2"]
+    code, err = cli(*run, "--prompt", "a small red circle at the top left", "--out", tmp_path / "a.png")
+    assert code == 0, err
     assert Image.open(tmp_path / "a.png").size == (64, 64)
     (tmp_path / "caps.txt").write_text("a small red circle at the top left\na large blue square at the bottom right\n")
-    r = subprocess.run(run + ["--captions", str(tmp_path / "caps.txt"), "--out", str(tmp_path / "many")],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    code, err = cli(*run, "--captions", tmp_path / "caps.txt", "--out", tmp_path / "many")
+    assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["000000.png", "000001.png"]
-    r = subprocess.run([sys.executable, "-m", "vlv.cli", "teacher", "sample", str(tmp_path / "nowhere"), "--prompt",
-                        "x", "--out", str(tmp_path / "b.png")], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    code, err = cli("teacher", "sample", tmp_path / "nowhere", "--prompt", "x", "--out", tmp_path / "b.png")
+    assert code == 2 and len(err.strip().splitlines()) == 1
 
 
 def test_export_checkpoint_equals_the_final_export(tiny_teacher, tmp_path):

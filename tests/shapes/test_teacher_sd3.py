@@ -167,18 +167,12 @@ def test_cli_trains_resumes_and_refuses_the_other_layouts_flags(shapes_data, tin
     assert "--weighting-scheme" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_cli_sample_writes_images(tiny_sd3, tmp_path):
-    import subprocess
-    import sys
-
+def test_cli_sample_writes_images(tiny_sd3, tmp_path, cli):
     from PIL import Image
 
-    run = [sys.executable, "-m", "vlv.cli", "teacher", "sample", str(tiny_sd3), "--steps", "2"]
-    r = subprocess.run(run + ["--prompt", CAPTIONS[0], "--out", str(tmp_path / "a.png")], capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    run = ["teacher", "sample", tiny_sd3, "--steps", "2"]
+    code, err = cli(*run, "--prompt", CAPTIONS[0], "--out", tmp_path / "a.png")
+    assert code == 0, err
     assert Image.open(tmp_path / "a.png").size == (64, 64)
-    r = subprocess.run(run + ["--sampler", "paper", "--prompt", "x", "--out", str(tmp_path / "b.png")],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    code, err = cli(*run, "--sampler", "paper", "--prompt", "x", "--out", tmp_path / "b.png")
+    assert code == 2 and len(err.strip().splitlines()) == 1

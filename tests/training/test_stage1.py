@@ -122,17 +122,11 @@ def test_gradient_checkpointing_is_active_on_the_frozen_unet(tiny_teacher, unet_
     assert torch.allclose(grads[True], grads[False], atol=1e-6) and grads[True].abs().sum() > 0
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "vlv.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
-
-
-@pytest.mark.slow
-def test_cli_stage1_reconstruct_compose(tiny_teacher, shapes_data, tmp_path):
+def test_cli_stage1_reconstruct_compose(tiny_teacher, shapes_data, tmp_path, cli):
     run = tmp_path / "s1"
-    r = _cli("train", "stage1", "--decoder", tiny_teacher, "--data", shapes_data["train"], "--out", run,
-             "--nq", 8, "--steps", 2, "--batch-size", 3, "--warmup-steps", 0)
-    assert r.returncode == 0, r.stderr
+    code, err = cli("train", "stage1", "--decoder", tiny_teacher, "--data", shapes_data["train"], "--out", run,
+                    "--nq", 8, "--steps", 2, "--batch-size", 3, "--warmup-steps", 0)
+    assert code == 0, err
     meta = json.loads((run / "stage1.json").read_text())  # the default recipe, with the flags' fields over it
     assert meta["recipe"]["name"] == "stage1/shapes" and meta["settings"]["encoder"] == "shapes-pretrained"
     assert meta["settings"]["cache_vision"] and (run / "vision").is_dir()  # the frozen DaViT ran once per image
@@ -140,24 +134,25 @@ def test_cli_stage1_reconstruct_compose(tiny_teacher, shapes_data, tmp_path):
     assert meta["settings"]["num_queries"] == 8 and meta["settings"]["phi_init_gain"] == 16.0
     names = [rec.image for rec in read_records(shapes_data["val"])][:3]
     imgs = [shapes_data["val"] / n for n in names]
-    r = _cli("reconstruct", *imgs, "--encoder", run, "--decoder", tiny_teacher, "--out", tmp_path / "rec",
-             "--steps", 2, "--batch-size", 2)
-    assert r.returncode == 0, r.stderr
+    code, err = cli("reconstruct", *imgs, "--encoder", run, "--decoder", tiny_teacher, "--out", tmp_path / "rec",
+                    "--steps", 2, "--batch-size", 2)
+    assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "rec").iterdir()) == sorted(names)
     assert Image.open(tmp_path / "rec" / names[0]).size == (64, 64)
-    r = _cli("compose", imgs[0], imgs[1], "--encoder", run, "--decoder", tiny_teacher, "--k", 3, "--steps", 2,
-             "--out", tmp_path / "c.png")
-    assert r.returncode == 0, r.stderr
+    code, err = cli("compose", imgs[0], imgs[1], "--encoder", run, "--decoder", tiny_teacher, "--k", 3, "--steps", 2,
+                    "--out", tmp_path / "c.png")
+    assert code == 0, err
     assert Image.open(tmp_path / "c.png").size == (64, 64)
-    r = _cli("reconstruct", tmp_path / "missing.png", "--encoder", run, "--decoder", tiny_teacher, "--out",
-             tmp_path / "x")
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
-    r = _cli("train", "stage1", "--decoder", tiny_teacher, "--data", shapes_data["train"], "--out", tmp_path / "v",
-             "--recipe", "shapes-scratch", "--cache-vision")  # that recipe trains the vision tower
-    assert r.returncode == 2 and "vision tower" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    r = _cli("train", "stage1", "--decoder", tiny_teacher, "--data", shapes_data["train"], "--out", tmp_path / "g",
-             "--init", run, "--phi-init-gain", 4)  # the gain would scale weights --init overwrites
-    assert r.returncode == 2 and "--init" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    code, err = cli("reconstruct", tmp_path / "missing.png", "--encoder", run, "--decoder", tiny_teacher, "--out",
+                    tmp_path / "x")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    train = shapes_data["train"]
+    code, err = cli("train", "stage1", "--decoder", tiny_teacher, "--data", train, "--out", tmp_path / "v",
+                    "--recipe", "shapes-scratch", "--cache-vision")  # that recipe trains the vision tower
+    assert code == 2 and "vision tower" in err and len(err.strip().splitlines()) == 1, err
+    code, err = cli("train", "stage1", "--decoder", tiny_teacher, "--data", train, "--out", tmp_path / "g",
+                    "--init", run, "--phi-init-gain", 4)  # the gain would scale weights --init overwrites
+    assert code == 2 and "--init" in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.dist
