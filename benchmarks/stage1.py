@@ -2,12 +2,16 @@
 
     python benchmarks/stage1.py speed [--teacher DIR] [--bf16] # online VAE vs cached latents (vs + cached vision,
                                                                 # vs bf16), interleaved
+    python benchmarks/stage1.py teachers --teachers shapes-teacher DIR  # one stage-1 step per teacher, interleaved
     python benchmarks/stage1.py accuracy --run RUN --teacher shapes-teacher --n 500
     python benchmarks/stage1.py ablation --data DIR --nq 16 32 77 --steps 2000 [--init shapes-stage1 --lr 2e-4]
 
 speed: median step time of the stage-1 task with cached latents vs encoding images with the VAE each
 step, alternating A/B steps in one process; the teacher's architecture matters, not its weights, so
 without --teacher a random-init default shapes teacher is used.
+teachers: the cost of distilling from each teacher: the recipe's step (cached latents, and cached vision features
+where the recipe freezes DaViT) against each, each with its own encoder (z as wide as the teacher's T), steps
+alternating in one process; median seconds, FLOPs per image, and each teacher's time over the first's.
 accuracy: reconstruction scene accuracy / object F1 on test scenes, paper (DDPM 50) vs fast
 (DPM-Solver++ 20) sampler, next to the teacher's own accuracy from the true captions.
 ablation: trains one stage-1 run per Nq for the same number of steps, then measures each (Table 4-left);
@@ -145,6 +149,57 @@ def speed(args: argparse.Namespace) -> dict:
     return out
 
 
+def teachers(args: argparse.Namespace) -> dict:
+    recipe = load_recipe(args.recipe, "stage1")
+    settings = stage1_settings(recipe, {"num_queries": args.nq})
+    cfg = train_config(recipe, {"batch_size": args.batch_size})
+    b = cfg.batch_size
+    setups = []
+    for teacher in args.teachers:
+        decoder = DiffusionDecoder.from_pretrained(teacher)
+        data = test_scenes(4 * b, decoder.image_size, split="train")
+        enc = build_encoder(settings, decoder.text_dim, seed=0)
+        vision = None
+        if enc.vision_frozen:  # as a run caches them: DaViT out of the step
+            vision = TensorRows({"features": torch.cat([vision_rows(enc)(torch.from_numpy(data.images[i:i + 64]))[
+                "features"] for i in range(0, len(data.images), 64)]).half()})
+        task = Stage1Task(enc, decoder, data, posteriors(decoder.vae, data),
+                          high_noise_fraction=settings.high_noise_fraction, vision=vision)
+        opt = adamw((q for q in enc.parameters() if q.requires_grad), cfg)
+        setups.append((teacher, decoder, enc, task, opt))
+    times: dict[str, list[float]] = {t: [] for t in args.teachers}
+    for step in range(len(setups) * (args.steps + 1)):
+        teacher, _, enc, task, opt = setups[step % len(setups)]
+        t = time.perf_counter()
+        task.loss(enc, task.batch(step, 0, b, torch.device("cpu")), torch.Generator().manual_seed(step)).mean.backward()
+        opt.step()
+        opt.zero_grad()
+        if step >= len(setups):  # one warm-up step each
+            times[teacher].append(time.perf_counter() - t)
+    first = args.teachers[0]
+    out = {"recipe": recipe["name"], "batch_size": b, "nq": settings.num_queries, "steps_each": args.steps,
+           "threads": torch.get_num_threads(), "teachers": {}}
+    print(f"stage-1 step, batch {b}, Nq {settings.num_queries}, {torch.get_num_threads()} threads, median of "
+          f"{args.steps} interleaved steps each:")
+    for teacher, decoder, enc, task, opt in setups:
+        batch = task.batch(0, 0, b, torch.device("cpu"))
+
+        def step_once(task=task, enc=enc, batch=batch, opt=opt) -> None:
+            task.loss(enc, batch, torch.Generator().manual_seed(0)).mean.backward()
+            opt.zero_grad()
+
+        med = statistics.median(times[teacher])
+        row = {"family": decoder.family.name, "text_dim": decoder.text_dim, "step_s": round(med, 4),
+               "flops_per_image": flops(step_once) / b,
+               "denoiser_params": sum(p.numel() for p in decoder.denoiser.parameters()),
+               "relative": round(med / statistics.median(times[first]), 3)}
+        out["teachers"][teacher] = row
+        print(f"  {teacher} ({row['family']}, z {row['text_dim']} wide, denoiser {row['denoiser_params'] / 1e6:.1f} "
+              f"M): {med:.3f} s, {row['flops_per_image'] / 1e9:.2f} GFLOP per image, {row['relative']:.2f}x the "
+              f"first's time")
+    return out
+
+
 def accuracy(args: argparse.Namespace) -> dict:
     decoder = _decoder(args.teacher)
     test = test_scenes(args.n, decoder.image_size)
@@ -226,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--steps", type=int, default=10, help="timed steps of each variant")
     s.add_argument("--bf16", action="store_true", help="also time cached-latent steps under bf16 autocast")
     s.set_defaults(func=speed)
+    t = sub.add_parser("teachers")
+    t.add_argument("--teachers", nargs="+", required=True, help="teacher dirs or shipped names; ratios to the first")
+    t.add_argument("--recipe", default=RECIPE, help=recipe_help)
+    t.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
+    t.add_argument("--nq", type=int, default=None, help="default: the recipe's")
+    t.add_argument("--steps", type=int, default=10, help="timed steps of each teacher")
+    t.set_defaults(func=teachers)
     a = sub.add_parser("accuracy")
     a.add_argument("--run", nargs="+", required=True)
     a.add_argument("--teacher", default="shapes-teacher")
