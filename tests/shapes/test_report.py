@@ -165,3 +165,12 @@ def test_page_in_headless_chromium(page_dir, chromium, report_check):
     report_check(dom, json.loads((page_dir / "metrics.json").read_text()))
     assert re.search(r'data-images-loaded="(\d+)"', dom).group(1) == str(6 * 4 + 3)
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_page_names_a_teacher_other_than_the_shipped_one(page_dir):
+    """The shipped column is the UNet teacher's chain: a run distilling another teacher says so beside it."""
+    assert "distilling the teacher" not in build_report(page_dir).read_text()
+    m = json.loads((page_dir / "metrics.json").read_text())
+    (page_dir / "metrics.json").write_text(json.dumps({**m, "teacher_name": "shapes-teacher-sd3"}))
+    page = build_report(page_dir).read_text()
+    assert "Recipe <b>demo/default</b> distilling the teacher <b>shapes-teacher-sd3</b>" in page

@@ -321,7 +321,7 @@ def _provenance(m: dict[str, Any]) -> str:
     """Whether this run's numbers are reproducible: fixed steps are; a time budget's depend on the machine."""
     recipe = html.escape(str(m.get("recipe", "?")))
     if m.get("teacher_name", "shapes-teacher") != "shapes-teacher":  # the shipped column's chain is the UNet's
-        recipe += f", teacher <b>{html.escape(str(m['teacher_name']))}</b>"
+        recipe += f"</b> distilling the teacher <b>{html.escape(str(m['teacher_name']))}"
     if m.get("budget_minutes"):
         return (f'<p id="provenance" class="bad">Recipe <b>{recipe}</b> on a {m["budget_minutes"]:g}-minute budget: '
                 "each stage fitted its step count to this machine's pace, so these numbers are "
