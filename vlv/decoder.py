@@ -82,12 +82,14 @@ class DiffusionDecoder(nn.Module):
 
     @property
     def text_dim(self) -> int:
-        """d_T: the width z must have."""
-        raise NotImplementedError
+        """d_T: the width z must have; here T is a stack of ``vlv.text_encoder`` (the families with two text
+        encoders: their widths summed, z split between them)."""
+        return self.text_encoder.hidden_size
 
     def encode_text_embeds(self, z: torch.Tensor) -> torch.Tensor:
-        """c = T(z) (B, L, d_T): the text encoder(s)' sequence output, what stage 2 reads."""
-        raise NotImplementedError
+        """c = T(z) (B, L, d_T): the text encoder(s)' sequence output, what stage 2 reads (a stack's: its
+        encoders' states side by side)."""
+        return self.text_encoder(z)
 
     def conditioning(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """What the stock pipeline takes for z: ``prompt_embeds`` (and ``pooled_prompt_embeds``)."""

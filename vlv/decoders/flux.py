@@ -82,10 +82,6 @@ class FluxDecoder(DiffusionDecoder):
         return cls(pipe)
 
     @property
-    def text_dim(self) -> int:
-        return self.text_encoder.hidden_size
-
-    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -95,10 +91,6 @@ class FluxDecoder(DiffusionDecoder):
         return 128 * self.vae_scale_factor
 
     # -------------------------------------------------------------------------------- T(z)
-    def encode_text_embeds(self, z: torch.Tensor) -> torch.Tensor:
-        """c = CLIP's final states and T5's side by side: (B, L, d_clip + d_t5)."""
-        return self.text_encoder(z)
-
     def conditioning(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         _, pooled, t5 = self.text_encoder.states(z)
         return {"prompt_embeds": t5, "pooled_prompt_embeds": pooled}  # (B, L, d_t5), (B, d_clip)

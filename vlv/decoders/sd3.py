@@ -145,16 +145,7 @@ class SD3Decoder(DiffusionDecoder):
             text_encoder_3=None, tokenizer_3=None)
         return cls(pipe)
 
-    @property
-    def text_dim(self) -> int:
-        """d_1 + d_2: z's channels, split between the CLIPs."""
-        return self.text_encoder.hidden_size
-
     # -------------------------------------------------------------------------------- T(z)
-    def encode_text_embeds(self, z: torch.Tensor) -> torch.Tensor:
-        """c = both CLIPs' penultimate hidden states, concatenated: (B, L, d_1 + d_2)."""
-        return self.text_encoder(z)
-
     def _embeds(self, clip: torch.Tensor, pooled: list[torch.Tensor],
                 t5_positions: int = T5_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
         """As the stock encode_prompt: pad the CLIP part to joint_attention_dim, append the zero T5 part."""

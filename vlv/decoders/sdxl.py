@@ -66,15 +66,7 @@ class SDXLDecoder(DiffusionDecoder):
             force_zeros_for_empty_prompt=configs["model_index"].get("force_zeros_for_empty_prompt", True))
         return cls(pipe)
 
-    @property
-    def text_dim(self) -> int:
-        return self.text_encoder.hidden_size
-
     # -------------------------------------------------------------------------------- T(z)
-    def encode_text_embeds(self, z: torch.Tensor) -> torch.Tensor:
-        """c = both CLIPs' penultimate hidden states, side by side: (B, L, d_1 + d_2)."""
-        return self.text_encoder(z)
-
     def conditioning(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         c, pooled = self.text_encoder.states(z)
         return {"prompt_embeds": c, "pooled_prompt_embeds": pooled[-1]}  # (B, L, d), (B, p_2)
