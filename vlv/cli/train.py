@@ -83,8 +83,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="UNet or transformer, and VAE, in fp16 (the text encoders stay fp32)")
     p.set_defaults(func=cmd_teacher_export)
     p = t_sub.add_parser("sample", help="draw images from captions")
-    p.add_argument("teacher", help="teacher dir (SD or SD3 layout) or shipped name (shapes-teacher); an SD3-layout "
-                                   "one samples with its own FlowMatchEuler scheduler (--steps, default 28)")
+    p.add_argument("teacher", help="teacher dir (SD or SD3 layout) or shipped name (shapes-teacher, "
+                                   "shapes-teacher-sd3); an SD3-layout one samples with its own FlowMatchEuler "
+                                   "scheduler (--steps, default 28)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", help="one caption")
     g.add_argument("--captions", type=Path, help="text file, one caption a line")

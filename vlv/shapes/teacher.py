@@ -354,11 +354,11 @@ def sample_files(teacher: str | Path, prompts: list[str], out: Path, guidance_sc
     SD-2 family's schedulers, so only its default applies there."""
     from vlv.shapes import teacher_sd3
 
-    sd3 = teacher_sd3.is_sd3_dir(teacher)
+    path = resolve_decoder(teacher)  # a shipped name (shapes-teacher, shapes-teacher-sd3) or a dir of either layout
+    sd3 = teacher_sd3.is_sd3_dir(path)
     if sd3 and sampler != "fast":
         raise InvalidInput(f"{teacher}: an SD3-layout teacher samples with its own FlowMatchEuler scheduler; "
                            "drop --sampler (--steps sets its steps)")
-    path = teacher_sd3.check_sd3_dir(teacher) if sd3 else resolve_decoder(teacher)
     out = Path(out)
     single = len(prompts) == 1 and bool(out.suffix) and not out.is_dir()
     if not single and out.is_file():
