@@ -140,6 +140,16 @@ def test_a_demo_run_dir_recorded_under_the_old_names_keeps_its_identity(tmp_path
         _check_stages(tmp_path, meta, "demo/default", "shapes-teacher")
 
 
+def test_a_demo_run_dir_distils_the_teacher_it_holds(tmp_path):
+    from vlv.shapes.demo import _check_stages
+
+    (tmp_path / "teacher").mkdir()
+    _check_stages(tmp_path, {}, "demo/quick", "shapes-teacher")  # from before --teacher: the UNet teacher's
+    _check_stages(tmp_path, {"teacher_name": "t3"}, "demo/quick", "t3")
+    with pytest.raises(InvalidInput, match="holds the teacher 'shapes-teacher', this run distils 't3'"):
+        _check_stages(tmp_path, {}, "demo/quick", "t3")
+
+
 def test_the_teacher_recipe_is_a_loop_per_phase_and_its_settings():
     recipe = teacher_recipe()
     assert recipe.name == "teacher/shapes"

@@ -110,9 +110,9 @@ def _data(run: Path, demo: dict[str, Any]) -> None:
 def _check_stages(run: Path, meta: dict[str, Any], name: str, teacher: str) -> None:
     """A run dir holds one demo recipe's stages: a stage another recipe made (finished or not) is never reused
     or resumed by this one, since its numbers would be reported as this recipe's; nor is another teacher."""
-    if (run / "teacher").is_dir() and meta.get("teacher_name", "shapes-teacher") != teacher:
-        raise InvalidInput(f"{run} holds the teacher {meta.get('teacher', 'shapes-teacher')!r}, recipe {name!r} "
-                           f"distils {teacher!r}: use another --out")
+    held = meta.get("teacher_name", "shapes-teacher")  # a run dir from before --teacher: the UNet teacher
+    if (run / "teacher").is_dir() and held != teacher:
+        raise InvalidInput(f"{run} holds the teacher {held!r}, this run distils {teacher!r}: use another --out")
     made = {s: meta.get("stages", {}).get(s) or (meta.get("recipe") if finished(run, s) else None) for s in STAGES}
     made = {s: RENAMED.get(r, r) for s, r in made.items()}  # a run dir from before recipes were named per task
     other = {s: r for s, r in made.items() if r is not None and r != name}
