@@ -11,7 +11,7 @@ from diffusers import StableDiffusion3Pipeline
 from vlv.checks import check_sd_dir, text_length, text_width
 from vlv.data.images import to_pil
 from vlv.decoder import DiffusionDecoder
-from vlv.decoders.sd3 import T5_LENGTH, SD3Decoder
+from vlv.decoders.sd3 import T5_LENGTH, SD3Decoder, tail_biases
 from vlv.diffusion import tokenize
 from vlv.errors import InvalidInput
 from vlv.shapes import world as shapes
@@ -137,6 +137,30 @@ def test_the_collapsed_t5_loss_is_the_stock_context_loss(tiny_sd3, checkpointing
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
     assert grads[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_tail_biases_weigh_256_keys_exactly_in_the_attention_dtype(dtype):
+    """Each bias survives the cast to the attention's dtype unchanged, and their weights sum to 256 (bf16 alone
+    would round log 256 to 252.5 keys' weight)."""
+    biases = tail_biases(T5_LENGTH, dtype)
+    assert [float(torch.tensor(b).to(dtype)) for b in biases] == biases
+    assert math.isclose(sum(math.exp(b) for b in biases), T5_LENGTH, rel_tol=1e-4)
+    assert len(biases) == (1 if dtype == torch.float32 else 2)
+
+
+def test_under_bf16_autocast_the_loss_carries_two_t5_keys(decoder):
+    seen = []
+    hook = decoder.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["encoder_hidden_states"].shape[1],
+                                      kw["joint_attention_kwargs"]["attention_mask"][0, 0, 0, -3:].tolist())),
+        with_kwargs=True)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            decoder.loss(torch.randn(1, 4, 16, 16), torch.randn(1, 6, 40), torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert seen == [(6 + 2, [0.0, *tail_biases(T5_LENGTH, torch.bfloat16)])]
 
 
 def test_reconstruct_is_the_stock_pipeline(decoder, stock):

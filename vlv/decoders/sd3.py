@@ -16,7 +16,8 @@ stock ``encode_prompt`` builds from token ids:
 - loss: :func:`vlv.diffusion.flow_matching_loss` on ``(sample - shift_factor) * scaling_factor`` latents. The 256
   zero T5 positions are identical, so every layer maps them to identical states and every query weighs them
   alike: the loss keeps one and adds log(256) to its attention logit (:class:`KeyBiasJointAttnProcessor`), the
-  same function on L + 1 context tokens instead of L + 256 (``collapse_t5``; off: the stock context).
+  same function on L + 1 context tokens instead of L + 256 (``collapse_t5``; off: the stock context). In bf16 or
+  fp16 attention log(256) is not exact, so a second key carries the remainder (:func:`tail_biases`).
 - reconstruction: the stock pipeline with the four embeddings; both samplers are its FlowMatchEuler scheduler
   (paper: 50 steps; fast: 20).
 """
@@ -78,11 +79,25 @@ class KeyBiasJointAttnProcessor(JointAttnProcessor2_0):
         return attn.to_out[1](attn.to_out[0](out)), context
 
 
-def repeated_tail_bias(n_keys: int, repeats: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Logit bias (1, 1, 1, n_keys) making the last key count as ``repeats`` identical keys: softmax weights
-    exp(s) x repeats = exp(s + log repeats)."""
+def tail_biases(repeats: int, dtype: torch.dtype, tolerance: float = 1e-4) -> list[float]:
+    """Logit biases b_i, each exact in ``dtype``, with sum exp(b_i) = ``repeats`` within ``tolerance`` (relative):
+    the softmax weight of ``repeats`` identical keys carried by len(b) keys. fp32 needs one (log 256); bf16 rounds
+    log 256 to 5.53125, 252.5 keys' weight, so a second key carries the rest."""
+    biases, left = [], float(repeats)
+    while left > tolerance * repeats and len(biases) < 4:
+        b = torch.tensor(math.log(left), dtype=torch.float64).to(dtype)
+        if math.exp(float(b)) - left > tolerance * repeats:  # overshoots: round down, what is left stays > 0
+            b = torch.nextafter(b, torch.tensor(-math.inf, dtype=dtype))
+        biases.append(float(b))
+        left -= math.exp(float(b))
+    return biases
+
+
+def repeated_tail_bias(n_keys: int, biases: list[float], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Logit bias (1, 1, 1, n_keys): the last len(biases) keys get :func:`tail_biases`' values (softmax weights
+    exp(s) x repeats = exp(s + log repeats)), the others 0."""
     bias = torch.zeros(1, 1, 1, n_keys, device=device)
-    bias[..., -1] = math.log(repeats)
+    bias[..., n_keys - len(biases):] = torch.tensor(biases, device=device)
     return bias
 
 
@@ -174,19 +189,26 @@ class SD3Decoder(DiffusionDecoder):
                        high_noise_fraction: float = 0.0) -> torch.Tensor:
         """:func:`vlv.diffusion.flow_matching_loss` of the frozen transformer given T(z) (the T5 part collapsed to
         one key counted 256 times when ``collapse_t5``: see the module doc)."""
-        embeds, pooled = self._embeds(*self.text_encoder.states(z), t5_positions=1 if self.collapse_t5 else T5_LENGTH)
+        tail = tail_biases(T5_LENGTH, self._attention_dtype(latents.device)) if self.collapse_t5 else []
+        embeds, pooled = self._embeds(*self.text_encoder.states(z), t5_positions=len(tail) or T5_LENGTH)
         patch = self.transformer.config.patch_size
 
         def denoise(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             kwargs = None
-            if self.collapse_t5:
+            if tail:
                 keys = (noisy.shape[-2] // patch) * (noisy.shape[-1] // patch) + embeds.shape[1]  # image, context
-                kwargs = {"attention_mask": repeated_tail_bias(keys, T5_LENGTH, noisy.device)}
+                kwargs = {"attention_mask": repeated_tail_bias(keys, tail, noisy.device)}
             return self.transformer(hidden_states=noisy, timestep=t, encoder_hidden_states=embeds,
                                     pooled_projections=pooled, joint_attention_kwargs=kwargs, return_dict=False)[0]
 
         return flow_matching_loss(denoise, self.scheduler, latents, generator, self.weighting_scheme,
                                   high_noise_fraction=high_noise_fraction)
+
+    def _attention_dtype(self, device: torch.device) -> torch.dtype:
+        """What the attention logits are computed in: autocast's dtype when it is on, else the weights'."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.transformer.dtype
 
     # ------------------------------------------------------------------------------ sampling
     def pipeline(self, sampler: Sampler = "paper") -> StableDiffusion3Pipeline:

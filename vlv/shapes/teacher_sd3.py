@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Literal
@@ -139,7 +140,7 @@ class SD3TextToImage(torch.nn.Module):
         clip, pooled = self.encode(ids)
         context = torch.cat([clip, clip.new_zeros(clip.shape[0], 1, clip.shape[2])], 1)  # (B, L + 1, J)
         n_image = (noisy.shape[-1] // self.transformer.config.patch_size) ** 2
-        bias = repeated_tail_bias(n_image + context.shape[1], self.t5_tokens, noisy.device)
+        bias = repeated_tail_bias(n_image + context.shape[1], [math.log(self.t5_tokens)], noisy.device)  # fp32
         return self.transformer(noisy, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
                                 joint_attention_kwargs={"attention_mask": bias}).sample  # (B, C, h, w)
 
