@@ -105,7 +105,7 @@ def test_stage1_trains_against_sdxl_and_reconstructs(tiny_sdxl, shapes_data, tmp
 
 
 def test_stage1_trains_against_flux(tiny_flux, shapes_data, tmp_path):
-    enc = train_stage1(_settings(tiny_flux, shapes_data["train"], image_size=32),
+    enc = train_stage1(_settings(tiny_flux, shapes_data["train"], image_size=32, high_noise_fraction=0.25),
                        TrainConfig(steps=2, batch_size=4, lr=1e-3, progress=False), tmp_path / "run")
     assert enc is not None and enc.config.text_dim == 24 + 32
 
