@@ -97,7 +97,8 @@ def repeated_tail_bias(n_keys: int, biases: list[float], device: torch.device | 
     """Logit bias (1, 1, 1, n_keys): the last len(biases) keys get :func:`tail_biases`' values (softmax weights
     exp(s) x repeats = exp(s + log repeats)), the others 0."""
     bias = torch.zeros(1, 1, 1, n_keys, device=device)
-    bias[..., n_keys - len(biases):] = torch.tensor(biases, device=device)
+    for i, b in enumerate(biases, start=n_keys - len(biases)):
+        bias[..., i] = b  # a scalar fill: no host-to-device copy, so no stream sync per step
     return bias
 
 
