@@ -25,6 +25,26 @@ def cli(capsys):
     return run
 
 
+@pytest.fixture
+def cli_run(capsys):
+    """``cli_run(*args)`` -> a CompletedProcess-like (returncode, stdout, stderr) of vlv's main() in this process,
+    argparse's exits (``--help``, a bad flag) included."""
+    from types import SimpleNamespace
+
+    from vlv.cli import main
+
+    def run(*args) -> SimpleNamespace:
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
     from vlv.shapes.data import write_shapes

@@ -7,8 +7,6 @@ code's outputs on 4 images; this file is skipped when they are absent.
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -300,19 +298,14 @@ def test_stage1_needs_a_consolidated_deepspeed_dir(native_f2, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- cli
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "vlv.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
-
-
 @pytest.mark.slow
-def test_cli_import_then_reconstruct(tmp_path):
+def test_cli_import_then_reconstruct(tmp_path, cli_run):
     from vlv.cli import main
 
     assert main(["import-official", "florence2", str(tmp_path / "nope"), "--out", str(tmp_path / "f2")]) == 2
     assert main(["import-official", "stage1", str(tmp_path / "nope.pt"), "--florence2", str(BASE_F2),
                  "--decoder", str(BASE_SD), "--out", str(tmp_path / "bad")]) == 2
-    r = _cli("import-official", "stage1", PLAIN, "--florence2", BASE_F2, "--decoder", BASE_SD, "--out",
+    r = cli_run("import-official", "stage1", PLAIN, "--florence2", BASE_F2, "--decoder", BASE_SD, "--out",
              tmp_path / "run", "--image-size", SIZE)
     assert r.returncode == 0, r.stderr
     assert re.search(r"unet \(== decoder, dropped\) +208\n", r.stdout) and "(632 in all)" in r.stdout, r.stdout

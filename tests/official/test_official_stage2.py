@@ -10,8 +10,6 @@ with the official masking: 0 (bitwise, both prefixes).
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -282,23 +280,18 @@ def test_refuses_an_lm_dir_of_another_architecture(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- cli
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "vlv.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
-
-
 @pytest.mark.slow
-def test_cli_import_then_caption(tmp_path):
+def test_cli_import_then_caption(tmp_path, cli_run):
     from vlv.cli import main
 
     assert main(["import-official", "stage2", str(tmp_path / "nope.pt"), "--florence2", str(BASE_F2), "--decoder",
                  str(BASE_SD), "--lm", str(BASE_LM), "--out", str(tmp_path / "bad")]) == 2
-    r = _cli("import-official", "stage2", MODEL_PT, "--florence2", BASE_F2, "--decoder", BASE_SD, "--lm", BASE_LM,
+    r = cli_run("import-official", "stage2", MODEL_PT, "--florence2", BASE_F2, "--decoder", BASE_SD, "--lm", BASE_LM,
              "--out", tmp_path / "run", "--image-size", SIZE)
     assert r.returncode == 0, r.stderr
     assert "(275 in all)" in r.stdout, r.stdout
     images = sorted((FIXTURES / "images").glob("img*.png"))
-    r = _cli("caption", *images, "--model", tmp_path / "run", "--num-beams", "1", "--max-new-tokens", "8",
+    r = cli_run("caption", *images, "--model", tmp_path / "run", "--num-beams", "1", "--max-new-tokens", "8",
              "--out", tmp_path / "X.jsonl")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in (tmp_path / "X.jsonl").read_text().splitlines()]

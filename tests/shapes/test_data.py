@@ -1,8 +1,4 @@
 import json
-import subprocess
-import sys
-
-import pytest
 
 from vlv.data.datasets import InMemory
 from vlv.data.records import read_records
@@ -37,31 +33,24 @@ def test_splits_share_no_scene():
     assert shapes.scene_at(0, "train", 0) != shapes.scene_at(0, "test", 0)
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "vlv.cli", *args], capture_output=True, text=True, timeout=120)
-
-
-@pytest.mark.slow
-def test_cli_writes_a_folder(tmp_path):
-    r = _cli("data", "shapes", "--out", str(tmp_path / "x"), "--n", "5", "--quiet")
+def test_cli_writes_a_folder(tmp_path, cli_run):
+    r = cli_run("data", "shapes", "--out", str(tmp_path / "x"), "--n", "5", "--quiet")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in (tmp_path / "x" / "captions.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and all((tmp_path / "x" / row["image"]).exists() for row in rows)
 
 
-@pytest.mark.slow
-def test_cli_bad_arguments_print_one_line(tmp_path):
+def test_cli_bad_arguments_print_one_line(tmp_path, cli_run):
     for args in (["--out", str(tmp_path / "y"), "--n", "-3"],
                  ["--out", "/proc/vlv-cannot-write-here", "--n", "3"],
                  ["--out", str(tmp_path / "z"), "--split", "holdout"]):
-        r = _cli("data", "shapes", *args)
+        r = cli_run("data", "shapes", *args)
         assert r.returncode == 2
         assert len(r.stderr.strip().splitlines()) == 1 and "error" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.slow
-def test_cli_help():
+def test_cli_help(cli_run):
     for cmd in ([], ["data"], ["data", "shapes"], ["teacher", "train"], ["teacher", "sample"], ["demo"],
                 ["train", "stage1"], ["train", "lm"], ["train", "stage2"], ["reconstruct"], ["compose"], ["caption"]):
-        r = _cli(*cmd, "--help")
+        r = cli_run(*cmd, "--help")
         assert r.returncode == 0 and "usage" in r.stdout
