@@ -40,15 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
 
-    if teacher_sd3.is_sd3_dir(args.teacher):
-        path = teacher_sd3.check_sd3_dir(args.teacher)
+    path = resolve_decoder(args.teacher)  # a shipped name or a dir, of either layout
+    if teacher_sd3.is_sd3_dir(path):
         pipe, steps = teacher_sd3.load_pipeline(path), args.steps or teacher_sd3.DEFAULT_STEPS
         denoiser, sampler = pipe.transformer, "flow-match-euler"
 
         def draw(captions: list[str], g: float) -> list:
             return teacher_sd3.sample(pipe, captions, guidance_scale=g, steps=steps)
     else:
-        path = resolve_decoder(args.teacher)
         pipe, steps, sampler = load_pipeline(path), args.steps or 20, args.sampler
         denoiser = pipe.unet
 

@@ -43,7 +43,7 @@ def test_the_results_file_quotes_metrics_json():
         m = _metrics(source[1])[source[2]]
         assert row[1] == f"{100 * m['scene_accuracy']:.1f}%" and row[2] == f"{m['object_f1']:.3f}", row
         checked += 1
-    assert checked == 5
+    assert checked == 6
 
 
 def _command_lines(text: str) -> list[list[str]]:

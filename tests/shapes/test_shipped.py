@@ -101,3 +101,28 @@ def test_shipped_captioner_captions_held_out_scenes(tmp_path):
                               captioner.encoder.config.image_size)
     scores = caption_scores(captioner, data, num_beams=1)
     assert scores["well_formed"] == 1.0 and scores["caption_exact"] >= 0.75, scores
+
+
+@_shipped("shapes-teacher-sd3")
+@pytest.mark.slow
+def test_shipped_sd3_teacher_draws_held_out_scenes_with_no_vlv_code():
+    """The second teacher is a stock SD3 dir: diffusers alone loads it (every weight present, none left over) and
+    draws held-out captions (metrics.json records its accuracy on 500); the floor (3/4 of 16) catches broken
+    weights or a layout the stock pipeline misreads, not a point of accuracy."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from vlv.shapes import world as shapes
+
+    path = presets.resolve_decoder("shapes-teacher-sd3")
+    _, info = SD3Transformer2DModel.from_pretrained(path / "transformer", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None,  # diffusers' no-T5
+                                                    torch_dtype=torch.float32, local_files_only=True)
+    captions = [shapes.caption(shapes.scene_at(0, "test", i)) for i in range(16)]
+    size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    images = pipe(captions, guidance_scale=2.0, num_inference_steps=28, height=size, width=size,
+                  generator=torch.Generator().manual_seed(0)).images
+    right = sum(shapes.detect(im) == shapes.parse_caption(c) for im, c in zip(images, captions, strict=True))
+    assert right >= 12, right
+    record = json.loads((path / "teacher.json").read_text())
+    assert record["training"]["transformer_step"] > 0 and json.loads((path / "metrics.json").read_text())["teacher"]
