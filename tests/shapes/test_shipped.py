@@ -117,7 +117,7 @@ def test_shipped_sd3_teacher_draws_held_out_scenes_with_no_vlv_code():
     _, info = SD3Transformer2DModel.from_pretrained(path / "transformer", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None,  # diffusers' no-T5
-                                                    torch_dtype=torch.float32, local_files_only=True)
+                                                    dtype=torch.float32, local_files_only=True)
     captions = [shapes.caption(shapes.scene_at(0, "test", i)) for i in range(16)]
     size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
     images = pipe(captions, guidance_scale=2.0, num_inference_steps=28, height=size, width=size,
