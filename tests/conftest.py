@@ -12,23 +12,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @pytest.fixture
-def cli(capsys):
-    """``cli(*args)`` -> (exit code, stderr): vlv's main() in this process, as the console script runs it (an
-    interpreter's start-up saved per call; tests/cli/test_output.py runs ``python -m vlv.cli`` itself)."""
-    from vlv.cli import main
-
-    def run(*args) -> tuple[int, str]:
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        return code, capsys.readouterr().err
-
-    return run
-
-
-@pytest.fixture
 def cli_run(capsys):
     """``cli_run(*args)`` -> a CompletedProcess-like (returncode, stdout, stderr) of vlv's main() in this process,
-    argparse's exits (``--help``, a bad flag) included."""
+    as the console script runs it, argparse's exits (``--help``, a bad flag) included (an interpreter's start-up
+    saved per call; tests/cli/test_output.py runs ``python -m vlv.cli`` itself)."""
     from types import SimpleNamespace
 
     from vlv.cli import main
@@ -41,6 +28,17 @@ def cli_run(capsys):
             code = e.code if isinstance(e.code, int) else 1
         out = capsys.readouterr()
         return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run
+
+
+@pytest.fixture
+def cli(cli_run):
+    """``cli(*args)`` -> (exit code, stderr) of :func:`cli_run`."""
+
+    def run(*args) -> tuple[int, str]:
+        r = cli_run(*args)
+        return r.returncode, r.stderr
 
     return run
 

@@ -51,7 +51,7 @@ class EvalSettings:
 
     split: str = "test"
     n: int = 500
-    sampler: str = "fast"  # 20 steps of the family's fast sampler (reconstruction and teacher alike)
+    sampler: str = "fast"  # the family's fast sampler at its default step count, for reconstruction and teacher alike
     guidance_scale: float = 2.0  # the paper's reconstruction CFG, used for the teacher too: same footing
     num_beams: int = 1  # greedy captions
     examples: int = 16  # test scenes shown in the page
